@@ -1,0 +1,191 @@
+"""Safe file handling: atomic writes, folder swaps, locks, and an allow-list unpickler.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import io
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+class UserError(Exception):
+    """An error caused by the user's input; scripts print ``str(err)`` as one line and exit non-zero."""
+
+
+# --------------------------------------------------------------------------------------------- writes
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed over ``path``.
+
+    On an exception (or a kill) the old ``path`` is left as it was and the temporary file is removed
+    (or, after ``kill -9``, left behind under a ``.tmp-`` name that nothing reads).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON through a temporary file and a rename."""
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move the finished folder ``staging`` to ``target``, replacing an older ``target``.
+
+    The old folder is first renamed aside, then the new one renamed in, then the old one deleted, so
+    at every moment either the complete old or the complete new folder sits at ``target`` (or, for an
+    instant, neither, with the old one recoverable under ``.<name>.old-<pid>``).
+    """
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale(parent: Path, name: str) -> None:
+    """Delete leftovers (``.<name>.tmp-*`` / ``.<name>.old-*``) of an interrupted earlier run."""
+    for pattern in (f".{name}.tmp-*", f".{name}.old-*", f".{name}.staging-*"):
+        for p in parent.glob(pattern):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
+# --------------------------------------------------------------------------------------------- locks
+class LockHeld(UserError):
+    """Another process holds the lock."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive, non-blocking ``flock`` on ``lock_file`` for the ``with`` block.
+
+    The kernel drops the lock when the process dies (even by ``kill -9``), so a crash never leaves a
+    stale lock. Raises :class:`LockHeld` if another process holds it.
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(lock_file, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise LockHeld(
+                    f"{what} is already running in another process (lock {lock_file}); "
+                    "wait for it to finish, then run again"
+                ) from None
+            raise
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+# --------------------------------------------------------------------------------------------- pickles
+#: Globals a pickle written by this suite may name. Anything else is refused before it is imported.
+SAFE_PICKLE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("builtins", "dict"),
+        ("builtins", "list"),
+        ("builtins", "tuple"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "int"),
+        ("builtins", "float"),
+        ("builtins", "str"),
+        ("builtins", "bool"),
+        ("collections", "OrderedDict"),
+    }
+)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that only resolves globals in an allow-list; all others raise ``UnpicklingError``."""
+
+    def __init__(self, file: io.BufferedIOBase, allowed: frozenset[tuple[str, str]] = SAFE_PICKLE_GLOBALS):
+        super().__init__(file)
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle API
+        if (module, name) not in self._allowed:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+        return super().find_class(module, name)
+
+
+def restricted_load(path: str | os.PathLike, allowed: frozenset[tuple[str, str]] = SAFE_PICKLE_GLOBALS) -> Any:
+    """Unpickle ``path`` allowing only plain data (see :data:`SAFE_PICKLE_GLOBALS`).
+
+    Raises
+    ------
+    pickle.UnpicklingError
+        If the file names any other global (e.g. ``os.system``) or is not a valid pickle.
+    """
+    with open(path, "rb") as fh:
+        try:
+            return RestrictedUnpickler(fh, allowed).load()
+        except pickle.UnpicklingError:
+            raise
+        except Exception as exc:  # truncated / garbage files raise many types
+            raise pickle.UnpicklingError(f"not a valid pickle ({type(exc).__name__}: {exc})") from None
+
+
+def pickle_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Pickle ``obj`` to ``path`` through a temporary file and a rename."""
+    write_bytes_atomic(path, pickle.dumps(obj, protocol=4))
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a script's ``main``; a :class:`UserError` becomes one line on stderr and exit code 2.
+
+    ``KeyboardInterrupt`` exits with 130 and a one-line message, never a traceback.
+    """
+    import sys
+
+    try:
+        rc = main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: earlier results are left as they were", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rc or 0)

@@ -1,0 +1,230 @@
+"""One train/val/test assignment per image, shared by every node's dataset (no torch).
+
+The split is made ONCE per image, stratified by leaf and seeded; the parent dataset, every child
+dataset and the flat dataset are all cut from that one assignment, so no test image can appear in
+any node's training data. Output folders are built in a staging folder inside the output folder and
+swapped in; only entries this module wrote earlier are ever replaced or deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .hierarchy import FLAT_DATASET, ROOT_ID, Hierarchy, safe_name
+from .safeio import UserError, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+#: Files in an output folder that are not ours but may be replaced around (shipped with the repo).
+KEEP_NAMES = frozenset({"README.md", ".gitkeep", ".gitignore"})
+#: Leaves with fewer images than this are put wholly into train (and warned about).
+MIN_SPLITTABLE = 3
+
+
+def _leaf_seed(seed: int, leaf: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{leaf}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Train/val/test counts for ``n`` images (val and test get at least one each when ``n >= 3``)."""
+    if n < MIN_SPLITTABLE:
+        return n, 0, 0
+    n_val = max(1, round(n * ratios[1])) if ratios[1] > 0 else 0
+    n_test = max(1, round(n * ratios[2])) if ratios[2] > 0 else 0
+    while n - n_val - n_test < 1:
+        if n_val >= n_test and n_val > 0:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return n - n_val - n_test, n_val, n_test
+
+
+def assign_splits(
+    files: dict[str, list[str]], ratios: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 1337
+) -> tuple[dict[str, str], list[str]]:
+    """Assign each image to a split, stratified by leaf.
+
+    Parameters
+    ----------
+    files : dict
+        leaf id → list of relative image paths.
+    ratios : (float, float, float)
+        train/val/test shares, summing to 1.
+    seed : int
+        The seed; the result depends only on it and on each leaf's own file list.
+
+    Returns
+    -------
+    (dict, list)
+        relative path → ``"train" | "val" | "test"``, and warnings for leaves too small to split.
+    """
+    import random
+
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6 or ratios[0] <= 0:
+        raise UserError(f"--ratio must be three non-negative numbers summing to 1 with train > 0, got {list(ratios)}")
+    out: dict[str, str] = {}
+    warnings = []
+    for leaf in sorted(files):
+        paths = sorted(files[leaf])
+        random.Random(_leaf_seed(seed, leaf)).shuffle(paths)
+        n_train, n_val, _ = split_counts(len(paths), ratios)
+        if len(paths) < MIN_SPLITTABLE:
+            warnings.append(
+                f"class '{leaf}' has only {len(paths)} image(s): all go to train, none to val/test "
+                f"(add at least {MIN_SPLITTABLE} to evaluate it)"
+            )
+        for i, p in enumerate(paths):
+            out[p] = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
+    return out, warnings
+
+
+def stored_name(rel_path: str) -> str:
+    """Collision-free file name for an image inside a dataset folder: ``<hash8>_<safe base name>``."""
+    digest = hashlib.sha1(rel_path.encode("utf-8")).hexdigest()[:8]
+    base = os.path.basename(rel_path)
+    stem, ext = os.path.splitext(base)
+    return f"{digest}_{safe_name(stem)[:80]}{ext.lower()}"
+
+
+def _link_or_copy(src: Path, dst: Path) -> str:
+    try:
+        os.link(src, dst, follow_symlinks=True)
+        return "link"
+    except OSError:
+        shutil.copyfile(src, dst)
+        return "copy"
+
+
+def check_paths(src: Path, out: Path) -> None:
+    """Refuse an output folder inside the input tree, or the input inside the output."""
+    s, o = src.resolve(), out.resolve()
+    if o == s or s in o.parents:
+        raise UserError(f"output folder {out} is inside the input folder {src}; choose another -o")
+    if o in s.parents:
+        raise UserError(f"input folder {src} is inside the output folder {out}; choose another -o")
+
+
+def owned_entries(out: Path) -> list[str]:
+    """Entries of ``out`` a previous run wrote (from its hierarchy.json); refuse a foreign folder."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a folder; choose another -o")
+    marker = out / "hierarchy.json"
+    entries = [e for e in os.listdir(out) if e not in KEEP_NAMES and not e.startswith(".")]
+    if not marker.exists():
+        if entries:
+            raise UserError(
+                f"output folder {out} is not empty and was not written by prepare_dataset.py; "
+                "choose an empty or new folder with -o"
+            )
+        return []
+    import json
+
+    try:
+        doc = json.loads(marker.read_text(encoding="utf-8"))
+        owned = set(doc.get("datasets", {})) | {FLAT_DATASET}
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{marker} is unreadable; delete the output folder {out} by hand, then rerun") from None
+    return sorted(e for e in entries if e in owned) + ["hierarchy.json"]
+
+
+def materialize(
+    hier: Hierarchy,
+    files: dict[str, list[str]],
+    assignment: dict[str, str],
+    src: Path,
+    out: Path,
+    meta: dict,
+) -> dict:
+    """Write every node's dataset, the flat dataset and ``hierarchy.json`` under ``out``.
+
+    Layout: ``out/<node dataset>/<split>/<child name>/<file>`` for every internal node with two or
+    more children (the root's dataset is ``parent``), ``out/flat/<split>/<leaf dataset name>/<file>``,
+    and ``out/hierarchy.json``. Files are hard links where possible, copies otherwise.
+
+    Returns
+    -------
+    dict
+        The hierarchy.json document.
+    """
+    check_paths(src, out)
+    old = owned_entries(out)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    for p in out.glob(".staging-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in out.glob(".trash-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    staging.mkdir()
+    leaf_of = {p: leaf for leaf, ps in files.items() for p in ps}
+    leaf_folder = {leaf: safe_name(leaf) for leaf in hier.leaves()}
+    datasets: dict[str, dict] = {}
+    modes = {"link": 0, "copy": 0}
+    images = []
+    try:
+        for nid in hier.classifier_nodes():
+            node = hier.nodes[nid]
+            datasets[node.dataset] = {
+                "node": nid,
+                "classes": [hier.nodes[c].name for c in node.children],
+                "class_nodes": list(node.children),
+                "counts": {s: {hier.nodes[c].name: 0 for c in node.children} for s in SPLITS},
+            }
+        datasets[FLAT_DATASET] = {
+            "node": None,
+            "classes": [leaf_folder[leaf] for leaf in hier.leaves()],
+            "class_nodes": hier.leaves(),
+            "counts": {s: {leaf_folder[leaf]: 0 for leaf in hier.leaves()} for s in SPLITS},
+        }
+        for rel in sorted(assignment):
+            split, leaf = assignment[rel], leaf_of[rel]
+            name = stored_name(rel)
+            images.append({"path": rel, "leaf": leaf, "split": split, "file": name})
+            targets = [(FLAT_DATASET, leaf_folder[leaf])]
+            for nid in [ROOT_ID] + hier.path(leaf)[:-1]:
+                node = hier.nodes[nid]
+                if len(node.children) >= 2:
+                    child = hier.child_towards(nid, leaf)
+                    targets.append((node.dataset, hier.nodes[child].name))
+            for ds, cls in targets:
+                d = staging / ds / split / cls
+                d.mkdir(parents=True, exist_ok=True)
+                modes[_link_or_copy(src / rel, d / name)] += 1
+                datasets[ds]["counts"][split][cls] += 1
+        for ds in datasets:  # empty class folders keep the class list stable for loaders
+            for s in SPLITS:
+                for cls in datasets[ds]["classes"]:
+                    (staging / ds / s / cls).mkdir(parents=True, exist_ok=True)
+        doc = dict(meta)
+        doc.update(
+            {
+                "tree": hier.to_dict(),
+                "fingerprint": hier.fingerprint(),
+                "datasets": {k: v for k, v in datasets.items() if k != FLAT_DATASET},
+                "flat": datasets[FLAT_DATASET],
+                "images": images,
+                "file_modes": modes,
+            }
+        )
+        write_json_atomic(staging / "hierarchy.json", doc)
+        # swap: old entries aside, new ones in, old ones deleted
+        trash = out / f".trash-{os.getpid()}"
+        trash.mkdir()
+        for e in old:
+            if (out / e).exists():
+                os.replace(out / e, trash / e)
+        for e in sorted(os.listdir(staging), key=lambda e: e == "hierarchy.json"):  # the marker last
+            os.replace(staging / e, out / e)
+        shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return doc
