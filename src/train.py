@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Train one local classifier of the hierarchy (one node), or the flat baseline.
+
+Examples::
+
+    python3 src/train.py -d parent                  # the top-level classifier
+    python3 src/train.py -d tops                    # the classifier below 'tops'
+    python3 src/train.py -d flat                    # one classifier over all leaves (baseline)
+    python3 src/train.py -d parent --preset original --device cuda   # EfficientNet-B4, fine-tuned
+    torchrun --nproc_per_node=4 src/train.py -d parent --preset original
+    python3 src/train.py --list-nodes               # the datasets train_lcpn.sh trains, in order
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hiernet.backbones import list_backbones  # noqa: E402
+from hiernet.paths import DEFAULT_DATA_DIR, DEFAULT_MODELS_DIR, default_cache_dir  # noqa: E402
+from hiernet.safeio import UserError, run_cli  # noqa: E402
+from hiernet.training import DEFAULT_PRESET, PRESETS  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", "--dataset", help="node dataset to train: 'parent', a parent's name (e.g. 'tops'), or 'flat'")
+    p.add_argument("--list-nodes", action="store_true", help="print the node datasets in training order (root first) and exit")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="prepared datasets (default: <repo>/split_datasets)")
+    p.add_argument("--output-dir", type=Path, default=DEFAULT_MODELS_DIR, help="where node folders go (default: <repo>/trained_models)")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="feature cache (default: <repo>/.cache/hiernet or $HIERNET_CACHE)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                   help="recipe: 'cpu' = frozen Lite2 + MLP heads on cached features (default); 'original' = EfficientNet-B4 fine-tuned")
+    g = p.add_argument_group("model (default: the preset's)")
+    g.add_argument("--backbone", choices=list_backbones(), metavar="NAME", help=f"one of: {', '.join(list_backbones())}")
+    g.add_argument("--weights", type=Path, help="ImageNet state_dict file for the backbone (instead of the package/download)")
+    g.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's own)")
+    g.add_argument("--resize", choices=["crop", "squash", "pad"], help="how images become square: centre crop, stretch, or letterbox")
+    g.add_argument("--mode", choices=["frozen", "finetune"], help="frozen backbone + cached features, or fine-tune the whole network")
+    g.add_argument("--hidden", type=int, help="hidden units of the MLP head (0 = linear head)")
+    g.add_argument("--dropout", type=float, help="dropout in the head")
+    g.add_argument("--views", type=int, help="augmented views per training image cached as features (frozen mode)")
+    g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="average the image and its mirror at test time (frozen mode)")
+    g = p.add_argument_group("optimisation (default: the preset's)")
+    g.add_argument("--epochs", type=int, help="maximum epochs")
+    g.add_argument("--batch-size", type=int, help="batch size (per process under torchrun)")
+    g.add_argument("--lr", type=float, help="peak learning rate (AdamW, warm-up then cosine)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    g.add_argument("--label-smoothing", type=float, help="label smoothing of the training loss")
+    g.add_argument("--patience", type=int, help="early stopping: epochs without a better validation loss")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    g.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    g.add_argument("--no-onnx", action="store_true", help="compute cached features with PyTorch instead of onnxruntime")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (fine-tuning)")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--restart", action="store_true", help="ignore an interrupted run's checkpoint instead of resuming it")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    return p
+
+
+def list_nodes(data_dir: Path) -> int:
+    from hiernet.training import _load_prepared
+
+    hier, doc = _load_prepared(data_dir)
+    for nid in hier.classifier_nodes():
+        print(hier.nodes[nid].dataset)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.list_nodes:
+        return list_nodes(args.data_dir)
+    if not args.dataset:
+        raise UserError("say which node to train with -d NODE (see --list-nodes), or use src/train_lcpn.sh for all")
+    from hiernet import distributed as dist_utils
+    from hiernet.runtime import resolve_device
+    from hiernet.training import node_lock, train_node
+
+    args.device = dist_utils.init_from_env(resolve_device(args.device))
+    try:
+        if args.restart:
+            import shutil
+
+            shutil.rmtree(args.output_dir / f".{args.dataset}.work", ignore_errors=True)
+        if dist_utils.is_main():
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            with node_lock(args.output_dir, args.dataset):
+                summary = train_node(args)
+        else:
+            summary = train_node(args)
+        if dist_utils.is_main():
+            print(f"node '{args.dataset}': test accuracy {summary['accuracy']:.4f} on {summary['n_images']} images, "
+                  f"macro F1 {summary['macro_f1']:.4f} -> {args.output_dir / args.dataset}/")
+    finally:
+        dist_utils.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))
