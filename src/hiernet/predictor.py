@@ -1,0 +1,412 @@
+"""Load every node once and route batches of images down the tree (LCPN inference).
+
+When node heads share one frozen backbone, the backbone runs once per image and the features are
+routed level by level; each parent's head sees only the images sent to it, in one batch. Nodes with
+their own fine-tuned network run it on the images routed to them only. A parent with one child
+needs no model: it passes images on with probability 1.
+
+Two runtimes: ``torch`` (reads ``model.pth`` with ``weights_only=True``) and ``onnx`` (reads the
+ONNX files src/export.py writes; needs neither torch nor its start-up time). This module imports
+torch only when the torch runtime is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .hierarchy import FLAT_DATASET, ROOT_ID, Hierarchy, HierarchyError, load_hierarchy_json
+from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
+from .safeio import UserError
+
+log = logging.getLogger(__name__)
+
+ONNX_DIR = "onnx"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Prediction:
+    """One image's result.
+
+    ``labels``/``node_ids``/``probs`` run from the top level down to the deepest predicted node;
+    ``confidence`` is the product of ``probs``; ``topk`` holds, per level, the K most likely classes
+    of the node the image was routed to; ``complete`` is False when ``min_confidence`` stopped the
+    walk above a leaf; ``error`` is set (and the rest empty) when the image could not be read.
+    """
+
+    path: str
+    labels: list = field(default_factory=list)
+    node_ids: list = field(default_factory=list)
+    probs: list = field(default_factory=list)
+    confidence: float = 0.0
+    topk: list = field(default_factory=list)
+    complete: bool = True
+    error: str | None = None
+    flat_leaf: str | None = None
+    flat_prob: float | None = None
+
+    @property
+    def node(self) -> str:
+        """Deepest predicted node id (``""`` if none)."""
+        return self.node_ids[-1] if self.node_ids else ROOT_ID
+
+    def to_dict(self) -> dict:
+        d = {"path": self.path, "labels": self.labels, "probs": [round(p, 6) for p in self.probs],
+             "confidence": round(self.confidence, 6), "node": self.node, "complete": self.complete}
+        if self.topk:
+            d["topk"] = [[{"label": n, "prob": round(p, 6)} for n, p in level] for level in self.topk]
+        if self.error:
+            d = {"path": self.path, "labels": [], "probs": [], "confidence": 0.0, "node": "", "complete": False,
+                 "error": self.error}
+        return d
+
+
+@dataclass
+class NodeModel:
+    """Runtime view of one classifier node.
+
+    ``head`` maps ``(B, D)`` features to ``(B, C)`` logits (shared-backbone node); ``full`` maps
+    ``(B, 3, S, S)`` images to logits (node with its own network). ``backbone`` names the shared
+    backbone group for ``head`` nodes.
+    """
+
+    dataset: str
+    node_id: str | None
+    classes: list
+    class_nodes: list
+    image_size: int
+    resize: str
+    tta: bool
+    backbone: str | None = None
+    head: Callable | None = None
+    full: Callable | None = None
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_models_hierarchy(models_dir: Path) -> tuple[Hierarchy, dict]:
+    """``trained_models/hierarchy.json`` → (tree, document), or one clear line saying what to run."""
+    path = models_dir / "hierarchy.json"
+    if not path.exists():
+        raise UserError(f"no trained models in {models_dir} (hierarchy.json missing); run: cd src && ./train_lcpn.sh")
+    try:
+        return load_hierarchy_json(path)
+    except HierarchyError as exc:
+        raise UserError(f"{exc}; retrain with: cd src && ./train_lcpn.sh") from None
+
+
+class HierarchicalPredictor:
+    """All node models of a ``trained_models/`` folder, loaded once.
+
+    Use :meth:`load`, then :meth:`predict_paths`.
+    """
+
+    def __init__(self, hier: Hierarchy, nodes: dict, backbones: dict, runtime: str, flat: NodeModel | None,
+                 min_confidence: float = 0.0, topk: int = 1):
+        self.hier = hier
+        self.nodes = nodes  # node id -> NodeModel
+        self.backbones = backbones  # group -> (callable images->feats, image_size, resize)
+        self.runtime = runtime
+        self.flat = flat
+        self.min_confidence = float(min_confidence)
+        self.topk = max(1, int(topk))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, models_dir: str | Path, runtime: str = "auto", device: str = "cpu", min_confidence: float = 0.0,
+             topk: int = 1, with_flat: bool = False) -> "HierarchicalPredictor":
+        """Load ``models_dir`` with ``runtime`` ``auto`` (ONNX when exported and current, else torch),
+        ``torch`` or ``onnx``.
+
+        Raises
+        ------
+        UserError
+            Missing or inconsistent models, with the command that fixes it.
+        """
+        models_dir = Path(models_dir)
+        hier, doc = read_models_hierarchy(models_dir)
+        if runtime not in ("auto", "torch", "onnx"):
+            raise UserError(f"unknown runtime {runtime!r}; use auto, torch or onnx")
+        if runtime in ("auto", "onnx"):
+            problem = onnx_problem(models_dir, hier, with_flat)
+            if problem is None:
+                return cls._load_onnx(models_dir, hier, min_confidence, topk, with_flat)
+            if runtime == "onnx":
+                raise UserError(f"{problem}; run: python3 src/export.py --models-dir {models_dir}")
+            log.info("using the torch runtime (%s)", problem)
+        return cls._load_torch(models_dir, hier, doc, device, min_confidence, topk, with_flat)
+
+    @classmethod
+    def _node_list(cls, hier: Hierarchy, with_flat: bool) -> list[tuple[str, str | None]]:
+        out = [(hier.nodes[n].dataset, n) for n in hier.classifier_nodes()]
+        if with_flat:
+            out.append((FLAT_DATASET, None))
+        return out
+
+    @classmethod
+    def _check_node(cls, hier: Hierarchy, ds: str, nid: str | None, cfg_node: dict, fingerprint: str, folder: Path) -> None:
+        expected = hier.nodes[nid].children if nid is not None else hier.leaves()
+        if fingerprint != hier.fingerprint() or list(cfg_node["class_nodes"]) != list(expected):
+            raise UserError(
+                f"{folder} was trained for another hierarchy than {folder.parent / 'hierarchy.json'}; "
+                f"retrain it: python3 src/train.py -d {ds}"
+            )
+
+    @classmethod
+    def _load_torch(cls, models_dir, hier, doc, device, min_confidence, topk, with_flat):
+        import torch
+
+        from .artifacts import ArtifactError, backbone_key, build_torch_model, load_node
+        from .runtime import TorchRunner
+
+        shared_modules: dict = {}
+        groups: dict = {}
+        nodes: dict = {}
+        flat = None
+        for ds, nid in cls._node_list(hier, with_flat):
+            folder = models_dir / ds
+            if not (folder / "model.pth").exists():
+                what = "the flat baseline" if nid is None else f"node '{nid}'"
+                raise UserError(f"{folder / 'model.pth'} is missing ({what}); run: python3 src/train.py -d {ds}")
+            try:
+                art = load_node(folder)
+            except ArtifactError as exc:
+                raise UserError(str(exc)) from None
+            cfg = art.config
+            cls._check_node(hier, ds, nid, cfg["node"], cfg["hierarchy_fingerprint"], folder)
+            backbone, head, own = build_torch_model(art, shared_modules)
+            bb = cfg["backbone"]
+            nm = NodeModel(ds, nid, art.classes, art.class_nodes, int(bb["image_size"]), bb["resize"], bool(cfg.get("tta")))
+            if own:
+                net = torch.nn.Sequential(backbone, head)
+                nm.full = TorchRunner(net, device)
+            else:
+                key = backbone_key(cfg)
+                group = groups.setdefault(key, f"bb{len(groups)}")
+                nm.backbone = group
+                nm.head = TorchRunner(head, device)
+            if nid is None:
+                flat = nm
+            else:
+                nodes[nid] = nm
+        backbones = {g: (TorchRunner(shared_modules[k], device), k[1], k[2]) for k, g in groups.items()}
+        return cls(hier, nodes, backbones, "torch", flat, min_confidence, topk)
+
+    @classmethod
+    def _load_onnx(cls, models_dir, hier, min_confidence, topk, with_flat):
+        from .runtime import OrtRunner
+
+        onnx_dir = models_dir / ONNX_DIR
+        man = json.loads((onnx_dir / MANIFEST).read_text(encoding="utf-8"))
+        backbones = {g: (OrtRunner(onnx_dir / b["file"]), int(b["image_size"]), b["resize"]) for g, b in man["backbones"].items()}
+        nodes, flat = {}, None
+        for ds, nid in cls._node_list(hier, with_flat):
+            e = man["nodes"][ds]
+            nm = NodeModel(ds, nid, e["classes"], e["class_nodes"], int(e["image_size"]), e["resize"], bool(e["tta"]))
+            runner = OrtRunner(onnx_dir / e["file"], threads=1 if e["backbone"] else None)
+            if e["backbone"]:
+                nm.backbone, nm.head = e["backbone"], runner
+            else:
+                nm.full = runner
+            if nid is None:
+                flat = nm
+            else:
+                nodes[nid] = nm
+        return cls(hier, nodes, backbones, "onnx", flat, min_confidence, topk)
+
+    # ------------------------------------------------------------------ inference
+    def input_specs(self) -> list[tuple[int, str]]:
+        """Distinct (image size, resize policy) pairs the loaded models need."""
+        specs = {(s, r) for _, s, r in self.backbones.values()}
+        specs |= {(n.image_size, n.resize) for n in list(self.nodes.values()) + ([self.flat] if self.flat else []) if n.full}
+        return sorted(specs)
+
+    def _prepare(self, path: str) -> tuple[dict | None, str | None]:
+        specs = self.input_specs()
+        try:
+            img = load_rgb(path, min_size=max(s for s, _ in specs) if specs else None)
+        except ImageDecodeError as exc:
+            return None, str(exc)
+        return {spec: to_array(resize_for_model(img, spec[0], spec[1])) for spec in specs}, None
+
+    def predict_paths(self, paths: Sequence[str], batch_size: int = 32, workers: int = 2,
+                      progress: bool = False) -> list[Prediction]:
+        """Predict every path (decoding in a thread pool, batches of ``batch_size``); never raises for a bad image."""
+        from tqdm import tqdm
+
+        from .data import _bounded_map
+
+        paths = [str(p) for p in paths]
+        out: list[Prediction] = []
+        chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+        bar = tqdm(total=len(paths), unit="img", disable=not progress, leave=False)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for prepared in _bounded_map(pool, lambda ch: [(p, *self._prepare(p)) for p in ch], chunks, ahead=2):
+                good = [(p, x) for p, x, _ in prepared if x is not None]
+                results = dict(zip([p for p, _ in good], self.predict_arrays([x for _, x in good], [p for p, _ in good])))
+                for p, x, err in prepared:
+                    out.append(results[p] if x is not None else Prediction(p, complete=False, error=err))
+                bar.update(len(prepared))
+        bar.close()
+        return out
+
+    def predict_arrays(self, inputs: list[dict], names: list[str]) -> list[Prediction]:
+        """Route a batch down the tree.
+
+        Parameters
+        ----------
+        inputs : list of dict
+            Per image, ``{(size, resize): float32 array (3, size, size)}`` for every :meth:`input_specs` entry.
+        names : list of str
+            What to put in ``Prediction.path``.
+        """
+        n = len(inputs)
+        if n == 0:
+            return []
+        batch = {spec: np.stack([x[spec] for x in inputs]) for spec in self.input_specs()}
+        feats: dict = {}
+
+        def features(group: str, flip: bool) -> np.ndarray:
+            if (group, flip) not in feats:
+                run, size, resize = self.backbones[group]
+                x = batch[(size, resize)]
+                feats[(group, flip)] = np.asarray(run(x[..., ::-1].copy() if flip else x), dtype=np.float32)
+            return feats[(group, flip)]
+
+        def node_probs(nm: NodeModel, idx: np.ndarray) -> np.ndarray:
+            if nm.head is not None:
+                p = _softmax(nm.head(features(nm.backbone, False)[idx]))
+                if nm.tta:
+                    p = (p + _softmax(nm.head(features(nm.backbone, True)[idx]))) / 2
+                return p
+            return _softmax(nm.full(batch[(nm.image_size, nm.resize)][idx]))
+
+        preds = [Prediction(names[i], confidence=1.0) for i in range(n)]
+        current = np.array([ROOT_ID] * n, dtype=object)
+        active = np.ones(n, dtype=bool)
+        while active.any():
+            for nid in sorted(set(current[active])):
+                idx = np.where(active & (current == nid))[0]
+                node = self.hier.nodes[nid]
+                if not node.children:
+                    active[idx] = False
+                    continue
+                if len(node.children) == 1:
+                    probs = np.ones((len(idx), 1))
+                    names_ = [self.hier.nodes[node.children[0]].name]
+                    child_ids = node.children
+                else:
+                    nm = self.nodes[nid]
+                    probs = node_probs(nm, idx)
+                    names_, child_ids = nm.classes, nm.class_nodes
+                k = min(self.topk, probs.shape[1])
+                order = np.argsort(-probs, axis=1)
+                for row, i in enumerate(idx):
+                    best = order[row, 0]
+                    pr = preds[i]
+                    p = float(probs[row, best])
+                    if self.min_confidence and pr.confidence * p < self.min_confidence:
+                        pr.complete = False
+                        active[i] = False
+                        continue
+                    pr.labels.append(names_[best])
+                    pr.node_ids.append(child_ids[best])
+                    pr.probs.append(p)
+                    pr.confidence *= p
+                    pr.topk.append([(names_[j], float(probs[row, j])) for j in order[row, :k]])
+                    current[i] = child_ids[best]
+        for pr in preds:
+            if not pr.node_ids:
+                pr.confidence = 1.0 if pr.complete else pr.confidence
+        if self.flat is not None:
+            fp = node_probs(self.flat, np.arange(n))
+            for i, pr in enumerate(preds):
+                j = int(fp[i].argmax())
+                pr.flat_leaf, pr.flat_prob = self.flat.class_nodes[j], float(fp[i, j])
+        return preds
+
+    def encoders(self) -> dict:
+        """node id → {index: class name} (what the original printed as the encoder)."""
+        return {nid: dict(enumerate(nm.classes)) for nid, nm in self.nodes.items()}
+
+
+# ---------------------------------------------------------------------- ONNX export bookkeeping
+def onnx_problem(models_dir: Path, hier: Hierarchy, with_flat: bool = False) -> str | None:
+    """Why the ONNX export in ``models_dir/onnx`` cannot be used (``None`` if it can).
+
+    The export is current only if every node's ``model.pth`` has the SHA-256 recorded at export time
+    and the encoder pickles (read with the allow-list unpickler) agree with it.
+    """
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "onnxruntime is not installed"
+    man_path = models_dir / ONNX_DIR / MANIFEST
+    if not man_path.exists():
+        return f"no ONNX export in {models_dir / ONNX_DIR}"
+    try:
+        man = json.loads(man_path.read_text(encoding="utf-8"))
+        if man.get("hierarchy_fingerprint") != hier.fingerprint():
+            return "the ONNX export is for another hierarchy"
+        wanted = [hier.nodes[n].dataset for n in hier.classifier_nodes()] + ([FLAT_DATASET] if with_flat else [])
+        for ds in wanted:
+            e = man["nodes"].get(ds)
+            if e is None:
+                return f"node '{ds}' is missing from the ONNX export"
+            model = models_dir / ds / "model.pth"
+            if not model.exists() or sha256_file(model) != e["model_sha256"]:
+                return f"the ONNX export of node '{ds}' is older than its model.pth"
+            if not (models_dir / ONNX_DIR / e["file"]).exists():
+                return f"{e['file']} is missing from the ONNX export"
+        for b in man["backbones"].values():
+            if not (models_dir / ONNX_DIR / b["file"]).exists():
+                return f"{b['file']} is missing from the ONNX export"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"the ONNX manifest is unreadable ({type(exc).__name__})"
+    return None
+
+
+def iter_image_paths(inputs: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Expand files and folders (recursively) into image paths; returns (paths, [(input, problem)])."""
+    from .images import is_image_name, list_images
+
+    paths, problems = [], []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            found = [str(x) for x in list_images(p)]
+            if not found:
+                problems.append((raw, "folder holds no images"))
+            paths.extend(found)
+        elif p.exists() or p.is_symlink():
+            paths.append(raw)
+        else:
+            problems.append((raw, "file not found"))
+        if p.is_file() and not is_image_name(p.name):
+            log.info("%s has no image extension; trying to decode it anyway", raw)
+    return paths, problems
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))

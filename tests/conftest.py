@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny generated image trees (no real dataset needed)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+SHAPES = ("ellipse", "rectangle", "triangle", "cross")
+
+
+def draw_image(path: Path, shape: str, seed: int, size: int = 64) -> Path:
+    """A simple coloured shape on a light background (class = shape), saved as JPEG/PNG by suffix."""
+    rng = np.random.default_rng(seed)
+    bg = tuple(int(v) for v in rng.integers(200, 256, 3))
+    fg = tuple(int(v) for v in rng.integers(0, 150, 3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    m = int(rng.integers(4, 12))
+    box = (m, m, size - m, size - m)
+    if shape == "ellipse":
+        d.ellipse(box, fill=fg)
+    elif shape == "rectangle":
+        d.rectangle(box, fill=fg)
+    elif shape == "triangle":
+        d.polygon([(size // 2, m), (m, size - m), (size - m, size - m)], fill=fg)
+    else:
+        w = size // 6
+        d.rectangle((size // 2 - w, m, size // 2 + w, size - m), fill=fg)
+        d.rectangle((m, size // 2 - w, size - m, size // 2 + w), fill=fg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def make_tree(root: Path, layout: dict, per_leaf: int = 6, size: int = 64) -> Path:
+    """Write ``layout`` ({"a": {"x": "ellipse", ...}, ...}; a string value is a leaf's shape) as images."""
+    def walk(node: dict, prefix: Path, seed_base: int) -> None:
+        for k, (name, sub) in enumerate(sorted(node.items())):
+            if isinstance(sub, dict):
+                walk(sub, prefix / name, seed_base * 10 + k + 1)
+            else:
+                for i in range(per_leaf):
+                    draw_image(prefix / name / f"img_{i:03d}.jpg", sub, seed_base * 1000 + k * 100 + i, size)
+
+    walk(layout, root, 1)
+    return root
+
+
+TWO_LEVEL = {
+    "round": {"circle": "ellipse", "plus": "cross"},
+    "angular": {"box": "rectangle", "tri": "triangle"},
+}
+
+
+@pytest.fixture
+def two_level_tree(tmp_path: Path) -> Path:
+    """A 2-level tree: 2 parents × 2 children × 6 images of 64 px."""
+    return make_tree(tmp_path / "data", TWO_LEVEL)
