@@ -1,0 +1,176 @@
+"""End to end: prepare_dataset.py → train_lcpn.sh → predict.py on a tiny generated tree.
+
+One module-scoped run on a 3-level tree with leaves at different depths and one-child parents
+(``apparel/lower`` → ``box``, ``accessories`` → ``hat``), with the smallest backbone setting
+(Lite0 at 64 px, a few epochs), exercises every script the README shows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, make_tree
+
+THREE_LEVEL = {
+    "apparel": {"upper": {"tee": "ellipse", "shirt": "cross"}, "lower": {"box": "rectangle"}},
+    "accessories": {"hat": "triangle"},
+}
+FAST = ["--backbone", "efficientnet-lite0", "--image-size", "64", "--epochs", "4", "--views", "1", "-q"]
+NODE_FILES = ["model.pth", "bin/encoder.pickle", "bin/test_transforms.pickle", "bin/inv_normalize.pickle",
+              "class_plot.png", "confusion_matrix.png", "error_plot.png", "wrong_plot.png", "performance.txt",
+              "metrics.json", "log.csv"]
+
+
+def run(args, cwd=None, check=True, env=None):
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pipeline")
+    data = make_tree(base / "catalogue", THREE_LEVEL, per_leaf=7)
+    split, models, cache = base / "split", base / "models", base / "cache"
+    prep = run([sys.executable, str(REPO / "prepare_dataset.py"), "-p", str(data), "-o", str(split), "-q"], cwd="/")
+    env = dict(os.environ, PYTHON=sys.executable, DATA_DIR=str(split), MODELS_DIR=str(models))
+    train = run(["bash", str(REPO / "src" / "train_lcpn.sh"), "--cache-dir", str(cache), *FAST], cwd=str(base), env=env)
+    return {"base": base, "data": data, "split": split, "models": models, "cache": cache, "prep": prep, "train": train}
+
+
+def predict(pipeline, *args, check=True):
+    return run([sys.executable, str(REPO / "src" / "predict.py"), "--models-dir", str(pipeline["models"]), *args],
+               cwd="/", check=check)
+
+
+def test_prepare_writes_one_dataset_per_classifier_node(pipeline):
+    split = pipeline["split"]
+    doc = json.loads((split / "hierarchy.json").read_text())
+    assert set(doc["datasets"]) == {"parent", "apparel", "apparel__upper"}
+    assert doc["datasets"]["apparel__upper"]["classes"] == ["shirt", "tee"]
+    for ds in ["parent", "apparel", "apparel__upper", "flat"]:
+        for s in ["train", "val", "test"]:
+            assert (split / ds / s).is_dir()
+    # one-child parents get no dataset but are in the tree
+    nodes = {n["id"]: n for n in doc["tree"]["nodes"]}
+    assert nodes["accessories"]["children"] == ["accessories/hat"] and nodes["accessories"]["dataset"] is None
+    # the one split: a file's split is the same in every dataset that holds it
+    where = {}
+    for ds in ["parent", "apparel", "apparel__upper", "flat"]:
+        for s in ["train", "val", "test"]:
+            for f in (split / ds / s).rglob("*.jpg"):
+                where.setdefault(f.name, set()).add(s)
+    assert where and all(len(v) == 1 for v in where.values())
+
+
+def test_train_lcpn_writes_every_node_file(pipeline):
+    models = pipeline["models"]
+    assert "training node 'parent'" in pipeline["train"].stdout.splitlines()[0]
+    for ds in ["parent", "apparel", "apparel__upper", "flat"]:
+        for f in NODE_FILES:
+            assert (models / ds / f).is_file(), f"{ds}/{f} missing"
+        perf = (models / ds / "performance.txt").read_text()
+        assert "accuracy:" in perf and "macro F1:" in perf
+    assert (models / "onnx" / "manifest.json").is_file()
+    assert not list(models.glob(".*.tmp-*")), "staging folders left behind"
+
+
+def test_model_pth_is_plain_weights_with_config(pipeline):
+    import torch
+
+    ck = torch.load(pipeline["models"] / "parent" / "model.pth", weights_only=True)
+    assert ck["format"] == "fashion-hiernet-node"
+    assert ck["config"]["node"]["classes"] == ["accessories", "apparel"]
+    assert ck["config"]["backbone"]["name"] == "efficientnet-lite0" and ck["config"]["backbone"]["image_size"] == 64
+    assert set(ck["state_dict"]) == {"head"}  # the frozen backbone is shared, not copied per node
+
+
+def test_predict_json_walks_to_a_leaf_of_any_depth(pipeline):
+    imgs = sorted(pipeline["data"].rglob("*.jpg"))[::3]
+    out = predict(pipeline, "-p", *map(str, imgs), "--format", "json")
+    rows = json.loads(out.stdout)
+    assert len(rows) == len(imgs)
+    for r in rows:
+        assert r["complete"] is True
+        assert len(r["labels"]) == len(r["probs"]) == len(r["node"].split("/"))
+        assert r["node"] in {"apparel/upper/tee", "apparel/upper/shirt", "apparel/lower/box", "accessories/hat"}
+        assert r["confidence"] == pytest.approx(float(np.prod(r["probs"])), abs=1e-5)
+        if r["node"] == "accessories/hat":
+            assert r["probs"][1] == 1.0  # a one-child parent passes through with probability 1
+    # the tree is learnable: most training images come back with their own leaf
+    truth = [str(p.parent.relative_to(pipeline["data"])) for p in imgs]
+    acc = np.mean([r["node"] == t for r, t in zip(rows, truth)])
+    assert acc >= 0.6
+
+
+def test_predict_text_prints_both_phases_like_the_original(pipeline):
+    img = next((pipeline["data"] / "apparel" / "upper" / "tee").glob("*.jpg"))
+    out = predict(pipeline, "-p", str(img)).stdout
+    assert "Encoder: {0: 'accessories', 1: 'apparel'}" in out
+    assert "Parent class prediction:  " in out
+    assert "Final Prediction:  " in out
+
+
+def test_predict_csv_folder_recursive_and_topk(pipeline):
+    out = predict(pipeline, "-p", str(pipeline["data"] / "apparel"), "--format", "csv", "--topk", "2").stdout
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 3 * 7
+    assert all(r["labels"].startswith(("apparel/", "accessories/")) for r in rows)
+    assert all(len(r["topk"].split(" | ")[0].split(";")) == 2 for r in rows)
+
+
+def test_min_confidence_stops_early(pipeline):
+    imgs = sorted(pipeline["data"].rglob("*.jpg"))[:8]
+    rows = json.loads(predict(pipeline, "-p", *map(str, imgs), "--format", "json", "--min-confidence", "0.999999").stdout)
+    partial = [r for r in rows if not r["complete"]]
+    assert partial, "a near-1 threshold must stop some walks above the leaf"
+    for r in partial:
+        assert r["confidence"] >= 0.999999 or not r["labels"]
+
+
+def test_onnx_and_torch_agree(pipeline):
+    from hiernet.predictor import HierarchicalPredictor
+
+    imgs = [str(p) for p in sorted(pipeline["data"].rglob("*.jpg"))[:12]]
+    a = HierarchicalPredictor.load(pipeline["models"], runtime="onnx", with_flat=True)
+    b = HierarchicalPredictor.load(pipeline["models"], runtime="torch", with_flat=True)
+    assert a.runtime == "onnx" and b.runtime == "torch"
+    pa, pb = a.predict_paths(imgs), b.predict_paths(imgs)
+    for x, y in zip(pa, pb):
+        assert x.node_ids == y.node_ids
+        assert np.max(np.abs(np.array(x.probs) - np.array(y.probs))) < 1e-4
+        assert x.flat_leaf == y.flat_leaf and abs(x.flat_prob - y.flat_prob) < 1e-4
+
+
+def test_stale_onnx_export_is_not_used(pipeline, tmp_path):
+    import shutil
+
+    from hiernet.predictor import HierarchicalPredictor, onnx_problem, read_models_hierarchy
+
+    models = tmp_path / "models"
+    shutil.copytree(pipeline["models"], models)
+    hier, _ = read_models_hierarchy(models)
+    assert onnx_problem(models, hier) is None
+    with open(models / "apparel" / "model.pth", "ab") as fh:  # any change to a model makes the export stale
+        fh.write(b"\0")
+    assert "older than its model.pth" in onnx_problem(models, hier)
+    proc = run([sys.executable, str(REPO / "src" / "predict.py"), "--models-dir", str(models), "--runtime", "onnx",
+                "-p", str(next(pipeline["data"].rglob("*.jpg")))], check=False)
+    assert proc.returncode == 2 and "export.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_models_give_one_line(pipeline, tmp_path):
+    proc = run([sys.executable, str(REPO / "src" / "predict.py"), "--models-dir", str(tmp_path / "none"),
+                "-p", str(next(pipeline["data"].rglob("*.jpg")))], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "train_lcpn.sh" in proc.stderr
