@@ -77,11 +77,12 @@ def mistake_severity(hier: Hierarchy, true_leaves: Sequence[str], pred_nodes: Se
     """Mean over mistakes of the number of edges from the true leaf up to its lowest common ancestor
     with the prediction (1 = a sibling confused, 2 = wrong parent in a 2-level tree).
 
-    Partial predictions that are ancestors of the true leaf are not mistakes. NaN if no mistakes.
+    Partial predictions that are ancestors of the true leaf are not mistakes; neither is ``""`` (the
+    walk stopped at the root, which is everyone's ancestor). NaN if no mistakes.
     """
     sev = []
     for t, p in zip(true_leaves, pred_nodes):
-        if p == t or (p and p in hier.ancestors(t)):
+        if p == t or not p or p in hier.ancestors(t):
             continue
         pt, pp = hier.path(t), hier.path(p) if p else []
         common = 0
@@ -107,8 +108,10 @@ def paired_comparison(correct_a: np.ndarray, correct_b: np.ndarray, n_boot: int 
     diff = float(a.mean() - b.mean()) if n else float("nan")
     rng = np.random.default_rng(seed)
     if n:
-        idx = rng.integers(0, n, size=(n_boot, n))
-        boots = a[idx].mean(1) - b[idx].mean(1)
+        d = a.astype(np.int8) - b.astype(np.int8)
+        rows = max(1, min(n_boot, (1 << 22) // n))  # resample in blocks: bounded memory for large test sets
+        boots = np.concatenate([d[rng.integers(0, n, size=(min(rows, n_boot - k), n))].mean(1)
+                                for k in range(0, n_boot, rows)])
         lo, hi = np.percentile(boots, [2.5, 97.5])
     else:
         lo = hi = float("nan")

@@ -281,9 +281,31 @@ class HierarchicalPredictor:
         names : list of str
             What to put in ``Prediction.path``.
         """
+        return self.predict_and_score(inputs, names)[0]
+
+    def predict_and_score(self, inputs: list[dict], names: list[str],
+                          score: dict | None = None) -> tuple[list[Prediction], dict]:
+        """:meth:`predict_arrays`, plus chosen nodes' own class probabilities on chosen images.
+
+        The extra scores reuse the batch's backbone pass; they do not depend on where the chain
+        routed an image (evaluation uses them for each node's local accuracy).
+
+        Parameters
+        ----------
+        inputs, names
+            As for :meth:`predict_arrays`.
+        score : dict, optional
+            Classifier node id → int indices into ``inputs`` (shape ``(K,)``) to run that node on.
+
+        Returns
+        -------
+        (list of Prediction, dict)
+            The predictions of :meth:`predict_arrays`, and node id → float array ``(K, C)`` of the
+            node's class probabilities, columns in ``self.nodes[id].class_nodes`` order.
+        """
         n = len(inputs)
         if n == 0:
-            return []
+            return [], {}
         batch = {spec: np.stack([x[spec] for x in inputs]) for spec in self.input_specs()}
         feats: dict = {}
 
@@ -344,7 +366,12 @@ class HierarchicalPredictor:
             for i, pr in enumerate(preds):
                 j = int(fp[i].argmax())
                 pr.flat_leaf, pr.flat_prob = self.flat.class_nodes[j], float(fp[i, j])
-        return preds
+        scores = {}
+        for nid, idx in (score or {}).items():
+            idx = np.asarray(idx, dtype=np.int64)
+            nm = self.nodes[nid]
+            scores[nid] = node_probs(nm, idx) if len(idx) else np.zeros((0, len(nm.class_nodes)), np.float32)
+        return preds, scores
 
     def encoders(self) -> dict:
         """node id → {index: class name} (what the original printed as the encoder)."""

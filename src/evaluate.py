@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Evaluate the whole chain (parent, then down to a leaf) on test images, beside the flat baseline.
+
+Writes results.json, results.md, graph.png and matrix.png into the output folder and prints a short
+summary: leaf accuracy, accuracy per level, hierarchical F1, and (when trained_models/flat exists)
+the flat baseline with a paired comparison (bootstrap interval, McNemar test).
+
+Examples::
+
+    python3 src/evaluate.py                                   # test split of split_datasets/
+    python3 src/evaluate.py --data ../shared/heldout_test     # any folder tree of the same classes
+    python3 src/evaluate.py --min-confidence 0.8 --output result_images/conf80
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hiernet.paths import DEFAULT_DATA_DIR, DEFAULT_MODELS_DIR, DEFAULT_RESULTS_DIR  # noqa: E402
+from hiernet.safeio import UserError, run_cli  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                     help="prepared datasets whose recorded test split is evaluated (default: <repo>/split_datasets)")
+    src.add_argument("--data", type=Path, metavar="DIR",
+                     help="instead: any folder tree DIR/<class>/<subclass>/images with the trained classes")
+    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="trained models (default: <repo>/trained_models)")
+    p.add_argument("-o", "--output", type=Path, default=DEFAULT_RESULTS_DIR,
+                   help="folder for results.json/.md, graph.png, matrix.png (default: <repo>/result_images)")
+    p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
+                   help="auto: onnxruntime when src/export.py has exported the current models, else PyTorch")
+    p.add_argument("--device", default="cpu", help="torch runtime device: cpu, cuda, mps, auto (default: cpu)")
+    p.add_argument("--min-confidence", type=float, default=0.0,
+                   help="stop at the deepest node whose path probability stays >= P (0 = always go to a leaf)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--no-flat", action="store_true", help="skip the flat baseline even if trained_models/flat exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="log which runtime and models are used")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not 0.0 <= args.min_confidence <= 1.0:
+        raise UserError("--min-confidence must be between 0 and 1")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if args.output.exists() and not args.output.is_dir():
+        raise UserError(f"--output {args.output} is a file, not a folder")
+    from hiernet.evaluation import evaluate, summary_lines, write_outputs
+    from hiernet.safeio import exclusive_lock
+
+    device = args.device
+    if args.runtime == "torch" or device != "cpu":
+        from hiernet.runtime import resolve_device
+
+        device = resolve_device(device)
+    out = args.output
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out / ".evaluate.lock", f"evaluate.py into {out}"):
+        res, hier = evaluate(args.models_dir, data_dir=args.data_dir, data_tree=args.data, runtime=args.runtime,
+                             device=device, min_confidence=args.min_confidence, batch_size=args.batch_size,
+                             with_flat=False if args.no_flat else None, progress=not args.quiet)
+        files = write_outputs(hier, res, out)
+    print("\n".join(summary_lines(res)))
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    if res["n_unreadable"]:
+        print(f"warning: {res['n_unreadable']} images could not be evaluated (listed in results.json)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))

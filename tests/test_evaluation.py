@@ -1,0 +1,418 @@
+"""Tests for src/evaluate.py and hiernet.evaluation.
+
+The metric assembly is checked on a hand-built tree with hand-computed values; the prediction loop
+with a numpy stand-in for the models (no torch); the real pipeline (prepare, train, evaluate) only
+in the ``slow`` test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hiernet.evaluation import (
+    OUTPUT_FILES,
+    STOPPED,
+    TestSet,
+    assemble_results,
+    check_known_leaves,
+    display_order,
+    error_attribution,
+    first_error_level,
+    level_accuracy,
+    load_prepared_test_set,
+    predict_test_set,
+    render_markdown,
+    scan_test_tree,
+    summary_lines,
+    verdict,
+    write_outputs,
+)
+from hiernet.hierarchy import Hierarchy
+from hiernet.predictor import HierarchicalPredictor, NodeModel, _softmax
+from hiernet.safeio import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+#        a            b
+#     x     y      w     z
+HIER = Hierarchy.from_leaf_paths(["a/x", "a/y", "b/z", "b/w"])
+
+# Six images, hand-made so that the four headline metrics all differ.
+TRUE = ["a/x", "a/y", "b/z", "b/w", "b/z", "a/y"]
+PATHS = [
+    ["a", "a/x"],  # 1 right
+    ["a", "a/x"],  # 2 wrong leaf (sibling), first mistake at level 2
+    ["a", "a/y"],  # 3 wrong parent, first mistake at level 1
+    ["b"],  # 4 right parent, then stopped by --min-confidence (mistake attributed to level 2)
+    ["b", "b/z"],  # 5 right
+    [],  # 6 stopped at the root (mistake attributed to level 1)
+]
+# what each node's own classifier chose on the images truly below it (None elsewhere)
+LOCAL = {
+    "": ["a", "a", "a", "b", "b", "a"],  # wrong only on image 3: 5/6
+    "a": ["a/x", "a/x", None, None, None, "a/y"],  # images 1, 2, 6: right, wrong, right
+    "b": [None, None, "b/z", "b/z", "b/z", None],  # images 3, 4, 5: right, wrong, right
+}
+FLAT = ["a/x", "a/y", "a/y", "b/w", "b/z", "a/x"]  # right on 1, 2, 4, 5
+
+
+# ------------------------------------------------------------------------------------- pure metrics
+@pytest.fixture(scope="module")
+def res():
+    return assemble_results(HIER, TRUE, PATHS, LOCAL, FLAT)
+
+
+def test_leaf_vs_level_accuracy(res):
+    assert res["n_images"] == 6
+    assert res["leaf_accuracy"] == pytest.approx(2 / 6)  # images 1 and 5
+    assert res["leaf_error"] == pytest.approx(4 / 6)
+    assert res["level_accuracy"] == pytest.approx([4 / 6, 2 / 6])  # level 1: 1, 2, 4, 5; level 2: 1, 5
+    assert res["level_support"] == [6, 6]
+    assert res["n_mistakes"] == 4 and res["n_stopped"] == 2
+
+
+def test_error_attribution(res):
+    # mistakes: 2 (level 2), 3 (level 1), 4 (stopped before level 2), 6 (stopped before level 1)
+    assert res["error_counts"] == [2, 2]
+    assert res["error_attribution"] == pytest.approx([0.5, 0.5])
+    assert first_error_level(["a", "a/x"], ["a", "a/x"]) is None
+    assert first_error_level(["a", "a/x"], ["b", "b/z"]) == 1
+    assert first_error_level(["a", "a/x"], ["a"]) == 2
+
+
+def test_hierarchical_scores_credit_partial_predictions(res):
+    # |T ∩ P| = 2 + 1 + 0 + 1 + 2 + 0 = 6, |P| = 2 + 2 + 2 + 1 + 2 + 0 = 9, |T| = 12
+    assert res["hierarchical_precision"] == pytest.approx(6 / 9)
+    assert res["hierarchical_recall"] == pytest.approx(6 / 12)
+    assert res["hierarchical_f1"] == pytest.approx(4 / 7)
+    # mistakes: 2 (sibling, 1 edge) and 3 (other parent, 2 edges); 4 and 6 stopped on the true path
+    assert res["mistake_severity"] == pytest.approx(1.5)
+
+
+def test_node_local_and_routed_accuracy(res):
+    nodes = res["nodes"]
+    assert list(nodes) == ["parent", "a", "b"]
+    assert nodes["parent"] == pytest.approx(
+        {"node": "", "local_accuracy": 5 / 6, "routed_accuracy": 5 / 6, "n_true": 6, "n_routed": 6})
+    # 'a': truly below = 1, 2, 6; the chain routed 1, 2 (and 3, which is not below 'a')
+    assert nodes["a"] == pytest.approx(
+        {"node": "a", "local_accuracy": 2 / 3, "routed_accuracy": 1 / 2, "n_true": 3, "n_routed": 2})
+    # 'b': truly below = 3, 4, 5; the chain routed 4 and 5
+    assert nodes["b"] == pytest.approx(
+        {"node": "b", "local_accuracy": 2 / 3, "routed_accuracy": 1 / 2, "n_true": 3, "n_routed": 2})
+
+
+def test_per_leaf_scores_and_confusion(res):
+    assert list(res["per_leaf"]) == ["a/x", "a/y", "b/w", "b/z"]
+    assert res["per_leaf"]["a/x"] == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})
+    assert res["per_leaf"]["a/y"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+    assert res["per_leaf"]["b/w"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert res["per_leaf"]["b/z"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
+    assert res["macro_f1"] == pytest.approx((2 / 3 + 0 + 0 + 2 / 3) / 4)
+    assert res["confusion"] == {
+        "rows": ["a/x", "a/y", "b/w", "b/z"],
+        "columns": ["a/x", "a/y", "b/w", "b/z", STOPPED],
+        "counts": [[1, 0, 0, 0, 0], [1, 0, 0, 0, 1], [0, 0, 0, 0, 1], [0, 1, 0, 1, 0]],
+    }
+
+
+def test_flat_baseline_and_paired_comparison(res):
+    flat = res["flat"]
+    assert flat["leaf_accuracy"] == pytest.approx(4 / 6)
+    assert flat["level_accuracy"] == pytest.approx([5 / 6, 4 / 6])
+    assert flat["hierarchical_f1"] == pytest.approx(9 / 12)  # |T ∩ P| = 9, |P| = |T| = 12
+    assert flat["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 1 + 2 / 3) / 4)  # a/x, a/y, b/w, b/z
+    c = res["comparison"]
+    assert c["difference"] == pytest.approx(2 / 6 - 4 / 6)
+    assert (c["a_only"], c["b_only"], c["n"]) == (0, 2, 6)
+    assert c["p_value"] == pytest.approx(0.5)
+    assert res["verdict"].startswith("No significant difference")
+
+
+def test_results_are_strict_json_and_bounded(res):
+    json.dumps(res, allow_nan=False)
+    for key in ("leaf_accuracy", "hierarchical_precision", "hierarchical_recall", "hierarchical_f1", "macro_f1"):
+        assert 0.0 <= res[key] <= 1.0
+    for v in res["level_accuracy"] + res["error_attribution"]:
+        assert 0.0 <= v <= 1.0
+
+
+def test_no_mistakes_no_flat():
+    r = assemble_results(HIER, ["a/x", "b/z"], [["a", "a/x"], ["b", "b/z"]])
+    assert r["leaf_accuracy"] == 1.0 and r["error_attribution"] == [0.0, 0.0]
+    assert r["mistake_severity"] is None  # NaN never reaches results.json
+    assert r["confusion"]["columns"] == r["confusion"]["rows"]  # no "(stopped)" column without stops
+    assert "flat" not in r and "comparison" not in r and "verdict" not in r
+    assert r["nodes"]["a"]["local_accuracy"] is None  # no local predictions given
+    json.dumps(r, allow_nan=False)
+
+
+def test_no_images():
+    r = assemble_results(HIER, [], [], {}, [])
+    assert r["n_images"] == 0 and r["leaf_accuracy"] is None and r["level_accuracy"] == []
+    assert r["hierarchical_f1"] is None and r["confusion"]["counts"] == [[0] * 4] * 4
+    assert r["verdict"].startswith("No images")
+    json.dumps(r, allow_nan=False)
+
+
+def test_levels_exclude_shallower_leaves():
+    hier = Hierarchy.from_leaf_paths(["a/x", "a/y", "b"])  # 'b' is a top-level leaf
+    true = ["b", "a/x", "b"]
+    paths = [["b"], ["a", "a/y"], ["a", "a/x"]]
+    acc, support = level_accuracy(hier, true, paths)
+    assert acc == pytest.approx([2 / 3, 0.0]) and support == [3, 1]
+    shares, counts = error_attribution(hier, true, paths)
+    assert counts == [1, 1] and shares == pytest.approx([0.5, 0.5])
+
+
+def test_display_order_groups_leaves_by_parent():
+    hier = Hierarchy.from_leaf_paths(["b/q", "a-b/y", "a/z", "a/x"])
+    assert display_order(hier) == ["a/x", "a/z", "a-b/y", "b/q"]
+
+
+def test_verdict_wording():
+    better = {"difference": 0.1, "p_value": 0.01, "ci95": [0.02, 0.18], "n": 100}
+    worse = {"difference": -0.1, "p_value": 0.01, "ci95": [-0.18, -0.02], "n": 100}
+    same = {"difference": 0.01, "p_value": 0.6, "ci95": [-0.05, 0.07], "n": 100}
+    assert verdict(better).startswith("The hierarchy is better")
+    assert verdict(worse).startswith("The hierarchy is worse")
+    assert verdict(same).startswith("No significant difference")
+    assert "p<0.05" in verdict(better) and "McNemar p = 0.010" in verdict(better)
+    tiny = verdict({"difference": 0.2, "p_value": 3e-7, "ci95": [0.1, 0.3], "n": 900})
+    assert tiny.startswith("The hierarchy is better") and "+20.0 points" in tiny and "p = 3.0e-07" in tiny
+
+
+def test_check_known_leaves_names_unknown_classes():
+    check_known_leaves(HIER, ["a/x", "b/w"], "--data D")
+    with pytest.raises(UserError, match=r"--data D has classes the models were not trained on: a/q, c/x;"):
+        check_known_leaves(HIER, ["a/x", "c/x", "a/q"], "--data D")
+    with pytest.raises(UserError, match="not trained on: a"):  # an internal node is not a class
+        check_known_leaves(HIER, ["a"], "--data D")
+
+
+def test_markdown_and_summary(res):
+    md = render_markdown({**res, "n_unreadable": 0, "runtime": "onnx"})
+    for text in ("| leaf accuracy | 0.3333 | 0.6667 |", "| parent | top level | 0.8333 | 6 | 0.8333 | 6 |",
+                 "![graph](graph.png)", "![matrix](matrix.png)", "**Verdict:**", "| a/x |"):
+        assert text in md
+    lines = summary_lines({**res, "n_unreadable": 0, "runtime": "onnx"})
+    assert any(line.startswith("leaf accuracy (end-to-end): 0.3333") for line in lines)
+    assert any("flat baseline" in line for line in lines)
+
+
+def test_write_outputs(tmp_path, res):
+    files = write_outputs(HIER, {**res, "n_unreadable": 0, "runtime": "onnx"}, tmp_path / "out")
+    assert [f.name for f in files] == list(OUTPUT_FILES)
+    for f in files:
+        assert f.stat().st_size > 0
+    for name in ("graph.png", "matrix.png"):
+        with Image.open(tmp_path / "out" / name) as im:
+            assert im.format == "PNG" and im.width > 200
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["leaf_accuracy"] == pytest.approx(2 / 6)
+    assert not list((tmp_path / "out").glob(".*tmp*"))
+
+
+# ------------------------------------------------------------------------------------- test sets
+def _prepare_in_process(src: Path, out: Path) -> dict:
+    from hiernet.hierarchy import scan_tree
+    from hiernet.splits import assign_splits, materialize
+
+    scan = scan_tree(src)
+    assignment, _ = assign_splits(scan.files, (0.5, 0.17, 0.33), 1)
+    return materialize(scan.hierarchy, scan.files, assignment, src, out, {"seed": 1})
+
+
+def test_load_prepared_test_set(two_level_tree, tmp_path):
+    doc = _prepare_in_process(two_level_tree, tmp_path / "split")
+    test, hier, _ = load_prepared_test_set(tmp_path / "split")
+    expected = [(im["path"], im["leaf"]) for im in doc["images"] if im["split"] == "test"]
+    assert len(test.paths) == len(expected) > 0
+    assert sorted(test.leaves) == sorted(leaf for _, leaf in expected)
+    folder = dict(zip(doc["flat"]["class_nodes"], doc["flat"]["classes"]))
+    for p, leaf in zip(test.paths, test.leaves):
+        assert Path(p).is_file() and Path(p).parent == tmp_path / "split" / "flat" / "test" / folder[leaf]
+    assert hier.leaves() == ["angular/box", "angular/tri", "round/circle", "round/plus"]
+
+
+def test_load_prepared_test_set_missing(tmp_path):
+    with pytest.raises(UserError, match="prepare_dataset.py"):
+        load_prepared_test_set(tmp_path / "nothing")
+
+
+def test_scan_test_tree_skips_unreadable(two_level_tree):
+    (two_level_tree / "round" / "circle" / "broken.jpg").write_bytes(b"not a jpeg")
+    test, hier = scan_test_tree(two_level_tree)
+    assert len(test.paths) == 24 and len(set(test.leaves)) == 4
+    assert [Path(p).name for p, _ in test.skipped] == ["broken.jpg"]
+
+
+# ------------------------------------------------------------------------------------- prediction loop
+def _numpy_predictor(hier: Hierarchy, min_confidence: float = 0.0) -> HierarchicalPredictor:
+    """A real HierarchicalPredictor whose 'networks' are fixed random linear maps (no torch)."""
+    rng = np.random.default_rng(0)
+    size = 16
+
+    def backbone(x):  # (B, 3, S, S) -> (B, 6): channel means and spreads
+        return np.concatenate([x.mean(axis=(2, 3)), x.std(axis=(2, 3))], 1).astype(np.float32)
+
+    def linear(c):
+        w = rng.normal(size=(6, c)).astype(np.float32) * 8
+        return lambda f: f @ w
+
+    nodes = {}
+    for k, nid in enumerate(hier.classifier_nodes()):
+        ch = hier.nodes[nid].children
+        nm = NodeModel(hier.nodes[nid].dataset, nid, [hier.nodes[c].name for c in ch], list(ch), size, "squash",
+                       tta=k == 1)
+        if k == 2:  # one node with its own network on images
+            head = linear(len(ch))
+            nm.full = lambda x, head=head: head(backbone(x))
+        else:
+            nm.backbone, nm.head = "bb0", linear(len(ch))
+        nodes[nid] = nm
+    leaves = hier.leaves()
+    flat = NodeModel("flat", None, leaves, leaves, size, "squash", False, backbone="bb0", head=linear(len(leaves)))
+    return HierarchicalPredictor(hier, nodes, {"bb0": (backbone, size, "squash")}, "numpy", flat, min_confidence)
+
+
+def test_predict_and_score_matches_predict_arrays():
+    pred = _numpy_predictor(HIER)
+    rng = np.random.default_rng(1)
+    inputs = [{(16, "squash"): rng.random((3, 16, 16), dtype=np.float32)} for _ in range(7)]
+    names = [f"img{i}" for i in range(7)]
+    plain = pred.predict_arrays(inputs, names)
+    scored, scores = pred.predict_and_score(inputs, names, {"": list(range(7)), "a": [0, 3], "b": []})
+    assert [(p.node_ids, p.probs, p.flat_leaf) for p in plain] == [(p.node_ids, p.probs, p.flat_leaf) for p in scored]
+    assert scores["a"].shape == (2, 2) and scores["b"].shape == (0, 2) and scores[""].shape == (7, 2)
+    np.testing.assert_allclose(scores[""].sum(1), 1.0, rtol=1e-5)
+    for i, p in enumerate(plain):  # the root's own choice is the chain's first decision
+        assert pred.nodes[""].class_nodes[int(scores[""][i].argmax())] == p.node_ids[0]
+    x = np.stack([inputs[i][(16, "squash")] for i in (0, 3)])
+    head, run = pred.nodes["a"].head, pred.backbones["bb0"][0]  # node 'a' averages the image and its mirror
+    expected = (_softmax(head(run(x))) + _softmax(head(run(x[..., ::-1].copy())))) / 2
+    np.testing.assert_allclose(scores["a"], expected, rtol=1e-5)
+    assert pred.predict_and_score([], []) == ([], {})
+
+
+def _image_test_set(tree: Path) -> TestSet:
+    test, _ = scan_test_tree(tree)
+    bad = tree / "angular" / "box" / "zz_truncated.jpg"
+    bad.write_bytes((tree / "angular" / "box" / "img_000.jpg").read_bytes()[:200])
+    return TestSet(test.paths + [str(bad)], test.leaves + ["angular/box"], "fixture")
+
+
+@pytest.mark.parametrize("min_confidence", [0.0, 0.9])
+def test_predict_test_set_with_numpy_models(two_level_tree, tmp_path, min_confidence):
+    hier = Hierarchy.from_leaf_paths(["angular/box", "angular/tri", "round/circle", "round/plus"])
+    pred = _numpy_predictor(hier, min_confidence)
+    test = _image_test_set(two_level_tree)
+    preds, local = predict_test_set(pred, test, batch_size=5, workers=2)
+    assert [p.path for p in preds] == test.paths
+    assert preds[-1].error and not any(p.error for p in preds[:-1])
+    # every readable image has a local choice at the root and at its own parent, none elsewhere
+    for i, leaf in enumerate(test.leaves[:-1]):
+        assert local[""][i] in hier.nodes[""].children
+        parent = leaf.split("/")[0]
+        assert local[parent][i] in hier.nodes[parent].children
+        other = "round" if parent == "angular" else "angular"
+        assert local[other][i] is None
+        # where the chain went through a node, the node's local choice is the chain's decision there
+        ids = preds[i].node_ids
+        if ids:
+            assert local[""][i] == ids[0]
+        if len(ids) == 2 and ids[0] == parent:
+            assert local[parent][i] == ids[1]
+    assert all(ch[-1] is None for ch in local.values())
+    if min_confidence:
+        assert any(not p.complete for p in preds[:-1])  # some walks stop above a leaf
+    ok = range(len(preds) - 1)
+    res = assemble_results(hier, [test.leaves[i] for i in ok], [preds[i].node_ids for i in ok],
+                           {n: [c[i] for i in ok] for n, c in local.items()}, [preds[i].flat_leaf for i in ok])
+    assert res["n_images"] == 24
+    assert res["nodes"]["parent"]["n_true"] == 24 and res["nodes"]["round"]["n_true"] == 12
+    for nd in res["nodes"].values():
+        assert nd["n_routed"] <= nd["n_true"]
+    files = write_outputs(hier, {**res, "n_unreadable": 1, "runtime": "numpy"}, tmp_path / "out")
+    assert all(f.exists() for f in files)
+
+
+# ------------------------------------------------------------------------------------- the script
+def test_script_refuses_unknown_classes(two_level_tree, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    trained = Hierarchy.from_leaf_paths(["angular/box", "angular/tri", "round/circle"])
+    (models / "hierarchy.json").write_text(json.dumps({"tree": trained.to_dict()}))
+    r = subprocess.run([PY, str(REPO / "src" / "evaluate.py"), "--models-dir", str(models), "--data", str(two_level_tree),
+                        "--output", str(tmp_path / "out"), "-q"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert "not trained on: round/plus" in r.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_evaluate_without_prepared_data(tmp_path):
+    from hiernet.evaluation import evaluate
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "hierarchy.json").write_text(json.dumps({"tree": HIER.to_dict()}))
+    with pytest.raises(UserError, match="prepare_dataset.py"):
+        evaluate(models, data_dir=tmp_path / "split")
+    with pytest.raises(UserError, match="no trained models"):
+        evaluate(tmp_path / "no-models", data_dir=tmp_path / "split")
+
+
+# ------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_end_to_end_prepare_train_evaluate(two_level_tree, tmp_path):
+    split, models, cache, out = tmp_path / "split", tmp_path / "models", tmp_path / "cache", tmp_path / "out"
+
+    def run(*argv, timeout=900):
+        r = subprocess.run([PY, *map(str, argv)], capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+        assert r.returncode == 0, f"{argv}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+        return r
+
+    run(REPO / "prepare_dataset.py", "-p", two_level_tree, "-o", split, "-q")
+    nodes = run(REPO / "src" / "train.py", "--list-nodes", "--data-dir", split).stdout.split()
+    assert nodes == ["parent", "angular", "round"]
+    for node in nodes + ["flat"]:
+        run(REPO / "src" / "train.py", "-d", node, "--data-dir", split, "--output-dir", models, "--cache-dir", cache,
+            "--backbone", "efficientnet-lite0", "--image-size", "64", "--epochs", "3", "--views", "0", "-q")
+    r = run(REPO / "src" / "evaluate.py", "--data-dir", split, "--models-dir", models, "--output", out, "-q")
+    assert "leaf accuracy (end-to-end)" in r.stdout and "flat baseline" in r.stdout
+
+    for name in OUTPUT_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    res = json.loads((out / "results.json").read_text())
+    keys = {"leaf_accuracy", "level_accuracy", "nodes", "error_attribution", "hierarchical_precision",
+            "hierarchical_recall", "hierarchical_f1", "mistake_severity", "leaf_error", "per_leaf", "macro_f1",
+            "n_images", "n_unreadable", "runtime", "flat", "comparison", "verdict"}
+    assert keys <= set(res)
+    doc = json.loads((split / "hierarchy.json").read_text())
+    assert res["n_images"] == sum(1 for im in doc["images"] if im["split"] == "test") > 0
+    assert res["n_unreadable"] == 0
+
+    fractions = [res[k] for k in ("leaf_accuracy", "leaf_error", "hierarchical_precision", "hierarchical_recall",
+                                  "hierarchical_f1", "macro_f1")]
+    fractions += res["level_accuracy"] + res["error_attribution"]
+    fractions += [nd["local_accuracy"] for nd in res["nodes"].values()]
+    for nd in res["nodes"].values():  # undefined (None) only when the chain routed none of its images there
+        assert (nd["routed_accuracy"] is None) == (nd["n_routed"] == 0)
+        fractions += [nd["routed_accuracy"]] if nd["n_routed"] else []
+    fractions += [res["flat"][k] for k in ("leaf_accuracy", "macro_f1", "hierarchical_f1")] + res["flat"]["level_accuracy"]
+    fractions += [s[k] for s in res["per_leaf"].values() for k in ("precision", "recall", "f1")]
+    fractions += [res["comparison"]["p_value"]]
+    assert all(v is not None and 0.0 <= v <= 1.0 for v in fractions), res
+    assert set(res["nodes"]) == {"parent", "angular", "round"}
+    assert res["nodes"]["parent"]["n_true"] == res["n_images"]
+    assert -1.0 <= res["comparison"]["difference"] <= 1.0
+    md = (out / "results.md").read_text()
+    assert "![graph](graph.png)" in md and "![matrix](matrix.png)" in md
