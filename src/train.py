@@ -20,10 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hiernet.backbones import list_backbones  # noqa: E402
 from hiernet.paths import DEFAULT_DATA_DIR, DEFAULT_MODELS_DIR, default_cache_dir  # noqa: E402
 from hiernet.safeio import UserError, run_cli  # noqa: E402
-from hiernet.training import DEFAULT_PRESET, PRESETS  # noqa: E402
+
+try:
+    from hiernet.backbones import list_backbones
+    from hiernet.training import DEFAULT_PRESET, PRESETS
+except ModuleNotFoundError as _exc:  # one line, not a traceback, when the environment is incomplete
+    sys.exit(f"error: Python package '{_exc.name}' is missing; install the requirements: pip install -r requirements.txt")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,11 +38,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, default=DEFAULT_MODELS_DIR, help="where node folders go (default: <repo>/trained_models)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="feature cache (default: <repo>/.cache/hiernet or $HIERNET_CACHE)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
-                   help="recipe: 'cpu' = frozen Lite2 + MLP heads on cached features (default); 'original' = EfficientNet-B4 fine-tuned")
+                   help="recipe: 'cpu' = frozen Lite1 @280px + MLP heads on cached features (default); 'original' = EfficientNet-B4 fine-tuned")
     g = p.add_argument_group("model (default: the preset's)")
     g.add_argument("--backbone", choices=list_backbones(), metavar="NAME", help=f"one of: {', '.join(list_backbones())}")
     g.add_argument("--weights", type=Path, help="ImageNet state_dict file for the backbone (instead of the package/download)")
-    g.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's own)")
+    g.add_argument("--image-size", type=int, help="input side in pixels (default: the preset's, or the backbone's own for another backbone)")
     g.add_argument("--resize", choices=["crop", "squash", "pad"], help="how images become square: centre crop, stretch, or letterbox")
     g.add_argument("--mode", choices=["frozen", "finetune"], help="frozen backbone + cached features, or fine-tune the whole network")
     g.add_argument("--hidden", type=int, help="hidden units of the MLP head (0 = linear head)")

@@ -12,10 +12,16 @@
 # NO_FLAT=1 (skip the flat baseline), NO_EXPORT=1 (skip the ONNX export).
 set -euo pipefail
 
+
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
+fi
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  echo "train.py flags:"
+  exec "$PYTHON" "$here/train.py" --help
 fi
 DATA_DIR="${DATA_DIR:-$repo/split_datasets}"
 MODELS_DIR="${MODELS_DIR:-$repo/trained_models}"

@@ -63,7 +63,8 @@ def test_prepare_writes_one_dataset_per_classifier_node(pipeline):
             assert (split / ds / s).is_dir()
     # one-child parents get no dataset but are in the tree
     nodes = {n["id"]: n for n in doc["tree"]["nodes"]}
-    assert nodes["accessories"]["children"] == ["accessories/hat"] and nodes["accessories"]["dataset"] is None
+    assert nodes["accessories"]["children"] == ["accessories/hat"]
+    assert "accessories" not in doc["datasets"] and not (split / nodes["accessories"]["dataset"]).exists()
     # the one split: a file's split is the same in every dataset that holds it
     where = {}
     for ds in ["parent", "apparel", "apparel__upper", "flat"]:

@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 #: Named recipes; explicit flags override their values.
 PRESETS: dict[str, dict] = {
     # fast, offline, CPU: frozen Lite2 features (+ cached augmented views) and an MLP head per node
-    "cpu": dict(backbone="efficientnet-lite2", mode="frozen", resize="crop", views=4, hidden=1024, dropout=0.3,
+    "cpu": dict(backbone="efficientnet-lite1", image_size=280, mode="frozen", resize="crop", views=4, hidden=1024, dropout=0.3,
                 epochs=60, batch_size=256, lr=1e-3, weight_decay=1e-3, patience=10, label_smoothing=0.1, tta=True),
     # the original research recipe: EfficientNet-B4 fully fine-tuned per node (GPU)
-    "original": dict(backbone="efficientnet-b4", mode="finetune", resize="crop", views=0, hidden=0, dropout=0.3,
+    "original": dict(backbone="efficientnet-b4", image_size=None, mode="finetune", resize="crop", views=0, hidden=0, dropout=0.3,
                      epochs=25, batch_size=32, lr=3e-4, weight_decay=1e-4, patience=5, label_smoothing=0.1, tta=False),
 }
 DEFAULT_PRESET = "cpu"
@@ -54,6 +54,8 @@ def resolve_settings(args) -> dict:
     for k, v in preset.items():
         given = getattr(args, k, None)
         out[k] = v if given is None else given
+    if args.image_size is None and out["backbone"] != preset["backbone"]:
+        out["image_size"] = None  # another backbone: its own input size, not the preset's
     return out
 
 
@@ -172,7 +174,7 @@ def train_node(args) -> dict:
     device = args.device
     main = dist_utils.is_main()
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
-    backbone = create_backbone(settings["backbone"], weights=args.weights, image_size=args.image_size)
+    backbone = create_backbone(settings["backbone"], weights=args.weights, image_size=settings["image_size"])
     size = backbone.image_size
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
