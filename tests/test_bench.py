@@ -1,0 +1,150 @@
+"""The benchmark helpers (bench/): machine description, tables, reports, stage timing, argument checks.
+
+Fast: no model is trained or loaded; the scripts are only started for their early refusals.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def common():
+    return _load("common")
+
+
+@pytest.fixture(scope="module")
+def run_benchmark():
+    return _load("run_benchmark")
+
+
+def test_machine_info_has_the_reported_fields(common):
+    info = common.machine_info()
+    for key in ("cpu_model", "usable_cores", "ram_gib", "torch", "onnxruntime", "date", "python"):
+        assert key in info
+    assert isinstance(info["usable_cores"], int) and info["usable_cores"] >= 1
+    assert info["cpu_model"]
+    md = common.machine_markdown(info)
+    for label in ("CPU", "usable cores", "RAM (GiB)", "torch", "onnxruntime", "date"):
+        assert label in md
+
+
+def test_md_table_and_fmt(common):
+    t = common.md_table(["a", "b|c"], [("x", 0.12345), ("y", None), ("z", 3)])
+    lines = t.splitlines()
+    assert lines[0] == "| a | b\\|c |"
+    assert lines[1] == "|---|---|"
+    assert lines[2] == "| x | 0.123 |"
+    assert lines[3] == "| y | n/a |"
+    assert lines[4] == "| z | 3 |"
+    assert common.fmt(0.256, 3, pct=True) == "25.6 %"
+    assert common.fmt(float("nan")) == "n/a"
+
+
+def test_write_report_writes_markdown_and_json_twin(common, tmp_path):
+    md, js = common.write_report("# hi", {"x": 1, "p": Path("/a")}, tmp_path / "sub" / "r.md")
+    assert md.read_text() == "# hi\n"
+    assert json.loads(js.read_text()) == {"x": 1, "p": "/a"}
+    with pytest.raises(common.BenchError):
+        common.write_report("# hi", {}, tmp_path / "r.json")
+
+
+def test_run_timed_reports_exit_code_lines_and_memory(common, tmp_path):
+    code = ("import sys; print('one'); print('two'); "
+            "sys.stderr.write('epoch 1/5:  40%|####      | 2/5 [00:01<00:01]\\rbad\\n'); sys.exit(3)")
+    run = common.run_timed([sys.executable, "-c", code], log_dir=tmp_path, name="t")
+    assert run.returncode == 3
+    assert [line for _, line in run.stdout_lines] == ["one", "two"]
+    assert run.stderr_tail() == "bad"
+    assert run.wall_s > 0 and run.max_rss_mib > 1
+    assert (tmp_path / "t.stdout.log").read_text() == "one\ntwo\n"
+
+
+def test_node_times_from_train_lcpn_output(run_benchmark):
+    lines = [(2.0, "== training node 'parent'"), (3.0, "epoch 1 ..."), (10.0, "== training node 'tops'"),
+             (15.0, "== training node 'flat'"), (18.0, "== trained 3 model(s) in 16 s"),
+             (18.0, "== exporting ONNX for fast CPU prediction")]
+    nodes, setup, export = run_benchmark.node_times(lines, end=21.0)
+    assert nodes == [("parent", 8.0), ("tops", 5.0), ("flat", 3.0)]
+    assert setup == 2.0 and export == 3.0
+
+
+def test_render_pipeline_report_has_every_figure(run_benchmark, common):
+    rep = {
+        "dataset_name": "clothing", "command": "python bench/run_benchmark.py", "cwd": "/x",
+        "settings": {"dataset": "/d", "work": "/w", "seed": 1337, "train_seed": 0, "train_args": [],
+                     "cache": "/w/cache", "cache_kept": False},
+        "machine": common.machine_info(),
+        "stages": {"prepare": {"status": "ok", "wall_s": 1.0, "max_rss_mib": 40.0},
+                   "train": {"status": "ok", "wall_s": 100.0, "max_rss_mib": 1000.0},
+                   "evaluate": {"status": "ok", "wall_s": 5.0, "max_rss_mib": 400.0},
+                   "predict": {"status": "ok", "wall_s": 2.0, "max_rss_mib": 300.0}},
+        "total_wall_s": 108.0, "peak_rss_mib": 1000.0,
+        "predict": {"images": 80, "errors": 0, "wall_s": 2.0, "images_per_s": 40.0},
+        "train_detail": {"nodes": [("parent", 50.0)], "setup_s": 1.0, "export_s": 4.0},
+        "accuracy": {"n_images": 80, "leaf_accuracy": 0.9, "level_accuracy": [0.95, 0.9], "hierarchical_f1": 0.93,
+                     "flat_leaf_accuracy": 0.88, "difference": 0.02, "ci95": [-0.01, 0.05], "p_value": 0.3},
+    }
+    md = run_benchmark.render(rep)
+    for text in ("leaf accuracy (end-to-end) | 0.9000", "level 2 accuracy | 0.9000", "hierarchical F1 | 0.9300",
+                 "flat baseline leaf accuracy | 0.8800", "+2.00 (95% CI -1.00 to +5.00)", "40.0 images/s",
+                 "| train | ok | 100.0 | 1000 |", "| parent | 50.0 |", "## Machine", "python bench/run_benchmark.py"):
+        assert text in md, text
+
+
+def test_run_benchmark_refuses_missing_dataset_and_work_in_repo(tmp_path):
+    script = str(BENCH / "run_benchmark.py")
+    r = subprocess.run([sys.executable, script, "-p", str(tmp_path / "missing")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "data").mkdir()
+    r = subprocess.run([sys.executable, script, "-p", str(tmp_path / "data"), "--work", str(REPO / "bench" / "w")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "inside the repository" in r.stderr
+    assert not (REPO / "bench" / "w").exists()
+
+
+def test_prepare_work_cleans_only_its_own_folder(run_benchmark, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(Exception, match="not made by run_benchmark"):
+        run_benchmark.prepare_work(foreign)
+    assert (foreign / "keep.txt").exists()
+    ours = run_benchmark.prepare_work(tmp_path / "ours")
+    (ours / "models").mkdir()
+    (ours / "models" / "m").write_text("old")
+    (ours / "other.txt").write_text("not ours to delete")
+    assert run_benchmark.prepare_work(ours) == ours
+    assert not (ours / "models").exists() and (ours / "other.txt").exists()
+
+
+def test_predict_speed_sample_is_every_kth_sorted(tmp_path):
+    from PIL import Image
+
+    for i in range(10):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"img_{i:02d}.png")
+    ps = _load("predict_speed")
+    paths, total = ps.sample_images(tmp_path, 3)
+    assert total == 10
+    assert [Path(p).name for p in paths] == ["img_00.png", "img_03.png", "img_06.png"]
+    with pytest.raises(ps.BenchError, match="fewer than"):
+        ps.sample_images(tmp_path, 11)
