@@ -36,10 +36,22 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        return _main(args)
+    except OSError as exc:  # unwritable -o, disk full, a file vanishing mid-run: one line, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise UserError(
+            f"file system error: {exc.strerror or exc}{where}; check that -p is readable and -o writable, then rerun"
+        ) from None
+
+
+def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     src, out = args.path, args.output
     if not src.exists():
         raise UserError(f"dataset folder {src} does not exist; pass -p ROOT with ROOT/<parent>/<child>/images")
+    if not src.is_dir():
+        raise UserError(f"{src} is a file, not a dataset folder; pass -p ROOT with ROOT/<parent>/<child>/images")
     check_paths(src, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out.parent / f".{out.name}.lock", f"prepare_dataset.py into {out}"):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,10 +97,14 @@ def read_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise ArtifactError(f"{path} is missing; train this node with: python3 src/train.py -d {path.parent.name}")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols: one line, not three
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"it names {found.group(1)}, i.e. it carries code" if found else "damaged, or it may carry code"
         raise ArtifactError(
-            f"{path} was refused: it is not a plain weights file (it may carry code); retrain the node or get a clean copy"
+            f"{path} was refused: it is not a plain weights file ({what}); retrain the node or get a clean copy"
         ) from None
     except Exception as exc:
         raise ArtifactError(f"{path} is damaged or truncated ({type(exc).__name__}); retrain this node") from None
@@ -108,11 +114,36 @@ def read_checkpoint(path: Path) -> dict:
         raise ArtifactError(f"{path} has format version {ck.get('version')}, this suite reads {FORMAT_VERSION}; retrain")
     cfg = ck.get("config")
     try:
-        cfg["node"]["classes"], cfg["node"]["class_nodes"], cfg["backbone"]["name"], cfg["head"]["n_classes"]
-        ck["state_dict"]["head"]
-    except (KeyError, TypeError):
-        raise ArtifactError(f"{path} lacks required entries; retrain this node") from None
+        node, bb, head = cfg["node"], cfg["backbone"], cfg["head"]
+        ok = (
+            _str_list(node["classes"]) and _str_list(node["class_nodes"])
+            and len(node["classes"]) == len(node["class_nodes"]) >= 1
+            and isinstance(bb["name"], str)
+            and _int(head["n_classes"], 1) and _int(head.get("in_dim", 1), 1) and _int(head.get("hidden", 0), 0)
+            and isinstance(ck["state_dict"], dict) and isinstance(ck["state_dict"]["head"], dict)
+            # what the predictor reads later: checked here so a tampered file fails with this line
+            and isinstance(cfg.get("hierarchy_fingerprint", ""), str)
+            and _int(bb.get("image_size", 64), 8, 4096)
+            and bb.get("resize", "crop") in ("crop", "squash", "pad")
+            and isinstance(bb.get("weights_fingerprint", ""), (str, type(None)))
+        )
+    except (KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise ArtifactError(f"{path} lacks required entries or has malformed ones; retrain this node")
+    from .backbones import list_backbones
+
+    if bb["name"] not in list_backbones():
+        raise ArtifactError(f"{path} uses backbone {bb['name']!r}, unknown to this version of the suite; retrain this node")
     return ck
+
+
+def _str_list(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+def _int(x, lo: int, hi: int | None = None) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo and (hi is None or x <= hi)
 
 
 def load_node(folder: Path) -> NodeArtifact:
@@ -125,13 +156,19 @@ def load_node(folder: Path) -> NodeArtifact:
     """
     ck = read_checkpoint(folder / "model.pth")
     enc_path = folder / "bin" / "encoder.pickle"
-    if enc_path.exists():
+    if enc_path.exists() or enc_path.is_symlink():
         try:
             enc = restricted_load(enc_path)
         except pickle.UnpicklingError as exc:
             raise ArtifactError(f"{enc_path} was refused ({exc}); it may carry code. Retrain the node") from None
+        except OSError as exc:
+            raise ArtifactError(f"{enc_path} cannot be read ({exc.strerror or exc}); retrain the node") from None
         classes = ck["config"]["node"]["classes"]
-        if not isinstance(enc, dict) or {int(k): v for k, v in enc.items()} != dict(enumerate(classes)):
+        try:
+            agrees = isinstance(enc, dict) and {int(k): v for k, v in enc.items()} == dict(enumerate(classes))
+        except (TypeError, ValueError, OverflowError):
+            agrees = False
+        if not agrees:
             raise ArtifactError(
                 f"{enc_path} disagrees with {folder / 'model.pth'} (classes {classes}); retrain the node"
             )
@@ -159,15 +196,17 @@ def build_torch_model(art: NodeArtifact, shared_backbones: dict | None = None):
     try:
         head = build_head(cfg["head"])
         head.load_state_dict(sd["head"])
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise ArtifactError(f"{art.folder / 'model.pth'}: head weights do not fit its config ({str(exc)[:120]}); retrain") from None
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        why = " ".join(str(exc).split())[:160]  # torch messages span lines: keep one
+        raise ArtifactError(f"{art.folder / 'model.pth'}: head weights do not fit its config ({why}); retrain") from None
     if "backbone" in sd:
         backbone = create_backbone(bb["name"], pretrained=False, image_size=bb["image_size"])
         try:
             backbone.net.load_state_dict(sd["backbone"])
-        except RuntimeError as exc:
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+            why = " ".join(str(exc).split())[:160]  # torch messages span lines: keep one
             raise ArtifactError(
-                f"{art.folder / 'model.pth'}: backbone weights do not fit {bb['name']} ({str(exc)[:120]}); retrain"
+                f"{art.folder / 'model.pth'}: backbone weights do not fit {bb['name']} ({why}); retrain"
             ) from None
         return backbone.eval(), head.eval(), True
     key = backbone_key(cfg)

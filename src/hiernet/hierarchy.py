@@ -24,8 +24,13 @@ log = logging.getLogger(__name__)
 ROOT_ID = ""
 ROOT_DATASET = "parent"
 FLAT_DATASET = "flat"
-RESERVED_DATASETS = frozenset({ROOT_DATASET, FLAT_DATASET, "bin", "onnx"})
+#: Names a node's dataset/model folder must not take: they sit beside those folders in
+#: split_datasets/ and trained_models/ (a class folder called "hierarchy.json" must not clash).
+RESERVED_DATASETS = frozenset({ROOT_DATASET, FLAT_DATASET, "bin", "onnx", "hierarchy.json", "README.md"})
+#: Longest folder name made from a node id (leaves room for ``.<name>.tmp-<pid>`` under NAME_MAX).
+MAX_FOLDER_NAME = 100
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
+_SAFE_FOLDER_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
 
 
 class HierarchyError(ValueError):
@@ -67,6 +72,41 @@ def safe_name(node_id: str) -> str:
     return "__".join(parts)
 
 
+def is_safe_folder_name(name: str) -> bool:
+    """True for a plain, visible folder name: ``[A-Za-z0-9._-]`` only, not starting with ``.``."""
+    return isinstance(name, str) and _SAFE_FOLDER_RE.fullmatch(name) is not None
+
+
+def short_safe_name(node_id: str, limit: int = MAX_FOLDER_NAME) -> str:
+    """:func:`safe_name`, cut to ``limit`` characters with a hash of ``node_id`` when longer.
+
+    Deep trees of long folder names would otherwise give names the file system refuses.
+    The result satisfies :func:`is_safe_folder_name`.
+    """
+    name = safe_name(node_id)
+    if len(name) <= limit:
+        return name
+    import hashlib
+
+    digest = hashlib.sha1(node_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    head = name[: limit - 9].rstrip("._-")
+    return f"{head}-{digest}" if head else digest
+
+
+def unique_names(keys: Iterable[str], used: Iterable[str] = ()) -> dict[str, str]:
+    """key → distinct safe short folder name, in sorted key order (``-2``, ``-3`` … on clashes)."""
+    taken = set(used)
+    out = {}
+    for key in sorted(keys):
+        base = short_safe_name(key)
+        name, k = base, 2
+        while name in taken:
+            name, k = f"{base}-{k}", k + 1
+        taken.add(name)
+        out[key] = name
+    return out
+
+
 class Hierarchy:
     """A validated tree of :class:`Node` keyed by id."""
 
@@ -101,20 +141,14 @@ class Hierarchy:
 
     @staticmethod
     def _assign_datasets(nodes: dict[str, Node]) -> None:
-        used = set(RESERVED_DATASETS)
-        for nid in sorted(nodes):
-            n = nodes[nid]
+        names = unique_names([nid for nid, n in nodes.items() if nid != ROOT_ID and not n.is_leaf], RESERVED_DATASETS)
+        for nid, n in nodes.items():
             if n.is_leaf:
                 n.dataset = None
             elif nid == ROOT_ID:
                 n.dataset = ROOT_DATASET
             else:
-                base = safe_name(nid)
-                name, k = base, 2
-                while name in used:
-                    name, k = f"{base}-{k}", k + 1
-                used.add(name)
-                n.dataset = name
+                n.dataset = names[nid]
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -152,8 +186,9 @@ class Hierarchy:
             if n.children and not n.dataset:
                 raise HierarchyError(f"internal node {nid!r} has no dataset name")
             if n.dataset:
-                if n.dataset in datasets or safe_name(n.dataset) != n.dataset:
-                    raise HierarchyError(f"dataset name {n.dataset!r} is repeated or unsafe")
+                reserved = (n.dataset != ROOT_DATASET) if nid == ROOT_ID else (n.dataset in RESERVED_DATASETS)
+                if n.dataset in datasets or not is_safe_folder_name(n.dataset) or reserved:
+                    raise HierarchyError(f"dataset name {n.dataset!r} is repeated, reserved or unsafe")
                 datasets.add(n.dataset)
         seen = set(self.iter_ids())
         if seen != set(nodes):
@@ -251,9 +286,20 @@ class Hierarchy:
     def from_dict(cls, data: dict) -> "Hierarchy":
         """Inverse of :meth:`to_dict`, with full validation."""
         try:
+            if not isinstance(data["nodes"], list):
+                raise TypeError("'nodes' is not a list")
             nodes = {}
             for d in data["nodes"]:
-                n = Node(str(d["id"]), str(d["name"]), d["parent"], [str(c) for c in d["children"]], d.get("dataset"))
+                if not isinstance(d, dict):
+                    raise TypeError("a node entry is not an object")
+                parent, dataset, children = d["parent"], d.get("dataset"), d["children"]
+                if not (parent is None or isinstance(parent, str)) or not (dataset is None or isinstance(dataset, str)):
+                    raise TypeError(f"node {d['id']!r}: parent and dataset must be strings or null")
+                if not isinstance(children, list) or not all(isinstance(c, str) for c in children):
+                    raise TypeError(f"node {d['id']!r}: children must be a list of strings")
+                if not isinstance(d["id"], str) or not isinstance(d["name"], str):
+                    raise TypeError("node id and name must be strings")
+                n = Node(d["id"], d["name"], parent, list(children), dataset)
                 if n.id in nodes:
                     raise HierarchyError(f"node id {n.id!r} appears twice")
                 nodes[n.id] = n
@@ -315,13 +361,16 @@ def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | Non
     def rel(p: Path) -> str:
         return p.relative_to(root).as_posix()
 
+    def shown(p: Path) -> str:  # printable and JSON-safe even for names that are not UTF-8
+        return rel(p).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
     stack = [root]
     while stack:
         folder = stack.pop()
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
-            warnings.append(f"cannot list folder {rel(folder) or '.'}: {exc.strerror or exc}")
+            warnings.append(f"cannot list folder {shown(folder) or '.'}: {exc.strerror or exc}")
             continue
         subdirs, images = [], []
         for e in entries:
@@ -330,15 +379,18 @@ def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | Non
             p = Path(e.path)
             try:
                 if e.is_symlink() and e.is_dir():
-                    skipped.append((rel(p), "symlinked folder, not followed"))
+                    skipped.append((shown(p), "symlinked folder, not followed"))
                     continue
-                if e.is_dir(follow_symlinks=False):
-                    subdirs.append(p)
-                    continue
+                is_dir = e.is_dir(follow_symlinks=False)
             except OSError as exc:
-                skipped.append((rel(p), f"cannot stat: {exc.strerror or exc}"))
+                skipped.append((shown(p), f"cannot stat: {exc.strerror or exc}"))
                 continue
-            if is_image_name(e.name):
+            if (is_dir or is_image_name(e.name)) and not _utf8_ok(e.name):
+                skipped.append((shown(p), "name is not valid UTF-8; rename it"))
+                continue
+            if is_dir:
+                subdirs.append(p)
+            elif is_image_name(e.name):
                 images.append(p)
         nid = rel(folder) if folder != root else ROOT_ID
         if subdirs:
@@ -388,6 +440,15 @@ def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | Non
     return ScanResult(hier, files, skipped, warnings)
 
 
+def _utf8_ok(name: str) -> bool:
+    """False for a file name holding bytes that are not UTF-8 (undecodable, kept as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def load_hierarchy_json(path: str | os.PathLike) -> tuple[Hierarchy, dict]:
     """Read a ``hierarchy.json`` written by prepare_dataset.py or train.py.
 
@@ -401,8 +462,8 @@ def load_hierarchy_json(path: str | os.PathLike) -> tuple[Hierarchy, dict]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise HierarchyError(f"{path} not found") from None
-    except (OSError, ValueError) as exc:
-        raise HierarchyError(f"{path} is not readable JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise HierarchyError(f"{path} is not readable JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(doc, dict) or "tree" not in doc:
         raise HierarchyError(f"{path} has no 'tree' entry")
     return Hierarchy.from_dict(doc["tree"]), doc

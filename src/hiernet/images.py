@@ -8,6 +8,8 @@ an image over ``Image.MAX_IMAGE_PIXELS`` is refused instead of decoded. No torch
 from __future__ import annotations
 
 import os
+import stat
+import threading
 import warnings
 from pathlib import Path
 
@@ -53,6 +55,34 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+_OPEN_LOCK = threading.Lock()
+
+
+def _open_first_frame(path: str | os.PathLike) -> Image.Image:
+    """``Image.open`` on frame 0 with the decompression-bomb guard on, raising instead of warning.
+
+    Only headers are read here. It runs under a lock because the warnings filter that turns
+    Pillow's ``DecompressionBombWarning`` into an error is process-wide state: decoding threads
+    entering and leaving ``catch_warnings`` at once could otherwise leave it set or drop it. The size
+    is also checked explicitly, so the guard holds even if something else resets the filters.
+    """
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(path)
+        try:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and im.width * im.height > limit:
+                raise Image.DecompressionBombError(
+                    f"Image size ({im.width * im.height} pixels) exceeds limit of {limit} pixels"
+                )
+            if getattr(im, "is_animated", False):
+                im.seek(0)
+        except BaseException:
+            im.close()
+            raise
+        return im
+
+
 def load_rgb(path: str | os.PathLike, min_size: int | None = None) -> Image.Image:
     """Decode ``path`` to an upright RGB image.
 
@@ -75,19 +105,22 @@ def load_rgb(path: str | os.PathLike, min_size: int | None = None) -> Image.Imag
         Missing, unreadable, truncated, not an image, or larger than Pillow's decompression-bomb limit.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if getattr(im, "is_animated", False):
-                    im.seek(0)
-                if min_size and im.format == "JPEG":
-                    w, h = im.size
-                    scale = min(w, h) / float(min_size)
-                    if scale >= 2:
-                        im.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                rgb = _to_rgb(im)
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageDecodeError("is a folder, not a file")
+        if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
+            raise ImageDecodeError("not a regular file (a pipe or device)")
+        with _open_first_frame(path) as im:
+            if min_size and im.format == "JPEG":
+                w, h = im.size
+                scale = min(w, h) / float(min_size)
+                if scale >= 2:
+                    im.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = _to_rgb(im)
+    except ImageDecodeError:
+        raise
     except FileNotFoundError:
         raise ImageDecodeError("file not found") from None
     except PermissionError:

@@ -23,6 +23,20 @@ class UserError(Exception):
 
 
 # --------------------------------------------------------------------------------------------- writes
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would race with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed over ``path``.
@@ -33,7 +47,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
+    try:  # mkstemp makes 0600 files; give the result the mode a plain open() would have
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -52,8 +69,12 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
-    write_bytes_atomic(path, text.encode("utf-8"))
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename.
+
+    File names that are not UTF-8 reach Python as lone surrogates (``"caf\\udce9.jpg"``); they are
+    written as ``\\udce9`` escapes, so the file stays valid UTF-8 (and valid JSON) instead of failing.
+    """
+    write_bytes_atomic(path, text.encode("utf-8", "backslashreplace"))
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -146,9 +167,18 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._allowed = allowed
 
     def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle API
-        if (module, name) not in self._allowed:
+        import _compat_pickle
+
+        # Protocol 0-2 pickles name Python 2 modules ("__builtin__.set"); map them as pickle does,
+        # check the result, and import exactly the name that was checked.
+        key = (module, name)
+        if key in _compat_pickle.NAME_MAPPING:
+            key = _compat_pickle.NAME_MAPPING[key]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            key = (_compat_pickle.IMPORT_MAPPING[module], name)
+        if key not in self._allowed:
             raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
-        return super().find_class(module, name)
+        return super().find_class(*key)
 
 
 def restricted_load(path: str | os.PathLike, allowed: frozenset[tuple[str, str]] = SAFE_PICKLE_GLOBALS) -> Any:

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .hierarchy import FLAT_DATASET, ROOT_ID, Hierarchy, safe_name
+from .hierarchy import FLAT_DATASET, ROOT_ID, Hierarchy, safe_name, unique_names
 from .safeio import UserError, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,14 @@ def stored_name(rel_path: str) -> str:
 
 
 def _link_or_copy(src: Path, dst: Path) -> str:
+    # Resolve symlinks first: os.link() links a symlink itself on Linux (whatever follow_symlinks
+    # says), and a relative symlink copied into the output would point at the wrong file or nowhere.
+    real = os.path.realpath(src, strict=True)
     try:
-        os.link(src, dst, follow_symlinks=True)
+        os.link(real, dst)
         return "link"
     except OSError:
-        shutil.copyfile(src, dst)
+        shutil.copyfile(real, dst)
         return "copy"
 
 
@@ -118,20 +121,25 @@ def owned_entries(out: Path) -> list[str]:
         raise UserError(f"output path {out} exists and is not a folder; choose another -o")
     marker = out / "hierarchy.json"
     entries = [e for e in os.listdir(out) if e not in KEEP_NAMES and not e.startswith(".")]
+    foreign = UserError(
+        f"output folder {out} is not empty and was not written by prepare_dataset.py; "
+        "choose an empty or new folder with -o"
+    )
     if not marker.exists():
         if entries:
-            raise UserError(
-                f"output folder {out} is not empty and was not written by prepare_dataset.py; "
-                "choose an empty or new folder with -o"
-            )
+            raise foreign
         return []
     import json
 
     try:
         doc = json.loads(marker.read_text(encoding="utf-8"))
-        owned = set(doc.get("datasets", {})) | {FLAT_DATASET}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, RecursionError):
         raise UserError(f"{marker} is unreadable; delete the output folder {out} by hand, then rerun") from None
+    # Only a document prepare_dataset.py wrote makes the folder ours (trained_models/ has a
+    # hierarchy.json too, without "datasets"/"images": replacing it would break the models).
+    if not (isinstance(doc, dict) and isinstance(doc.get("datasets"), dict) and isinstance(doc.get("images"), list)):
+        raise foreign
+    owned = set(doc["datasets"]) | {FLAT_DATASET}
     return sorted(e for e in entries if e in owned) + ["hierarchy.json"]
 
 
@@ -166,10 +174,12 @@ def materialize(
         shutil.rmtree(p, ignore_errors=True)
     staging.mkdir()
     leaf_of = {p: leaf for leaf, ps in files.items() for p in ps}
-    leaf_folder = {leaf: safe_name(leaf) for leaf in hier.leaves()}
+    # distinct even when two leaf ids map to one safe name ("a b" and "a_b", "é" and "è")
+    leaf_folder = unique_names(hier.leaves())
     datasets: dict[str, dict] = {}
     modes = {"link": 0, "copy": 0}
     images = []
+    used_names: set[str] = set()
     try:
         for nid in hier.classifier_nodes():
             node = hier.nodes[nid]
@@ -188,6 +198,9 @@ def materialize(
         for rel in sorted(assignment):
             split, leaf = assignment[rel], leaf_of[rel]
             name = stored_name(rel)
+            if name in used_names:  # an 8-hex-digit prefix clash: never let one image replace another
+                name = f"{hashlib.sha1(rel.encode('utf-8')).hexdigest()}_{name.split('_', 1)[1]}"
+            used_names.add(name)
             images.append({"path": rel, "leaf": leaf, "split": split, "file": name})
             targets = [(FLAT_DATASET, leaf_folder[leaf])]
             for nid in [ROOT_ID] + hier.path(leaf)[:-1]:

@@ -1,0 +1,284 @@
+"""hiernet.safeio: atomic writes, folder swaps, locks, the allow-list unpickler and run_cli."""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from hiernet.safeio import (
+    LockHeld,
+    RestrictedUnpickler,
+    UserError,
+    atomic_path,
+    exclusive_lock,
+    pickle_atomic,
+    remove_stale,
+    replace_dir,
+    restricted_load,
+    run_cli,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+
+# ------------------------------------------------------------------------------ the unpickler
+@pytest.mark.parametrize("obj", [
+    {0: "a"},
+    {0: "shirt", 1: "t-shirt", 2: "中文"},
+    collections.OrderedDict([(1, "x")]),
+    [1, 2.5, "s", None, True, (1, 2), {3}, frozenset({4}), {"k": [-7]}],
+])
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_plain_data_loads(tmp_path, obj, protocol):
+    p = tmp_path / "enc.pickle"
+    p.write_bytes(pickle.dumps(obj, protocol=protocol))
+    assert restricted_load(p) == obj
+
+
+class Payload:
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def _marker_cmd(marker: Path) -> str:
+    return f"touch '{marker}'"
+
+
+def payloads(marker: Path) -> dict[str, bytes]:
+    """Real pickles that run code when unpickled by ``pickle.load``; each would create ``marker``."""
+    import builtins
+    import subprocess as sp
+
+    code = f"open({str(marker)!r}, 'w').write('pwned')"
+    out = {
+        "os.system": pickle.dumps(Payload(os.system, _marker_cmd(marker))),  # pickled as posix.system
+        "subprocess.Popen": pickle.dumps(Payload(sp.Popen, ["touch", str(marker)])),
+        "builtins.eval": pickle.dumps(Payload(builtins.eval, code)),
+        "builtins.exec": pickle.dumps(Payload(builtins.exec, code), protocol=2),
+        "nested in a dict": pickle.dumps({0: "a", 1: Payload(os.system, _marker_cmd(marker))}),
+        # hand-written protocol-0 pickle naming os.system literally (GLOBAL opcode)
+        "os.system protocol 0": b"cos\nsystem\n(V" + _marker_cmd(marker).encode() + b"\ntR.",
+        # protocol 4 STACK_GLOBAL for os.system
+        "os.system STACK_GLOBAL": (b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94\x93\x94\x8c"
+                                   + bytes([len(_marker_cmd(marker))]) + _marker_cmd(marker).encode()
+                                   + b"\x94\x85\x94R\x94."),
+        # allowed globals only, but used to reach code: getattr is not allowed
+        "builtins.getattr": pickle.dumps(Payload(getattr, str, "join")),
+        "importlib": pickle.dumps(Payload(__import__("importlib").import_module, "os")),
+    }
+    return out
+
+
+def test_payloads_really_run_with_plain_pickle(tmp_path):
+    """Sanity check of the test itself: the payloads do run under an unrestricted unpickler."""
+    marker = tmp_path / "MARKER"
+    for name in ("os.system", "builtins.exec", "os.system protocol 0", "os.system STACK_GLOBAL"):
+        pickle.loads(payloads(marker)[name])
+        assert marker.exists(), name
+        marker.unlink()
+
+
+@pytest.mark.parametrize("name", sorted(payloads(Path("/x"))))
+def test_code_carrying_pickles_are_refused_and_never_run(tmp_path, name):
+    marker = tmp_path / "MARKER"
+    p = tmp_path / "encoder.pickle"
+    p.write_bytes(payloads(marker)[name])
+    with pytest.raises(pickle.UnpicklingError, match="is not allowed"):
+        restricted_load(p)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("data", [b"", b"\x80", b"garbage", pickle.dumps({0: "a"})[:-3], b"\x80\x04\x95" + b"\xff" * 20])
+def test_garbage_and_truncated_pickles(tmp_path, data):
+    p = tmp_path / "x.pickle"
+    p.write_bytes(data)
+    with pytest.raises(pickle.UnpicklingError):
+        restricted_load(p)
+
+
+def test_custom_allow_list(tmp_path):
+    p = tmp_path / "x.pickle"
+    p.write_bytes(pickle.dumps(collections.Counter("aab")))
+    with pytest.raises(pickle.UnpicklingError, match="collections.Counter"):
+        restricted_load(p)
+    allowed = frozenset({("collections", "Counter"), ("builtins", "dict")})
+    assert restricted_load(p, allowed) == collections.Counter("aab")
+    with open(p, "rb") as fh:
+        assert RestrictedUnpickler(fh, allowed).load()["a"] == 2
+
+
+# ------------------------------------------------------------------------------ atomic writes
+def test_atomic_writes_replace_and_leave_no_temp_files(tmp_path):
+    p = tmp_path / "sub" / "f.json"
+    write_json_atomic(p, {"a": "é"})
+    assert p.read_text(encoding="utf-8") == '{\n  "a": "é"\n}\n'
+    write_text_atomic(p, "two")
+    write_bytes_atomic(p, b"three")
+    assert p.read_bytes() == b"three"
+    pickle_atomic(tmp_path / "e.pickle", {0: "a"})
+    assert restricted_load(tmp_path / "e.pickle") == {0: "a"}
+    assert sorted(x.name for x in tmp_path.rglob("*")) == ["e.pickle", "f.json", "sub"]
+
+
+def test_atomic_path_keeps_old_file_on_error(tmp_path):
+    p = tmp_path / "model.pth"
+    p.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(p) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash mid-write")
+    assert p.read_bytes() == b"old" and os.listdir(tmp_path) == ["model.pth"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_files_get_normal_permissions(tmp_path, umask, mode):
+    """Regression: files came out 0600 (mkstemp), unreadable to the group that shares a models folder."""
+    old = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "hierarchy.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "hierarchy.json").stat().st_mode) == mode
+
+
+def test_kill_9_during_atomic_write_keeps_old_file(tmp_path):
+    target = tmp_path / "model.pth"
+    target.write_bytes(b"old complete file")
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO / 'src')!r})
+        from hiernet.safeio import atomic_path
+        with atomic_path({str(target)!r}) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(b"new but incomplete")
+                fh.flush()
+                print("writing", flush=True)
+                time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert target.read_bytes() == b"old complete file"
+    leftovers = [p for p in tmp_path.iterdir() if p != target]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".model.pth.tmp-")
+    remove_stale(tmp_path, "model.pth")  # the next run clears it
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_replace_dir_and_remove_stale(tmp_path):
+    target, staging = tmp_path / "node", tmp_path / ".node.tmp-1"
+    target.mkdir()
+    (target / "model.pth").write_text("old")
+    staging.mkdir()
+    (staging / "model.pth").write_text("new")
+    replace_dir(staging, target)
+    assert (target / "model.pth").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["node"]
+    for name in (".node.tmp-9", ".node.old-9", ".node.staging-9"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".node.tmp-file").write_text("x")
+    (tmp_path / ".other.tmp-1").mkdir()
+    remove_stale(tmp_path, "node")
+    assert sorted(os.listdir(tmp_path)) == [".other.tmp-1", "node"]
+
+
+# ------------------------------------------------------------------------------ locks
+def test_lock_excludes_a_second_holder_and_is_released(tmp_path):
+    lock = tmp_path / "models" / ".parent.lock"
+    with exclusive_lock(lock, "training of node 'parent'"):
+        with pytest.raises(LockHeld) as ei:
+            with exclusive_lock(lock, "training of node 'parent'"):
+                pass
+        msg = str(ei.value)
+        assert "training of node 'parent' is already running" in msg and str(lock) in msg and "\n" not in msg
+        assert isinstance(ei.value, UserError)
+    with exclusive_lock(lock, "again"):  # released at the end of the block
+        assert lock.read_text() == str(os.getpid())
+
+
+def test_lock_held_by_another_process_and_freed_when_it_is_killed(tmp_path):
+    lock = tmp_path / ".x.lock"
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO / 'src')!r})
+        from pathlib import Path
+        from hiernet.safeio import exclusive_lock
+        with exclusive_lock(Path({str(lock)!r}), "x"):
+            print("held", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld):
+            with exclusive_lock(lock, "x"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait(10)
+    deadline = time.monotonic() + 5
+    while True:  # kill -9 leaves no stale lock
+        try:
+            with exclusive_lock(lock, "x"):
+                break
+        except LockHeld:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------ run_cli
+def test_run_cli_user_error_is_one_line_exit_2(capsys):
+    def main():
+        raise UserError("dataset folder x does not exist; pass -p ROOT")
+
+    with pytest.raises(SystemExit) as ei:
+        run_cli(main)
+    assert ei.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: dataset folder x does not exist; pass -p ROOT\n"
+
+
+def test_run_cli_keyboard_interrupt(capsys):
+    def main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as ei:
+        run_cli(main)
+    assert ei.value.code == 130
+    assert capsys.readouterr().err.startswith("interrupted:")
+
+
+@pytest.mark.parametrize("rc,code", [(None, 0), (0, 0), (1, 1)])
+def test_run_cli_return_codes(rc, code):
+    with pytest.raises(SystemExit) as ei:
+        run_cli(lambda: rc)
+    assert ei.value.code == code
+
+
+def test_text_with_undecodable_file_names_is_written_as_valid_utf8(tmp_path):
+    """Regression: a non-UTF-8 image name in predict.py -o output raised UnicodeEncodeError."""
+    import json
+
+    name = os.fsdecode(b"caf\xe9.jpg")  # how Python sees a Latin-1 file name: 'caf\udce9.jpg'
+    write_json_atomic(tmp_path / "p.json", [{"path": name}])
+    raw = (tmp_path / "p.json").read_bytes()
+    raw.decode("utf-8")  # valid UTF-8
+    back = json.loads(raw)[0]["path"]
+    assert back == name and os.fsencode(back) == b"caf\xe9.jpg"  # and it round-trips to the real file
+    write_text_atomic(tmp_path / "p.csv", f"{name},x\n")
+    assert (tmp_path / "p.csv").read_bytes() == b"caf\\udce9.jpg,x\n"
