@@ -91,6 +91,8 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.topk < 1:
         raise UserError("--topk must be at least 1")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
     if not 0.0 <= args.min_confidence <= 1.0:
         raise UserError("--min-confidence must be between 0 and 1")
     from hiernet.predictor import HierarchicalPredictor, iter_image_paths

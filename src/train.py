@@ -82,6 +82,17 @@ def main(args: argparse.Namespace) -> int:
         return list_nodes(args.data_dir)
     if not args.dataset:
         raise UserError("say which node to train with -d NODE (see --list-nodes), or use src/train_lcpn.sh for all")
+    from hiernet.hierarchy import is_safe_folder_name
+
+    if not is_safe_folder_name(args.dataset):
+        raise UserError(f"-d {args.dataset!r} is not a node dataset name; see: python3 src/train.py --list-nodes")
+    for flag in ("epochs", "batch_size", "views", "patience", "hidden"):
+        value = getattr(args, flag)
+        minimum = 0 if flag in ("views", "hidden") else 1
+        if value is not None and value < minimum:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
+    if args.image_size is not None and not 32 <= args.image_size <= 2048:
+        raise UserError(f"--image-size must be between 32 and 2048 pixels, got {args.image_size}")
     from hiernet import distributed as dist_utils
     from hiernet.runtime import resolve_device
     from hiernet.training import node_lock, train_node

@@ -151,6 +151,10 @@ def check_image(path: str | os.PathLike) -> str | None:
     return None
 
 
+#: How images are made square for a backbone (see :func:`resize_for_model`).
+RESIZE_POLICIES = ("crop", "squash", "pad")
+
+
 def resize_for_model(img: Image.Image, size: int, policy: str = "squash") -> Image.Image:
     """Resize an RGB image to ``size × size`` for a backbone.
 

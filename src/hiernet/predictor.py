@@ -219,12 +219,21 @@ class HierarchicalPredictor:
 
         onnx_dir = models_dir / ONNX_DIR
         man = json.loads((onnx_dir / MANIFEST).read_text(encoding="utf-8"))
-        backbones = {g: (OrtRunner(onnx_dir / b["file"]), int(b["image_size"]), b["resize"]) for g, b in man["backbones"].items()}
+
+        def session(file: str, threads: int | None = None):
+            try:
+                return OrtRunner(onnx_dir / file, threads=threads)
+            except Exception as exc:  # onnxruntime raises its own types for damaged files
+                raise UserError(
+                    f"{onnx_dir / file} is damaged ({type(exc).__name__}); run: python3 src/export.py --models-dir {models_dir}"
+                ) from None
+
+        backbones = {g: (session(b["file"]), int(b["image_size"]), b["resize"]) for g, b in man["backbones"].items()}
         nodes, flat = {}, None
         for ds, nid in cls._node_list(hier, with_flat):
             e = man["nodes"][ds]
             nm = NodeModel(ds, nid, e["classes"], e["class_nodes"], int(e["image_size"]), e["resize"], bool(e["tta"]))
-            runner = OrtRunner(onnx_dir / e["file"], threads=1 if e["backbone"] else None)
+            runner = session(e["file"], threads=1 if e["backbone"] else None)
             if e["backbone"]:
                 nm.backbone, nm.head = e["backbone"], runner
             else:
@@ -397,16 +406,25 @@ def onnx_problem(models_dir: Path, hier: Hierarchy, with_flat: bool = False) -> 
         if man.get("hierarchy_fingerprint") != hier.fingerprint():
             return "the ONNX export is for another hierarchy"
         wanted = [hier.nodes[n].dataset for n in hier.classifier_nodes()] + ([FLAT_DATASET] if with_flat else [])
+        from .hierarchy import is_safe_folder_name
+        from .images import RESIZE_POLICIES
+
         for ds in wanted:
             e = man["nodes"].get(ds)
             if e is None:
                 return f"node '{ds}' is missing from the ONNX export"
+            if not (is_safe_folder_name(e["file"]) and isinstance(e["classes"], list) and isinstance(e["class_nodes"], list)
+                    and len(e["classes"]) == len(e["class_nodes"]) and e["resize"] in RESIZE_POLICIES
+                    and int(e["image_size"]) >= 8 and (e["backbone"] is None or e["backbone"] in man["backbones"])):
+                return f"the ONNX manifest entry of node '{ds}' is malformed"
             model = models_dir / ds / "model.pth"
             if not model.exists() or sha256_file(model) != e["model_sha256"]:
                 return f"the ONNX export of node '{ds}' is older than its model.pth"
             if not (models_dir / ONNX_DIR / e["file"]).exists():
                 return f"{e['file']} is missing from the ONNX export"
         for b in man["backbones"].values():
+            if not is_safe_folder_name(b["file"]) or b["resize"] not in RESIZE_POLICIES or int(b["image_size"]) < 8:
+                return "the ONNX manifest is malformed"
             if not (models_dir / ONNX_DIR / b["file"]).exists():
                 return f"{b['file']} is missing from the ONNX export"
     except (OSError, ValueError, KeyError, TypeError) as exc:
