@@ -50,13 +50,15 @@ def test_early_stopping_restores_best_weights(tmp_path):
     best = min(res.history, key=lambda r: r["val_loss"])
     assert res.best_epoch == best["epoch"]
     with torch.no_grad():
-        loss = nn.functional.cross_entropy(m(xv), 1 - yv, weight=class_weights(y, 2)).item()
+        loss = nn.functional.cross_entropy(m(xv), 1 - yv, weight=class_weights(y, 2, 0.5)).item()
     assert abs(loss - best["val_loss"]) < 1e-3
 
 
 def test_class_weights_balance_counts():
     w = class_weights(np.array([0, 0, 0, 1]), 3)
     assert np.allclose(w.numpy(), [4 / 9, 4 / 3, 0.0])
+    assert np.allclose(class_weights(np.array([0, 0, 0, 1]), 3, 0.5).numpy(), [(4 / 9) ** 0.5, (4 / 3) ** 0.5, 0.0])
+    assert np.allclose(class_weights(np.array([0, 0, 0, 1]), 2, 0.0).numpy(), [1.0, 1.0])
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path):

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""What each step of the default recipe buys, measured by k-fold cross-validation on train+val only.
+
+The test split is never read. For each fold, the LCPN heads (root and every parent with two or more
+children) and the flat head are trained exactly as ``train.py`` trains them (same Head, loss, optimiser,
+early stopping on an inner validation split), on cached features, and the chained leaf accuracy is
+measured on the held-out fold.
+
+Example::
+
+    python3 bench/ablation.py --data-dir split_datasets --folds 3 --out bench/results/ablation.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+VARIANTS = {
+    # name: (backbone, image size, aug views, hidden, tta)
+    "lite0 224, linear head": ("efficientnet-lite0", 224, 0, 0, False),
+    "lite1 240, linear head": ("efficientnet-lite1", 240, 0, 0, False),
+    "lite1 280, linear head": ("efficientnet-lite1", 280, 0, 0, False),
+    "lite1 280, MLP head": ("efficientnet-lite1", 280, 0, 1024, False),
+    "lite1 280, MLP + 4 aug views": ("efficientnet-lite1", 280, 4, 1024, False),
+    "lite1 280, MLP + 4 aug views + mirror TTA (default)": ("efficientnet-lite1", 280, 4, 1024, True),
+    "lite2 260, MLP + 4 aug views + mirror TTA": ("efficientnet-lite2", 260, 4, 1024, True),
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=REPO / "split_datasets", help="prepared datasets")
+    p.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "hiernet", help="feature cache")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds over train+val")
+    p.add_argument("--variants", nargs="*", help="subset of variant names (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="fold and training seed")
+    p.add_argument("--out", type=Path, help="markdown report (and a .json twin)")
+    return p
+
+
+def features(paths, backbone_name, size, views, cache_dir):
+    from hiernet.backbones import create_backbone
+    from hiernet.training import _cached_features
+
+    bb = create_backbone(backbone_name, image_size=size)
+    st = {"resize": "crop", "onnx": True}
+    ev, ok = _cached_features(paths, bb, st, "cpu", cache_dir, "eval", 0, 0, True)
+    aug = None
+    if views:
+        aug, ok2 = _cached_features(paths, bb, st, "cpu", cache_dir, "aug", views, 0, True)
+        ok &= ok2
+    return ev, aug, ok
+
+
+def train_head(x_views, y, n_classes, hidden, seed):
+    """Train a Head like train.py (frozen mode) with an inner 10% validation split for early stopping."""
+    import tempfile
+
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from hiernet.engine import FitConfig, fit
+    from hiernet.models import Head
+    from hiernet.training import PRESETS
+
+    p = PRESETS["cpu"]
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(y))
+    n_val = max(1, len(y) // 10)
+    va, tr = idx[:n_val], idx[n_val:]
+    xt = x_views[tr]
+    n_v = xt.shape[1]
+    train_x = torch.from_numpy(xt.reshape(-1, xt.shape[-1]))
+    train_y = torch.from_numpy(np.repeat(y[tr], n_v))
+    head = Head(xt.shape[-1], n_classes, hidden, p["dropout"])
+    head.fit_standardizer(train_x)
+    cfg = FitConfig(epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], weight_decay=p["weight_decay"],
+                    label_smoothing=p["label_smoothing"], patience=p["patience"], seed=seed)
+    with tempfile.TemporaryDirectory() as work:
+        fit(head, TensorDataset(train_x, train_y), TensorDataset(torch.from_numpy(x_views[va, 0]), torch.from_numpy(y[va])),
+            train_y.numpy(), n_classes, cfg, "cpu", Path(work), "ablation", progress=False)
+    return head.eval()
+
+
+def probs(head, ev, tta):
+    import torch
+
+    with torch.no_grad():
+        p = torch.softmax(head(torch.from_numpy(ev[:, 0])), 1).numpy()
+        if tta:
+            p = (p + torch.softmax(head(torch.from_numpy(ev[:, 1])), 1).numpy()) / 2
+    return p
+
+
+def run_variant(hier, doc, paths, leaves, spec, folds, seed, cache_dir):
+    from sklearn.model_selection import StratifiedKFold
+
+    backbone, size, views, hidden, tta = spec
+    ev, aug, ok = features(paths, backbone, size, views, cache_dir)
+    allv = ev if aug is None else np.concatenate([ev, aug], axis=1)
+    leaves = np.asarray(leaves)
+    accs, flat_accs, path_accs = [], [], []
+    for fold, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(paths, leaves)):
+        tr, te = tr[ok[tr]], te[ok[te]]
+        pred = np.array([""] * len(te), dtype=object)
+        current = np.array([""] * len(te), dtype=object)
+        heads = {}
+        for nid in hier.classifier_nodes():
+            children = hier.nodes[nid].children
+            lab = np.array([hier.child_towards(nid, leaf) for leaf in leaves[tr]], dtype=object)
+            m = np.array([c is not None for c in lab])
+            y = np.array([children.index(c) for c in lab[m]])
+            heads[nid] = train_head(allv[tr][m], y, len(children), hidden, seed + fold)
+        # route the held-out fold down the tree
+        while True:
+            moved = False
+            for nid in sorted(set(current)):
+                node = hier.nodes[nid]
+                if not node.children:
+                    continue
+                sel = np.where(current == nid)[0]
+                if len(node.children) == 1:
+                    current[sel] = node.children[0]
+                else:
+                    p = probs(heads[nid], ev[te][sel], tta)
+                    current[sel] = np.array(node.children, dtype=object)[p.argmax(1)]
+                moved = True
+            if not moved:
+                break
+        accs.append(float(np.mean(current == leaves[te])))
+        # path decoding: every head on every image, the leaf with the largest product of probabilities
+        node_p = {nid: probs(heads[nid], ev[te], tta) for nid in heads}
+        all_leaves = hier.leaves()
+        score = np.ones((len(te), len(all_leaves)))
+        for j, leaf in enumerate(all_leaves):
+            for nid in [""] + hier.path(leaf)[:-1]:
+                if nid in node_p:
+                    score[:, j] *= node_p[nid][:, hier.nodes[nid].children.index(hier.child_towards(nid, leaf))]
+        path_accs.append(float(np.mean(np.array(all_leaves, dtype=object)[score.argmax(1)] == leaves[te])))
+        flat_classes = hier.leaves()
+        fh = train_head(allv[tr], np.array([flat_classes.index(l) for l in leaves[tr]]), len(flat_classes), hidden, seed + fold)
+        flat_accs.append(float(np.mean(np.array(flat_classes)[probs(fh, ev[te], tta).argmax(1)] == leaves[te])))
+        del pred
+    return {"lcpn_leaf_accuracy": float(np.mean(accs)), "lcpn_folds": accs,
+            "lcpn_path_decoding": float(np.mean(path_accs)),
+            "flat_leaf_accuracy": float(np.mean(flat_accs)), "flat_folds": flat_accs, "n_images": int(ok.sum())}
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from hiernet.hierarchy import load_hierarchy_json
+
+    hier, doc = load_hierarchy_json(args.data_dir / "hierarchy.json")
+    folder_to_leaf = dict(zip(doc["flat"]["classes"], doc["flat"]["class_nodes"]))
+    paths, leaves = [], []
+    for split in ("train", "val"):  # never the test split
+        for folder, leaf in folder_to_leaf.items():
+            for p in sorted((args.data_dir / "flat" / split / folder).iterdir()):
+                paths.append(p)
+                leaves.append(leaf)
+    rows = {}
+    for name, spec in VARIANTS.items():
+        if args.variants and name not in args.variants:
+            continue
+        t0 = time.time()
+        rows[name] = run_variant(hier, doc, paths, leaves, spec, args.folds, args.seed, args.cache_dir)
+        rows[name]["seconds"] = round(time.time() - t0, 1)
+        r = rows[name]
+        print(f"{name}: LCPN {r['lcpn_leaf_accuracy']:.4f} (path decoding {r['lcpn_path_decoding']:.4f})  flat {r['flat_leaf_accuracy']:.4f}  ({r['seconds']} s)", flush=True)
+    if args.out:
+        lines = [f"# Ablation: {args.folds}-fold CV on train+val of {args.data_dir} ({len(paths)} images; test split unused)", "",
+                 "| recipe | LCPN leaf accuracy | flat leaf accuracy |", "|---|---|---|"]
+        lines += [f"| {k} | {v['lcpn_leaf_accuracy']:.4f} | {v['flat_leaf_accuracy']:.4f} |" for k, v in rows.items()]
+        lines += ["", f"Command: `python3 bench/ablation.py {' '.join(sys.argv[1:])}`"]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
