@@ -39,10 +39,12 @@ log = logging.getLogger(__name__)
 PRESETS: dict[str, dict] = {
     # fast, offline, CPU: frozen Lite2 features (+ cached augmented views) and an MLP head per node
     "cpu": dict(backbone="efficientnet-lite1", image_size=280, mode="frozen", resize="crop", views=4, hidden=1024, dropout=0.3,
-                epochs=60, batch_size=256, lr=1e-3, weight_decay=1e-3, patience=10, label_smoothing=0.1, tta=True),
+                epochs=60, batch_size=256, lr=1e-3, weight_decay=1e-3, patience=10, label_smoothing=0.1, tta=True,
+                class_weights=0.5),
     # the original research recipe: EfficientNet-B4 fully fine-tuned per node (GPU)
     "original": dict(backbone="efficientnet-b4", image_size=None, mode="finetune", resize="crop", views=0, hidden=0, dropout=0.3,
-                     epochs=25, batch_size=32, lr=3e-4, weight_decay=1e-4, patience=5, label_smoothing=0.1, tta=False),
+                     epochs=25, batch_size=32, lr=3e-4, weight_decay=1e-4, patience=5, label_smoothing=0.1, tta=False,
+                     class_weights=0.5),
 }
 DEFAULT_PRESET = "cpu"
 
@@ -184,7 +186,8 @@ def train_node(args) -> dict:
     fit_cfg = FitConfig(
         epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
         weight_decay=settings["weight_decay"], label_smoothing=settings["label_smoothing"],
-        patience=settings["patience"], amp=not args.no_amp, workers=args.workers, seed=args.seed,
+        patience=settings["patience"], class_weight_power=settings["class_weights"], amp=not args.no_amp,
+        workers=args.workers, seed=args.seed,
     )
     n_classes, dim = len(classes), backbone.spec.feature_dim
     head = Head(dim, n_classes, settings["hidden"], settings["dropout"])
