@@ -48,6 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden", type=int, help="hidden units of the MLP head (0 = linear head)")
     g.add_argument("--dropout", type=float, help="dropout in the head")
     g.add_argument("--views", type=int, help="augmented views per training image cached as features (frozen mode)")
+    g.add_argument("--fine-labels", action=argparse.BooleanOptionalAction, default=None,
+                   help="train a node whose children are parents on the leaves below it, predicting their sums per child (preset: on)")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="average the image and its mirror at test time (frozen mode)")
     g = p.add_argument_group("optimisation (default: the preset's)")
     g.add_argument("--epochs", type=int, help="maximum epochs")

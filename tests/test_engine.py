@@ -71,3 +71,20 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert res.resumed_from == 2 and len(res.history) == 3  # nothing left to do: all 3 epochs came from the checkpoint
     res2 = fit(nn.Linear(4, 2), train, val, y, 2, cfg, "cpu", tmp_path, "other-settings", progress=False)
     assert res2.resumed_from == -1  # a checkpoint written with other settings is not resumed
+
+
+def test_head_with_leaf_group_returns_child_log_probabilities():
+    from hiernet.models import Head, build_head
+
+    group = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    head = Head(4, 2, hidden=8, group=group).eval()
+    x = torch.randn(5, 4)
+    head.aggregate = False
+    fine = torch.softmax(head(x), 1)
+    assert fine.shape == (5, 3)
+    head.aggregate = True
+    child = torch.softmax(head(x), 1)
+    assert torch.allclose(child[:, 0], fine[:, 0], atol=1e-6) and torch.allclose(child[:, 1], fine[:, 1] + fine[:, 2], atol=1e-6)
+    rebuilt = build_head({"in_dim": 4, "n_classes": 2, "hidden": 8, "n_fine": 3})
+    rebuilt.load_state_dict(head.state_dict())
+    assert torch.allclose(rebuilt.eval()(x), head(x))

@@ -94,6 +94,13 @@ def test_model_pth_is_plain_weights_with_config(pipeline):
     assert ck["config"]["node"]["classes"] == ["accessories", "apparel"]
     assert ck["config"]["backbone"]["name"] == "efficientnet-lite0" and ck["config"]["backbone"]["image_size"] == 64
     assert set(ck["state_dict"]) == {"head"}  # the frozen backbone is shared, not copied per node
+    # the root's children are parents: its head is trained on the 4 leaves and sums them per child
+    head = ck["config"]["head"]
+    assert head["n_fine"] == 4 and head["fine_classes"] == ["accessories/hat", "apparel/lower/box",
+                                                            "apparel/upper/shirt", "apparel/upper/tee"]
+    assert ck["state_dict"]["head"]["group"].tolist() == [[1, 0], [0, 1], [0, 1], [0, 1]]
+    leaf_parent = torch.load(pipeline["models"] / "apparel__upper" / "model.pth", weights_only=True)
+    assert "n_fine" not in leaf_parent["config"]["head"]  # children are leaves: nothing finer to learn
 
 
 def test_predict_json_walks_to_a_leaf_of_any_depth(pipeline):
@@ -175,3 +182,23 @@ def test_missing_models_give_one_line(pipeline, tmp_path):
                 "-p", str(next(pipeline["data"].rglob("*.jpg")))], check=False)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "train_lcpn.sh" in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_lcpn_spreads_nodes_over_gpu_slots_and_names_a_failed_node(tmp_path):
+    """GPUS=a,b runs independent nodes concurrently (one per slot); here the slots are CPU processes."""
+    data = make_tree(tmp_path / "catalogue", THREE_LEVEL, per_leaf=5)
+    split, models = tmp_path / "split", tmp_path / "models"
+    run([sys.executable, str(REPO / "prepare_dataset.py"), "-p", str(data), "-o", str(split), "-q"])
+    env = dict(os.environ, PYTHON=sys.executable, DATA_DIR=str(split), MODELS_DIR=str(models), GPUS="0,1",
+               NO_EXPORT="1")
+    proc = run(["bash", str(REPO / "src" / "train_lcpn.sh"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+                *FAST], env=env)
+    assert "on GPU 0" in proc.stdout and "on GPU 1" in proc.stdout
+    for ds in ["parent", "apparel", "apparel__upper", "flat"]:
+        assert (models / ds / "model.pth").is_file()
+        assert (models / f".{ds}.train.log").is_file()
+    # a node that cannot train is named, and the script fails
+    env["NO_FLAT"] = "1"
+    bad = run(["bash", str(REPO / "src" / "train_lcpn.sh"), "--device", "cpu", "--epochs", "0"], env=env, check=False)
+    assert bad.returncode != 0 and "training failed for node(s):" in bad.stderr

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
+from .safeio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,6 @@ def aug_views(img: Image.Image, size: int, n: int, seed: int, cfg: AugmentConfig
     """``n`` random augmented views (deterministic for a given ``seed``), shape ``(n, 3, size, size)``."""
     rng = np.random.default_rng(seed)
     return np.stack([to_array(augment(img, size, rng, cfg)) for _ in range(n)])
-
-
-def file_hash(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------- class folders
@@ -212,7 +204,7 @@ def extract_features(
     feats = np.zeros((n, v, d), dtype=np.float32)
     ok = np.ones(n, dtype=bool)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        digests = list(pool.map(file_hash, paths))
+        digests = list(pool.map(sha256_file, paths))
         todo = []
         for i, dg in enumerate(digests):
             got = cache.get(dg)

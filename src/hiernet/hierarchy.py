@@ -467,3 +467,24 @@ def load_hierarchy_json(path: str | os.PathLike) -> tuple[Hierarchy, dict]:
     if not isinstance(doc, dict) or "tree" not in doc:
         raise HierarchyError(f"{path} has no 'tree' entry")
     return Hierarchy.from_dict(doc["tree"]), doc
+
+
+def require_hierarchy_json(path: str | os.PathLike, missing: str, fix: str) -> tuple[Hierarchy, dict]:
+    """:func:`load_hierarchy_json`, turning every failure into one :class:`~hiernet.safeio.UserError` line.
+
+    Parameters
+    ----------
+    missing : str
+        What to say when the file does not exist (e.g. "no trained models in DIR").
+    fix : str
+        The command that makes a valid file (appended as "run: FIX").
+    """
+    from .safeio import UserError
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{missing} ({path.name} missing); run: {fix}")
+    try:
+        return load_hierarchy_json(path)
+    except HierarchyError as exc:
+        raise UserError(f"{exc}; run: {fix}") from None

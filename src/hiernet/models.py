@@ -11,18 +11,32 @@ class Head(nn.Module):
 
     Input ``(N, D)`` features; output ``(N, C)`` logits. ``mean``/``std`` are fitted on the training
     features (see :meth:`fit_standardizer`) and saved with the weights.
+
+    With ``group`` (a ``(K, C)`` 0/1 matrix) the network has ``K`` fine outputs, one per leaf below the
+    node, and is trained on leaf labels; :attr:`aggregate` (on after training) then makes ``forward``
+    return ``log P(child) = log(softmax(z) @ group)``, shape ``(N, C)``, so a softmax of the output gives
+    the children's probabilities exactly as for an ordinary head.
     """
 
-    def __init__(self, in_dim: int, n_classes: int, hidden: int = 0, dropout: float = 0.0):
+    def __init__(self, in_dim: int, n_classes: int, hidden: int = 0, dropout: float = 0.0,
+                 group: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
+        n_out = n_classes if group is None else int(group.shape[0])
+        if group is not None:
+            if group.shape[1] != n_classes:
+                raise ValueError(f"group has {group.shape[1]} columns for {n_classes} classes")
+            self.register_buffer("group", group.float())
+        else:
+            self.group = None
+        self.aggregate = True
         if hidden > 0:
             self.net = nn.Sequential(
-                nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes)
+                nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_out)
             )
         else:
-            self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_classes))
+            self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_out))
 
     @torch.no_grad()
     def fit_standardizer(self, feats: torch.Tensor) -> None:
@@ -31,7 +45,10 @@ class Head(nn.Module):
         self.std.copy_(feats.std(0).clamp_min(1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+        z = self.net((x - self.mean) / self.std)
+        if self.group is not None and self.aggregate:
+            return torch.log((torch.softmax(z, dim=1) @ self.group).clamp_min(1e-12))
+        return z
 
 
 class NodeNet(nn.Module):
@@ -47,5 +64,10 @@ class NodeNet(nn.Module):
 
 
 def build_head(cfg: dict) -> Head:
-    """A :class:`Head` from its saved config ``{"in_dim", "n_classes", "hidden", "dropout"}``."""
-    return Head(int(cfg["in_dim"]), int(cfg["n_classes"]), int(cfg.get("hidden", 0)), float(cfg.get("dropout", 0.0)))
+    """A :class:`Head` from its saved config ``{"in_dim", "n_classes", "hidden", "dropout"[, "n_fine"]}``.
+
+    With ``n_fine`` the ``group`` buffer is created with its shape; its values come from the state_dict.
+    """
+    n_fine = cfg.get("n_fine")
+    group = torch.zeros(int(n_fine), int(cfg["n_classes"])) if n_fine else None
+    return Head(int(cfg["in_dim"]), int(cfg["n_classes"]), int(cfg.get("hidden", 0)), float(cfg.get("dropout", 0.0)), group)

@@ -23,9 +23,9 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .hierarchy import FLAT_DATASET, ROOT_ID, Hierarchy, HierarchyError, load_hierarchy_json
+from .hierarchy import FLAT_DATASET, ROOT_ID, Hierarchy, require_hierarchy_json
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
-from .safeio import UserError
+from .safeio import UserError, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -97,23 +97,9 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_models_hierarchy(models_dir: Path) -> tuple[Hierarchy, dict]:
     """``trained_models/hierarchy.json`` → (tree, document), or one clear line saying what to run."""
-    path = models_dir / "hierarchy.json"
-    if not path.exists():
-        raise UserError(f"no trained models in {models_dir} (hierarchy.json missing); run: cd src && ./train_lcpn.sh")
-    try:
-        return load_hierarchy_json(path)
-    except HierarchyError as exc:
-        raise UserError(f"{exc}; retrain with: cd src && ./train_lcpn.sh") from None
+    return require_hierarchy_json(models_dir / "hierarchy.json", f"no trained models in {models_dir}", "cd src && ./train_lcpn.sh")
 
 
 class HierarchicalPredictor:

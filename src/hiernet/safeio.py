@@ -108,6 +108,17 @@ def remove_stale(parent: Path, name: str) -> None:
                     p.unlink()
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------------------------- locks
 class LockHeld(UserError):
     """Another process holds the lock."""

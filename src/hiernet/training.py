@@ -26,9 +26,10 @@ from .artifacts import publish, save_checkpoint, staging_dir
 from .backbones import create_backbone
 from .data import AugmentConfig, FeatureCache, aug_views, eval_views, extract_features, read_split
 from .engine import FitConfig, fit, predict_logits
-from .hierarchy import FLAT_DATASET, Hierarchy, load_hierarchy_json
+from .hierarchy import FLAT_DATASET, Hierarchy, require_hierarchy_json
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
 from .metrics import classification_summary, text_report
+from .predictor import _softmax
 from .models import Head, NodeNet
 from .runtime import OrtRunner, TorchRunner, export_onnx, onnx_available
 from .safeio import UserError, exclusive_lock, pickle_atomic, write_json_atomic, write_text_atomic
@@ -40,11 +41,11 @@ PRESETS: dict[str, dict] = {
     # fast, offline, CPU: frozen Lite2 features (+ cached augmented views) and an MLP head per node
     "cpu": dict(backbone="efficientnet-lite1", image_size=280, mode="frozen", resize="crop", views=4, hidden=1024, dropout=0.3,
                 epochs=60, batch_size=256, lr=1e-3, weight_decay=1e-3, patience=10, label_smoothing=0.1, tta=True,
-                class_weights=0.5),
+                class_weights=0.5, fine_labels=True),
     # the original research recipe: EfficientNet-B4 fully fine-tuned per node (GPU)
     "original": dict(backbone="efficientnet-b4", image_size=None, mode="finetune", resize="crop", views=0, hidden=0, dropout=0.3,
                      epochs=25, batch_size=32, lr=3e-4, weight_decay=1e-4, patience=5, label_smoothing=0.1, tta=False,
-                     class_weights=0.5),
+                     class_weights=0.5, fine_labels=True),
 }
 DEFAULT_PRESET = "cpu"
 
@@ -190,9 +191,18 @@ def train_node(args) -> dict:
         workers=args.workers, seed=args.seed,
     )
     n_classes, dim = len(classes), backbone.spec.feature_dim
-    head = Head(dim, n_classes, settings["hidden"], settings["dropout"])
+    fine = _fine_targets(hier, doc, node_id, list(info["class_nodes"])) if settings["fine_labels"] else None
+    if fine is None:
+        head = Head(dim, n_classes, settings["hidden"], settings["dropout"])
+        fine_labels = None
+    else:  # train on the leaves below this node, predict their sums per child
+        fine_leaves, group, leaf_of_file = fine
+        head = Head(dim, n_classes, settings["hidden"], settings["dropout"], group)
+        fine_labels = {s: np.array([fine_leaves.index(leaf_of_file[p.name]) for p, _ in items], dtype=np.int64)
+                       for s, items in splits.items()}
     tta = bool(settings["tta"]) and settings["mode"] == "frozen"
     labels = {s: np.array([y for _, y in items], dtype=np.int64) for s, items in splits.items()}
+    train_targets = fine_labels or labels
     paths = {s: [p for p, _ in items] for s, items in splits.items()}
     test_paths = paths["test"]
 
@@ -201,7 +211,7 @@ def train_node(args) -> dict:
         feats = {}
         for s in ("train", "val", "test"):
             f, ok = _cached_features(paths[s], backbone, settings, device, cache_dir, "eval", 0, args.seed, not args.quiet)
-            feats[s] = (f[ok], labels[s][ok])
+            feats[s] = (f[ok], (labels if s == "test" else train_targets)[s][ok])
             if s == "test":
                 test_paths = [p for p, k in zip(paths[s], ok) if k]
         xs, ys = feats["train"]
@@ -219,14 +229,19 @@ def train_node(args) -> dict:
         train_labels = train_y.numpy()
     else:
         model = NodeNet(backbone, head)
-        train_set = ImageDataset(splits["train"], size, settings["resize"], True, args.seed)
-        val_set = ImageDataset(splits["val"], size, settings["resize"], False)
+        relabel = {s: [(p, int(y)) for (p, _), y in zip(splits[s], train_targets[s])] for s in ("train", "val")}
+        train_set = ImageDataset(relabel["train"], size, settings["resize"], True, args.seed)
+        val_set = ImageDataset(relabel["val"], size, settings["resize"], False)
         test_set = ImageDataset(splits["test"], size, settings["resize"], False)
-        train_labels = labels["train"]
+        train_labels = train_targets["train"]
 
-    hash_src = {"settings": settings, "fit": asdict(fit_cfg), "classes": classes, "n_train": len(train_set), "size": size}
-    result = fit(model, train_set, val_set, train_labels, n_classes, fit_cfg, device, work, _config_hash(hash_src),
+    n_outputs = n_classes if fine is None else len(fine[0])
+    hash_src = {"settings": settings, "fit": asdict(fit_cfg), "classes": classes, "n_train": len(train_set), "size": size,
+                "n_outputs": n_outputs}
+    head.aggregate = False  # train on the fine (leaf) targets when there are any
+    result = fit(model, train_set, val_set, train_labels, n_outputs, fit_cfg, device, work, _config_hash(hash_src),
                  progress=not args.quiet)
+    head.aggregate = True
 
     # ------------------------------------------------------------------ test split of this node
     from torch.utils.data import DataLoader
@@ -252,7 +267,8 @@ def train_node(args) -> dict:
                          "weights_fingerprint": backbone.weights_fingerprint,
                          "weights_file": str(Path(args.weights).resolve()) if args.weights else None,
                          "trainable": settings["mode"] == "finetune"},
-            "head": {"in_dim": dim, "n_classes": n_classes, "hidden": settings["hidden"], "dropout": settings["dropout"]},
+            "head": {"in_dim": dim, "n_classes": n_classes, "hidden": settings["hidden"], "dropout": settings["dropout"],
+                     **({"n_fine": len(fine[0]), "fine_classes": fine[0]} if fine else {})},
             "tta": tta,
             "train": {**settings, "preset": args.preset, "seed": args.seed, "split_seed": doc.get("seed")},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -270,22 +286,27 @@ def train_node(args) -> dict:
     return summary
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+def _fine_targets(hier: Hierarchy, doc: dict, node_id: str | None, children: list[str]):
+    """Leaf-level targets for a node whose children are themselves parents.
+
+    Returns
+    -------
+    None, or (list of leaf ids, group tensor (K leaves, C children), {stored file name: leaf id})
+        ``None`` for the flat dataset and for nodes whose children are all leaves (nothing finer exists).
+    """
+    if node_id is None or all(hier.nodes[c].is_leaf for c in children):
+        return None
+    leaves = hier.subtree_leaves(node_id)
+    group = torch.zeros(len(leaves), len(children))
+    for j, leaf in enumerate(leaves):
+        group[j, children.index(hier.child_towards(node_id, leaf))] = 1.0
+    leaf_of_file = {im["file"]: im["leaf"] for im in doc["images"]}
+    return leaves, group, leaf_of_file
 
 
 def _load_prepared(data_dir: Path) -> tuple[Hierarchy, dict]:
-    from .hierarchy import HierarchyError
-
-    path = data_dir / "hierarchy.json"
-    if not path.exists():
-        raise UserError(f"{path} not found; run first: python3 prepare_dataset.py -p YOUR_DATASET -o {data_dir}")
-    try:
-        return load_hierarchy_json(path)
-    except HierarchyError as exc:
-        raise UserError(f"{exc}; rerun prepare_dataset.py") from None
+    return require_hierarchy_json(data_dir / "hierarchy.json", f"no prepared datasets in {data_dir}",
+                                  f"python3 prepare_dataset.py -p YOUR_DATASET -o {data_dir}")
 
 
 def _write_models_hierarchy(models_dir: Path, doc: dict) -> None:
