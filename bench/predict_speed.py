@@ -5,8 +5,9 @@
      (start-up, model loading, decoding, hierarchy and writing included); best of --repeats.
   b. time to first prediction: ``src/predict.py -p <1 image>``, whole process; best of --first-repeats.
   c. raw network throughput in the same runtime: the N images preprocessed once (not timed), then only
-     the shared backbone calls timed in batches of --batch-size (two calls per batch when a node uses
-     mirror TTA, as predict.py does); nodes with their own network are timed on the images routed to them.
+     the shared backbone calls timed in batches of --batch-size: one forward per image plus the mirrored
+     forwards predict.py's selective mirror averaging really runs (counted by routing the images once);
+     nodes with their own network are timed on the images routed to them.
      overhead = raw images/s / predict.py images/s - 1.
   d. "seed-style" prediction like the original research script: PyTorch eager, one full network
      (backbone + head, each with its own backbone copy) per classifier node, loaded once; then one image
@@ -131,20 +132,32 @@ def time_raw(paths: list[str], models_dir: Path, batch_size: int) -> dict:
     prep_s = time.perf_counter() - t
     n = len(paths)
     parts, total = [], 0.0
+    # how many backbone forwards predict.py really runs per image: one, plus the mirror where its
+    # selective mirror averaging (--tta-below) asks for it; counted by routing the images once
+    counted = {g: 0 for g in pred.backbones}
+    originals = dict(pred.backbones)
+    for g, (run, size, resize) in originals.items():
+        def counting(x, _run=run, _g=g):
+            counted[_g] += len(x)
+            return _run(x)
+        pred.backbones[g] = (counting, size, resize)
+    inputs = [{spec: arrays[spec][i] for spec in specs} for i in range(n)]
+    for i in range(0, n, batch_size):
+        pred.predict_arrays(inputs[i : i + batch_size], paths[i : i + batch_size])
+    pred.backbones.update(originals)
     for g, (run, size, resize) in pred.backbones.items():
-        tta = any(nm.tta for nm in pred.nodes.values() if nm.head is not None and nm.backbone == g)
         x = arrays[(size, resize)]
+        n_mirror = max(0, counted[g] - n)
         run(x[:batch_size])  # warm-up (not timed): first-call allocations
         t = time.perf_counter()
         for i in range(0, n, batch_size):
-            b = x[i : i + batch_size]
-            run(b)
-            if tta:
-                run(b[..., ::-1].copy())
+            run(x[i : i + batch_size])
+        for i in range(0, n_mirror, batch_size):
+            run(np.ascontiguousarray(x[i : min(i + batch_size, n_mirror), :, :, ::-1]))
         dt = time.perf_counter() - t
         total += dt
         parts.append({"network": f"shared backbone {g} ({size}px, {resize})", "images": n,
-                      "forwards_per_image": 2 if tta else 1, "seconds": dt})
+                      "forwards_per_image": round(1 + n_mirror / n, 3), "seconds": dt})
     full_nodes = {nid: nm for nid, nm in pred.nodes.items() if nm.full is not None}
     if full_nodes:  # own networks run only on the images routed to them: route once, then time exactly those
         inputs = [{spec: arrays[spec][i] for spec in specs} for i in range(n)]

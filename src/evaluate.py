@@ -35,6 +35,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="trained models (default: <repo>/trained_models)")
     p.add_argument("-o", "--output", type=Path, default=DEFAULT_RESULTS_DIR,
                    help="folder for results.json/.md, graph.png, matrix.png (default: <repo>/result_images)")
+    p.add_argument("--tta-below", type=float, default=None, metavar="P",
+                   help="mirror-image averaging only where a node's top probability is below P (default 0.6; 1 = always, 0 = never)")
     p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
                    help="auto: onnxruntime when src/export.py has exported the current models, else PyTorch")
     p.add_argument("--device", default="cpu", help="torch runtime device: cpu, cuda, mps, auto (default: cpu)")
@@ -68,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
     with exclusive_lock(out / ".evaluate.lock", f"evaluate.py into {out}"):
         res, hier = evaluate(args.models_dir, data_dir=args.data_dir, data_tree=args.data, runtime=args.runtime,
                              device=device, min_confidence=args.min_confidence, batch_size=args.batch_size,
-                             with_flat=False if args.no_flat else None, progress=not args.quiet)
+                             with_flat=False if args.no_flat else None, progress=not args.quiet,
+                             tta_below=args.tta_below)
         files = write_outputs(hier, res, out)
     print("\n".join(summary_lines(res)))
     print(f"wrote {', '.join(str(f) for f in files)}")

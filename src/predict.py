@@ -31,6 +31,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=1, help="also list the K most likely classes at each level (csv/json/text)")
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="stop at the deepest node whose path probability stays >= P (0 = always go to a leaf)")
+    p.add_argument("--tta-below", type=float, default=None, metavar="P",
+                   help="mirror-image averaging only where a node's top probability is below P (default 0.6; 1 = always, 0 = never)")
     p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
                    help="auto: onnxruntime when src/export.py has exported the current models, else PyTorch")
     p.add_argument("--device", default="cpu", help="torch runtime device: cpu, cuda, mps, auto (default: cpu)")
@@ -108,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
 
         device = resolve_device(device)
     predictor = HierarchicalPredictor.load(args.models_dir, runtime=args.runtime, device=device,
-                                           min_confidence=args.min_confidence, topk=args.topk)
+                                           min_confidence=args.min_confidence, topk=args.topk, tta_below=args.tta_below)
     logging.getLogger("predict").info("runtime: %s", predictor.runtime)
     preds = predictor.predict_paths(paths, batch_size=args.batch_size)
     if args.format == "json":

@@ -202,3 +202,26 @@ def test_train_lcpn_spreads_nodes_over_gpu_slots_and_names_a_failed_node(tmp_pat
     env["NO_FLAT"] = "1"
     bad = run(["bash", str(REPO / "src" / "train_lcpn.sh"), "--device", "cpu", "--epochs", "0"], env=env, check=False)
     assert bad.returncode != 0 and "training failed for node(s):" in bad.stderr
+
+
+def test_selective_mirror_averaging_runs_the_mirror_only_where_unsure(pipeline):
+    from hiernet.predictor import HierarchicalPredictor
+
+    imgs = [str(p) for p in sorted(pipeline["data"].rglob("*.jpg"))[:10]]
+    pred = HierarchicalPredictor.load(pipeline["models"], runtime="onnx")
+    assert pred.tta_below == HierarchicalPredictor.DEFAULT_TTA_BELOW
+    (group, (run, size, resize)), = pred.backbones.items()
+    seen = []
+    pred.backbones[group] = (lambda x: (seen.append(len(x)), run(x))[1], size, resize)
+    results = {}
+    for below in (0.0, 1.0, 0.6):
+        seen.clear()
+        pred.tta_below = below
+        results[below] = pred.predict_paths(imgs, batch_size=16)
+        results[below, "forwards"] = sum(seen)
+    assert results[0.0, "forwards"] == 10  # one backbone pass per image, whatever the depth
+    assert results[1.0, "forwards"] == 20  # each image's mirror computed once, shared by every level
+    assert 10 <= results[0.6, "forwards"] <= 20
+    for a, b in zip(results[0.6], results[1.0]):  # where the plain view is sure, the mirror changes nothing
+        if min(a.probs) >= 0.99:
+            assert a.node_ids == b.node_ids

@@ -663,7 +663,8 @@ def _check_prepared_matches(doc: dict, models_doc: dict, hier: Hierarchy, data_d
 
 def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tree: str | Path | None = None,
              runtime: str = "auto", device: str = "cpu", min_confidence: float = 0.0, batch_size: int = 32,
-             with_flat: bool | None = None, workers: int | None = None, progress: bool = False) -> tuple[dict, Hierarchy]:
+             with_flat: bool | None = None, workers: int | None = None, progress: bool = False,
+             tta_below: float | None = None) -> tuple[dict, Hierarchy]:
     """Load the models once, predict the test set and assemble the results.
 
     Parameters
@@ -708,7 +709,7 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
         if not with_flat:
             log.info("no flat baseline in %s; evaluating the hierarchy only", models_dir)
     predictor = HierarchicalPredictor.load(models_dir, runtime=runtime, device=device, min_confidence=min_confidence,
-                                           with_flat=with_flat)
+                                           with_flat=with_flat, tta_below=tta_below)
     log.info("runtime: %s; %d test images", predictor.runtime, len(test.paths))
     preds, local = predict_test_set(predictor, test, batch_size=batch_size,
                                     workers=workers or default_workers(), progress=progress)
