@@ -20,7 +20,7 @@ demo: setup
 	$(VPY) prepare_dataset.py -p dataset_example
 	PYTHON=$(abspath $(VPY)) src/train_lcpn.sh
 	$(VPY) src/predict.py -p sample_images
-	$(VPY) src/evaluate.py
+	$(VPY) src/evaluate.py --output result_images/example
 
 test: setup
 	$(VPY) -m pytest -q $(PYTEST_ARGS)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hiernet.paths import DEFAULT_DATA_DIR, DEFAULT_MODELS_DIR, DEFAULT_RESULTS_DIR  # noqa: E402
+from hiernet.paths import DEFAULT_DATA_DIR, DEFAULT_MODELS_DIR, DEFAULT_RESULTS_DIR, add_inference_args  # noqa: E402
 from hiernet.safeio import UserError, run_cli  # noqa: E402
 
 
@@ -35,14 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="trained models (default: <repo>/trained_models)")
     p.add_argument("-o", "--output", type=Path, default=DEFAULT_RESULTS_DIR,
                    help="folder for results.json/.md, graph.png, matrix.png (default: <repo>/result_images)")
-    p.add_argument("--tta-below", type=float, default=None, metavar="P",
-                   help="mirror-image averaging only where a node's top probability is below P (default 0.6; 1 = always, 0 = never)")
-    p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
-                   help="auto: onnxruntime when src/export.py has exported the current models, else PyTorch")
-    p.add_argument("--device", default="cpu", help="torch runtime device: cpu, cuda, mps, auto (default: cpu)")
-    p.add_argument("--min-confidence", type=float, default=0.0,
-                   help="stop at the deepest node whose path probability stays >= P (0 = always go to a leaf)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    add_inference_args(p)
     p.add_argument("--no-flat", action="store_true", help="skip the flat baseline even if trained_models/flat exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log which runtime and models are used")

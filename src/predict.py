@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hiernet.paths import DEFAULT_MODELS_DIR  # noqa: E402
+from hiernet.paths import DEFAULT_MODELS_DIR, add_inference_args  # noqa: E402
 from hiernet.safeio import UserError, run_cli  # noqa: E402
 
 
@@ -29,14 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="trained models (default: <repo>/trained_models)")
     p.add_argument("--format", choices=["text", "csv", "json"], default="text", help="output format (default: text)")
     p.add_argument("--topk", type=int, default=1, help="also list the K most likely classes at each level (csv/json/text)")
-    p.add_argument("--min-confidence", type=float, default=0.0,
-                   help="stop at the deepest node whose path probability stays >= P (0 = always go to a leaf)")
-    p.add_argument("--tta-below", type=float, default=None, metavar="P",
-                   help="mirror-image averaging only where a node's top probability is below P (default 0.6; 1 = always, 0 = never)")
-    p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
-                   help="auto: onnxruntime when src/export.py has exported the current models, else PyTorch")
-    p.add_argument("--device", default="cpu", help="torch runtime device: cpu, cuda, mps, auto (default: cpu)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    add_inference_args(p)
     p.add_argument("-o", "--output", type=Path, help="write csv/json here instead of standard output")
     p.add_argument("-v", "--verbose", action="store_true", help="log which runtime and models are used")
     return p

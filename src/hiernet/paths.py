@@ -1,4 +1,4 @@
-"""Repository-relative default locations (never the current folder)."""
+"""Repository-relative default locations (never the current folder) and the flags the scripts share."""
 
 from __future__ import annotations
 
@@ -18,3 +18,15 @@ def default_cache_dir() -> Path:
     """Feature-cache folder: ``$HIERNET_CACHE`` if set, else ``<repo>/.cache/hiernet``."""
     env = os.environ.get("HIERNET_CACHE")
     return Path(env) if env else REPO_ROOT / ".cache" / "hiernet"
+
+
+def add_inference_args(p) -> None:
+    """The prediction flags predict.py and evaluate.py share (runtime, device, batching, confidence)."""
+    p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
+                   help="auto: onnxruntime when src/export.py has exported the current models, else PyTorch")
+    p.add_argument("--device", default="cpu", help="torch runtime device: cpu, cuda, mps, auto (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--min-confidence", type=float, default=0.0,
+                   help="stop at the deepest node whose path probability stays >= P (0 = always go to a leaf)")
+    p.add_argument("--tta-below", type=float, default=None, metavar="P",
+                   help="mirror-image averaging only where a node's top probability is below P (default 0.6; 1 = always, 0 = never)")
