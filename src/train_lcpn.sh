@@ -26,6 +26,7 @@ fi
 DATA_DIR="${DATA_DIR:-$repo/split_datasets}"
 MODELS_DIR="${MODELS_DIR:-$repo/trained_models}"
 common=(--data-dir "$DATA_DIR" --output-dir "$MODELS_DIR")
+mkdir -p "$MODELS_DIR"
 
 if ! nodes="$("$PYTHON" "$here/train.py" --list-nodes "${common[@]}")"; then
   echo "train_lcpn.sh: cannot list the nodes to train (see the error above)" >&2
@@ -52,6 +53,7 @@ if [[ -n "${GPUS:-}" ]]; then
   IFS=',' read -r -a gpus <<<"$GPUS"
   declare -A pid_node=()
   failed=""
+  rm -f "$MODELS_DIR/.failed_nodes"
   i=0
   for node in "${node_list[@]}"; do
     while (( $(jobs -rp | wc -l) >= ${#gpus[@]} )); do wait -n || true; done
