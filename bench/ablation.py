@@ -27,15 +27,15 @@ sys.path.insert(0, str(REPO / "src"))
 
 VARIANTS = {
     # name: (backbone, image size, aug views, MLP hidden units (0 = linear), mirror TTA, class-weight power)
-    "lite0 224, linear head": ("efficientnet-lite0", 224, 0, 0, False, 0.5),
-    "lite1 240, linear head": ("efficientnet-lite1", 240, 0, 0, False, 0.5),
-    "lite1 280, linear head": ("efficientnet-lite1", 280, 0, 0, False, 0.5),
-    "lite1 280, MLP head": ("efficientnet-lite1", 280, 0, 1024, False, 0.5),
-    "lite1 280, MLP + 4 aug views": ("efficientnet-lite1", 280, 4, 1024, False, 0.5),
-    "lite1 280, MLP + 4 aug views + mirror TTA (default)": ("efficientnet-lite1", 280, 4, 1024, True, 0.5),
-    "default, but fully balanced class weights": ("efficientnet-lite1", 280, 4, 1024, True, 1.0),
-    "default, but unweighted loss": ("efficientnet-lite1", 280, 4, 1024, True, 0.0),
-    "lite2 260, MLP + 4 aug views + mirror TTA": ("efficientnet-lite2", 260, 4, 1024, True, 0.5),
+    "lite0 224, linear head, class weights^0.5": ("efficientnet-lite0", 224, 0, 0, False, 0.5),
+    "lite1 240, linear head, class weights^0.5": ("efficientnet-lite1", 240, 0, 0, False, 0.5),
+    "lite1 280, linear head, class weights^0.5": ("efficientnet-lite1", 280, 0, 0, False, 0.5),
+    "lite1 280, MLP head, class weights^0.5": ("efficientnet-lite1", 280, 0, 1024, False, 0.5),
+    "lite1 280, MLP + 4 aug views, class weights^0.5": ("efficientnet-lite1", 280, 4, 1024, False, 0.5),
+    "lite1 280, MLP + 4 aug views + mirror TTA, class weights^0.5": ("efficientnet-lite1", 280, 4, 1024, True, 0.5),
+    "same, fully balanced class weights": ("efficientnet-lite1", 280, 4, 1024, True, 1.0),
+    "same, unweighted loss (the default recipe)": ("efficientnet-lite1", 280, 4, 1024, True, 0.0),
+    "lite2 260, MLP + 4 aug views + mirror TTA, class weights^0.5": ("efficientnet-lite2", 260, 4, 1024, True, 0.5),
 }
 
 

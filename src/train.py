@@ -59,7 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=float, help="label smoothing of the training loss")
     g.add_argument("--patience", type=int, help="early stopping: epochs without a better validation loss")
     g.add_argument("--class-weights", type=float, metavar="POWER",
-                   help="class-imbalance handling: loss weight (n / (C * count)) ** POWER; 1 = balanced, 0 = none (preset: 0.5)")
+                   help="class-imbalance handling: loss weight (n / (C * count)) ** POWER; 1 = balanced, 0 = none (presets: cpu 0, original 0.5)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     g.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")

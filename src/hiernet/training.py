@@ -41,7 +41,7 @@ PRESETS: dict[str, dict] = {
     # fast, offline, CPU: frozen Lite2 features (+ cached augmented views) and an MLP head per node
     "cpu": dict(backbone="efficientnet-lite1", image_size=280, mode="frozen", resize="crop", views=4, hidden=1024, dropout=0.3,
                 epochs=60, batch_size=256, lr=1e-3, weight_decay=1e-3, patience=10, label_smoothing=0.1, tta=True,
-                class_weights=0.5, fine_labels=True),
+                class_weights=0.0, fine_labels=True),  # weighting cost leaf accuracy in cross-validation (bench/ablation.py)
     # the original research recipe: EfficientNet-B4 fully fine-tuned per node (GPU)
     "original": dict(backbone="efficientnet-b4", image_size=None, mode="finetune", resize="crop", views=0, hidden=0, dropout=0.3,
                      epochs=25, batch_size=32, lr=3e-4, weight_decay=1e-4, patience=5, label_smoothing=0.1, tta=False,
