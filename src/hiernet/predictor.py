@@ -12,7 +12,6 @@ torch only when the torch runtime is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os

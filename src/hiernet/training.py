@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, TensorDataset
 from . import distributed as dist_utils
 from .artifacts import publish, save_checkpoint, staging_dir
 from .backbones import create_backbone
-from .data import AugmentConfig, FeatureCache, aug_views, eval_views, extract_features, read_split
+from .data import TRANSFORM_VERSION, AugmentConfig, FeatureCache, aug_views, eval_views, extract_features, read_split
 from .engine import FitConfig, fit, predict_logits
 from .hierarchy import FLAT_DATASET, Hierarchy, require_hierarchy_json
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
@@ -117,7 +117,7 @@ def _cached_features(paths, backbone, settings, device, cache_dir, kind: str, n_
     size, policy = backbone.image_size, settings["resize"]
     key = {
         "backbone": backbone.spec.name, "image_size": size, "weights": backbone.weights_fingerprint,
-        "resize": policy, "transform_version": 2, "kind": kind,
+        "resize": policy, "transform_version": TRANSFORM_VERSION, "kind": kind,
     }
     if kind == "aug":
         key.update({"augment": AugmentConfig().key(), "seed": seed, "n": n_aug})
