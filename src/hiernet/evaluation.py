@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .hierarchy import FLAT_DATASET, ROOT_ID, Hierarchy, HierarchyError, load_hierarchy_json, scan_tree
+from .hierarchy import FLAT_DATASET, ROOT_ID, Hierarchy, HierarchyError, require_hierarchy_json, scan_tree
 from .metrics import classification_summary, hierarchical_prf, mistake_severity, paired_comparison
 from .safeio import UserError
 
@@ -96,17 +96,13 @@ def load_prepared_test_set(data_dir: str | Path) -> tuple[TestSet, Hierarchy, di
     """
     data_dir = Path(data_dir)
     path = data_dir / "hierarchy.json"
-    if not path.exists():
-        raise UserError(f"{path} not found; run first: python3 prepare_dataset.py -p YOUR_DATASET -o {data_dir}"
-                        " (or evaluate a folder tree with --data DIR)")
+    hier, doc = require_hierarchy_json(path, f"no prepared datasets in {data_dir} (or evaluate a folder tree with --data DIR)",
+                                       f"python3 prepare_dataset.py -p YOUR_DATASET -o {data_dir}")
     try:
-        hier, doc = load_hierarchy_json(path)
         folder = dict(zip(doc["flat"]["class_nodes"], doc["flat"]["classes"], strict=True))
         test = [im for im in doc["images"] if im["split"] == "test"]
         paths = [str(data_dir / FLAT_DATASET / "test" / folder[im["leaf"]] / im["file"]) for im in test]
         leaves = [str(im["leaf"]) for im in test]
-    except HierarchyError as exc:
-        raise UserError(f"{exc}; rerun prepare_dataset.py") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{path} is malformed ({type(exc).__name__}: {exc}); rerun prepare_dataset.py") from None
     if not test:
@@ -183,11 +179,6 @@ def predict_test_set(predictor, test: TestSet, batch_size: int = 32, workers: in
         classifier node id → list of ``N`` predicted child ids of that node's classifier, ``None``
         for images not truly below the node (or unreadable).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
-    from .data import _bounded_map
     from .predictor import Prediction
 
     hier = predictor.hier
@@ -196,31 +187,22 @@ def predict_test_set(predictor, test: TestSet, batch_size: int = 32, workers: in
     below = {nid: set(hier.subtree_leaves(nid)) for nid in classifiers}
     local: dict[str, list] = {nid: [None] * n for nid in classifiers}
     preds: list = [None] * n
-    chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, max(1, batch_size))]
-
-    def prepare(chunk: list[int]) -> list[tuple[int, dict | None, str | None]]:
-        # the predictor's own decoding/resizing, so evaluation sees exactly what predict.py sees
-        return [(i, *predictor._prepare(test.paths[i])) for i in chunk]
-
-    bar = tqdm(total=n, unit="img", disable=not progress, leave=False, desc="evaluate")
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for prepared in _bounded_map(pool, prepare, chunks, ahead=2):
-            good = [(i, x) for i, x, _ in prepared if x is not None]
-            for i, _, err in prepared:
-                if err is not None:
-                    preds[i] = Prediction(test.paths[i], complete=False, error=err)
-            if good:
-                score = {nid: [k for k, (i, _) in enumerate(good) if test.leaves[i] in below[nid]] for nid in classifiers}
-                batch_preds, scores = predictor.predict_and_score([x for _, x in good], [test.paths[i] for i, _ in good],
-                                                                  score)
-                for (i, _), pr in zip(good, batch_preds):
-                    preds[i] = pr
-                for nid, probs in scores.items():
-                    child_ids = predictor.nodes[nid].class_nodes
-                    for k, row in zip(score[nid], probs):
-                        local[nid][good[k][0]] = child_ids[int(np.argmax(row))]
-            bar.update(len(prepared))
-    bar.close()
+    # the predictor's own decoding/resizing, so evaluation sees exactly what predict.py sees
+    for prepared in predictor.prepared_batches(test.paths, max(1, batch_size), workers, progress, desc="evaluate"):
+        good = [(i, x) for i, x, _ in prepared if x is not None]
+        for i, _, err in prepared:
+            if err is not None:
+                preds[i] = Prediction(test.paths[i], complete=False, error=err)
+        if good:
+            score = {nid: [k for k, (i, _) in enumerate(good) if test.leaves[i] in below[nid]] for nid in classifiers}
+            batch_preds, scores = predictor.predict_and_score([x for _, x in good], [test.paths[i] for i, _ in good],
+                                                              score)
+            for (i, _), pr in zip(good, batch_preds):
+                preds[i] = pr
+            for nid, probs in scores.items():
+                child_ids = predictor.nodes[nid].class_nodes
+                for k, row in zip(score[nid], probs):
+                    local[nid][good[k][0]] = child_ids[int(np.argmax(row))]
     return preds, local
 
 

@@ -257,25 +257,39 @@ class HierarchicalPredictor:
             return None, str(exc)
         return {spec: to_array(resize_for_model(img, spec[0], spec[1])) for spec in specs}, None
 
-    def predict_paths(self, paths: Sequence[str], batch_size: int = 32, workers: int = 2,
-                      progress: bool = False) -> list[Prediction]:
-        """Predict every path (decoding in a thread pool, batches of ``batch_size``); never raises for a bad image."""
+    def prepared_batches(self, paths: Sequence[str], batch_size: int = 32, workers: int = 2, progress: bool = False,
+                         desc: str | None = None):
+        """Decode and resize ``paths`` in a thread pool, a bounded number of batches ahead.
+
+        Yields
+        ------
+        list of (int, dict or None, str or None)
+            Per image of one batch: its index in ``paths``, its model inputs (see :meth:`predict_arrays`)
+            or ``None``, and the decoding error or ``None``.
+        """
         from tqdm import tqdm
 
         from .data import _bounded_map
 
         paths = [str(p) for p in paths]
-        out: list[Prediction] = []
-        chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-        bar = tqdm(total=len(paths), unit="img", disable=not progress, leave=False)
+        chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
+        bar = tqdm(total=len(paths), unit="img", disable=not progress, leave=False, desc=desc)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for prepared in _bounded_map(pool, lambda ch: [(p, *self._prepare(p)) for p in ch], chunks, ahead=2):
-                good = [(p, x) for p, x, _ in prepared if x is not None]
-                results = dict(zip([p for p, _ in good], self.predict_arrays([x for _, x in good], [p for p, _ in good])))
-                for p, x, err in prepared:
-                    out.append(results[p] if x is not None else Prediction(p, complete=False, error=err))
+            for prepared in _bounded_map(pool, lambda ch: [(i, *self._prepare(paths[i])) for i in ch], chunks, ahead=2):
+                yield prepared
                 bar.update(len(prepared))
         bar.close()
+
+    def predict_paths(self, paths: Sequence[str], batch_size: int = 32, workers: int = 2,
+                      progress: bool = False) -> list[Prediction]:
+        """Predict every path (decoding in a thread pool, batches of ``batch_size``); never raises for a bad image."""
+        paths = [str(p) for p in paths]
+        out: list[Prediction] = []
+        for prepared in self.prepared_batches(paths, batch_size, workers, progress):
+            good = [(i, x) for i, x, _ in prepared if x is not None]
+            results = dict(zip([i for i, _ in good], self.predict_arrays([x for _, x in good], [paths[i] for i, _ in good])))
+            for i, x, err in prepared:
+                out.append(results[i] if x is not None else Prediction(paths[i], complete=False, error=err))
         return out
 
     def predict_arrays(self, inputs: list[dict], names: list[str]) -> list[Prediction]:
