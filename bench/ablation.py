@@ -64,8 +64,12 @@ def features(paths, backbone_name, size, views, cache_dir):
     return ev, aug, ok
 
 
-def train_head(x_views, y, n_classes, hidden, seed, class_weight_power):
-    """Train a Head like train.py (frozen mode) with an inner 10% validation split for early stopping."""
+def train_head(x_views, y, n_classes, hidden, seed, class_weight_power, group=None):
+    """Train a Head like train.py (frozen mode) with an inner 10% validation split for early stopping.
+
+    With ``group`` (``(K leaves, C children)``, as train.py's ``--fine-labels``), ``y`` holds leaf indices
+    and the returned head outputs log P(child).
+    """
     import tempfile
 
     import torch
@@ -84,14 +88,17 @@ def train_head(x_views, y, n_classes, hidden, seed, class_weight_power):
     n_v = xt.shape[1]
     train_x = torch.from_numpy(xt.reshape(-1, xt.shape[-1]))
     train_y = torch.from_numpy(np.repeat(y[tr], n_v))
-    head = Head(xt.shape[-1], n_classes, hidden, p["dropout"])
+    head = Head(xt.shape[-1], n_classes, hidden, p["dropout"], group)
     head.fit_standardizer(train_x)
+    head.aggregate = False
     cfg = FitConfig(epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], weight_decay=p["weight_decay"],
                     label_smoothing=p["label_smoothing"], patience=p["patience"], class_weight_power=class_weight_power,
                     seed=seed)
     with tempfile.TemporaryDirectory() as work:
         fit(head, TensorDataset(train_x, train_y), TensorDataset(torch.from_numpy(x_views[va, 0]), torch.from_numpy(y[va])),
-            train_y.numpy(), n_classes, cfg, "cpu", Path(work), "ablation", progress=False)
+            train_y.numpy(), n_classes if group is None else int(group.shape[0]), cfg, "cpu", Path(work), "ablation",
+            progress=False)
+    head.aggregate = True
     return head.eval()
 
 
@@ -105,7 +112,8 @@ def probs(head, ev, tta):
     return p
 
 
-def run_variant(hier, doc, paths, leaves, spec, folds, seed, cache_dir):
+def run_variant(hier, doc, paths, leaves, spec, folds, seed, cache_dir, fine_labels=True):
+    import torch
     from sklearn.model_selection import StratifiedKFold
 
     backbone, size, views, hidden, tta, cw = spec
@@ -121,8 +129,16 @@ def run_variant(hier, doc, paths, leaves, spec, folds, seed, cache_dir):
             children = hier.nodes[nid].children
             lab = np.array([hier.child_towards(nid, leaf) for leaf in leaves[tr]], dtype=object)
             m = np.array([c is not None for c in lab])
-            y = np.array([children.index(c) for c in lab[m]])
-            heads[nid] = train_head(allv[tr][m], y, len(children), hidden, seed + fold, cw)
+            group = None
+            if fine_labels and not all(hier.nodes[c].is_leaf for c in children):  # as train.py --fine-labels
+                below = hier.subtree_leaves(nid)
+                group = torch.zeros(len(below), len(children))
+                for j, leaf in enumerate(below):
+                    group[j, children.index(hier.child_towards(nid, leaf))] = 1.0
+                y = np.array([below.index(leaf) for leaf in leaves[tr][m]])
+            else:
+                y = np.array([children.index(c) for c in lab[m]])
+            heads[nid] = train_head(allv[tr][m], y, len(children), hidden, seed + fold, cw, group)
         # route the held-out fold down the tree
         while True:
             moved = False

@@ -24,10 +24,19 @@ from hiernet.paths import DEFAULT_DATA_DIR, DEFAULT_MODELS_DIR, default_cache_di
 from hiernet.safeio import UserError, run_cli  # noqa: E402
 
 try:
-    from hiernet.backbones import list_backbones
+    from hiernet.backbones import get_spec, list_backbones
     from hiernet.training import DEFAULT_PRESET, PRESETS
 except ModuleNotFoundError as _exc:  # one line, not a traceback, when the environment is incomplete
     sys.exit(f"error: Python package '{_exc.name}' is missing; install the requirements: pip install -r requirements.txt")
+
+
+def _backbone_name(name: str) -> str:
+    """argparse type: a registered backbone or a '+'-joined composite of them."""
+    try:
+        get_spec(name)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,7 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
                    help="recipe: 'cpu' = frozen Lite1 @280px + MLP heads on cached features (default); 'original' = EfficientNet-B4 fine-tuned")
     g = p.add_argument_group("model (default: the preset's)")
-    g.add_argument("--backbone", choices=list_backbones(), metavar="NAME", help=f"one of: {', '.join(list_backbones())}")
+    g.add_argument("--backbone", type=_backbone_name, metavar="NAME",
+                   help=f"one of: {', '.join(list_backbones())}; or several joined by '+' (features concatenated, "
+                        "one input), e.g. efficientnet-lite1+efficientnet-lite0 (the cpu preset's)")
     g.add_argument("--weights", type=Path, help="ImageNet state_dict file for the backbone (instead of the package/download)")
     g.add_argument("--image-size", type=int, help="input side in pixels (default: the preset's, or the backbone's own for another backbone)")
     g.add_argument("--resize", choices=["crop", "squash", "pad"], help="how images become square: centre crop, stretch, or letterbox")

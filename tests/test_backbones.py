@@ -86,3 +86,39 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     with pytest.raises(UserError) as exc:
         backbones.create_backbone("efficientnet-lite0", weights=path, image_size=64)
     assert "do not fit" in str(exc.value)
+
+
+def test_composite_backbone_concatenates_its_members_on_one_input():
+    both = backbones.create_backbone("efficientnet-lite1+efficientnet-lite0", image_size=64)
+    lite1 = backbones.create_backbone("efficientnet-lite1", image_size=64)
+    lite0 = backbones.create_backbone("efficientnet-lite0", image_size=64)
+    assert both.spec.family == "composite" and both.spec.feature_dim == 2560 and both.spec.offline
+    assert [p.name for p in both.spec.members()] == ["efficientnet-lite1", "efficientnet-lite0"]
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        f, f1, f0 = both(x), lite1(x), lite0(x)
+    assert f.shape == (3, 2560)
+    assert torch.allclose(f[:, :1280], f1, atol=1e-6) and torch.allclose(f[:, 1280:], f0, atol=1e-6)
+    # the order of members matters, and so do their weights
+    other = backbones.create_backbone("efficientnet-lite0+efficientnet-lite1", image_size=64)
+    assert other.weights_fingerprint != both.weights_fingerprint
+    assert both.weights_fingerprint not in (lite1.weights_fingerprint, lite0.weights_fingerprint)
+    # a fine-tuned composite stores and restores every trunk
+    sd = both.net.state_dict()
+    assert any(k.startswith("0.") for k in sd) and any(k.startswith("1.") for k in sd)
+    fresh = backbones.create_backbone("efficientnet-lite1+efficientnet-lite0", pretrained=False, image_size=64)
+    assert fresh.weights_fingerprint == "random"
+    fresh.net.load_state_dict(sd)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), f, atol=1e-6)
+
+
+def test_composite_backbone_rejects_bad_names_and_weights(tmp_path):
+    with pytest.raises(UserError, match="unknown backbone 'lite9'.*efficientnet-lite0"):
+        backbones.get_spec("efficientnet-lite0+lite9")
+    with pytest.raises(UserError, match="same network twice"):
+        backbones.get_spec("efficientnet-lite0+efficientnet-lite0")
+    path = tmp_path / "w.pth"
+    torch.save(backbones.create_backbone("efficientnet-lite0", image_size=64).net.state_dict(), path)
+    with pytest.raises(UserError, match="cannot be used with the composite"):
+        backbones.create_backbone("efficientnet-lite0+efficientnet-lite1", weights=path, image_size=64)

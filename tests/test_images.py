@@ -24,6 +24,7 @@ from hiernet.images import (
     load_for_model,
     load_rgb,
     resize_for_model,
+    to_array,
 )
 
 
@@ -281,6 +282,29 @@ def test_hypothesis_damaged_real_images(tmp_path, kind, cut, flips):
 def test_resize_for_model_any_shape(size, policy):
     out = resize_for_model(Image.new("RGB", size, (10, 20, 30)), 24, policy)
     assert out.size == (24, 24) and out.mode == "RGB"
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_crop_keeps_only_the_centred_square(wide):
+    # three 30-pixel bands: red | green | blue along the long side; "crop" must see only green
+    bands = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    img = Image.new("RGB", (90, 30) if wide else (30, 90))
+    for i, colour in enumerate(bands):
+        img.paste(colour, (30 * i, 0, 30 * i + 30, 30) if wide else (0, 30 * i, 30, 30 * i + 30))
+    arr = np.asarray(resize_for_model(img, 16, "crop"), dtype=int)
+    assert arr.shape == (16, 16, 3)
+    # the bilinear filter may blend a sliver of the neighbouring band into the outermost pixels only
+    assert np.abs(arr[1:-1, 1:-1] - np.array([0, 255, 0])).max() <= 1
+    assert arr[..., 1].min() >= 192 and arr[..., 0].max() <= 64 and arr[..., 2].max() <= 64
+
+
+def test_to_array_layout_and_range():
+    img = Image.new("RGB", (5, 3), (255, 0, 51))
+    img.putpixel((4, 2), (0, 255, 0))
+    x = to_array(img)
+    assert x.shape == (3, 3, 5) and x.dtype == np.float32 and x.flags["C_CONTIGUOUS"]
+    assert x[0, 0, 0] == 1.0 and x[1, 0, 0] == 0.0 and abs(x[2, 0, 0] - 0.2) < 1e-7
+    assert x[:, 2, 4].tolist() == [0.0, 1.0, 0.0]
 
 
 def test_resize_unknown_policy():

@@ -225,3 +225,27 @@ def test_selective_mirror_averaging_runs_the_mirror_only_where_unsure(pipeline):
     for a, b in zip(results[0.6], results[1.0]):  # where the plain view is sure, the mirror changes nothing
         if min(a.probs) >= 0.99:
             assert a.node_ids == b.node_ids
+
+
+def test_composite_backbone_trains_exports_and_predicts_with_one_pass(tmp_path):
+    """The default recipe's kind of backbone (two networks on one input), at the smallest setting."""
+    from hiernet.predictor import HierarchicalPredictor
+
+    data = make_tree(tmp_path / "cat", {"tops": {"tee": "ellipse", "shirt": "cross"}, "bottoms": {"skirt": "triangle"}},
+                     per_leaf=6)
+    split, models = tmp_path / "split", tmp_path / "models"
+    run([sys.executable, str(REPO / "prepare_dataset.py"), "-p", str(data), "-o", str(split), "-q"])
+    fast = ["--backbone", "efficientnet-lite0+efficientnet-lite1", "--image-size", "64", "--epochs", "3", "--views", "1", "-q"]
+    for ds in ("parent", "tops"):
+        run([sys.executable, str(REPO / "src" / "train.py"), "-d", ds, "--data-dir", str(split), "--output-dir", str(models),
+             "--cache-dir", str(tmp_path / "cache"), *fast], cwd="/")
+    cfg = json.loads((models / "tops" / "metrics.json").read_text())
+    assert cfg["node"] == "tops"
+    run([sys.executable, str(REPO / "src" / "export.py"), "--models-dir", str(models)], cwd="/")
+    imgs = [str(p) for p in sorted(data.rglob("*.jpg"))]
+    a = HierarchicalPredictor.load(models, runtime="onnx")
+    b = HierarchicalPredictor.load(models, runtime="torch")
+    assert a.runtime == "onnx" and len(a.backbones) == 1  # both nodes share the one composite pass
+    for x, y in zip(a.predict_paths(imgs), b.predict_paths(imgs)):
+        assert x.complete and x.node_ids == y.node_ids
+        assert np.max(np.abs(np.array(x.probs) - np.array(y.probs))) < 1e-4

@@ -131,10 +131,12 @@ def read_checkpoint(path: Path) -> dict:
         ok = False
     if not ok:
         raise ArtifactError(f"{path} lacks required entries or has malformed ones; retrain this node")
-    from .backbones import list_backbones
+    from .backbones import get_spec
 
-    if bb["name"] not in list_backbones():
-        raise ArtifactError(f"{path} uses backbone {bb['name']!r}, unknown to this version of the suite; retrain this node")
+    try:
+        get_spec(bb["name"])
+    except UserError:
+        raise ArtifactError(f"{path} uses backbone {bb['name']!r}, unknown to this version of the suite; retrain this node") from None
     return ck
 
 

