@@ -35,9 +35,9 @@ VARIANTS = {
     "lite1 280, MLP + 4 aug views + mirror TTA, class weights^0.5": ("efficientnet-lite1", 280, 4, 1024, True, 0.5),
     "same, fully balanced class weights": ("efficientnet-lite1", 280, 4, 1024, True, 1.0),
     "same, unweighted loss": ("efficientnet-lite1", 280, 4, 1024, True, 0.0),
-    "lite1+lite0 280 (features concatenated), MLP + 4 aug views + mirror TTA, unweighted":
+    "lite1+lite0 280 (features concatenated), MLP + 4 aug views + mirror TTA, unweighted (the default recipe)":
         ("efficientnet-lite1+efficientnet-lite0", 280, 4, 1024, True, 0.0),
-    "lite1+lite2 280 (features concatenated), MLP + 4 aug views + mirror TTA, unweighted (the default recipe)":
+    "lite1+lite2 280 (features concatenated), MLP + 4 aug views + mirror TTA, unweighted":
         ("efficientnet-lite1+efficientnet-lite2", 280, 4, 1024, True, 0.0),
     "lite2 260, MLP + 4 aug views + mirror TTA, class weights^0.5": ("efficientnet-lite2", 260, 4, 1024, True, 0.5),
 }

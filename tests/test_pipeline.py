@@ -249,3 +249,19 @@ def test_composite_backbone_trains_exports_and_predicts_with_one_pass(tmp_path):
     for x, y in zip(a.predict_paths(imgs), b.predict_paths(imgs)):
         assert x.complete and x.node_ids == y.node_ids
         assert np.max(np.abs(np.array(x.probs) - np.array(y.probs))) < 1e-4
+
+
+def test_decoding_ahead_or_batch_by_batch_gives_the_same_predictions(pipeline, tmp_path):
+    from hiernet.predictor import HierarchicalPredictor
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    imgs = [str(p) for p in sorted(pipeline["data"].rglob("*.jpg"))[:9]] + [str(bad)]
+    pred = HierarchicalPredictor.load(pipeline["models"], runtime="onnx")
+    assert pred.prefetch_batches == 0  # CPU: no decoding threads competing with onnxruntime's
+    now = pred.predict_paths(imgs, batch_size=4)
+    pred.prefetch_batches = 2
+    ahead = pred.predict_paths(imgs, batch_size=4)
+    assert [p.path for p in now] == [p.path for p in ahead] == imgs
+    assert [p.node_ids for p in now] == [p.node_ids for p in ahead]
+    assert not now[-1].complete and now[-1].error and all(p.complete for p in now[:-1])

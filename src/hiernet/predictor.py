@@ -122,6 +122,10 @@ class HierarchicalPredictor:
         self.flat = flat
         self.min_confidence = float(min_confidence)
         self.topk = max(1, int(topk))
+        #: Batches decoded ahead while the network runs. 0 on CPU: the decoding threads would compete
+        #: with onnxruntime's for the same cores (measured slower), so each batch is decoded by all the
+        #: workers at once and then run. An accelerator runs the network off the CPU: decode ahead.
+        self.prefetch_batches = 0
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -149,6 +153,8 @@ class HierarchicalPredictor:
                 log.info("using the torch runtime (%s)", problem)
         if runtime == "torch" or (runtime == "auto" and problem is not None):
             pred = cls._load_torch(models_dir, hier, doc, device, min_confidence, topk, with_flat)
+        if pred.runtime == "torch" and str(device) != "cpu":
+            pred.prefetch_batches = 2
         if tta_below is not None:
             if not 0.0 <= tta_below <= 1.0:
                 raise UserError(f"--tta-below must be between 0 and 1, got {tta_below}")
@@ -259,7 +265,7 @@ class HierarchicalPredictor:
 
     def prepared_batches(self, paths: Sequence[str], batch_size: int = 32, workers: int = 2, progress: bool = False,
                          desc: str | None = None):
-        """Decode and resize ``paths`` in a thread pool, a bounded number of batches ahead.
+        """Decode and resize ``paths`` in a thread pool, batch by batch (``prefetch_batches`` ahead).
 
         Yields
         ------
@@ -275,7 +281,12 @@ class HierarchicalPredictor:
         chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
         bar = tqdm(total=len(paths), unit="img", disable=not progress, leave=False, desc=desc)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for prepared in _bounded_map(pool, lambda ch: [(i, *self._prepare(paths[i])) for i in ch], chunks, ahead=2):
+            if self.prefetch_batches:
+                batches = _bounded_map(pool, lambda ch: [(i, *self._prepare(paths[i])) for i in ch], chunks,
+                                       ahead=self.prefetch_batches)
+            else:
+                batches = ([(i, *r) for i, r in zip(ch, pool.map(lambda i: self._prepare(paths[i]), ch))] for ch in chunks)
+            for prepared in batches:
                 yield prepared
                 bar.update(len(prepared))
         bar.close()

@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 #: Named recipes; explicit flags override their values.
 PRESETS: dict[str, dict] = {
-    # fast, offline, CPU: frozen Lite1 + Lite2 features of one 280 px input (+ cached augmented views), an MLP head per node
-    "cpu": dict(backbone="efficientnet-lite1+efficientnet-lite2", image_size=280, mode="frozen", resize="crop", views=4, hidden=1024, dropout=0.3,
+    # fast, offline, CPU: frozen Lite1 + Lite0 features of one 280 px input (+ cached augmented views), an MLP head per node
+    "cpu": dict(backbone="efficientnet-lite1+efficientnet-lite0", image_size=280, mode="frozen", resize="crop", views=4, hidden=1024, dropout=0.3,
                 epochs=60, batch_size=256, lr=1e-3, weight_decay=1e-3, patience=10, label_smoothing=0.1, tta=True,
                 class_weights=0.0, fine_labels=True),  # weighting cost leaf accuracy in cross-validation (bench/ablation.py)
     # the original research recipe: EfficientNet-B4 fully fine-tuned per node (GPU)
