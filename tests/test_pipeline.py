@@ -265,3 +265,48 @@ def test_decoding_ahead_or_batch_by_batch_gives_the_same_predictions(pipeline, t
     assert [p.path for p in now] == [p.path for p in ahead] == imgs
     assert [p.node_ids for p in now] == [p.node_ids for p in ahead]
     assert not now[-1].complete and now[-1].error and all(p.complete for p in now[:-1])
+
+
+@pytest.mark.parametrize("batch_size", [3, 16])
+def test_mirror_passes_are_gathered_across_batches_with_the_same_results(pipeline, batch_size):
+    from hiernet.predictor import HierarchicalPredictor
+
+    imgs = [str(p) for p in sorted(pipeline["data"].rglob("*.jpg"))[:14]]
+    pred = HierarchicalPredictor.load(pipeline["models"], runtime="onnx", with_flat=True)
+    pred.tta_below = 0.0
+    plain = pred.predict_paths(imgs)
+    # a threshold that makes about half of the images unsure somewhere on their path
+    pred.tta_below = float(np.median([min(p.probs + [p.flat_prob]) for p in plain])) + 1e-6
+    inline = []  # the reference: every batch routed with its mirror passes inline
+    for prepared in pred.prepared_batches(imgs, batch_size):
+        inline += pred.predict_arrays([x for _, x, _ in prepared], [imgs[i] for i, _, _ in prepared])
+    (group, (run, size, resize)), = pred.backbones.items()
+    calls = []
+    pred.backbones[group] = (lambda x: (calls.append(len(x)), run(x))[1], size, resize)
+    gathered = pred.predict_paths(imgs, batch_size=batch_size)
+    assert [p.path for p in gathered] == imgs
+    for a, b in zip(gathered, inline):
+        assert a.node_ids == b.node_ids and a.flat_leaf == b.flat_leaf
+        assert np.allclose(a.probs, b.probs, atol=1e-6) and abs(a.flat_prob - b.flat_prob) < 1e-6
+    n_batches = -(-len(imgs) // batch_size)
+    unsure = sum(1 for p in plain if min(p.probs + [p.flat_prob]) < pred.tta_below)
+    assert 0 < unsure < len(imgs)
+    assert sum(calls) == len(imgs) + unsure  # one pass per image, one mirror per unsure image, never more
+    # the mirrors go in full batches, not one small pass per batch and level
+    assert len(calls) <= n_batches + -(-unsure // batch_size)
+
+
+def test_predict_speed_bench_reports_every_figure(pipeline, tmp_path):
+    out = tmp_path / "speed.md"
+    run([sys.executable, str(REPO / "bench" / "predict_speed.py"), "--images", str(pipeline["data"]), "--n", "12",
+         "--models-dir", str(pipeline["models"]), "--repeats", "1", "--first-repeats", "1", "--seed-style-n", "4",
+         "--batch-size", "4", "--out", str(out)], cwd="/")
+    rep = json.loads(out.with_suffix(".json").read_text())
+    raw, steady, whole = rep["raw"]["images_per_s"], rep["in_process"]["images_per_s"], rep["predict"]["images_per_s"]
+    assert rep["n_images"] == 12 and raw > 0 and steady > 0 and whole > 0
+    assert abs(rep["overhead"] - (raw / steady - 1)) < 1e-9 and abs(rep["overhead_process"] - (raw / whole - 1)) < 1e-9
+    assert [t["name"] for t in rep["targets"]][2].startswith("decoding, routing and hierarchy")
+    md = out.read_text()
+    for row in ("a. predict.py, whole process", "b. predict.py, 1 image", "c. raw network forwards",
+                "d. seed-style", "e. prediction in-process", "overhead of the whole predict.py process"):
+        assert row in md
