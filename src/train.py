@@ -62,6 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--fine-labels", action=argparse.BooleanOptionalAction, default=None,
                    help="train a node whose children are parents on the leaves below it, predicting their sums per child (preset: on)")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="average the image and its mirror at test time (frozen mode)")
+    g.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit a temperature on the validation split so probabilities are calibrated (frozen mode)")
     g = p.add_argument_group("optimisation (default: the preset's)")
     g.add_argument("--epochs", type=int, help="maximum epochs")
     g.add_argument("--batch-size", type=int, help="batch size (per process under torchrun)")

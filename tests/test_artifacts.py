@@ -248,3 +248,18 @@ def test_staging_dir_clears_leftovers_of_a_killed_run(node):
     stage = staging_dir(models, "parent")
     assert sorted(p.name for p in models.iterdir()) == sorted([stage.name, "parent"])
     shutil.rmtree(stage)
+
+
+def test_head_temperature_is_restored_and_older_checkpoints_default_to_one(node):
+    from hiernet.artifacts import backbone_key, build_torch_model
+
+    shared = {backbone_key(config()): "the shared backbone"}  # the head is what is checked here
+    head = Head(8, 2)
+    head.temperature.fill_(2.5)
+    save_checkpoint(node / "model.pth", config(), {"head": head.state_dict()})
+    _, loaded, _ = build_torch_model(load_node(node), shared)
+    assert float(loaded.temperature) == 2.5
+    old = {k: v for k, v in Head(8, 2).state_dict().items() if k != "temperature"}  # written before calibration
+    save_checkpoint(node / "model.pth", config(), {"head": old})
+    _, loaded, _ = build_torch_model(load_node(node), shared)
+    assert float(loaded.temperature) == 1.0

@@ -97,6 +97,15 @@ def test_hierarchical_scores_credit_partial_predictions(res):
     assert res["mistake_severity"] == pytest.approx(1.5)
 
 
+def test_confidence_calibration_of_the_chain(res):
+    # images 1 and 5 are right; every confidence falls in a bin of its own (15 bins)
+    conf = [0.9, 0.8, 0.7, 0.6, 0.95, 0.5]
+    r = assemble_results(HIER, TRUE, PATHS, LOCAL, FLAT, confidences=conf)
+    assert r["mean_confidence"] == pytest.approx(4.45 / 6)
+    assert r["confidence_ece"] == pytest.approx((0.1 + 0.8 + 0.7 + 0.6 + 0.05 + 0.5) / 6)
+    assert res["confidence_ece"] is None and res["mean_confidence"] is None  # not given: not invented
+
+
 def test_node_local_and_routed_accuracy(res):
     nodes = res["nodes"]
     assert list(nodes) == ["parent", "a", "b"]
@@ -394,8 +403,9 @@ def test_end_to_end_prepare_train_evaluate(two_level_tree, tmp_path):
     res = json.loads((out / "results.json").read_text())
     keys = {"leaf_accuracy", "level_accuracy", "nodes", "error_attribution", "hierarchical_precision",
             "hierarchical_recall", "hierarchical_f1", "mistake_severity", "leaf_error", "per_leaf", "macro_f1",
-            "n_images", "n_unreadable", "runtime", "flat", "comparison", "verdict"}
+            "n_images", "n_unreadable", "runtime", "flat", "comparison", "verdict", "mean_confidence", "confidence_ece"}
     assert keys <= set(res)
+    assert 0 < res["mean_confidence"] <= 1 and 0 <= res["confidence_ece"] <= 1
     doc = json.loads((split / "hierarchy.json").read_text())
     assert res["n_images"] == sum(1 for im in doc["images"] if im["split"] == "test") > 0
     assert res["n_unreadable"] == 0

@@ -138,3 +138,14 @@ def test_classification_summary_empty():
 def test_text_report_names_every_class():
     rep = text_report([0, 1, 1], [0, 1, 0], ["alpha", "beta"])
     assert "alpha" in rep and "beta" in rep
+
+
+def test_expected_calibration_error_on_hand_made_bins():
+    from hiernet.metrics import expected_calibration_error
+
+    # bin 0.9: 1 of 2 right (|0.5 - 0.9| = 0.4); bin 0.6: 2 of 2 right (|1 - 0.6| = 0.4) -> 0.4
+    assert abs(expected_calibration_error([0.9, 0.9, 0.6, 0.6], [True, False, True, True]) - 0.4) < 1e-9
+    # perfectly calibrated: 3 of 4 right at 0.75
+    assert expected_calibration_error([0.75] * 4, [True, True, True, False]) < 1e-9
+    assert expected_calibration_error([1.0, 1.0], [True, True]) == 0.0  # confidence 1 falls in the top bin
+    assert np.isnan(expected_calibration_error([], []))

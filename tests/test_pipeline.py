@@ -82,6 +82,10 @@ def test_train_lcpn_writes_every_node_file(pipeline):
             assert (models / ds / f).is_file(), f"{ds}/{f} missing"
         perf = (models / ds / "performance.txt").read_text()
         assert "accuracy:" in perf and "macro F1:" in perf
+        # the default recipe calibrates each head on its validation split; the temperature is in the weights
+        cal = json.loads((models / ds / "metrics.json").read_text())["calibration"]
+        assert cal["temperature"] > 0 and cal["nll_after"] <= cal["nll_before"] + 1e-9
+        assert f"calibration: temperature {cal['temperature']:.3f}" in perf
     assert (models / "onnx" / "manifest.json").is_file()
     assert not list(models.glob(".*.tmp-*")), "staging folders left behind"
 
@@ -94,6 +98,8 @@ def test_model_pth_is_plain_weights_with_config(pipeline):
     assert ck["config"]["node"]["classes"] == ["accessories", "apparel"]
     assert ck["config"]["backbone"]["name"] == "efficientnet-lite0" and ck["config"]["backbone"]["image_size"] == 64
     assert set(ck["state_dict"]) == {"head"}  # the frozen backbone is shared, not copied per node
+    cal = json.loads((pipeline["models"] / "parent" / "metrics.json").read_text())["calibration"]
+    assert abs(float(ck["state_dict"]["head"]["temperature"]) - cal["temperature"]) < 1e-6
     # the root's children are parents: its head is trained on the 4 leaves and sums them per child
     head = ck["config"]["head"]
     assert head["n_fine"] == 4 and head["fine_classes"] == ["accessories/hat", "apparel/lower/box",

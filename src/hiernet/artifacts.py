@@ -197,7 +197,9 @@ def build_torch_model(art: NodeArtifact, shared_backbones: dict | None = None):
     sd = art.checkpoint["state_dict"]
     try:
         head = build_head(cfg["head"])
-        head.load_state_dict(sd["head"])
+        head_sd = dict(sd["head"])
+        head_sd.setdefault("temperature", head.temperature)  # trained before calibration existed: T = 1
+        head.load_state_dict(head_sd)
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         why = " ".join(str(exc).split())[:160]  # torch messages span lines: keep one
         raise ArtifactError(f"{art.folder / 'model.pth'}: head weights do not fit its config ({why}); retrain") from None

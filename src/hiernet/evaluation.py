@@ -41,7 +41,8 @@ from typing import Sequence
 import numpy as np
 
 from .hierarchy import FLAT_DATASET, ROOT_ID, Hierarchy, HierarchyError, require_hierarchy_json, scan_tree
-from .metrics import classification_summary, hierarchical_prf, mistake_severity, paired_comparison
+from .metrics import (classification_summary, expected_calibration_error, hierarchical_prf, mistake_severity,
+                      paired_comparison)
 from .safeio import UserError
 
 log = logging.getLogger(__name__)
@@ -386,7 +387,8 @@ def _leaf_scores(hier: Hierarchy, true_leaves: Sequence[str], pred_leaf: Sequenc
 
 def assemble_results(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Sequence[Sequence[str]],
                      local_children: dict[str, Sequence[str | None]] | None = None,
-                     flat_leaves: Sequence[str] | None = None, n_boot: int = 2000, seed: int = 0) -> dict:
+                     flat_leaves: Sequence[str] | None = None, n_boot: int = 2000, seed: int = 0,
+                     confidences: Sequence[float] | None = None) -> dict:
     """Every number of ``results.json`` from predictions (pure: no models, no files).
 
     Parameters
@@ -405,6 +407,10 @@ def assemble_results(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Se
         The flat baseline's leaf per image; adds ``flat``, ``comparison`` and ``verdict``.
     n_boot, seed
         Bootstrap draws and seed of the paired comparison.
+    confidences : sequence of float, shape (N,), optional
+        The chain's confidence per image (``Prediction.confidence``, the product of the levels'
+        probabilities); adds ``mean_confidence`` and ``confidence_ece`` (expected calibration error of
+        that confidence against leaf correctness).
 
     Returns
     -------
@@ -446,6 +452,8 @@ def assemble_results(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Se
         "n_stopped": n_stopped,
         **hierarchical_prf(hier, true_leaves, pred_node),
         "mistake_severity": mistake_severity(hier, true_leaves, pred_node),
+        "mean_confidence": float(np.mean(confidences)) if confidences is not None and n else None,
+        "confidence_ece": expected_calibration_error(confidences, correct) if confidences is not None and n else None,
         "macro_f1": summary["macro_f1"],
         "per_leaf": summary["per_class"],
         "confusion": {"rows": rows, "columns": columns, "counts": cm.tolist()},
@@ -545,6 +553,9 @@ def render_markdown(res: dict) -> str:
     row("hierarchical F1", res["hierarchical_f1"], fl.get("hierarchical_f1"))
     row("mistake severity (edges to common ancestor)", res["mistake_severity"], fl.get("mistake_severity"),
         fmt=lambda v: _f(v, 2))
+    if res.get("confidence_ece") is not None:
+        L.append(f"| mean confidence / its calibration error (ECE) | {_f(res['mean_confidence'])} / "
+                 f"{_f(res['confidence_ece'])} |" + (" |" if has_flat else ""))
     L += [
         "",
         "Leaf accuracy counts an image only when every level is right and the walk reaches the true leaf. "
@@ -709,6 +720,7 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
         [preds[i].node_ids for i in ok],
         {nid: [ch[i] for i in ok] for nid, ch in local.items()},
         [preds[i].flat_leaf for i in ok] if with_flat else None,
+        confidences=[preds[i].confidence for i in ok],
     )
     head = {"n_images": res.pop("n_images"), "n_unreadable": len(unreadable), "runtime": predictor.runtime}
     tail = {

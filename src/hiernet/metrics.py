@@ -15,6 +15,28 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 from .hierarchy import Hierarchy
 
 
+def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = 15) -> float:
+    """Expected calibration error: the mean |accuracy − confidence| over equal-width confidence bins,
+    weighted by the share of predictions in each bin (Guo et al., 2017).
+
+    Parameters
+    ----------
+    confidence : array-like, shape (N,)
+        The probability each prediction was given, in ``[0, 1]``.
+    correct : array-like of bool, shape (N,)
+        Whether each prediction was right.
+    """
+    conf, ok = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
+    if len(conf) == 0:
+        return float("nan")
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    total = 0.0
+    for b in np.unique(bins):
+        m = bins == b
+        total += m.sum() * abs(ok[m].mean() - conf[m].mean())
+    return float(total / len(conf))
+
+
 def classification_summary(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) -> dict:
     """Accuracy, macro precision/recall/F1 and a per-class report.
 

@@ -16,6 +16,10 @@ class Head(nn.Module):
     node, and is trained on leaf labels; :attr:`aggregate` (on after training) then makes ``forward``
     return ``log P(child) = log(softmax(z) @ group)``, shape ``(N, C)``, so a softmax of the output gives
     the children's probabilities exactly as for an ordinary head.
+
+    ``temperature`` (a scalar buffer, 1 while training) divides the logits; :meth:`fit_temperature` sets
+    it on validation data after training so that the probabilities are calibrated (temperature scaling,
+    Guo et al., 2017). It never changes which class is most likely.
     """
 
     def __init__(self, in_dim: int, n_classes: int, hidden: int = 0, dropout: float = 0.0,
@@ -23,6 +27,7 @@ class Head(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
+        self.register_buffer("temperature", torch.ones(()))
         n_out = n_classes if group is None else int(group.shape[0])
         if group is not None:
             if group.shape[1] != n_classes:
@@ -45,10 +50,68 @@ class Head(nn.Module):
         self.std.copy_(feats.std(0).clamp_min(1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.net((x - self.mean) / self.std)
+        z = self.net((x - self.mean) / self.std) / self.temperature
         if self.group is not None and self.aggregate:
             return torch.log((torch.softmax(z, dim=1) @ self.group).clamp_min(1e-12))
         return z
+
+    @torch.no_grad()
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+    def _children_logp(self, z: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            return torch.log((torch.softmax(z, dim=1) @ self.group).clamp_min(1e-12))
+        return torch.log_softmax(z, dim=1)
+
+    def fit_temperature(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """Set ``temperature`` to minimise the negative log-likelihood of ``y`` on ``x``.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (N, D)
+            Validation features (never the training ones: there the head is over-confident by design).
+        y : torch.Tensor of int, shape (N,)
+            Child (class) indices, as the aggregated output is scored.
+
+        Returns
+        -------
+        dict
+            ``temperature``, ``nll_before``/``nll_after`` and ``ece_before``/``ece_after`` on ``x``.
+        """
+        from .metrics import expected_calibration_error
+
+        was_training = self.training
+        self.eval()
+        z = self._logits(x).float()
+        y = y.long()
+
+        def stats(t: float) -> tuple[float, float]:
+            with torch.no_grad():
+                lp = self._children_logp(z / t)
+                conf, pred = lp.exp().max(1)
+                return (float(torch.nn.functional.nll_loss(lp, y)),
+                        expected_calibration_error(conf.numpy(), (pred == y).numpy()))
+
+        log_t = torch.zeros((), requires_grad=True)
+        opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.nll_loss(self._children_logp(z / log_t.clamp(-3, 3).exp()), y)
+            loss.backward()
+            return loss
+
+        before = stats(1.0)
+        if len(y) >= 2:
+            opt.step(closure)
+        t = float(log_t.detach().clamp(-3, 3).exp())
+        after = stats(t)
+        if not after[0] <= before[0]:  # never make it worse than leaving it alone
+            t, after = 1.0, before
+        self.temperature.fill_(t)
+        self.train(was_training)
+        return {"temperature": t, "nll_before": before[0], "nll_after": after[0], "ece_before": before[1], "ece_after": after[1]}
 
 
 class NodeNet(nn.Module):

@@ -28,7 +28,7 @@ from .data import TRANSFORM_VERSION, AugmentConfig, FeatureCache, aug_views, eva
 from .engine import FitConfig, fit, predict_logits
 from .hierarchy import FLAT_DATASET, Hierarchy, require_hierarchy_json
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
-from .metrics import classification_summary, text_report
+from .metrics import classification_summary, expected_calibration_error, text_report
 from .predictor import _softmax
 from .models import Head, NodeNet
 from .runtime import OrtRunner, TorchRunner, export_onnx, onnx_available
@@ -41,11 +41,11 @@ PRESETS: dict[str, dict] = {
     # fast, offline, CPU: frozen Lite1 + Lite0 features of one 280 px input (+ cached augmented views), an MLP head per node
     "cpu": dict(backbone="efficientnet-lite1+efficientnet-lite0", image_size=280, mode="frozen", resize="crop", views=4, hidden=1024, dropout=0.3,
                 epochs=60, batch_size=256, lr=1e-3, weight_decay=1e-3, patience=10, label_smoothing=0.1, tta=True,
-                class_weights=0.0, fine_labels=True),  # weighting cost leaf accuracy in cross-validation (bench/ablation.py)
+                class_weights=0.0, fine_labels=True, calibrate=True),  # weighting cost leaf accuracy in cross-validation (bench/ablation.py)
     # the original research recipe: EfficientNet-B4 fully fine-tuned per node (GPU)
     "original": dict(backbone="efficientnet-b4", image_size=None, mode="finetune", resize="crop", views=0, hidden=0, dropout=0.3,
                      epochs=25, batch_size=32, lr=3e-4, weight_decay=1e-4, patience=5, label_smoothing=0.1, tta=False,
-                     class_weights=0.5, fine_labels=True),
+                     class_weights=0.5, fine_labels=True, calibrate=False),
 }
 DEFAULT_PRESET = "cpu"
 
@@ -212,6 +212,8 @@ def train_node(args) -> dict:
         for s in ("train", "val", "test"):
             f, ok = _cached_features(paths[s], backbone, settings, device, cache_dir, "eval", 0, args.seed, not args.quiet)
             feats[s] = (f[ok], (labels if s == "test" else train_targets)[s][ok])
+            if s == "val":
+                val_children = labels["val"][ok]
             if s == "test":
                 test_paths = [p for p, k in zip(paths[s], ok) if k]
         xs, ys = feats["train"]
@@ -242,6 +244,13 @@ def train_node(args) -> dict:
     result = fit(model, train_set, val_set, train_labels, n_outputs, fit_cfg, device, work, _config_hash(hash_src),
                  progress=not args.quiet)
     head.aggregate = True
+    calibration = None
+    if settings["mode"] == "frozen" and settings.get("calibrate", True) and len(val_children) >= 2:
+        head.cpu()
+        calibration = head.fit_temperature(torch.from_numpy(feats["val"][0][:, 0]), torch.from_numpy(val_children))
+        head.to(device)
+        log.info("node %s: temperature %.3f (validation NLL %.4f -> %.4f, ECE %.4f -> %.4f)", ds, calibration["temperature"],
+                 calibration["nll_before"], calibration["nll_after"], calibration["ece_before"], calibration["ece_after"])
 
     # ------------------------------------------------------------------ test split of this node
     from torch.utils.data import DataLoader
@@ -256,7 +265,9 @@ def train_node(args) -> dict:
     y_pred = probs.argmax(1) if len(y_test) else np.zeros((0,), int)
     summary = classification_summary(y_test, y_pred, classes)
     summary.update({"node": ds, "node_id": node_id, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-                    "best_val_loss": result.best_val_loss, "tta": tta})
+                    "best_val_loss": result.best_val_loss, "tta": tta, "calibration": calibration})
+    if len(y_test):
+        summary["test_ece"] = expected_calibration_error(probs.max(1), probs.argmax(1) == y_test)
 
     if main:
         config = {
@@ -351,6 +362,7 @@ def _write_node_folder(models_dir, ds, config, state, summary, result, splits, t
         f"macro recall: {summary['macro_recall']:.4f}",
         f"macro F1: {summary['macro_f1']:.4f}",
         f"best epoch: {result.best_epoch} of {len(result.history)} (val loss {result.best_val_loss:.4f})",
+        _calibration_line(summary),
         "",
         "This is the accuracy of this local classifier on test images of its own classes.",
         "End-to-end (chained) accuracy: python3 src/evaluate.py",
@@ -364,6 +376,15 @@ def _write_node_folder(models_dir, ds, config, state, summary, result, splits, t
     if result.history:
         _write_csv(stage / "log.csv", result.history)
     publish(stage, models_dir, ds)
+
+
+def _calibration_line(summary: dict) -> str:
+    c = summary.get("calibration")
+    if not c:
+        return "calibration: none (temperature 1)"
+    test = f"; test ECE {summary['test_ece']:.4f}" if summary.get("test_ece") is not None else ""
+    return (f"calibration: temperature {c['temperature']:.3f} fitted on the validation split "
+            f"(ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}, NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}){test}")
 
 
 def node_lock(models_dir: Path, ds: str):
