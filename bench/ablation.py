@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ VARIANTS = {
     "lite1 280, MLP + 4 aug views, class weights^0.5": ("efficientnet-lite1", 280, 4, 1024, False, 0.5),
     "lite1 280, MLP + 4 aug views + mirror TTA, class weights^0.5": ("efficientnet-lite1", 280, 4, 1024, True, 0.5),
     "same, fully balanced class weights": ("efficientnet-lite1", 280, 4, 1024, True, 1.0),
-    "same, unweighted loss": ("efficientnet-lite1", 280, 4, 1024, True, 0.0),
+    "lite1 280, MLP + 4 aug views + mirror TTA, unweighted": ("efficientnet-lite1", 280, 4, 1024, True, 0.0),
     "lite1+lite0 280 (features concatenated), MLP + 4 aug views + mirror TTA, unweighted (the default recipe)":
         ("efficientnet-lite1+efficientnet-lite0", 280, 4, 1024, True, 0.0),
     "lite1+lite2 280 (features concatenated), MLP + 4 aug views + mirror TTA, unweighted":
@@ -203,7 +204,7 @@ def main(args) -> int:
                  "| recipe | LCPN leaf accuracy | (path decoding) | flat leaf accuracy |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['lcpn_leaf_accuracy']:.4f} | {v['lcpn_path_decoding']:.4f} | {v['flat_leaf_accuracy']:.4f} |"
                   for k, v in rows.items()]
-        lines += ["", f"Command: `python3 bench/ablation.py {' '.join(sys.argv[1:])}`"]
+        lines += ["", f"Command: `python3 bench/ablation.py {shlex.join(sys.argv[1:])}`"]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
