@@ -63,3 +63,13 @@ TWO_LEVEL = {
 def two_level_tree(tmp_path: Path) -> Path:
     """A 2-level tree: 2 parents × 2 children × 6 images of 64 px."""
     return make_tree(tmp_path / "data", TWO_LEVEL)
+
+
+class Payload:
+    """A pickle that calls ``func(*args)`` when loaded: what a malicious model or pickle file carries."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)

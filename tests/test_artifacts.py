@@ -18,6 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import Payload  # noqa: E402
 from hiernet.artifacts import (  # noqa: E402
     FORMAT,
     FORMAT_VERSION,
@@ -53,14 +54,6 @@ def node(tmp_path) -> Path:
     pickle_atomic(folder / "bin" / "encoder.pickle", dict(enumerate(CLASSES)))
     pickle_atomic(folder / "bin" / "test_transforms.pickle", {"size": 64})
     return folder
-
-
-class Payload:
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return (self.func, self.args)
 
 
 def system_payload(marker: Path) -> Payload:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, Payload
 from hiernet.safeio import (
     LockHeld,
     RestrictedUnpickler,
@@ -45,14 +45,6 @@ def test_plain_data_loads(tmp_path, obj, protocol):
     p = tmp_path / "enc.pickle"
     p.write_bytes(pickle.dumps(obj, protocol=protocol))
     assert restricted_load(p) == obj
-
-
-class Payload:
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return (self.func, self.args)
 
 
 def _marker_cmd(marker: Path) -> str:

@@ -52,7 +52,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.net((x - self.mean) / self.std) / self.temperature
         if self.group is not None and self.aggregate:
-            return torch.log((torch.softmax(z, dim=1) @ self.group).clamp_min(1e-12))
+            return self._children_logp(z)
         return z
 
     @torch.no_grad()
@@ -60,6 +60,7 @@ class Head(nn.Module):
         return self.net((x - self.mean) / self.std)
 
     def _children_logp(self, z: torch.Tensor) -> torch.Tensor:
+        """log P(child) from logits ``(N, K)``: fine outputs summed per child when there is a ``group``."""
         if self.group is not None:
             return torch.log((torch.softmax(z, dim=1) @ self.group).clamp_min(1e-12))
         return torch.log_softmax(z, dim=1)

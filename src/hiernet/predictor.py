@@ -308,13 +308,9 @@ class HierarchicalPredictor:
         def flush():
             if waiting:
                 feats = {g: np.stack([f[g] for _, _, f in waiting]) for g in waiting[0][2]}
-                mirrors = {}  # every waiting image needs its mirror at the first node that was unsure
-                for g in feats:
-                    run, size, resize = self.backbones[g]
-                    mirrors[g] = np.asarray(run(np.ascontiguousarray(
-                        np.stack([x[(size, resize)] for _, x, _ in waiting])[:, :, :, ::-1])), dtype=np.float32)
+                # every waiting image needs its mirror at the first node it was unsure about: one pass for all
                 preds, _, _, _ = self._route([x for _, x, _ in waiting], [paths[i] for i, _, _ in waiting], None,
-                                             mirror=True, feats=feats, mirrors=mirrors)
+                                             mirror="all", feats=feats)
                 out.update(zip([i for i, _, _ in waiting], preds))
                 waiting.clear()
 
@@ -323,7 +319,7 @@ class HierarchicalPredictor:
                 if x is None:
                     out[i] = Prediction(paths[i], complete=False, error=err)
             good = [(i, x) for i, x, _ in prepared if x is not None]
-            preds, _, unsure, feats = self._route([x for _, x in good], [paths[i] for i, _ in good], None, mirror=False)
+            preds, _, unsure, feats = self._route([x for _, x in good], [paths[i] for i, _ in good], None, mirror="defer")
             for row, ((i, x), pr) in enumerate(zip(good, preds)):
                 if unsure[row]:
                     waiting.append((i, x, {g: f[row] for g, f in feats.items()}))
@@ -346,8 +342,8 @@ class HierarchicalPredictor:
         """
         return self.predict_and_score(inputs, names)[0]
 
-    def predict_and_score(self, inputs: list[dict], names: list[str], score: dict | None = None,
-                          feats: dict | None = None) -> tuple[list[Prediction], dict]:
+    def predict_and_score(self, inputs: list[dict], names: list[str],
+                          score: dict | None = None) -> tuple[list[Prediction], dict]:
         """:meth:`predict_arrays`, plus chosen nodes' own class probabilities on chosen images.
 
         The extra scores reuse the batch's backbone pass; they do not depend on where the chain
@@ -359,8 +355,6 @@ class HierarchicalPredictor:
             As for :meth:`predict_arrays`.
         score : dict, optional
             Classifier node id → int indices into ``inputs`` (shape ``(K,)``) to run that node on.
-        feats : dict, optional
-            Backbone group → features ``(len(inputs), D)`` already computed for these inputs.
 
         Returns
         -------
@@ -368,27 +362,30 @@ class HierarchicalPredictor:
             The predictions of :meth:`predict_arrays`, and node id → float array ``(K, C)`` of the
             node's class probabilities, columns in ``self.nodes[id].class_nodes`` order.
         """
-        preds, scores, _, _ = self._route(inputs, names, score, mirror=True, feats=feats)
+        preds, scores, _, _ = self._route(inputs, names, score, mirror="inline")
         return preds, scores
 
-    def _route(self, inputs: list[dict], names: list[str], score: dict | None, mirror: bool,
-               feats: dict | None = None, mirrors: dict | None = None) -> tuple[list[Prediction], dict, np.ndarray, dict]:
-        """Route a batch; with ``mirror=False`` never run a mirror pass but flag where it was wanted.
+    def _route(self, inputs: list[dict], names: list[str], score: dict | None, mirror: str = "inline",
+               feats: dict | None = None) -> tuple[list[Prediction], dict, np.ndarray, dict]:
+        """Route a batch down the tree, with selective mirror averaging according to ``mirror``.
+
+        ``"inline"``: run the mirror of the images a node is unsure about, when it is. ``"defer"``: never
+        run a mirror pass, only flag the images that wanted one. ``"all"``: the caller knows every image
+        will want its mirror, so the first mirror pass of a backbone covers the whole batch.
 
         Returns
         -------
         (list of Prediction, dict, numpy.ndarray, dict)
             Predictions, scores (as :meth:`predict_and_score`), a bool mask ``(n,)`` of the images some
             node (or the flat model) wanted the mirror for, and the backbone features computed,
-            group → ``(n, D)``. ``feats`` and ``mirrors`` (group → ``(n, D)``) pass features of the
-            images and of their mirrors already computed.
+            group → ``(n, D)``. ``feats`` (group → ``(n, D)``) passes features already computed.
         """
         n = len(inputs)
         if n == 0:
             return [], {}, np.zeros(0, dtype=bool), {}
         batch = {spec: np.stack([x[spec] for x in inputs]) for spec in self.input_specs()}
         feats = dict(feats or {})
-        mirrored: dict = {g: (f, np.ones(n, dtype=bool)) for g, f in (mirrors or {}).items()}  # group -> (features (n, D), rows computed)
+        mirrored: dict = {}  # group -> (features (n, D), bool mask of rows computed)
         unsure = np.zeros(n, dtype=bool)
 
         def features(group: str) -> np.ndarray:
@@ -403,7 +400,7 @@ class HierarchicalPredictor:
             if group not in mirrored:
                 mirrored[group] = (np.zeros_like(features(group)), np.zeros(n, dtype=bool))
             f, done = mirrored[group]
-            todo = idx[~done[idx]]
+            todo = np.where(~done)[0] if mirror == "all" else idx[~done[idx]]
             if len(todo):
                 f[todo] = run(np.ascontiguousarray(batch[(size, resize)][todo, :, :, ::-1]))
                 done[todo] = True
@@ -415,7 +412,7 @@ class HierarchicalPredictor:
                 if nm.tta and self.tta_below > 0:
                     # mirror averaging where it can matter: images this node is not already sure about
                     sel = np.arange(len(idx)) if self.tta_below >= 1 else np.where(p.max(axis=1) < self.tta_below)[0]
-                    if len(sel) and not mirror:
+                    if len(sel) and mirror == "defer":
                         unsure[idx[sel]] = True
                     elif len(sel):
                         p[sel] = (p[sel] + _softmax(nm.head(mirror_features(nm.backbone, idx[sel])))) / 2
