@@ -42,6 +42,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The flag that sets each library parameter a :class:`UserError` can name (``UserError.arg``).
+FLAGS = {"data_dir": "--data-dir", "data_tree": "--data", "out_dir": "--output"}
+
+
+def _flag_error(exc: UserError) -> UserError:
+    """``exc`` with the flag in front; a problem with the prepared data also points to ``--data``."""
+    err = exc.for_flags(FLAGS)
+    if exc.arg == "data_dir":
+        err = UserError(f"{err}; or evaluate a folder tree with --data DIR", exc.arg)
+    return err
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if not 0.0 <= args.min_confidence <= 1.0:
@@ -50,7 +62,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--batch-size must be at least 1")
     if args.output.exists() and not args.output.is_dir():
         raise UserError(f"--output {args.output} is a file, not a folder")
-    from hiernet.evaluation import evaluate, summary_lines, write_outputs
+    from hiernet.evaluation import evaluate
+    from hiernet.report import summary_lines, write_outputs
     from hiernet.safeio import exclusive_lock
 
     device = args.device
@@ -61,11 +74,14 @@ def main(args: argparse.Namespace) -> int:
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out / ".evaluate.lock", f"evaluate.py into {out}"):
-        res, hier = evaluate(args.models_dir, data_dir=args.data_dir, data_tree=args.data, runtime=args.runtime,
-                             device=device, min_confidence=args.min_confidence, batch_size=args.batch_size,
-                             with_flat=False if args.no_flat else None, progress=not args.quiet,
-                             tta_below=args.tta_below)
-        files = write_outputs(hier, res, out)
+        try:
+            res, hier = evaluate(args.models_dir, data_dir=args.data_dir, data_tree=args.data, runtime=args.runtime,
+                                 device=device, min_confidence=args.min_confidence, batch_size=args.batch_size,
+                                 with_flat=False if args.no_flat else None, progress=not args.quiet,
+                                 tta_below=args.tta_below)
+            files = write_outputs(hier, res, out)
+        except UserError as exc:
+            raise _flag_error(exc) from None
     print("\n".join(summary_lines(res)))
     print(f"wrote {', '.join(str(f) for f in files)}")
     if res["n_unreadable"]:

@@ -1,4 +1,4 @@
-"""Tests for src/evaluate.py and hiernet.evaluation.
+"""Tests for src/evaluate.py, hiernet.evaluation, hiernet.testsets and hiernet.report.
 
 The metric assembly is checked on a hand-built tree with hand-computed values; the prediction loop
 with a numpy stand-in for the models (no torch); the real pipeline (prepare, train, evaluate) only
@@ -16,24 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hiernet.evaluation import (
-    OUTPUT_FILES,
-    STOPPED,
-    TestSet,
-    assemble_results,
-    check_known_leaves,
-    display_order,
-    error_attribution,
-    first_error_level,
-    level_accuracy,
-    load_prepared_test_set,
-    predict_test_set,
-    render_markdown,
-    scan_test_tree,
-    summary_lines,
-    verdict,
-    write_outputs,
-)
+from hiernet.evaluation import FLAT_FIELDS, assemble_results, predict_test_set
+from hiernet.metrics import STOPPED, display_order, error_attribution, first_error_level, level_accuracy, score
+from hiernet.report import OUTPUT_FILES, render_markdown, summary_lines, verdict, write_outputs
+from hiernet.testsets import TestSet, check_known_leaves, load_prepared_test_set, scan_test_tree
 from hiernet.hierarchy import Hierarchy
 from hiernet.predictor import HierarchicalPredictor, NodeModel, _softmax
 from hiernet.safeio import UserError
@@ -144,6 +130,15 @@ def test_flat_baseline_and_paired_comparison(res):
     assert (c["a_only"], c["b_only"], c["n"]) == (0, 2, 6)
     assert c["p_value"] == pytest.approx(0.5)
     assert res["verdict"].startswith("No significant difference")
+
+
+def test_flat_is_scored_by_the_same_score(res):
+    # the flat leaf's full path, scored like the chain: same numbers for every field results.json shows
+    flat = score(HIER, TRUE, [HIER.path(f) for f in FLAT])
+    assert list(res["flat"]) == list(FLAT_FIELDS)
+    assert res["flat"] == {k: flat[k] for k in FLAT_FIELDS}
+    assert flat["mistake_severity"] == pytest.approx(1.5)  # image 3: 2 edges (other parent); image 6: 1 (sibling)
+    assert flat["hierarchical_precision"] == flat["hierarchical_recall"] == pytest.approx(9 / 12)
 
 
 def test_results_are_strict_json_and_bounded(res):
@@ -364,6 +359,7 @@ def test_script_refuses_unknown_classes(two_level_tree, tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert "not trained on: round/plus" in r.stderr
+    assert r.stderr.startswith(f"error: --data: the folder tree {two_level_tree} has classes")  # the script's flag
     assert not (tmp_path / "out" / "results.json").exists()
 
 
@@ -373,8 +369,9 @@ def test_evaluate_without_prepared_data(tmp_path):
     models = tmp_path / "models"
     models.mkdir()
     (models / "hierarchy.json").write_text(json.dumps({"tree": HIER.to_dict()}))
-    with pytest.raises(UserError, match="prepare_dataset.py"):
+    with pytest.raises(UserError, match="prepare_dataset.py") as err:
         evaluate(models, data_dir=tmp_path / "split")
+    assert err.value.arg == "data_dir" and "--" not in str(err.value).split("; run:")[0]  # no flag in the library
     with pytest.raises(UserError, match="no trained models"):
         evaluate(tmp_path / "no-models", data_dir=tmp_path / "split")
 

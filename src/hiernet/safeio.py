@@ -19,7 +19,25 @@ from typing import Any, Callable, Iterator
 
 
 class UserError(Exception):
-    """An error caused by the user's input; scripts print ``str(err)`` as one line and exit non-zero."""
+    """An error caused by the user's input; scripts print ``str(err)`` as one line and exit non-zero.
+
+    Parameters
+    ----------
+    message : str
+        What is wrong and what to do, in one line.
+    arg : str, optional
+        The library parameter whose value is wrong (e.g. ``"out_dir"``); a script names its own flag
+        for it with :meth:`for_flags`, so library messages need not know the command line.
+    """
+
+    def __init__(self, message: str, arg: str | None = None):
+        super().__init__(message)
+        self.arg = arg
+
+    def for_flags(self, flags: dict[str, str]) -> "UserError":
+        """This error with the command-line flag that set :attr:`arg` in front (``flags``: arg → flag)."""
+        flag = flags.get(self.arg or "")
+        return UserError(f"{flag}: {self}", self.arg) if flag else self
 
 
 # --------------------------------------------------------------------------------------------- writes
