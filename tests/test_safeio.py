@@ -189,6 +189,84 @@ def test_replace_dir_and_remove_stale(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".other.tmp-1", "node"]
 
 
+def _folder(path: Path, version: str, n: int = 5) -> Path:
+    path.mkdir()
+    for i in range(n):
+        (path / f"f{i}").write_text(version)
+    return path
+
+
+def _versions(path: Path) -> set[str]:
+    return {f.read_text() for f in path.iterdir()} if len(os.listdir(path)) == 5 else {"incomplete"}
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["exchange", "fallback"])
+def test_replace_dir_swaps_and_cleans_up(tmp_path, monkeypatch, atomic):
+    import hiernet.safeio as safeio
+
+    if not atomic:
+        monkeypatch.setattr(safeio, "_exchange", lambda a, b: False)
+    target = _folder(tmp_path / "node", "old")
+    (tmp_path / ".node.old-4242").mkdir()  # left aside by a crashed earlier swap: stale once node exists
+    replace_dir(_folder(tmp_path / ".node.tmp-1", "new"), target)
+    assert _versions(target) == {"new"} and sorted(os.listdir(tmp_path)) == ["node"]
+    replace_dir(_folder(tmp_path / ".node.tmp-2", "newer"), target)  # and again over the new one
+    assert _versions(target) == {"newer"} and sorted(os.listdir(tmp_path)) == ["node"]
+
+
+def test_replace_dir_puts_back_a_folder_a_killed_swap_left_aside(tmp_path):
+    # killed between "target aside" and "staging in": only .node.old-<pid> holds the models
+    _folder(tmp_path / ".node.old-77", "old")
+    remove_stale(tmp_path, "node")
+    assert _versions(tmp_path / "node") == {"old"} and sorted(os.listdir(tmp_path)) == ["node"]
+    (tmp_path / "node").rename(tmp_path / ".node.old-78")
+    replace_dir(_folder(tmp_path / ".node.tmp-1", "new"), tmp_path / "node")
+    assert _versions(tmp_path / "node") == {"new"} and sorted(os.listdir(tmp_path)) == ["node"]
+
+
+_SWAPPER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+import hiernet.safeio as safeio
+if sys.argv[3] == "fallback":
+    safeio._exchange = lambda a, b: False
+root = Path(sys.argv[1])
+k = 0
+while True:
+    k += 1
+    stage = root / f".node.tmp-{k}"
+    stage.mkdir()
+    for i in range(5):
+        (stage / f"f{i}").write_text(str(k))
+    safeio.replace_dir(stage, root / "node")
+"""
+
+
+@pytest.mark.parametrize("mode", ["exchange", "fallback"])
+def test_replace_dir_survives_kill_9_at_any_moment(tmp_path, mode):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    rng = random.Random(0)
+    _folder(tmp_path / "node", "0")
+    for _ in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", _SWAPPER, str(tmp_path), src, mode])
+        time.sleep(0.3 + rng.random() * 0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if mode == "exchange":  # the atomic swap: a complete folder at every moment, no repair needed
+            assert len(_versions(tmp_path / "node")) == 1 and "incomplete" not in _versions(tmp_path / "node")
+        remove_stale(tmp_path, "node")  # what the next run does first
+        v = _versions(tmp_path / "node")
+        assert len(v) == 1 and "incomplete" not in v, v
+        assert sorted(os.listdir(tmp_path)) == ["node"]
+
+
 # ------------------------------------------------------------------------------ locks
 def test_lock_excludes_a_second_holder_and_is_released(tmp_path):
     lock = tmp_path / "models" / ".parent.lock"

@@ -100,30 +100,86 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def replace_dir(staging: Path, target: Path) -> None:
+_RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns ``False`` where the C library, kernel or file system does not offer it.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _recover_dir(target: Path) -> None:
+    """Undo what a kill between the two renames of the fallback swap left: the old folder only aside."""
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if aside and not os.path.lexists(target):
+        os.replace(aside[-1], target)  # the newest one aside was at ``target`` last
+
+
+def _rmtree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
     """Move the finished folder ``staging`` to ``target``, replacing an older ``target``.
 
-    The old folder is first renamed aside, then the new one renamed in, then the old one deleted, so
-    at every moment either the complete old or the complete new folder sits at ``target`` (or, for an
-    instant, neither, with the old one recoverable under ``.<name>.old-<pid>``).
+    ``staging`` must be on the file system of ``target`` (e.g. a hidden sibling, or a folder inside
+    the same parent). Where Linux offers it the two are exchanged in one atomic step, so a process
+    killed at any moment leaves the complete old or the complete new folder at ``target``. Elsewhere
+    the old folder is renamed aside to ``.<name>.old-<pid>`` first; a kill between that rename and
+    the next leaves no ``target`` for an instant, and the next call (or :func:`remove_stale`) puts
+    the old folder back. Old folders left aside by earlier crashed calls
+    are deleted once the new one is in place; the old contents are deleted last.
     """
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
+    staging, target = Path(staging), Path(target)
+    _recover_dir(target)
+    if not os.path.lexists(target):
+        os.replace(staging, target)
+        old = None
+    elif _exchange(staging, target):
+        old = staging  # now holds the old contents
+    else:
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        _rmtree(old)
         os.replace(target, old)
-    os.replace(staging, target)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        os.replace(staging, target)
+    for p in target.parent.glob(f".{target.name}.old-*"):
+        _rmtree(p)
+    if old is not None:
+        _rmtree(old)
 
 
 def remove_stale(parent: Path, name: str) -> None:
-    """Delete leftovers (``.<name>.tmp-*`` / ``.<name>.old-*``) of an interrupted earlier run."""
+    """Delete leftovers (``.<name>.tmp-*`` / ``.old-*`` / ``.staging-*``) of an interrupted earlier run.
+
+    A folder that a killed :func:`replace_dir` had moved aside while ``parent/name`` is missing is put
+    back first, not deleted.
+    """
+    _recover_dir(parent / name)  # a folder moved aside by a killed swap is not a leftover
     for pattern in (f".{name}.tmp-*", f".{name}.old-*", f".{name}.staging-*"):
         for p in parent.glob(pattern):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    p.unlink()
+            _rmtree(p)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
