@@ -111,3 +111,15 @@ def test_refuses_foreign_folder(tmp_path, capsys):
     assert _files(foreign) == {"notes.txt": b"keep me"}
     # nothing else was written: no samples, no temporary folders
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+
+
+def test_leftovers_of_an_interrupted_run_are_removed(tmp_path):
+    _run(tmp_path / "ds", tmp_path / "samples")
+    # what a run killed mid-way leaves: its build folder, an old folder set aside, an older version's build
+    for name in (".ds.tmp-999", ".ds.old-999", "ds.tmp-5", ".samples.tmp-7"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.jpg").write_bytes(b"x")
+    _run(tmp_path / "ds", tmp_path / "samples")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "samples"]
+    assert (tmp_path / "ds" / tool.MARKER).is_file()
+

@@ -16,11 +16,12 @@ Two folders are written:
 
 Both folders contain a marker file (``.generated-by-make_example_dataset``).
 An existing target folder is only ever replaced when it is empty or carries
-that marker; it is replaced atomically (build into a temporary sibling folder,
-rename the old folder away, rename the new one in, delete the old one).
+that marker; it is built in a hidden temporary sibling folder and swapped in by
+``hiernet.safeio.replace_dir`` (the old folder stays until the new one is in
+place; leftovers of an interrupted earlier run are removed first).
 
-Only Pillow, numpy and the standard library are used. Same arguments give
-byte-identical files.
+Only Pillow, numpy, the standard library and ``hiernet.safeio`` (from src/) are
+used. Same arguments give byte-identical files.
 
 Examples
 --------
@@ -43,12 +44,15 @@ import shutil
 import sys
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "src"))
+
+from hiernet.safeio import remove_stale, replace_dir  # noqa: E402
 """Repository root: the parent of the ``tools/`` folder holding this file."""
 
 MARKER = ".generated-by-make_example_dataset"
@@ -668,29 +672,15 @@ def _check_target(path: Path) -> None:
 
 
 def _fresh_tmp(target: Path) -> Path:
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    """An empty hidden ``.<name>.tmp-<pid>`` beside ``target``, after removing earlier runs' leftovers."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target.parent, target.name)
+    for old_style in (f"{target.name}.tmp-*", f"{target.name}.old-*"):  # left by earlier versions
+        for p in target.parent.glob(old_style):
+            shutil.rmtree(p, ignore_errors=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
     return tmp
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Replace ``target`` by ``tmp`` with renames; never leaves a half-written target."""
-    old: Optional[Path] = None
-    if target.exists():
-        old = target.with_name(f"{target.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _marker_text(args: argparse.Namespace, what: str) -> str:
@@ -808,10 +798,10 @@ def main(args: argparse.Namespace) -> None:
         # re-check right before replacing anything (cheap guard against races)
         for t in targets:
             _check_target(t)
-        _publish(tmp_out, out)
+        replace_dir(tmp_out, out)
         tmps.remove(tmp_out)
         if with_samples:
-            _publish(tmp_samples, samples_out)
+            replace_dir(tmp_samples, samples_out)
             tmps.remove(tmp_samples)
     except _Refusal as exc:
         _fail(str(exc))

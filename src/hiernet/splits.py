@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from .hierarchy import FLAT_DATASET, ROOT_ID, Hierarchy, safe_name, unique_names
-from .safeio import UserError, write_json_atomic
+from .safeio import UserError, remove_stale, replace_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,100 @@ def owned_entries(out: Path) -> list[str]:
     return sorted(e for e in entries if e in owned) + ["hierarchy.json"]
 
 
+def _dataset_plan(hier: Hierarchy, leaf_folder: dict[str, str]) -> dict[str, dict]:
+    """Dataset name → ``{node, classes, class_nodes, counts}`` (counts zero) for every classifier node
+    and the flat dataset (whose class folders are ``leaf_folder``'s names)."""
+    datasets: dict[str, dict] = {}
+    for nid in hier.classifier_nodes():
+        node = hier.nodes[nid]
+        datasets[node.dataset] = {
+            "node": nid,
+            "classes": [hier.nodes[c].name for c in node.children],
+            "class_nodes": list(node.children),
+            "counts": {s: {hier.nodes[c].name: 0 for c in node.children} for s in SPLITS},
+        }
+    datasets[FLAT_DATASET] = {
+        "node": None,
+        "classes": [leaf_folder[leaf] for leaf in hier.leaves()],
+        "class_nodes": hier.leaves(),
+        "counts": {s: {leaf_folder[leaf]: 0 for leaf in hier.leaves()} for s in SPLITS},
+    }
+    return datasets
+
+
+def _placements(hier: Hierarchy, leaf: str, leaf_folder: dict[str, str]) -> list[tuple[str, str]]:
+    """(dataset, class folder) of every dataset an image of ``leaf`` belongs to: flat, then top down."""
+    targets = [(FLAT_DATASET, leaf_folder[leaf])]
+    for nid in [ROOT_ID] + hier.path(leaf)[:-1]:
+        node = hier.nodes[nid]
+        if len(node.children) >= 2:
+            targets.append((node.dataset, hier.nodes[hier.child_towards(nid, leaf)].name))
+    return targets
+
+
+def _fill(staging: Path, hier: Hierarchy, files: dict[str, list[str]], assignment: dict[str, str], src: Path,
+          datasets: dict[str, dict], leaf_folder: dict[str, str]) -> tuple[list[dict], dict[str, int]]:
+    """Link (or copy) every assigned image into its datasets under ``staging``; counts go into ``datasets``.
+
+    Returns
+    -------
+    (list of dict, dict)
+        ``images`` entries of hierarchy.json (``path``, ``leaf``, ``split``, ``file``), and how many
+        files were hard-linked / copied.
+    """
+    leaf_of = {p: leaf for leaf, ps in files.items() for p in ps}
+    modes = {"link": 0, "copy": 0}
+    images, used_names = [], set()
+    for rel in sorted(assignment):
+        split, leaf = assignment[rel], leaf_of[rel]
+        name = stored_name(rel)
+        if name in used_names:  # an 8-hex-digit prefix clash: never let one image replace another
+            name = f"{hashlib.sha1(rel.encode('utf-8')).hexdigest()}_{name.split('_', 1)[1]}"
+        used_names.add(name)
+        images.append({"path": rel, "leaf": leaf, "split": split, "file": name})
+        for ds, cls in _placements(hier, leaf, leaf_folder):
+            d = staging / ds / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            modes[_link_or_copy(src / rel, d / name)] += 1
+            datasets[ds]["counts"][split][cls] += 1
+    for ds in datasets:  # empty class folders keep the class list stable for loaders
+        for s in SPLITS:
+            for cls in datasets[ds]["classes"]:
+                (staging / ds / s / cls).mkdir(parents=True, exist_ok=True)
+    return images, modes
+
+
+def _refuse_clashes(out: Path, new: list[str], old: list[str]) -> None:
+    """Refuse to replace an entry of ``out`` named like a new dataset that no earlier run wrote."""
+    clash = sorted(e for e in new if os.path.lexists(out / e) and e not in old)
+    if clash:
+        raise UserError(f"output folder {out} holds {', '.join(clash)} not written by prepare_dataset.py; "
+                        "move it away or choose another -o")
+
+
+def _publish(staging: Path, out: Path, old: list[str]) -> None:
+    """Swap every dataset folder of ``staging`` into ``out``, delete old ones no longer made, then the
+    new hierarchy.json (the marker: last, so it only ever lists complete folders)."""
+    new = sorted(e for e in os.listdir(staging) if e != "hierarchy.json")
+    for e in new:
+        replace_dir(staging / e, out / e)
+    for e in old:
+        if e not in new and e != "hierarchy.json":
+            remove_stale(out, e)
+            shutil.rmtree(out / e, ignore_errors=True)
+    os.replace(staging / "hierarchy.json", out / "hierarchy.json")
+
+
+def _fresh_staging(out: Path) -> Path:
+    """An empty ``out/.staging-<pid>``, after deleting what crashed earlier runs left in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for p in [*out.glob(".staging-*"), *out.glob(".trash-*")]:  # .trash-*: left by older versions
+        shutil.rmtree(p, ignore_errors=True)
+    staging = out / f".staging-{os.getpid()}"
+    staging.mkdir()
+    return staging
+
+
 def materialize(
     hier: Hierarchy,
     files: dict[str, list[str]],
@@ -155,7 +249,10 @@ def materialize(
 
     Layout: ``out/<node dataset>/<split>/<child name>/<file>`` for every internal node with two or
     more children (the root's dataset is ``parent``), ``out/flat/<split>/<leaf dataset name>/<file>``,
-    and ``out/hierarchy.json``. Files are hard links where possible, copies otherwise.
+    and ``out/hierarchy.json``. Files are hard links where possible, copies otherwise. Everything
+    is built in ``out/.staging-<pid>``; each dataset folder is then swapped in by
+    :func:`hiernet.safeio.replace_dir` (an old folder stays in place until its new one is complete),
+    and ``hierarchy.json`` last.
 
     Returns
     -------
@@ -164,80 +261,18 @@ def materialize(
     """
     check_paths(src, out)
     old = owned_entries(out)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".staging-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    for p in out.glob(".staging-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in out.glob(".trash-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    staging.mkdir()
-    leaf_of = {p: leaf for leaf, ps in files.items() for p in ps}
     # distinct even when two leaf ids map to one safe name ("a b" and "a_b", "é" and "è")
     leaf_folder = unique_names(hier.leaves())
-    datasets: dict[str, dict] = {}
-    modes = {"link": 0, "copy": 0}
-    images = []
-    used_names: set[str] = set()
+    datasets = _dataset_plan(hier, leaf_folder)
+    _refuse_clashes(out, sorted(datasets), old)
+    staging = _fresh_staging(out)
     try:
-        for nid in hier.classifier_nodes():
-            node = hier.nodes[nid]
-            datasets[node.dataset] = {
-                "node": nid,
-                "classes": [hier.nodes[c].name for c in node.children],
-                "class_nodes": list(node.children),
-                "counts": {s: {hier.nodes[c].name: 0 for c in node.children} for s in SPLITS},
-            }
-        datasets[FLAT_DATASET] = {
-            "node": None,
-            "classes": [leaf_folder[leaf] for leaf in hier.leaves()],
-            "class_nodes": hier.leaves(),
-            "counts": {s: {leaf_folder[leaf]: 0 for leaf in hier.leaves()} for s in SPLITS},
-        }
-        for rel in sorted(assignment):
-            split, leaf = assignment[rel], leaf_of[rel]
-            name = stored_name(rel)
-            if name in used_names:  # an 8-hex-digit prefix clash: never let one image replace another
-                name = f"{hashlib.sha1(rel.encode('utf-8')).hexdigest()}_{name.split('_', 1)[1]}"
-            used_names.add(name)
-            images.append({"path": rel, "leaf": leaf, "split": split, "file": name})
-            targets = [(FLAT_DATASET, leaf_folder[leaf])]
-            for nid in [ROOT_ID] + hier.path(leaf)[:-1]:
-                node = hier.nodes[nid]
-                if len(node.children) >= 2:
-                    child = hier.child_towards(nid, leaf)
-                    targets.append((node.dataset, hier.nodes[child].name))
-            for ds, cls in targets:
-                d = staging / ds / split / cls
-                d.mkdir(parents=True, exist_ok=True)
-                modes[_link_or_copy(src / rel, d / name)] += 1
-                datasets[ds]["counts"][split][cls] += 1
-        for ds in datasets:  # empty class folders keep the class list stable for loaders
-            for s in SPLITS:
-                for cls in datasets[ds]["classes"]:
-                    (staging / ds / s / cls).mkdir(parents=True, exist_ok=True)
-        doc = dict(meta)
-        doc.update(
-            {
-                "tree": hier.to_dict(),
-                "fingerprint": hier.fingerprint(),
-                "datasets": {k: v for k, v in datasets.items() if k != FLAT_DATASET},
-                "flat": datasets[FLAT_DATASET],
-                "images": images,
-                "file_modes": modes,
-            }
-        )
+        images, modes = _fill(staging, hier, files, assignment, src, datasets, leaf_folder)
+        doc = {**meta, "tree": hier.to_dict(), "fingerprint": hier.fingerprint(),
+               "datasets": {k: v for k, v in datasets.items() if k != FLAT_DATASET},
+               "flat": datasets[FLAT_DATASET], "images": images, "file_modes": modes}
         write_json_atomic(staging / "hierarchy.json", doc)
-        # swap: old entries aside, new ones in, old ones deleted
-        trash = out / f".trash-{os.getpid()}"
-        trash.mkdir()
-        for e in old:
-            if (out / e).exists():
-                os.replace(out / e, trash / e)
-        for e in sorted(os.listdir(staging), key=lambda e: e == "hierarchy.json"):  # the marker last
-            os.replace(staging / e, out / e)
-        shutil.rmtree(trash, ignore_errors=True)
+        _publish(staging, out, old)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return doc
