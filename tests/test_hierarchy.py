@@ -467,3 +467,16 @@ def test_hypothesis_random_trees_scan_and_validate(tree):
         assert set(skipped) == set(strays) and all("non-leaf folder" in r for r in skipped.values())
         check_hierarchy(scan.hierarchy)
         shutil.rmtree(root)
+
+
+def test_tree_distance_counts_edges_through_the_lowest_common_ancestor():
+    #        c          i
+    #     d     g
+    #   e   f
+    h = Hierarchy.from_leaf_paths(["c/d/e", "c/d/f", "c/g", "i"])
+    assert h.tree_distance("c/d/e", "c/d/e") == 0
+    assert h.tree_distance("c/d/e", "c/d/f") == 2  # siblings
+    assert h.tree_distance("c/d/e", "c/d") == 1  # its parent
+    assert h.tree_distance("c/d/e", "c/g") == 3  # up to c, down to g
+    assert h.tree_distance("c/d/e", "i") == h.tree_distance("i", "c/d/e") == 4  # through the root
+    assert h.tree_distance("c/d/e", "") == 3  # the root itself

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from hiernet.hierarchy import Hierarchy
-from hiernet.metrics import classification_summary, hierarchical_prf, mistake_severity, paired_comparison, text_report
+from hiernet.metrics import (STOPPED, classification_summary, hierarchical_prf, mistake_severity, paired_comparison,
+                             score, text_report)
 
 TWO = Hierarchy.from_leaf_paths(["a/x", "a/y", "b/z"])
 #          c                        i
@@ -149,3 +150,104 @@ def test_expected_calibration_error_on_hand_made_bins():
     assert expected_calibration_error([0.75] * 4, [True, True, True, False]) < 1e-9
     assert expected_calibration_error([1.0, 1.0], [True, True]) == 0.0  # confidence 1 falls in the top bin
     assert np.isnan(expected_calibration_error([], []))
+
+
+# ------------------------------------------------------------------------------ score(): one model's whole evaluation
+#      a          s           t
+#    x   y        o        u     z
+#                        v   w
+# 's' has one child (no classifier); 't/u' makes a third level; 't/z' is a leaf at level 2.
+MIX = Hierarchy.from_leaf_paths(["a/x", "a/y", "s/o", "t/u/v", "t/u/w", "t/z"])
+MIX_TRUE = ["a/x", "s/o", "t/u/v", "t/u/w", "t/u/v", "a/y", "s/o"]
+MIX_PATHS = [
+    ["a", "a/x"],  # 1 right
+    ["s", "s/o"],  # 2 right (through the one-child parent)
+    ["t", "t/u", "t/u/w"],  # 3 sibling at level 3
+    ["t", "t/u"],  # 4 stopped above the leaf, on the true path
+    ["t", "t/z"],  # 5 wrong at level 2 (a leaf one level higher than the true one)
+    [],  # 6 stopped at the root
+    ["a", "a/x"],  # 7 wrong at level 1
+]
+MIX_CONF = [0.9, 0.8, 0.7, 0.4, 0.6, 0.3, 0.5]
+MIX_LOCAL = {  # root and 't/u' only: 'a' and 't' get no local accuracy
+    "": ["a", "s", "t", "t", "t", "a", "a"],  # wrong only on 7
+    "t/u": [None, None, "t/u/w", "t/u/w", "t/u/v", None, None],  # images 3, 4, 5: wrong, right, right
+}
+
+
+@pytest.fixture(scope="module")
+def mix():
+    return score(MIX, MIX_TRUE, MIX_PATHS, confidences=MIX_CONF, local_children=MIX_LOCAL)
+
+
+def test_score_counts_and_levels(mix):
+    assert mix["n_images"] == 7 and mix["n_mistakes"] == 5 and mix["n_stopped"] == 2  # stopped: 4 and 6
+    assert mix["leaf_accuracy"] == pytest.approx(2 / 7) and mix["leaf_error"] == pytest.approx(5 / 7)
+    # level 3 counts only images 3, 4, 5 (the others' leaves are at level 2), all wrong there
+    assert mix["level_accuracy"] == pytest.approx([5 / 7, 4 / 7, 0.0]) and mix["level_support"] == [7, 7, 3]
+    # first mistakes: 3 and 4 at level 3, 5 at level 2, 6 and 7 at level 1
+    assert mix["error_counts"] == [2, 1, 2] and mix["error_attribution"] == pytest.approx([0.4, 0.2, 0.4])
+
+
+def test_score_hierarchical_and_severity(mix):
+    # |T ∩ P| = 2+2+2+2+1+0+0 = 9, |P| = 2+2+3+2+2+0+2 = 13, |T| = 2+2+3+3+3+2+2 = 17
+    assert mix["hierarchical_precision"] == pytest.approx(9 / 13)
+    assert mix["hierarchical_recall"] == pytest.approx(9 / 17)
+    assert mix["hierarchical_f1"] == pytest.approx(0.6)  # 2·9 / (13 + 17)
+    # mistakes: 3 (1 edge up to t/u), 5 (2 edges up to t), 7 (2 edges up to the root); 4 and 6 are not
+    assert mix["mistake_severity"] == pytest.approx(5 / 3)
+
+
+def test_score_confidence(mix):
+    assert mix["mean_confidence"] == pytest.approx(4.2 / 7)
+    # 15 bins: every confidence alone in its bin; right: 0.9 and 0.8
+    assert mix["confidence_ece"] == pytest.approx((0.1 + 0.2 + 0.7 + 0.4 + 0.6 + 0.3 + 0.5) / 7)
+
+
+def test_score_leaves_and_confusion(mix):
+    assert list(mix["per_leaf"]) == ["a/x", "a/y", "s/o", "t/u/v", "t/u/w", "t/z"]
+    assert mix["per_leaf"]["a/x"] == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})
+    assert mix["per_leaf"]["s/o"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
+    assert mix["per_leaf"]["t/z"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert mix["macro_f1"] == pytest.approx((2 / 3 + 0 + 2 / 3 + 0 + 0) / 5)  # t/z has no image: left out
+    assert mix["confusion"]["columns"] == mix["confusion"]["rows"] + [STOPPED]
+    assert mix["confusion"]["counts"] == [
+        [1, 0, 0, 0, 0, 0, 0],  # a/x
+        [0, 0, 0, 0, 0, 0, 1],  # a/y: stopped at the root
+        [1, 0, 1, 0, 0, 0, 0],  # s/o
+        [0, 0, 0, 0, 1, 1, 0],  # t/u/v
+        [0, 0, 0, 0, 0, 0, 1],  # t/u/w: stopped at t/u
+        [0, 0, 0, 0, 0, 0, 0],  # t/z
+    ]
+
+
+def test_score_nodes(mix):
+    assert list(mix["nodes"]) == ["parent", "a", "t", "t__u"]  # no classifier for the one-child 's'
+    assert mix["nodes"]["parent"] == pytest.approx(
+        {"node": "", "local_accuracy": 6 / 7, "routed_accuracy": 6 / 7, "n_true": 7, "n_routed": 7})
+    # t/u: truly below = 3, 4, 5; routed there = 3, 4 (5 went to t/z)
+    assert mix["nodes"]["t__u"] == pytest.approx(
+        {"node": "t/u", "local_accuracy": 2 / 3, "routed_accuracy": 1 / 2, "n_true": 3, "n_routed": 2})
+    assert mix["nodes"]["a"] == {"node": "a", "local_accuracy": None, "routed_accuracy": None,
+                                 "n_true": 2, "n_routed": 1}  # only 1 reached 'a' among 1 and 6
+    assert mix["nodes"]["t"]["n_true"] == mix["nodes"]["t"]["n_routed"] == 3
+
+
+def test_score_of_a_flat_model_uses_the_same_rules():
+    flat = ["a/x", "s/o", "t/u/v", "t/z", "t/u/w", "a/y", "s/o"]  # wrong on 4 and 5
+    r = score(MIX, MIX_TRUE, [MIX.path(f) for f in flat])
+    assert r["leaf_accuracy"] == pytest.approx(5 / 7) and r["n_stopped"] == 0
+    assert r["level_accuracy"] == pytest.approx([1.0, 6 / 7, 1 / 3])
+    assert r["mistake_severity"] == pytest.approx(1.5)  # 4: 2 edges up to t; 5: 1 edge up to t/u
+    assert r["confusion"]["columns"] == r["confusion"]["rows"]  # nothing stopped: no stopped column
+    assert r["mean_confidence"] is None and r["confidence_ece"] is None
+
+
+def test_score_without_images_or_mistakes():
+    r = score(MIX, [], [])
+    assert r["n_images"] == 0 and r["leaf_accuracy"] is None and r["hierarchical_f1"] is None
+    assert r["mistake_severity"] is None and r["level_accuracy"] == []
+    r = score(MIX, ["t/z"], [["t", "t/z"]], confidences=[1.0])
+    assert r["leaf_accuracy"] == 1.0 and r["mistake_severity"] is None and r["confidence_ece"] == 0.0
+    with pytest.raises(ValueError):
+        score(MIX, ["t/z"], [])

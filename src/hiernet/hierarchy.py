@@ -113,7 +113,6 @@ class Hierarchy:
     def __init__(self, nodes: dict[str, Node]):
         self.nodes = nodes
         self.validate()
-        self._by_dataset = {n.dataset: n.id for n in nodes.values() if n.dataset}
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -222,15 +221,6 @@ class Hierarchy:
         """Internal nodes with two or more children: the ones that need a model, root first."""
         return [nid for nid in self.internal_nodes() if len(self.nodes[nid].children) >= 2]
 
-    def node_for_dataset(self, dataset: str) -> str:
-        """The node id whose dataset folder is ``dataset``."""
-        try:
-            return self._by_dataset[dataset]
-        except KeyError:
-            raise HierarchyError(
-                f"no node has dataset {dataset!r}; valid: {', '.join(sorted(self._by_dataset))}"
-            ) from None
-
     def path(self, nid: str) -> list[str]:
         """Ids from the top level down to ``nid`` (root excluded)."""
         out = []
@@ -335,6 +325,86 @@ class ScanResult:
     warnings: list[str]
 
 
+def _rel(p: Path, root: Path) -> str:
+    return p.relative_to(root).as_posix()
+
+
+def _shown(p: Path, root: Path) -> str:
+    """``p`` relative to ``root``, printable and JSON-safe even for names that are not UTF-8."""
+    return _rel(p, root).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _list_folder(folder: Path, root: Path, skipped: list, warnings: list) -> tuple[list[Path], list[Path]] | None:
+    """Sub-folders and image files of ``folder`` (sorted; hidden entries ignored), or ``None`` if unlistable.
+
+    Symlinked folders, unstat-able entries and names that are not UTF-8 go to ``skipped``.
+    """
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        warnings.append(f"cannot list folder {_shown(folder, root) or '.'}: {exc.strerror or exc}")
+        return None
+    subdirs, images = [], []
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        p = Path(e.path)
+        try:
+            if e.is_symlink() and e.is_dir():
+                skipped.append((_shown(p, root), "symlinked folder, not followed"))
+                continue
+            is_dir = e.is_dir(follow_symlinks=False)
+        except OSError as exc:
+            skipped.append((_shown(p, root), f"cannot stat: {exc.strerror or exc}"))
+            continue
+        if (is_dir or is_image_name(e.name)) and not _utf8_ok(e.name):
+            skipped.append((_shown(p, root), "name is not valid UTF-8; rename it"))
+            continue
+        if is_dir:
+            subdirs.append(p)
+        elif is_image_name(e.name):
+            images.append(p)
+    return subdirs, images
+
+
+def _usable_images(images: list[Path], root: Path, check: Callable[[Path], str | None] | None,
+                   skipped: list) -> list[str]:
+    """Relative paths of the regular, ``check``-passing files among ``images``; the rest go to ``skipped``."""
+    good = []
+    for p in images:
+        reason = None
+        try:
+            if p.is_symlink() and not p.exists():
+                reason = "broken symlink"
+            elif not p.is_file():
+                reason = "not a regular file"
+        except OSError as exc:  # symlink loops raise ELOOP
+            reason = f"cannot stat: {exc.strerror or exc}"
+        if reason is None and check is not None:
+            reason = check(p)
+        if reason is None:
+            good.append(_rel(p, root))
+        else:
+            skipped.append((_rel(p, root), reason))
+    return good
+
+
+def _tree_warnings(hier: Hierarchy, internal: set[str]) -> list[str]:
+    """Warnings on the scanned tree: folders left without classes, parents with one child."""
+    warnings = []
+    for nid in sorted(internal):
+        if nid and nid not in hier.nodes:
+            warnings.append(f"folder '{nid}' has no usable classes below it; it is left out")
+    for nid in hier.internal_nodes():
+        if len(hier.nodes[nid].children) == 1:
+            only = hier.nodes[hier.nodes[nid].children[0]].name
+            warnings.append(
+                f"'{nid or 'root'}' has one child ('{only}'): no model is trained for it and "
+                f"prediction passes through to '{only}' with probability 1"
+            )
+    return warnings
+
+
 def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | None = None) -> ScanResult:
     """Scan ``ROOT/<class>/.../<leaf>/<images>`` into a hierarchy and per-leaf file lists.
 
@@ -357,68 +427,23 @@ def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | Non
     skipped: list[tuple[str, str]] = []
     warnings: list[str] = []
     internal: set[str] = set()
-
-    def rel(p: Path) -> str:
-        return p.relative_to(root).as_posix()
-
-    def shown(p: Path) -> str:  # printable and JSON-safe even for names that are not UTF-8
-        return rel(p).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
     stack = [root]
     while stack:
         folder = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as exc:
-            warnings.append(f"cannot list folder {shown(folder) or '.'}: {exc.strerror or exc}")
+        listed = _list_folder(folder, root, skipped, warnings)
+        if listed is None:
             continue
-        subdirs, images = [], []
-        for e in entries:
-            if e.name.startswith("."):
-                continue
-            p = Path(e.path)
-            try:
-                if e.is_symlink() and e.is_dir():
-                    skipped.append((shown(p), "symlinked folder, not followed"))
-                    continue
-                is_dir = e.is_dir(follow_symlinks=False)
-            except OSError as exc:
-                skipped.append((shown(p), f"cannot stat: {exc.strerror or exc}"))
-                continue
-            if (is_dir or is_image_name(e.name)) and not _utf8_ok(e.name):
-                skipped.append((shown(p), "name is not valid UTF-8; rename it"))
-                continue
-            if is_dir:
-                subdirs.append(p)
-            elif is_image_name(e.name):
-                images.append(p)
-        nid = rel(folder) if folder != root else ROOT_ID
+        subdirs, images = listed
+        nid = _rel(folder, root) if folder != root else ROOT_ID
         if subdirs:
             internal.add(nid)
             for p in images:
-                skipped.append((rel(p), f"image directly in non-leaf folder '{nid or '.'}'; move it into a class folder"))
+                skipped.append((_rel(p, root), f"image directly in non-leaf folder '{nid or '.'}'; move it into a class folder"))
             stack.extend(reversed(subdirs))
             continue
         if folder == root:
-            raise HierarchyError(
-                f"{root} has no class folders; expected ROOT/<class>/<subclass>/images"
-            )
-        good = []
-        for p in images:
-            reason = None
-            try:
-                if p.is_symlink() and not p.exists():
-                    reason = "broken symlink"
-                elif not p.is_file():
-                    reason = "not a regular file"
-            except OSError as exc:  # symlink loops raise ELOOP
-                reason = f"cannot stat: {exc.strerror or exc}"
-            if reason is None and check is not None:
-                reason = check(p)
-            if reason is None:
-                good.append(rel(p))
-            else:
-                skipped.append((rel(p), reason))
+            raise HierarchyError(f"{root} has no class folders; expected ROOT/<class>/<subclass>/images")
+        good = _usable_images(images, root, check, skipped)
         if good:
             files[nid] = sorted(good)
         else:
@@ -426,16 +451,7 @@ def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | Non
     if not files:
         raise HierarchyError(f"no usable images found under {root}")
     hier = Hierarchy.from_leaf_paths(files)
-    for nid in sorted(internal):
-        if nid and nid not in hier.nodes:
-            warnings.append(f"folder '{nid}' has no usable classes below it; it is left out")
-    for nid in hier.internal_nodes():
-        if len(hier.nodes[nid].children) == 1:
-            only = hier.nodes[hier.nodes[nid].children[0]].name
-            warnings.append(
-                f"'{nid or 'root'}' has one child ('{only}'): no model is trained for it and "
-                f"prediction passes through to '{only}' with probability 1"
-            )
+    warnings += _tree_warnings(hier, internal)
     skipped.sort()
     return ScanResult(hier, files, skipped, warnings)
 
