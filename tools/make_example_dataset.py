@@ -557,24 +557,8 @@ def _background(rng: np.random.Generator, side: int) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 # One image
 # --------------------------------------------------------------------------- #
-def render_image(parent: str, child: str, rng: np.random.Generator, size: int) -> Image.Image:
-    """Render one synthetic product photo.
-
-    Parameters
-    ----------
-    parent, child : str
-        The leaf class to draw (a key pair of :data:`CATALOGUE`).
-    rng : numpy.random.Generator
-        Source of all randomness for this image.
-    size : int
-        Side of the square output image in pixels.
-
-    Returns
-    -------
-    PIL.Image.Image
-        An RGB image of ``size x size`` pixels.
-    """
-    side = size * SUPERSAMPLE
+def _paint_object(parent: str, child: str, rng: np.random.Generator, side: int) -> Image.Image:
+    """The product of class ``parent/child`` drawn, coloured and outlined: RGBA, ``side x side``."""
     pen = _Pen(side)
     CATALOGUE[parent][child](pen, rng)
     layers = pen.arrays()
@@ -600,7 +584,11 @@ def render_image(parent: str, child: str, rng: np.random.Generator, size: int) -
     rgb = rgb * (1 - ink) + dark * ink
     alpha = np.maximum(union, np.maximum(det, outline))
     obj = Image.fromarray(np.dstack([np.clip(rgb, 0, 255), alpha * 255]).astype(np.uint8), "RGBA")
+    return obj
 
+
+def _place(obj: Image.Image, rng: np.random.Generator, side: int) -> Image.Image:
+    """``obj`` flipped, rotated, scaled and put on a random background (with a shadow): RGB, ``side x side``."""
     if rng.random() < 0.5:
         obj = obj.transpose(Image.FLIP_LEFT_RIGHT)
     obj = obj.rotate(rng.uniform(-20, 20), resample=Image.BICUBIC, expand=True)
@@ -621,7 +609,29 @@ def render_image(parent: str, child: str, rng: np.random.Generator, size: int) -
         bg = bg * (1 - 0.3 * np.asarray(sh, dtype=np.float32)[..., None] / 255.0)
     canvas = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     canvas.paste(obj, (x, y), obj)
-    return canvas.resize((size, size), Image.LANCZOS)
+    return canvas
+
+
+def render_image(parent: str, child: str, rng: np.random.Generator, size: int) -> Image.Image:
+    """Render one synthetic product photo.
+
+    Parameters
+    ----------
+    parent, child : str
+        The leaf class to draw (a key pair of :data:`CATALOGUE`).
+    rng : numpy.random.Generator
+        Source of all randomness for this image.
+    size : int
+        Side of the square output image in pixels.
+
+    Returns
+    -------
+    PIL.Image.Image
+        An RGB image of ``size x size`` pixels.
+    """
+    side = size * SUPERSAMPLE
+    obj = _paint_object(parent, child, rng, side)
+    return _place(obj, rng, side).resize((size, size), Image.LANCZOS)
 
 
 def image_rng(seed: int, stream: int, parent: str, child: str, index: int) -> np.random.Generator:
@@ -732,6 +742,45 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Exit with one line (code 2) on an invalid option value."""
+    if args.per_leaf < 1:
+        _fail("--per-leaf must be at least 1")
+    if args.samples_per_leaf < 0:
+        _fail("--samples-per-leaf must not be negative")
+    if args.size < 32:
+        _fail("--size must be at least 32")
+    if args.seed < 0:
+        _fail("--seed must be a non-negative integer")
+
+
+def _write_catalogue(folder: Path, args: argparse.Namespace) -> int:
+    """Draw ``folder/<parent>/<child>/<child>_<NNN>.jpg`` and the marker; returns the number of images."""
+    width = max(3, len(str(args.per_leaf - 1)))
+    n = 0
+    for parent, child in leaf_classes():
+        leaf = folder / parent / child
+        leaf.mkdir(parents=True)
+        for i in range(args.per_leaf):
+            img = render_image(parent, child, image_rng(args.seed, TRAIN_STREAM, parent, child, i), args.size)
+            _save(img, leaf / f"{child}_{i:0{width}d}.jpg")
+            n += 1
+    (folder / MARKER).write_text(_marker_text(args, "example catalogue"), encoding="utf-8")
+    return n
+
+
+def _write_samples(folder: Path, args: argparse.Namespace) -> int:
+    """Draw ``folder/<parent>_<child>_<k>.jpg`` and the marker; returns the number of images."""
+    n = 0
+    for parent, child in leaf_classes():
+        for k in range(args.samples_per_leaf):
+            img = render_image(parent, child, image_rng(args.seed, SAMPLE_STREAM, parent, child, k), args.size)
+            _save(img, folder / f"{parent}_{child}_{k}.jpg")
+            n += 1
+    (folder / MARKER).write_text(_marker_text(args, "sample images"), encoding="utf-8")
+    return n
+
+
 def main(args: argparse.Namespace) -> None:
     """Generate the catalogue and the sample images.
 
@@ -746,15 +795,7 @@ def main(args: argparse.Namespace) -> None:
         With code 2 (after one line on stderr) for invalid options or when an
         output folder exists, is not empty and was not made by this tool.
     """
-    if args.per_leaf < 1:
-        _fail("--per-leaf must be at least 1")
-    if args.samples_per_leaf < 0:
-        _fail("--samples-per-leaf must not be negative")
-    if args.size < 32:
-        _fail("--size must be at least 32")
-    if args.seed < 0:
-        _fail("--seed must be a non-negative integer")
-
+    _check_args(args)
     out = Path(os.path.abspath(args.out))
     samples_out = Path(os.path.abspath(args.samples_out))
     with_samples = args.samples_per_leaf > 0
@@ -769,50 +810,25 @@ def main(args: argparse.Namespace) -> None:
 
     tmps: List[Path] = []
     try:
-        tmp_out = _fresh_tmp(out)
-        tmps.append(tmp_out)
-        width = max(3, len(str(args.per_leaf - 1)))
-        n_train = 0
-        for parent, child in leaf_classes():
-            folder = tmp_out / parent / child
-            folder.mkdir(parents=True)
-            for i in range(args.per_leaf):
-                img = render_image(parent, child, image_rng(args.seed, TRAIN_STREAM, parent, child, i),
-                                   args.size)
-                _save(img, folder / f"{child}_{i:0{width}d}.jpg")
-                n_train += 1
-        (tmp_out / MARKER).write_text(_marker_text(args, "example catalogue"), encoding="utf-8")
-
-        n_samples = 0
-        if with_samples:
-            tmp_samples = _fresh_tmp(samples_out)
-            tmps.append(tmp_samples)
-            for parent, child in leaf_classes():
-                for k in range(args.samples_per_leaf):
-                    img = render_image(parent, child,
-                                       image_rng(args.seed, SAMPLE_STREAM, parent, child, k), args.size)
-                    _save(img, tmp_samples / f"{parent}_{child}_{k}.jpg")
-                    n_samples += 1
-            (tmp_samples / MARKER).write_text(_marker_text(args, "sample images"), encoding="utf-8")
-
-        # re-check right before replacing anything (cheap guard against races)
-        for t in targets:
+        writers = [_write_catalogue] + ([_write_samples] if with_samples else [])
+        counts = []
+        for target, write in zip(targets, writers):
+            tmps.append(_fresh_tmp(target))
+            counts.append(write(tmps[-1], args))
+        for t in targets:  # re-check right before replacing anything (cheap guard against races)
             _check_target(t)
-        replace_dir(tmp_out, out)
-        tmps.remove(tmp_out)
-        if with_samples:
-            replace_dir(tmp_samples, samples_out)
-            tmps.remove(tmp_samples)
+        for target, tmp in zip(targets, list(tmps)):
+            replace_dir(tmp, target)
+            tmps.remove(tmp)
     except _Refusal as exc:
         _fail(str(exc))
     finally:
         for t in tmps:
             shutil.rmtree(t, ignore_errors=True)
 
-    n_leaves = len(leaf_classes())
-    msg = f"wrote {n_train} images ({n_leaves} leaf classes in {len(CATALOGUE)} parents) to {out}"
+    msg = f"wrote {counts[0]} images ({len(leaf_classes())} leaf classes in {len(CATALOGUE)} parents) to {out}"
     if with_samples:
-        msg += f" and {n_samples} sample images to {samples_out}"
+        msg += f" and {counts[1]} sample images to {samples_out}"
     print(msg)
 
 

@@ -346,6 +346,9 @@ def leaf_correct(true_leaves: Sequence[str], pred_paths: Sequence[Sequence[str]]
     return np.array([bool(p) and p[-1] == t for p, t in zip(pred_paths, true_leaves)], dtype=bool)
 
 
+_PRF_KEYS = ("hierarchical_precision", "hierarchical_recall", "hierarchical_f1")
+
+
 def score(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Sequence[Sequence[str]],
           confidences: Sequence[float] | None = None,
           local_children: dict[str, Sequence[str | None]] | None = None) -> dict:
@@ -380,7 +383,7 @@ def score(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Sequence[Sequ
     if len(true_leaves) != len(pred_paths):
         raise ValueError(f"{len(true_leaves)} true leaves but {len(pred_paths)} predictions")
     n = len(true_leaves)
-    pred_node = [p[-1] if p else ROOT_ID for p in pred_paths]
+    pred_node = [p[-1] if p else ROOT_ID for p in pred_paths]  # deepest predicted node ("" = none)
     correct = leaf_correct(true_leaves, pred_paths)
     level_acc, level_support = level_accuracy(hier, true_leaves, pred_paths)
     shares, counts = error_attribution(hier, true_leaves, pred_paths)
@@ -390,8 +393,7 @@ def score(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Sequence[Sequ
     n_stopped = sum(1 for p in pred_leaf if p is None)
     leaf_accuracy = float(correct.mean()) if n else None
     with_conf = confidences is not None and n > 0
-    prf = hierarchical_prf(hier, true_leaves, pred_node) if n else dict.fromkeys(
-        ("hierarchical_precision", "hierarchical_recall", "hierarchical_f1"))
+    prf = hierarchical_prf(hier, true_leaves, pred_node) if n else dict.fromkeys(_PRF_KEYS)
     return json_ready({
         "n_images": n,
         "leaf_accuracy": leaf_accuracy,
