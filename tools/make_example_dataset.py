@@ -754,31 +754,32 @@ def _check_args(args: argparse.Namespace) -> None:
         _fail("--seed must be a non-negative integer")
 
 
-def _write_catalogue(folder: Path, args: argparse.Namespace) -> int:
-    """Draw ``folder/<parent>/<child>/<child>_<NNN>.jpg`` and the marker; returns the number of images."""
-    width = max(3, len(str(args.per_leaf - 1)))
+def _write_images(folder: Path, args: argparse.Namespace, stream: int, per_leaf: int,
+                  name: Callable[[str, str, int], str], what: str) -> int:
+    """Draw ``per_leaf`` images of every leaf class from random ``stream`` to ``folder/name(parent,
+    child, index)``, then the marker; returns the number of images."""
     n = 0
     for parent, child in leaf_classes():
-        leaf = folder / parent / child
-        leaf.mkdir(parents=True)
-        for i in range(args.per_leaf):
-            img = render_image(parent, child, image_rng(args.seed, TRAIN_STREAM, parent, child, i), args.size)
-            _save(img, leaf / f"{child}_{i:0{width}d}.jpg")
+        for i in range(per_leaf):
+            path = folder / name(parent, child, i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _save(render_image(parent, child, image_rng(args.seed, stream, parent, child, i), args.size), path)
             n += 1
-    (folder / MARKER).write_text(_marker_text(args, "example catalogue"), encoding="utf-8")
+    (folder / MARKER).write_text(_marker_text(args, what), encoding="utf-8")
     return n
+
+
+def _write_catalogue(folder: Path, args: argparse.Namespace) -> int:
+    """``folder/<parent>/<child>/<child>_<NNN>.jpg``: the training catalogue."""
+    width = max(3, len(str(args.per_leaf - 1)))
+    return _write_images(folder, args, TRAIN_STREAM, args.per_leaf,
+                         lambda parent, child, i: f"{parent}/{child}/{child}_{i:0{width}d}.jpg", "example catalogue")
 
 
 def _write_samples(folder: Path, args: argparse.Namespace) -> int:
-    """Draw ``folder/<parent>_<child>_<k>.jpg`` and the marker; returns the number of images."""
-    n = 0
-    for parent, child in leaf_classes():
-        for k in range(args.samples_per_leaf):
-            img = render_image(parent, child, image_rng(args.seed, SAMPLE_STREAM, parent, child, k), args.size)
-            _save(img, folder / f"{parent}_{child}_{k}.jpg")
-            n += 1
-    (folder / MARKER).write_text(_marker_text(args, "sample images"), encoding="utf-8")
-    return n
+    """``folder/<parent>_<child>_<k>.jpg``: unseen images from another random stream."""
+    return _write_images(folder, args, SAMPLE_STREAM, args.samples_per_leaf,
+                         lambda parent, child, k: f"{parent}_{child}_{k}.jpg", "sample images")
 
 
 def main(args: argparse.Namespace) -> None:
