@@ -248,3 +248,35 @@ def test_materialize_refuses_foreign_folder_and_leaves_it_alone(tmp_path):
     with pytest.raises(UserError, match="not written by prepare_dataset.py"):
         _materialize(root, out)
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+
+def _leaves(root: Path, leaves: list[str]) -> Path:
+    for leaf in leaves:
+        (root / leaf).mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            (root / leaf / f"{i}.jpg").write_bytes(f"{leaf}{i}".encode())
+    return root
+
+
+def test_rerun_swaps_datasets_in_and_drops_the_ones_no_longer_made(tmp_path):
+    out = tmp_path / "out"
+    scan, assignment, doc = _materialize(_leaves(tmp_path / "one", ["a/x", "a/y", "b/z", "b/w"]), out)
+    assert sorted(doc["datasets"]) == ["a", "b", "parent"]
+    (out / ".b.old-77").mkdir()  # left aside by a swap that was killed earlier
+    (out / "notes.txt").write_text("mine")  # not ours: kept
+    scan, assignment, doc = _materialize(_leaves(tmp_path / "two", ["a/x", "a/y", "b"]), out)
+    assert sorted(doc["datasets"]) == ["a", "parent"]
+    assert sorted(p.name for p in out.iterdir()) == ["a", "flat", "hierarchy.json", "notes.txt", "parent"]
+    (out / "notes.txt").unlink()
+    check_output(out, scan.hierarchy, scan.files, assignment, doc)
+
+
+def test_refuses_to_replace_a_foreign_entry_named_like_a_dataset(tmp_path):
+    out = tmp_path / "out"
+    _materialize(_leaves(tmp_path / "one", ["a/x", "a/y", "b"]), out)
+    (out / "c").mkdir()
+    (out / "c" / "thesis.docx").write_text("keep me")  # the user's, not listed by hierarchy.json
+    before = {p.relative_to(out).as_posix() for p in out.rglob("*")}
+    with pytest.raises(UserError, match=r"holds c not written by prepare_dataset.py"):
+        _materialize(_leaves(tmp_path / "two", ["a/x", "a/y", "c/u", "c/v"]), out)
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*")} == before
