@@ -141,6 +141,7 @@ def test_predict_csv_folder_recursive_and_topk(pipeline):
     assert len(rows) == 3 * 7
     assert all(r["labels"].startswith(("apparel/", "accessories/")) for r in rows)
     assert all(len(r["topk"].split(" | ")[0].split(";")) == 2 for r in rows)
+    assert all(r["node"] == r["labels"] for r in rows)  # the node id column (here the label path)
 
 
 def test_min_confidence_stops_early(pipeline):

@@ -202,9 +202,8 @@ class HierarchicalPredictor:
         if prefetch is None:
             prefetch = 2 if bundle.runtime == "torch" and str(bundle.device) != "cpu" else 0
         self.prefetch_batches = int(prefetch)
-        self._labels = {ROOT_ID: ""}  # node id -> label printed for it
-        for nid in bundle.hier.classifier_nodes():
-            self._labels.update({c: bundle.hier.nodes[c].name for c in bundle.hier.nodes[nid].children})
+        # node id -> the label printed for it: its name, or the class name its parent's model was trained with
+        self._labels = {nid: node.name for nid, node in bundle.hier.nodes.items()}
         for nm in bundle.nodes.values():
             self._labels.update(zip(nm.class_nodes, nm.classes))
 
