@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hiernet.paths import DEFAULT_DATA_DIR, DEFAULT_MODELS_DIR, DEFAULT_RESULTS_DIR, add_inference_args  # noqa: E402
+from hiernet.paths import check_inference_args  # noqa: E402
 from hiernet.safeio import UserError, run_cli  # noqa: E402
 
 
@@ -56,21 +57,13 @@ def _flag_error(exc: UserError) -> UserError:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if not 0.0 <= args.min_confidence <= 1.0:
-        raise UserError("--min-confidence must be between 0 and 1")
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
+    device = check_inference_args(args.runtime, args.device, args.batch_size, args.min_confidence, args.tta_below)
     if args.output.exists() and not args.output.is_dir():
         raise UserError(f"--output {args.output} is a file, not a folder")
     from hiernet.evaluation import evaluate
     from hiernet.report import summary_lines, write_outputs
     from hiernet.safeio import exclusive_lock
 
-    device = args.device
-    if args.runtime == "torch" or device != "cpu":
-        from hiernet.runtime import resolve_device
-
-        device = resolve_device(device)
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out / ".evaluate.lock", f"evaluate.py into {out}"):

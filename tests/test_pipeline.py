@@ -141,6 +141,7 @@ def test_predict_csv_folder_recursive_and_topk(pipeline):
     assert len(rows) == 3 * 7
     assert all(r["labels"].startswith(("apparel/", "accessories/")) for r in rows)
     assert all(len(r["topk"].split(" | ")[0].split(";")) == 2 for r in rows)
+    assert all(r["node"] == r["labels"] for r in rows)  # the node id column (here the label path)
 
 
 def test_min_confidence_stops_early(pipeline):
@@ -214,6 +215,8 @@ def test_selective_mirror_averaging_runs_the_mirror_only_where_unsure(pipeline):
     from hiernet.predictor import HierarchicalPredictor
 
     imgs = [str(p) for p in sorted(pipeline["data"].rglob("*.jpg"))[:10]]
+    from hiernet.predictor import MirrorPolicy
+
     pred = HierarchicalPredictor.load(pipeline["models"], runtime="onnx")
     assert pred.tta_below == HierarchicalPredictor.DEFAULT_TTA_BELOW
     (group, (run, size, resize)), = pred.backbones.items()
@@ -222,8 +225,7 @@ def test_selective_mirror_averaging_runs_the_mirror_only_where_unsure(pipeline):
     results = {}
     for below in (0.0, 1.0, 0.6):
         seen.clear()
-        pred.tta_below = below
-        results[below] = pred.predict_paths(imgs, batch_size=16)
+        results[below] = pred.with_options(mirror=MirrorPolicy(below)).predict_paths(imgs, batch_size=16)
         results[below, "forwards"] = sum(seen)
     assert results[0.0, "forwards"] == 10  # one backbone pass per image, whatever the depth
     assert results[1.0, "forwards"] == 20  # each image's mirror computed once, shared by every level
@@ -266,8 +268,7 @@ def test_decoding_ahead_or_batch_by_batch_gives_the_same_predictions(pipeline, t
     pred = HierarchicalPredictor.load(pipeline["models"], runtime="onnx")
     assert pred.prefetch_batches == 0  # CPU: no decoding threads competing with onnxruntime's
     now = pred.predict_paths(imgs, batch_size=4)
-    pred.prefetch_batches = 2
-    ahead = pred.predict_paths(imgs, batch_size=4)
+    ahead = pred.with_options(prefetch_batches=2).predict_paths(imgs, batch_size=4)
     assert [p.path for p in now] == [p.path for p in ahead] == imgs
     assert [p.node_ids for p in now] == [p.node_ids for p in ahead]
     assert not now[-1].complete and now[-1].error and all(p.complete for p in now[:-1])
@@ -275,14 +276,13 @@ def test_decoding_ahead_or_batch_by_batch_gives_the_same_predictions(pipeline, t
 
 @pytest.mark.parametrize("batch_size", [3, 16])
 def test_mirror_passes_are_gathered_across_batches_with_the_same_results(pipeline, batch_size):
-    from hiernet.predictor import HierarchicalPredictor
+    from hiernet.predictor import HierarchicalPredictor, MirrorPolicy
 
     imgs = [str(p) for p in sorted(pipeline["data"].rglob("*.jpg"))[:14]]
-    pred = HierarchicalPredictor.load(pipeline["models"], runtime="onnx", with_flat=True)
-    pred.tta_below = 0.0
-    plain = pred.predict_paths(imgs)
+    loaded = HierarchicalPredictor.load(pipeline["models"], runtime="onnx", with_flat=True)
+    plain = loaded.with_options(mirror=MirrorPolicy(0.0)).predict_paths(imgs)
     # a threshold that makes about half of the images unsure somewhere on their path
-    pred.tta_below = float(np.median([min(p.probs + [p.flat_prob]) for p in plain])) + 1e-6
+    pred = loaded.with_options(mirror=MirrorPolicy(float(np.median([min(p.probs + [p.flat_prob]) for p in plain])) + 1e-6))
     inline = []  # the reference: every batch routed with its mirror passes inline
     for prepared in pred.prepared_batches(imgs, batch_size):
         inline += pred.predict_arrays([x for _, x, _ in prepared], [imgs[i] for i, _, _ in prepared])

@@ -30,3 +30,32 @@ def add_inference_args(p) -> None:
                    help="stop at the deepest node whose path probability stays >= P (0 = always go to a leaf)")
     p.add_argument("--tta-below", type=float, default=None, metavar="P",
                    help="mirror-image averaging only where a node's top probability is below P (default 0.6; 1 = always, 0 = never)")
+
+
+def check_inference_args(runtime: str, device: str, batch_size: int, min_confidence: float,
+                         tta_below: float | None, topk: int = 1) -> str:
+    """Check the values of :func:`add_inference_args`' flags; return the device to load models on.
+
+    Errors name the flags: this is the scripts' check, before any library call. A device other than
+    ``cpu`` (or any device with ``--runtime torch``) is resolved (``auto``) and checked to exist.
+
+    Raises
+    ------
+    hiernet.safeio.UserError
+        A value out of range, or a device that is not available here.
+    """
+    from .safeio import UserError
+
+    if topk < 1:
+        raise UserError("--topk must be at least 1")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if not 0.0 <= min_confidence <= 1.0:
+        raise UserError("--min-confidence must be between 0 and 1")
+    if tta_below is not None and not 0.0 <= tta_below <= 1.0:
+        raise UserError(f"--tta-below must be between 0 and 1, got {tta_below}")
+    if runtime == "torch" or device != "cpu":
+        from .runtime import resolve_device
+
+        return resolve_device(device)
+    return device

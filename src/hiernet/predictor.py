@@ -1,35 +1,89 @@
-"""Load every node once and route batches of images down the tree (LCPN inference).
+"""Predict class paths for images: decode and batch → backbones → node probabilities → routing → records.
 
-When node heads share one frozen backbone, the backbone runs once per image and the features are
-routed level by level; each parent's head sees only the images sent to it, in one batch. Nodes with
-their own fine-tuned network run it on the images routed to them only. A parent with one child
-needs no model: it passes images on with probability 1.
-
-Two runtimes: ``torch`` (reads ``model.pth`` with ``weights_only=True``) and ``onnx`` (reads the
-ONNX files src/export.py writes; needs neither torch nor its start-up time). This module imports
-torch only when the torch runtime is used.
+The models come from a :class:`hiernet.bundle.ModelBundle` (torch or ONNX, loaded once); the walk
+down the tree is :func:`hiernet.routing.route`. When node heads share one frozen backbone, the backbone
+runs once per image; each parent's head sees only the images routed to it, in one batch. Nodes with
+their own fine-tuned network run it on the images routed to them only. How the predictor behaves is
+fixed at construction by :class:`PredictOptions` (with its :class:`MirrorPolicy`).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import enum
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from .hierarchy import FLAT_DATASET, ROOT_ID, Hierarchy, require_hierarchy_json
+from .bundle import MANIFEST, ONNX_DIR, ModelBundle, NodeModel, load_bundle, onnx_problem, read_models_hierarchy  # noqa: F401
+from .hierarchy import ROOT_ID, Hierarchy
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
-from .safeio import UserError, sha256_file
+from .routing import average_views, route, softmax
+from .safeio import UserError
 
 log = logging.getLogger(__name__)
 
-ONNX_DIR = "onnx"
-MANIFEST = "manifest.json"
+#: Kept for callers written before :func:`hiernet.routing.softmax` was public.
+_softmax = softmax
+
+
+@dataclass(frozen=True)
+class MirrorPolicy:
+    """Selective mirror-image averaging, for nodes trained with it.
+
+    A node averages an image's probabilities with its mirror image's only when its top probability
+    without the mirror is below ``below``: 1 = every image, 0 = never. A confident decision is
+    practically never changed by the mirror, and skipping it saves most of the second backbone pass.
+    """
+
+    below: float = 0.6
+
+    def __post_init__(self):
+        if not 0.0 <= self.below <= 1.0:
+            raise UserError(f"the mirror-averaging threshold must be between 0 and 1, got {self.below}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.below > 0
+
+    def unsure(self, probs: np.ndarray) -> np.ndarray:
+        """Rows of ``probs`` ``(B, C)`` that want their mirror: int indices ``(K,)``."""
+        if self.below >= 1:
+            return np.arange(len(probs))
+        return np.where(probs.max(axis=1) < self.below)[0]
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Everything that shapes predictions, fixed when the predictor is built.
+
+    Attributes
+    ----------
+    min_confidence : float
+        Stop at the deepest node whose path probability stays ``>=`` this (0: always a leaf).
+    topk : int
+        Classes listed per level in ``Prediction.topk``.
+    mirror : MirrorPolicy
+    prefetch_batches : int or None
+        Batches decoded ahead while the network runs. ``None``: 2 for torch on an accelerator, else 0
+        (on CPU decoding threads would compete with onnxruntime's for the same cores, measured slower).
+    """
+
+    min_confidence: float = 0.0
+    topk: int = 1
+    mirror: MirrorPolicy = field(default_factory=MirrorPolicy)
+    prefetch_batches: int | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise UserError(f"the minimum confidence must be between 0 and 1, got {self.min_confidence}")
+        if self.topk < 1:
+            raise UserError(f"top-k must be at least 1, got {self.topk}")
 
 
 @dataclass
@@ -37,9 +91,10 @@ class Prediction:
     """One image's result.
 
     ``labels``/``node_ids``/``probs`` run from the top level down to the deepest predicted node;
-    ``confidence`` is the product of ``probs``; ``topk`` holds, per level, the K most likely classes
-    of the node the image was routed to; ``complete`` is False when ``min_confidence`` stopped the
-    walk above a leaf; ``error`` is set (and the rest empty) when the image could not be read.
+    ``confidence`` is the product of ``probs``; ``topk`` holds, per level, ``(label, prob)`` of the K
+    most likely classes of the node the image was routed to; ``complete`` is False when
+    ``min_confidence`` stopped the walk above a leaf; ``error`` is set (and the rest empty) when the
+    image could not be read.
     """
 
     path: str
@@ -58,205 +113,141 @@ class Prediction:
         """Deepest predicted node id (``""`` if none)."""
         return self.node_ids[-1] if self.node_ids else ROOT_ID
 
-    def to_dict(self) -> dict:
-        d = {"path": self.path, "labels": self.labels, "probs": [round(p, 6) for p in self.probs],
-             "confidence": round(self.confidence, 6), "node": self.node, "complete": self.complete}
-        if self.topk:
-            d["topk"] = [[{"label": n, "prob": round(p, 6)} for n, p in level] for level in self.topk]
+    def record(self) -> dict:
+        """The one output record every writer of :mod:`hiernet.outputs` prints (floats unrounded)."""
         if self.error:
-            d = {"path": self.path, "labels": [], "probs": [], "confidence": 0.0, "node": "", "complete": False,
-                 "error": self.error}
+            return {"path": self.path, "labels": [], "probs": [], "confidence": 0.0, "node": "", "complete": False,
+                    "error": self.error}
+        d = {"path": self.path, "labels": list(self.labels), "probs": list(self.probs), "confidence": self.confidence,
+             "node": self.node, "complete": self.complete}
+        if self.topk:
+            d["topk"] = [[{"label": n, "prob": p} for n, p in level] for level in self.topk]
         return d
 
 
-@dataclass
-class NodeModel:
-    """Runtime view of one classifier node.
+class MirrorMode(enum.Enum):
+    """When a batch runs the mirror passes its nodes ask for."""
 
-    ``head`` maps ``(B, D)`` features to ``(B, C)`` logits (shared-backbone node); ``full`` maps
-    ``(B, 3, S, S)`` images to logits (node with its own network). ``backbone`` names the shared
-    backbone group for ``head`` nodes.
+    INLINE = "inline"  # at once, for the images a node is unsure about
+    DEFER = "defer"  # never: only flag those images (``_Batch.unsure``)
+    ALL = "all"  # every image will want it: the first mirror pass of a backbone covers the whole batch
+
+
+class _Batch:
+    """One batch's images, backbone features (computed once) and node probabilities.
+
+    ``images``: ``{(size, resize): (n, 3, size, size)}``; ``feats``: group → ``(n, D)``; ``unsure``:
+    bool ``(n,)``, the images some node wanted the mirror for (in :attr:`MirrorMode.DEFER`).
     """
 
-    dataset: str
-    node_id: str | None
-    classes: list
-    class_nodes: list
-    image_size: int
-    resize: str
-    tta: bool
-    backbone: str | None = None
-    head: Callable | None = None
-    full: Callable | None = None
+    def __init__(self, bundle: ModelBundle, inputs: list[dict], mirror: MirrorPolicy, mode: MirrorMode,
+                 feats: dict | None = None):
+        self.bundle, self.mirror, self.mode = bundle, mirror, mode
+        self.n = len(inputs)
+        self.images = {spec: np.stack([x[spec] for x in inputs]) for spec in bundle.input_specs()}
+        self.feats = dict(feats or {})
+        self.mirrored: dict = {}  # group -> (features (n, D), bool mask of rows computed)
+        self.unsure = np.zeros(self.n, dtype=bool)
 
+    def features(self, group: str) -> np.ndarray:
+        if group not in self.feats:
+            run, size, resize = self.bundle.backbones[group]
+            self.feats[group] = np.asarray(run(self.images[(size, resize)]), dtype=np.float32)
+        return self.feats[group]
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    def mirror_features(self, group: str, idx: np.ndarray) -> np.ndarray:
+        """Features of the mirrored images ``idx``; each image's mirror is computed at most once."""
+        run, size, resize = self.bundle.backbones[group]
+        if group not in self.mirrored:
+            self.mirrored[group] = (np.zeros_like(self.features(group)), np.zeros(self.n, dtype=bool))
+        f, done = self.mirrored[group]
+        todo = np.where(~done)[0] if self.mode is MirrorMode.ALL else idx[~done[idx]]
+        if len(todo):
+            f[todo] = run(np.ascontiguousarray(self.images[(size, resize)][todo, :, :, ::-1]))
+            done[todo] = True
+        return f[idx]
 
-
-def read_models_hierarchy(models_dir: Path) -> tuple[Hierarchy, dict]:
-    """``trained_models/hierarchy.json`` → (tree, document), or one clear line saying what to run."""
-    return require_hierarchy_json(models_dir / "hierarchy.json", f"no trained models in {models_dir}", "cd src && ./train_lcpn.sh")
+    def node_probs(self, nm: NodeModel, idx: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(len(idx), C)`` of node ``nm`` on the batch's images ``idx``."""
+        if nm.head is None:
+            return softmax(nm.full(self.images[(nm.image_size, nm.resize)][idx]))
+        p = softmax(nm.head(self.features(nm.backbone)[idx]))
+        if nm.tta and self.mirror.enabled:
+            sel = self.mirror.unsure(p)
+            if len(sel) and self.mode is MirrorMode.DEFER:
+                self.unsure[idx[sel]] = True
+            elif len(sel):
+                p[sel] = average_views(p[sel], softmax(nm.head(self.mirror_features(nm.backbone, idx[sel]))))
+        return p
 
 
 class HierarchicalPredictor:
-    """All node models of a ``trained_models/`` folder, loaded once.
+    """A :class:`ModelBundle` and the :class:`PredictOptions` to predict with.
 
-    Use :meth:`load`, then :meth:`predict_paths`.
+    Use :meth:`load` (or ``HierarchicalPredictor(load_bundle(...), PredictOptions(...))``), then
+    :meth:`predict_paths`. ``HierarchicalPredictor(hier, nodes, backbones, runtime, flat=None,
+    min_confidence=0.0, topk=1)`` (the older form) still works.
     """
 
-    #: Mirror-image averaging (for nodes trained with it) is applied to an image at a node only when the
-    #: node's top probability without it is below this; 1 = every image, 0 = never. A confident decision
-    #: is practically never changed by the mirror, and skipping it saves most of the second backbone pass.
-    DEFAULT_TTA_BELOW = 0.6
+    DEFAULT_TTA_BELOW = MirrorPolicy.below
 
-    def __init__(self, hier: Hierarchy, nodes: dict, backbones: dict, runtime: str, flat: NodeModel | None,
-                 min_confidence: float = 0.0, topk: int = 1):
-        self.tta_below = self.DEFAULT_TTA_BELOW
-        self.hier = hier
-        self.nodes = nodes  # node id -> NodeModel
-        self.backbones = backbones  # group -> (callable images->feats, image_size, resize)
-        self.runtime = runtime
-        self.flat = flat
-        self.min_confidence = float(min_confidence)
-        self.topk = max(1, int(topk))
-        #: Batches decoded ahead while the network runs. 0 on CPU: the decoding threads would compete
-        #: with onnxruntime's for the same cores (measured slower), so each batch is decoded by all the
-        #: workers at once and then run. An accelerator runs the network off the CPU: decode ahead.
-        self.prefetch_batches = 0
+    def __init__(self, bundle: ModelBundle | Hierarchy, options: PredictOptions | dict | None = None, *parts):
+        if isinstance(bundle, Hierarchy):  # the older form: (hier, nodes, backbones, runtime, flat, min_conf, topk)
+            hier, nodes, (backbones, runtime, *rest) = bundle, options, parts
+            flat, min_confidence, topk = (rest + [None, 0.0, 1][len(rest):])[:3]
+            bundle, options = ModelBundle(hier, nodes, backbones, runtime, flat), PredictOptions(min_confidence, topk)
+        self.bundle = bundle
+        self.options = options or PredictOptions()
+        prefetch = self.options.prefetch_batches
+        if prefetch is None:
+            prefetch = 2 if bundle.runtime == "torch" and str(bundle.device) != "cpu" else 0
+        self.prefetch_batches = int(prefetch)
+        # node id -> the label printed for it: its name, or the class name its parent's model was trained with
+        self._labels = {nid: node.name for nid, node in bundle.hier.nodes.items()}
+        for nm in bundle.nodes.values():
+            self._labels.update(zip(nm.class_nodes, nm.classes))
 
-    # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, models_dir: str | Path, runtime: str = "auto", device: str = "cpu", min_confidence: float = 0.0,
-             topk: int = 1, with_flat: bool = False, tta_below: float | None = None) -> "HierarchicalPredictor":
-        """Load ``models_dir`` with ``runtime`` ``auto`` (ONNX when exported and current, else torch),
-        ``torch`` or ``onnx``.
+             topk: int = 1, with_flat: bool = False, tta_below: float | None = None,
+             options: PredictOptions | None = None) -> "HierarchicalPredictor":
+        """:func:`hiernet.bundle.load_bundle`, predicting with ``options`` (or the ones the other
+        arguments give: ``tta_below`` None keeps :class:`MirrorPolicy`'s default).
 
         Raises
         ------
         UserError
-            Missing or inconsistent models, with the command that fixes it.
+            Bad options, or missing or inconsistent models, with the command that fixes it.
         """
-        models_dir = Path(models_dir)
-        hier, doc = read_models_hierarchy(models_dir)
-        if runtime not in ("auto", "torch", "onnx"):
-            raise UserError(f"unknown runtime {runtime!r}; use auto, torch or onnx")
-        if runtime in ("auto", "onnx"):
-            problem = onnx_problem(models_dir, hier, with_flat)
-            if problem is None:
-                pred = cls._load_onnx(models_dir, hier, min_confidence, topk, with_flat)
-            elif runtime == "onnx":
-                raise UserError(f"{problem}; run: python3 src/export.py --models-dir {models_dir}")
-            else:
-                log.info("using the torch runtime (%s)", problem)
-        if runtime == "torch" or (runtime == "auto" and problem is not None):
-            pred = cls._load_torch(models_dir, hier, doc, device, min_confidence, topk, with_flat)
-        if pred.runtime == "torch" and str(device) != "cpu":
-            pred.prefetch_batches = 2
-        if tta_below is not None:
-            if not 0.0 <= tta_below <= 1.0:
-                raise UserError(f"--tta-below must be between 0 and 1, got {tta_below}")
-            pred.tta_below = float(tta_below)
-        return pred
+        if options is None:
+            mirror = MirrorPolicy() if tta_below is None else MirrorPolicy(float(tta_below))
+            options = PredictOptions(float(min_confidence), int(topk), mirror)
+        return cls(load_bundle(models_dir, runtime, device, with_flat), options)
 
-    @classmethod
-    def _node_list(cls, hier: Hierarchy, with_flat: bool) -> list[tuple[str, str | None]]:
-        out = [(hier.nodes[n].dataset, n) for n in hier.classifier_nodes()]
-        if with_flat:
-            out.append((FLAT_DATASET, None))
-        return out
+    def with_options(self, **changes) -> "HierarchicalPredictor":
+        """A predictor on the same loaded models with some :class:`PredictOptions` fields changed."""
+        return type(self)(self.bundle, dataclasses.replace(self.options, **changes))
 
-    @classmethod
-    def _check_node(cls, hier: Hierarchy, ds: str, nid: str | None, cfg_node: dict, fingerprint: str, folder: Path) -> None:
-        expected = hier.nodes[nid].children if nid is not None else hier.leaves()
-        if fingerprint != hier.fingerprint() or list(cfg_node["class_nodes"]) != list(expected):
-            raise UserError(
-                f"{folder} was trained for another hierarchy than {folder.parent / 'hierarchy.json'}; "
-                f"retrain it: python3 src/train.py -d {ds}"
-            )
+    # views of the bundle and the options
+    hier = property(lambda self: self.bundle.hier)
+    nodes = property(lambda self: self.bundle.nodes)
+    backbones = property(lambda self: self.bundle.backbones)
+    runtime = property(lambda self: self.bundle.runtime)
+    flat = property(lambda self: self.bundle.flat)
+    min_confidence = property(lambda self: self.options.min_confidence)
+    topk = property(lambda self: self.options.topk)
+    tta_below = property(lambda self: self.options.mirror.below)
 
-    @classmethod
-    def _load_torch(cls, models_dir, hier, doc, device, min_confidence, topk, with_flat):
-        import torch
-
-        from .artifacts import ArtifactError, backbone_key, build_torch_model, load_node
-        from .runtime import TorchRunner
-
-        shared_modules: dict = {}
-        groups: dict = {}
-        nodes: dict = {}
-        flat = None
-        for ds, nid in cls._node_list(hier, with_flat):
-            folder = models_dir / ds
-            if not (folder / "model.pth").exists():
-                what = "the flat baseline" if nid is None else f"node '{nid}'"
-                raise UserError(f"{folder / 'model.pth'} is missing ({what}); run: python3 src/train.py -d {ds}")
-            try:
-                art = load_node(folder)
-            except ArtifactError as exc:
-                raise UserError(str(exc)) from None
-            cfg = art.config
-            cls._check_node(hier, ds, nid, cfg["node"], cfg["hierarchy_fingerprint"], folder)
-            backbone, head, own = build_torch_model(art, shared_modules)
-            bb = cfg["backbone"]
-            nm = NodeModel(ds, nid, art.classes, art.class_nodes, int(bb["image_size"]), bb["resize"], bool(cfg.get("tta")))
-            if own:
-                net = torch.nn.Sequential(backbone, head)
-                nm.full = TorchRunner(net, device)
-            else:
-                key = backbone_key(cfg)
-                group = groups.setdefault(key, f"bb{len(groups)}")
-                nm.backbone = group
-                nm.head = TorchRunner(head, device)
-            if nid is None:
-                flat = nm
-            else:
-                nodes[nid] = nm
-        backbones = {g: (TorchRunner(shared_modules[k], device), k[1], k[2]) for k, g in groups.items()}
-        return cls(hier, nodes, backbones, "torch", flat, min_confidence, topk)
-
-    @classmethod
-    def _load_onnx(cls, models_dir, hier, min_confidence, topk, with_flat):
-        from .runtime import OrtRunner
-
-        onnx_dir = models_dir / ONNX_DIR
-        man = json.loads((onnx_dir / MANIFEST).read_text(encoding="utf-8"))
-
-        def session(file: str, threads: int | None = None):
-            try:
-                return OrtRunner(onnx_dir / file, threads=threads)
-            except Exception as exc:  # onnxruntime raises its own types for damaged files
-                raise UserError(
-                    f"{onnx_dir / file} is damaged ({type(exc).__name__}); run: python3 src/export.py --models-dir {models_dir}"
-                ) from None
-
-        backbones = {g: (session(b["file"]), int(b["image_size"]), b["resize"]) for g, b in man["backbones"].items()}
-        nodes, flat = {}, None
-        for ds, nid in cls._node_list(hier, with_flat):
-            e = man["nodes"][ds]
-            nm = NodeModel(ds, nid, e["classes"], e["class_nodes"], int(e["image_size"]), e["resize"], bool(e["tta"]))
-            runner = session(e["file"], threads=1 if e["backbone"] else None)
-            if e["backbone"]:
-                nm.backbone, nm.head = e["backbone"], runner
-            else:
-                nm.full = runner
-            if nid is None:
-                flat = nm
-            else:
-                nodes[nid] = nm
-        return cls(hier, nodes, backbones, "onnx", flat, min_confidence, topk)
-
-    # ------------------------------------------------------------------ inference
     def input_specs(self) -> list[tuple[int, str]]:
         """Distinct (image size, resize policy) pairs the loaded models need."""
-        specs = {(s, r) for _, s, r in self.backbones.values()}
-        specs |= {(n.image_size, n.resize) for n in list(self.nodes.values()) + ([self.flat] if self.flat else []) if n.full}
-        return sorted(specs)
+        return self.bundle.input_specs()
 
-    def _prepare(self, path: str) -> tuple[dict | None, str | None]:
-        specs = self.input_specs()
+    def encoders(self) -> dict:
+        """node id → {index: class name} (what the original printed as the encoder)."""
+        return {nid: dict(enumerate(nm.classes)) for nid, nm in self.nodes.items()}
+
+    # ------------------------------------------------------------------ decoding
+    def _prepare(self, path: str, specs: list) -> tuple[dict | None, str | None]:
         try:
             img = load_rgb(path, min_size=max(s for s, _ in specs) if specs else None)
         except ImageDecodeError as exc:
@@ -275,22 +266,27 @@ class HierarchicalPredictor:
         """
         from tqdm import tqdm
 
-        from .data import _bounded_map
+        try:
+            from .data import bounded_map
+        except ImportError:  # before data.py named it publicly
+            from .data import _bounded_map as bounded_map
 
-        paths = [str(p) for p in paths]
+        paths, specs = [str(p) for p in paths], self.input_specs()
         chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
         bar = tqdm(total=len(paths), unit="img", disable=not progress, leave=False, desc=desc)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             if self.prefetch_batches:
-                batches = _bounded_map(pool, lambda ch: [(i, *self._prepare(paths[i])) for i in ch], chunks,
-                                       ahead=self.prefetch_batches)
+                batches = bounded_map(pool, lambda ch: [(i, *self._prepare(paths[i], specs)) for i in ch], chunks,
+                                      ahead=self.prefetch_batches)
             else:
-                batches = ([(i, *r) for i, r in zip(ch, pool.map(lambda i: self._prepare(paths[i]), ch))] for ch in chunks)
+                batches = ([(i, *r) for i, r in zip(ch, pool.map(lambda i: self._prepare(paths[i], specs), ch))]
+                           for ch in chunks)
             for prepared in batches:
                 yield prepared
                 bar.update(len(prepared))
         bar.close()
 
+    # ------------------------------------------------------------------ prediction
     def predict_paths(self, paths: Sequence[str], batch_size: int = 32, workers: int = 2,
                       progress: bool = False) -> list[Prediction]:
         """Predict every path (decoding in a thread pool, batches of ``batch_size``); never raises for a bad image.
@@ -304,31 +300,30 @@ class HierarchicalPredictor:
         paths = [str(p) for p in paths]
         out: dict[int, Prediction] = {}
         waiting: list[tuple[int, dict, dict]] = []  # (index, inputs, {group: features (D,)})
-
-        def flush():
-            if waiting:
-                feats = {g: np.stack([f[g] for _, _, f in waiting]) for g in waiting[0][2]}
-                # every waiting image needs its mirror at the first node it was unsure about: one pass for all
-                preds, _, _, _ = self._route([x for _, x, _ in waiting], [paths[i] for i, _, _ in waiting], None,
-                                             mirror="all", feats=feats)
-                out.update(zip([i for i, _, _ in waiting], preds))
-                waiting.clear()
-
         for prepared in self.prepared_batches(paths, batch_size, workers, progress):
             for i, x, err in prepared:
                 if x is None:
                     out[i] = Prediction(paths[i], complete=False, error=err)
             good = [(i, x) for i, x, _ in prepared if x is not None]
-            preds, _, unsure, feats = self._route([x for _, x in good], [paths[i] for i, _ in good], None, mirror="defer")
+            preds, _, batch = self._run([x for _, x in good], [paths[i] for i, _ in good], MirrorMode.DEFER)
             for row, ((i, x), pr) in enumerate(zip(good, preds)):
-                if unsure[row]:
-                    waiting.append((i, x, {g: f[row] for g, f in feats.items()}))
+                if batch is not None and batch.unsure[row]:
+                    waiting.append((i, x, {g: f[row] for g, f in batch.feats.items()}))
                 else:
                     out[i] = pr
             if len(waiting) >= batch_size:
-                flush()
-        flush()
+                self._flush_mirrors(waiting, paths, out)
+        self._flush_mirrors(waiting, paths, out)
         return [out[i] for i in range(len(paths))]
+
+    def _flush_mirrors(self, waiting: list, paths: list, out: dict) -> None:
+        """Route the set-aside images again, their mirrors all computed in one pass; empties ``waiting``."""
+        if waiting:
+            feats = {g: np.stack([f[g] for _, _, f in waiting]) for g in waiting[0][2]}
+            preds, _, _ = self._run([x for _, x, _ in waiting], [paths[i] for i, _, _ in waiting], MirrorMode.ALL,
+                                    feats=feats)
+            out.update(zip([i for i, _, _ in waiting], preds))
+            waiting.clear()
 
     def predict_arrays(self, inputs: list[dict], names: list[str]) -> list[Prediction]:
         """Route a batch down the tree.
@@ -340,7 +335,7 @@ class HierarchicalPredictor:
         names : list of str
             What to put in ``Prediction.path``.
         """
-        return self.predict_and_score(inputs, names)[0]
+        return self._run(inputs, names, MirrorMode.INLINE)[0]
 
     def predict_and_score(self, inputs: list[dict], names: list[str],
                           score: dict | None = None) -> tuple[list[Prediction], dict]:
@@ -362,102 +357,24 @@ class HierarchicalPredictor:
             The predictions of :meth:`predict_arrays`, and node id → float array ``(K, C)`` of the
             node's class probabilities, columns in ``self.nodes[id].class_nodes`` order.
         """
-        preds, scores, _, _ = self._route(inputs, names, score, mirror="inline")
+        preds, scores, _ = self._run(inputs, names, MirrorMode.INLINE, score)
         return preds, scores
 
-    def _route(self, inputs: list[dict], names: list[str], score: dict | None, mirror: str = "inline",
-               feats: dict | None = None) -> tuple[list[Prediction], dict, np.ndarray, dict]:
-        """Route a batch down the tree, with selective mirror averaging according to ``mirror``.
+    def _run(self, inputs: list[dict], names: list[str], mode: MirrorMode, score: dict | None = None,
+             feats: dict | None = None) -> tuple[list[Prediction], dict, _Batch | None]:
+        """Route a batch (backbone features ``feats``, group → ``(n, D)``, when already computed).
 
-        ``"inline"``: run the mirror of the images a node is unsure about, when it is. ``"defer"``: never
-        run a mirror pass, only flag the images that wanted one. ``"all"``: the caller knows every image
-        will want its mirror, so the first mirror pass of a backbone covers the whole batch.
-
-        Returns
-        -------
-        (list of Prediction, dict, numpy.ndarray, dict)
-            Predictions, scores (as :meth:`predict_and_score`), a bool mask ``(n,)`` of the images some
-            node (or the flat model) wanted the mirror for, and the backbone features computed,
-            group → ``(n, D)``. ``feats`` (group → ``(n, D)``) passes features already computed.
+        Returns the predictions, the scores of :meth:`predict_and_score`, and the :class:`_Batch`
+        (its ``unsure`` mask and ``feats``; ``None`` for an empty batch).
         """
-        n = len(inputs)
-        if n == 0:
-            return [], {}, np.zeros(0, dtype=bool), {}
-        batch = {spec: np.stack([x[spec] for x in inputs]) for spec in self.input_specs()}
-        feats = dict(feats or {})
-        mirrored: dict = {}  # group -> (features (n, D), bool mask of rows computed)
-        unsure = np.zeros(n, dtype=bool)
-
-        def features(group: str) -> np.ndarray:
-            if group not in feats:
-                run, size, resize = self.backbones[group]
-                feats[group] = np.asarray(run(batch[(size, resize)]), dtype=np.float32)
-            return feats[group]
-
-        def mirror_features(group: str, idx: np.ndarray) -> np.ndarray:
-            """Features of the mirrored images ``idx``; each image's mirror is computed at most once."""
-            run, size, resize = self.backbones[group]
-            if group not in mirrored:
-                mirrored[group] = (np.zeros_like(features(group)), np.zeros(n, dtype=bool))
-            f, done = mirrored[group]
-            todo = np.where(~done)[0] if mirror == "all" else idx[~done[idx]]
-            if len(todo):
-                f[todo] = run(np.ascontiguousarray(batch[(size, resize)][todo, :, :, ::-1]))
-                done[todo] = True
-            return f[idx]
-
-        def node_probs(nm: NodeModel, idx: np.ndarray) -> np.ndarray:
-            if nm.head is not None:
-                p = _softmax(nm.head(features(nm.backbone)[idx]))
-                if nm.tta and self.tta_below > 0:
-                    # mirror averaging where it can matter: images this node is not already sure about
-                    sel = np.arange(len(idx)) if self.tta_below >= 1 else np.where(p.max(axis=1) < self.tta_below)[0]
-                    if len(sel) and mirror == "defer":
-                        unsure[idx[sel]] = True
-                    elif len(sel):
-                        p[sel] = (p[sel] + _softmax(nm.head(mirror_features(nm.backbone, idx[sel])))) / 2
-                return p
-            return _softmax(nm.full(batch[(nm.image_size, nm.resize)][idx]))
-
-        preds = [Prediction(names[i], confidence=1.0) for i in range(n)]
-        current = np.array([ROOT_ID] * n, dtype=object)
-        active = np.ones(n, dtype=bool)
-        while active.any():
-            for nid in sorted(set(current[active])):
-                idx = np.where(active & (current == nid))[0]
-                node = self.hier.nodes[nid]
-                if not node.children:
-                    active[idx] = False
-                    continue
-                if len(node.children) == 1:
-                    probs = np.ones((len(idx), 1))
-                    names_ = [self.hier.nodes[node.children[0]].name]
-                    child_ids = node.children
-                else:
-                    nm = self.nodes[nid]
-                    probs = node_probs(nm, idx)
-                    names_, child_ids = nm.classes, nm.class_nodes
-                k = min(self.topk, probs.shape[1])
-                order = np.argsort(-probs, axis=1)
-                for row, i in enumerate(idx):
-                    best = order[row, 0]
-                    pr = preds[i]
-                    p = float(probs[row, best])
-                    if self.min_confidence and pr.confidence * p < self.min_confidence:
-                        pr.complete = False
-                        active[i] = False
-                        continue
-                    pr.labels.append(names_[best])
-                    pr.node_ids.append(child_ids[best])
-                    pr.probs.append(p)
-                    pr.confidence *= p
-                    pr.topk.append([(names_[j], float(probs[row, j])) for j in order[row, :k]])
-                    current[i] = child_ids[best]
-        for pr in preds:
-            if not pr.node_ids:
-                pr.confidence = 1.0 if pr.complete else pr.confidence
+        if not inputs:
+            return [], {}, None
+        batch = _Batch(self.bundle, inputs, self.options.mirror, mode, feats)
+        routes = route(self.hier, lambda nid, idx: batch.node_probs(self.nodes[nid], idx), batch.n,
+                       self.options.topk, self.options.min_confidence)
+        preds = [self._prediction(name, r) for name, r in zip(names, routes)]
         if self.flat is not None:
-            fp = node_probs(self.flat, np.arange(n))
+            fp = batch.node_probs(self.flat, np.arange(batch.n))
             for i, pr in enumerate(preds):
                 j = int(fp[i].argmax())
                 pr.flat_leaf, pr.flat_prob = self.flat.class_nodes[j], float(fp[i, j])
@@ -465,57 +382,13 @@ class HierarchicalPredictor:
         for nid, idx in (score or {}).items():
             idx = np.asarray(idx, dtype=np.int64)
             nm = self.nodes[nid]
-            scores[nid] = node_probs(nm, idx) if len(idx) else np.zeros((0, len(nm.class_nodes)), np.float32)
-        return preds, scores, unsure, feats
+            scores[nid] = batch.node_probs(nm, idx) if len(idx) else np.zeros((0, len(nm.class_nodes)), np.float32)
+        return preds, scores, batch
 
-    def encoders(self) -> dict:
-        """node id → {index: class name} (what the original printed as the encoder)."""
-        return {nid: dict(enumerate(nm.classes)) for nid, nm in self.nodes.items()}
-
-
-# ---------------------------------------------------------------------- ONNX export bookkeeping
-def onnx_problem(models_dir: Path, hier: Hierarchy, with_flat: bool = False) -> str | None:
-    """Why the ONNX export in ``models_dir/onnx`` cannot be used (``None`` if it can).
-
-    The export is current only if every node's ``model.pth`` has the SHA-256 recorded at export time
-    and the encoder pickles (read with the allow-list unpickler) agree with it.
-    """
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "onnxruntime is not installed"
-    man_path = models_dir / ONNX_DIR / MANIFEST
-    if not man_path.exists():
-        return f"no ONNX export in {models_dir / ONNX_DIR}"
-    try:
-        man = json.loads(man_path.read_text(encoding="utf-8"))
-        if man.get("hierarchy_fingerprint") != hier.fingerprint():
-            return "the ONNX export is for another hierarchy"
-        wanted = [hier.nodes[n].dataset for n in hier.classifier_nodes()] + ([FLAT_DATASET] if with_flat else [])
-        from .hierarchy import is_safe_folder_name
-        from .images import RESIZE_POLICIES
-
-        for ds in wanted:
-            e = man["nodes"].get(ds)
-            if e is None:
-                return f"node '{ds}' is missing from the ONNX export"
-            if not (is_safe_folder_name(e["file"]) and isinstance(e["classes"], list) and isinstance(e["class_nodes"], list)
-                    and len(e["classes"]) == len(e["class_nodes"]) and e["resize"] in RESIZE_POLICIES
-                    and int(e["image_size"]) >= 8 and (e["backbone"] is None or e["backbone"] in man["backbones"])):
-                return f"the ONNX manifest entry of node '{ds}' is malformed"
-            model = models_dir / ds / "model.pth"
-            if not model.exists() or sha256_file(model) != e["model_sha256"]:
-                return f"the ONNX export of node '{ds}' is older than its model.pth"
-            if not (models_dir / ONNX_DIR / e["file"]).exists():
-                return f"{e['file']} is missing from the ONNX export"
-        for b in man["backbones"].values():
-            if not is_safe_folder_name(b["file"]) or b["resize"] not in RESIZE_POLICIES or int(b["image_size"]) < 8:
-                return "the ONNX manifest is malformed"
-            if not (models_dir / ONNX_DIR / b["file"]).exists():
-                return f"{b['file']} is missing from the ONNX export"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"the ONNX manifest is unreadable ({type(exc).__name__})"
-    return None
+    def _prediction(self, name: str, r) -> Prediction:
+        lab = self._labels
+        return Prediction(name, [lab[c] for c in r.node_ids], list(r.node_ids), list(r.probs), r.confidence,
+                          [[(lab[c], p) for c, p in level] for level in r.topk], r.complete)
 
 
 def iter_image_paths(inputs: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:

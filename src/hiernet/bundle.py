@@ -1,0 +1,331 @@
+"""Every node model of a ``trained_models/`` folder, loaded once: the torch or the ONNX bundle.
+
+:func:`load_bundle` reads ``model.pth`` files (torch runtime, ``weights_only=True``) or the ONNX
+export (onnx runtime) into a :class:`ModelBundle`: the tree, one :class:`NodeModel` per classifier
+node, and the shared backbones. The ONNX export's ``manifest.json`` has one schema,
+:class:`OnnxManifest`: src/export.py writes it, :func:`onnx_problem` checks it before it is used.
+This module imports torch only when the torch runtime is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+from .hierarchy import FLAT_DATASET, Hierarchy, is_safe_folder_name, require_hierarchy_json
+from .images import RESIZE_POLICIES
+from .safeio import UserError, sha256_file
+
+log = logging.getLogger(__name__)
+
+ONNX_DIR = "onnx"
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+RUNTIMES = ("auto", "torch", "onnx")
+
+
+@dataclass
+class NodeModel:
+    """Runtime view of one classifier node.
+
+    ``head`` maps ``(B, D)`` features to ``(B, C)`` logits (shared-backbone node); ``full`` maps
+    ``(B, 3, S, S)`` images to logits (node with its own network). ``backbone`` names the shared
+    backbone group for ``head`` nodes. Columns follow ``class_nodes`` (child ids), labelled ``classes``.
+    """
+
+    dataset: str
+    node_id: str | None
+    classes: list
+    class_nodes: list
+    image_size: int
+    resize: str
+    tta: bool
+    backbone: str | None = None
+    head: Callable | None = None
+    full: Callable | None = None
+
+
+class Backbone(NamedTuple):
+    """A shared backbone: ``run`` maps ``(B, 3, S, S)`` images to ``(B, D)`` features; S = ``image_size``."""
+
+    run: Callable
+    image_size: int
+    resize: str
+
+
+@dataclass
+class ModelBundle:
+    """All node models of one models folder.
+
+    Attributes
+    ----------
+    hier : Hierarchy
+    nodes : dict
+        Classifier node id → :class:`NodeModel`.
+    backbones : dict
+        Backbone group name → :class:`Backbone`.
+    runtime : str
+        ``torch`` or ``onnx`` (or anything else for hand-built bundles).
+    flat : NodeModel or None
+        The flat baseline (all leaves at once), when loaded.
+    device : str
+        Where the torch runtime runs (``cpu`` for onnx).
+    """
+
+    hier: Hierarchy
+    nodes: dict
+    backbones: dict
+    runtime: str
+    flat: NodeModel | None = None
+    device: str = "cpu"
+
+    def all_nodes(self) -> list[NodeModel]:
+        """The classifier nodes, then the flat baseline if loaded."""
+        return list(self.nodes.values()) + ([self.flat] if self.flat else [])
+
+    def input_specs(self) -> list[tuple[int, str]]:
+        """Distinct (image size, resize policy) pairs the models need."""
+        specs = {(b[1], b[2]) for b in self.backbones.values()}
+        specs |= {(n.image_size, n.resize) for n in self.all_nodes() if n.full}
+        return sorted(specs)
+
+
+def read_models_hierarchy(models_dir: Path) -> tuple[Hierarchy, dict]:
+    """``trained_models/hierarchy.json`` → (tree, document), or one clear line saying what to run."""
+    return require_hierarchy_json(models_dir / "hierarchy.json", f"no trained models in {models_dir}", "cd src && ./train_lcpn.sh")
+
+
+def node_list(hier: Hierarchy, with_flat: bool) -> list[tuple[str, str | None]]:
+    """(dataset folder, node id) of every classifier node, then ``("flat", None)`` if asked."""
+    out = [(hier.nodes[n].dataset, n) for n in hier.classifier_nodes()]
+    if with_flat:
+        out.append((FLAT_DATASET, None))
+    return out
+
+
+def expected_class_nodes(hier: Hierarchy, node_id: str | None) -> list[str]:
+    """The columns a node's model must have: its children (the leaves for the flat baseline)."""
+    return list(hier.nodes[node_id].children) if node_id is not None else hier.leaves()
+
+
+# ---------------------------------------------------------------------- the ONNX manifest
+@dataclass
+class OnnxNode:
+    """One node's entry in the ONNX manifest (``backbone`` None: ``file`` is the whole network)."""
+
+    file: str
+    backbone: str | None
+    classes: list
+    class_nodes: list
+    image_size: int
+    resize: str
+    tta: bool
+    model_sha256: str
+
+    def valid(self, backbones: dict) -> bool:
+        """True when the entry is well-formed (and its backbone group exists in ``backbones``)."""
+        return (is_safe_folder_name(self.file) and isinstance(self.classes, list) and isinstance(self.class_nodes, list)
+                and len(self.classes) == len(self.class_nodes) and self.resize in RESIZE_POLICIES
+                and int(self.image_size) >= 8 and (self.backbone is None or self.backbone in backbones))
+
+
+@dataclass
+class OnnxBackbone:
+    """One shared backbone's entry in the ONNX manifest."""
+
+    file: str
+    image_size: int
+    resize: str
+
+    def valid(self) -> bool:
+        return is_safe_folder_name(self.file) and self.resize in RESIZE_POLICIES and int(self.image_size) >= 8
+
+
+@dataclass
+class OnnxManifest:
+    """``trained_models/onnx/manifest.json``: what src/export.py wrote and :func:`load_bundle` reads.
+
+    ``nodes`` maps a node's dataset folder to its :class:`OnnxNode`, ``backbones`` a group name to its
+    :class:`OnnxBackbone`; ``max_abs_diff`` is the largest torch/onnxruntime probability difference
+    measured at export time.
+    """
+
+    hierarchy_fingerprint: str
+    backbones: dict = field(default_factory=dict)
+    nodes: dict = field(default_factory=dict)
+    max_abs_diff: float | None = None
+    torch_version: str | None = None
+    version: int = MANIFEST_VERSION
+
+    def to_dict(self) -> dict:
+        d = {"version": self.version, "hierarchy_fingerprint": self.hierarchy_fingerprint,
+             "backbones": {g: vars(b) for g, b in self.backbones.items()},
+             "nodes": {ds: vars(e) for ds, e in self.nodes.items()}}
+        if self.max_abs_diff is not None:
+            d["max_abs_diff"] = self.max_abs_diff
+        if self.torch_version is not None:
+            d["torch_version"] = self.torch_version
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OnnxManifest":
+        """Parse a manifest document; raises KeyError/TypeError/ValueError when it is malformed."""
+        return cls(d["hierarchy_fingerprint"], {g: OnnxBackbone(**b) for g, b in d["backbones"].items()},
+                   {ds: OnnxNode(**e) for ds, e in d["nodes"].items()}, d.get("max_abs_diff"), d.get("torch_version"),
+                   d.get("version", MANIFEST_VERSION))
+
+    @classmethod
+    def read(cls, models_dir: Path) -> "OnnxManifest":
+        return cls.from_dict(json.loads((models_dir / ONNX_DIR / MANIFEST).read_text(encoding="utf-8")))
+
+    def problem(self, models_dir: Path, hier: Hierarchy, with_flat: bool) -> str | None:
+        """Why this export cannot serve ``hier`` from ``models_dir`` (``None`` if it can)."""
+        if self.hierarchy_fingerprint != hier.fingerprint():
+            return "the ONNX export is for another hierarchy"
+        for ds, nid in node_list(hier, with_flat):
+            e = self.nodes.get(ds)
+            if e is None:
+                return f"node '{ds}' is missing from the ONNX export"
+            if not e.valid(self.backbones) or list(e.class_nodes) != expected_class_nodes(hier, nid):
+                return f"the ONNX manifest entry of node '{ds}' is malformed"
+            model = models_dir / ds / "model.pth"
+            if not model.exists() or sha256_file(model) != e.model_sha256:
+                return f"the ONNX export of node '{ds}' is older than its model.pth"
+            if not (models_dir / ONNX_DIR / e.file).exists():
+                return f"{e.file} is missing from the ONNX export"
+        for b in self.backbones.values():
+            if not b.valid():
+                return "the ONNX manifest is malformed"
+            if not (models_dir / ONNX_DIR / b.file).exists():
+                return f"{b.file} is missing from the ONNX export"
+        return None
+
+
+def onnx_problem(models_dir: Path, hier: Hierarchy, with_flat: bool = False) -> str | None:
+    """Why the ONNX export in ``models_dir/onnx`` cannot be used (``None`` if it can).
+
+    The export is current only if every node's ``model.pth`` has the SHA-256 recorded at export time.
+    """
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "onnxruntime is not installed"
+    if not (models_dir / ONNX_DIR / MANIFEST).exists():
+        return f"no ONNX export in {models_dir / ONNX_DIR}"
+    try:
+        return OnnxManifest.read(models_dir).problem(models_dir, hier, with_flat)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"the ONNX manifest is unreadable ({type(exc).__name__})"
+
+
+# ---------------------------------------------------------------------- loading
+def load_bundle(models_dir: str | Path, runtime: str = "auto", device: str = "cpu", with_flat: bool = False) -> ModelBundle:
+    """Load every node of ``models_dir`` with ``runtime`` ``auto`` (ONNX when exported and current, else
+    torch), ``torch`` or ``onnx``; ``with_flat`` also loads the flat baseline.
+
+    Raises
+    ------
+    UserError
+        Missing or inconsistent models, with the command that fixes it.
+    """
+    models_dir = Path(models_dir)
+    hier, _ = read_models_hierarchy(models_dir)
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime {runtime!r}; use auto, torch or onnx")
+    if runtime in ("auto", "onnx"):
+        problem = onnx_problem(models_dir, hier, with_flat)
+        if problem is None:
+            return load_onnx_bundle(models_dir, hier, with_flat)
+        if runtime == "onnx":
+            raise UserError(f"{problem}; run: python3 src/export.py --models-dir {models_dir}")
+        log.info("using the torch runtime (%s)", problem)
+    return load_torch_bundle(models_dir, hier, device, with_flat)
+
+
+def _load_artifact(folder: Path, hier: Hierarchy, ds: str, nid: str | None):
+    """``folder``'s checked node artifact; one line naming the command when missing or for another tree."""
+    from .artifacts import ArtifactError, load_node
+
+    if not (folder / "model.pth").exists():
+        what = "the flat baseline" if nid is None else f"node '{nid}'"
+        raise UserError(f"{folder / 'model.pth'} is missing ({what}); run: python3 src/train.py -d {ds}")
+    try:
+        art = load_node(folder)
+    except ArtifactError as exc:
+        raise UserError(str(exc)) from None
+    cfg = art.config
+    if cfg["hierarchy_fingerprint"] != hier.fingerprint() or list(cfg["node"]["class_nodes"]) != expected_class_nodes(hier, nid):
+        raise UserError(
+            f"{folder} was trained for another hierarchy than {folder.parent / 'hierarchy.json'}; "
+            f"retrain it: python3 src/train.py -d {ds}"
+        )
+    return art
+
+
+def load_torch_bundle(models_dir: Path, hier: Hierarchy, device: str = "cpu", with_flat: bool = False) -> ModelBundle:
+    """The torch bundle: each ``model.pth`` (``weights_only=True``); frozen backbones built once and shared.
+
+    Torch runners expose their module as ``.module`` (what src/export.py exports).
+    """
+    import torch
+
+    from .artifacts import backbone_key, build_torch_model
+    from .runtime import TorchRunner
+
+    shared_modules: dict = {}
+    groups: dict = {}
+    bundle = ModelBundle(hier, {}, {}, "torch", None, str(device))
+    for ds, nid in node_list(hier, with_flat):
+        art = _load_artifact(models_dir / ds, hier, ds, nid)
+        cfg = art.config
+        backbone, head, own = build_torch_model(art, shared_modules)
+        bb = cfg["backbone"]
+        nm = NodeModel(ds, nid, art.classes, art.class_nodes, int(bb["image_size"]), bb["resize"], bool(cfg.get("tta")))
+        if own:
+            nm.full = TorchRunner(torch.nn.Sequential(backbone, head), device)
+        else:
+            key = backbone_key(cfg)
+            nm.backbone = groups.setdefault(key, f"bb{len(groups)}")
+            nm.head = TorchRunner(head, device)
+        _add_node(bundle, nm)
+    bundle.backbones = {g: Backbone(TorchRunner(shared_modules[k], device), k[1], k[2]) for k, g in groups.items()}
+    return bundle
+
+
+def load_onnx_bundle(models_dir: Path, hier: Hierarchy, with_flat: bool = False) -> ModelBundle:
+    """The onnxruntime bundle from ``models_dir/onnx`` (check it first with :func:`onnx_problem`)."""
+    from .runtime import OrtRunner
+
+    onnx_dir = models_dir / ONNX_DIR
+    man = OnnxManifest.read(models_dir)
+
+    def session(file: str, threads: int | None = None):
+        try:
+            return OrtRunner(onnx_dir / file, threads=threads)
+        except Exception as exc:  # onnxruntime raises its own types for damaged files
+            raise UserError(
+                f"{onnx_dir / file} is damaged ({type(exc).__name__}); run: python3 src/export.py --models-dir {models_dir}"
+            ) from None
+
+    bundle = ModelBundle(hier, {}, {}, "onnx", None, "cpu")
+    bundle.backbones = {g: Backbone(session(b.file), int(b.image_size), b.resize) for g, b in man.backbones.items()}
+    for ds, nid in node_list(hier, with_flat):
+        e = man.nodes[ds]
+        nm = NodeModel(ds, nid, e.classes, e.class_nodes, int(e.image_size), e.resize, bool(e.tta))
+        runner = session(e.file, threads=1 if e.backbone else None)
+        if e.backbone:
+            nm.backbone, nm.head = e.backbone, runner
+        else:
+            nm.full = runner
+        _add_node(bundle, nm)
+    return bundle
+
+
+def _add_node(bundle: ModelBundle, nm: NodeModel) -> None:
+    if nm.node_id is None:
+        bundle.flat = nm
+    else:
+        bundle.nodes[nm.node_id] = nm

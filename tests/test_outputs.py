@@ -1,0 +1,122 @@
+"""The output-writer table: every format prints the same fields of the same record."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from hiernet.outputs import FIELDS, WRITERS, OutputContext, open_writer, render
+from hiernet.predictor import Prediction
+
+CONTEXT = OutputContext({"": {0: "bottoms", 1: "tops"}, "tops": {0: "shirt", 1: "tee"}}, min_confidence=0.5)
+
+
+def predictions() -> list[Prediction]:
+    full = Prediction("a.jpg", ["tops", "tee"], ["tops", "tops/tee"], [0.9, 0.7123456789], 0.9 * 0.7123456789,
+                      [[("tops", 0.9), ("bottoms", 0.1)], [("tee", 0.7123456789), ("shirt", 0.2876543211)]])
+    stopped = Prediction("b.jpg", ["tops"], ["tops"], [0.6], 0.6, [[("tops", 0.6), ("bottoms", 0.4)]], complete=False)
+    nothing = Prediction("c d,é.jpg", confidence=1.0, complete=False)  # stopped above the top level
+    bad = Prediction("broken.jpg", complete=False, error="cannot identify image file")
+    return [full, stopped, nothing, bad]
+
+
+def parse(fmt: str, text: str) -> list[dict]:
+    """Read a format back into one dict per image, with the FIELDS it printed."""
+    if fmt == "json":
+        return json.loads(text)
+    if fmt == "jsonl":
+        return [json.loads(line) for line in text.splitlines()]
+    rows = list(csv.DictReader(io.StringIO(text)))
+    out = []
+    for r in rows:
+        topk = [[{"label": t.rsplit(":", 1)[0], "prob": float(t.rsplit(":", 1)[1])} for t in level.split(";")]
+                for level in r["topk"].split(" | ")] if r["topk"] else None
+        d = {"path": r["path"], "labels": r["labels"].split("/") if r["labels"] else [],
+             "probs": [float(p) for p in r["probs"].split(";")] if r["probs"] else [],
+             "confidence": float(r["confidence"]), "node": r["node"], "complete": bool(int(r["complete"]))}
+        d.update({k: v for k, v in (("topk", topk), ("error", r["error"])) if v})
+        out.append(d)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
+def test_every_machine_format_carries_every_field_of_the_record(fmt):
+    preds = predictions()
+    records = [p.record() for p in preds]
+    got = parse(fmt, render(fmt, records, CONTEXT))
+    assert len(got) == len(records)
+    for want, have in zip(records, got):
+        assert set(have) == set(want) <= set(FIELDS)
+        assert have["path"] == want["path"] and have["labels"] == want["labels"] and have["node"] == want["node"]
+        assert have["complete"] == want["complete"] and have.get("error") == want.get("error")
+        assert have["probs"] == pytest.approx(want["probs"], abs=1e-6)
+        assert have["confidence"] == pytest.approx(want["confidence"], abs=1e-6)
+        for lw, lh in zip(want.get("topk", []), have.get("topk", [])):
+            assert [t["label"] for t in lh] == [t["label"] for t in lw]
+            assert [t["prob"] for t in lh] == pytest.approx([t["prob"] for t in lw], abs=1e-6)
+    assert got[0]["node"] == "tops/tee" and got[1]["node"] == "tops" and got[3]["node"] == ""
+
+
+def test_csv_header_is_the_field_list():
+    text = render("csv", [p.record() for p in predictions()])
+    assert next(csv.reader(io.StringIO(text))) == list(FIELDS)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4])
+def test_json_written_record_by_record_equals_one_dump(n):
+    records = [p.record() for p in predictions()][:n]
+    want = [p.record() for p in predictions()][:n]
+    for r in want:  # what Prediction.to_dict printed: probabilities rounded to 6 digits
+        r["probs"] = [round(p, 6) for p in r["probs"]]
+        r["confidence"] = round(r["confidence"], 6)
+        for level in r.get("topk", []):
+            for t in level:
+                t["prob"] = round(t["prob"], 6)
+    assert render("json", records) == json.dumps(want, indent=2, ensure_ascii=False) + "\n"
+    assert render("jsonl", records).count("\n") == n
+
+
+def test_text_keeps_the_original_layout():
+    text = render("text", [p.record() for p in predictions()], CONTEXT)
+    assert text == (
+        "== a.jpg\n"
+        "Encoder: {0: 'bottoms', 1: 'tops'}\n"
+        "Parent class prediction:  tops  (p=0.9000)\n"
+        "  top-k: tops 0.9000, bottoms 0.1000\n"
+        "Encoder: {0: 'shirt', 1: 'tee'}\n"
+        "Final Prediction:  tee  (p=0.7123)\n"
+        "  top-k: tee 0.7123, shirt 0.2877\n"
+        "Path: tops > tee  (confidence 0.6411)\n"
+        "== b.jpg\n"
+        "Encoder: {0: 'bottoms', 1: 'tops'}\n"
+        "Parent class prediction:  tops  (p=0.6000)\n"
+        "  top-k: tops 0.6000, bottoms 0.4000\n"
+        "Final Prediction:  tops  (stopped: the next level would fall below --min-confidence 0.5)\n"
+        "Path: tops  (confidence 0.6000)\n"
+        "== c d,é.jpg\n"
+        "Final Prediction:  (none)  (stopped: the next level would fall below --min-confidence 0.5)\n"
+        "Path:   (confidence 1.0000)\n"
+        "== broken.jpg\n"
+        "error: cannot read image: cannot identify image file\n"
+    )
+
+
+def test_writers_write_each_record_at_once():
+    for fmt in WRITERS:
+        buf = io.StringIO()
+        w = open_writer(fmt, buf, CONTEXT)
+        sizes = []
+        for r in [p.record() for p in predictions()]:
+            w.write(r)
+            sizes.append(len(buf.getvalue()))
+        w.close()
+        assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes), fmt  # each write adds output
+        assert "broken.jpg" in buf.getvalue()
+
+
+def test_unknown_format_is_refused():
+    with pytest.raises(ValueError, match="json"):
+        open_writer("xml", io.StringIO())
