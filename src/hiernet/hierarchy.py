@@ -327,19 +327,23 @@ class ScanResult:
     skipped : list of (str, str)
         (relative path, reason) for every image-like file left out.
     warnings : list of str
+    partial : dict
+        inner node id → sorted image paths lying directly in that folder (a partial label).
     """
 
     hierarchy: Hierarchy
     files: dict[str, list[str]]
     skipped: list[tuple[str, str]]
     warnings: list[str]
+    partial: dict[str, list[str]] = field(default_factory=dict)
 
 
 def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | None = None) -> ScanResult:
     """Scan ``ROOT/<class>/.../<leaf>/<images>`` into a hierarchy and per-leaf file lists.
 
     A folder with sub-folders is an internal node; a folder without is a leaf. Hidden files/folders
-    and non-image extensions are ignored. Images lying directly in an internal folder, images that
+    and non-image extensions are ignored. Images lying directly in an internal folder are partial
+    labels of that folder's node (``partial``; in the root folder they are skipped). Images that
     ``check`` rejects, broken symlinks and symlinked folders are left out and listed in ``skipped``.
     Empty leaves (and parents left with no children) are dropped with a warning.
 
@@ -357,6 +361,7 @@ def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | Non
     skipped: list[tuple[str, str]] = []
     warnings: list[str] = []
     internal: set[str] = set()
+    partial: dict[str, list[Path]] = {}
 
     def rel(p: Path) -> str:
         return p.relative_to(root).as_posix()
@@ -395,14 +400,19 @@ def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | Non
         nid = rel(folder) if folder != root else ROOT_ID
         if subdirs:
             internal.add(nid)
-            for p in images:
-                skipped.append((rel(p), f"image directly in non-leaf folder '{nid or '.'}'; move it into a class folder"))
+            if nid == ROOT_ID:
+                for p in images:
+                    skipped.append((rel(p), "image directly in the dataset root; move it into a class folder"))
+            elif images:
+                partial[nid] = images
             stack.extend(reversed(subdirs))
             continue
         if folder == root:
             raise HierarchyError(
                 f"{root} has no class folders; expected ROOT/<class>/<subclass>/images"
             )
+        files[nid] = images
+    for nid, images in list(files.items()) + list(partial.items()):
         good = []
         for p in images:
             reason = None
@@ -419,10 +429,11 @@ def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | Non
                 good.append(rel(p))
             else:
                 skipped.append((rel(p), reason))
-        if good:
-            files[nid] = sorted(good)
-        else:
-            warnings.append(f"class folder '{nid}' has no usable images; it is left out")
+        (files if nid in files else partial)[nid] = sorted(good)
+    for nid in [n for n in files if not files[n]]:
+        del files[nid]
+        warnings.append(f"class folder '{nid}' has no usable images; it is left out")
+    files, partial = partition_labels({**files, **{n: ps for n, ps in partial.items() if ps}})
     if not files:
         raise HierarchyError(f"no usable images found under {root}")
     hier = Hierarchy.from_leaf_paths(files)
@@ -437,7 +448,24 @@ def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | Non
                 f"prediction passes through to '{only}' with probability 1"
             )
     skipped.sort()
-    return ScanResult(hier, files, skipped, warnings)
+    return ScanResult(hier, files, skipped, warnings, partial)
+
+
+def partition_labels(groups: dict[str, list[str]]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Split node id → images into leaves and partial labels.
+
+    A node with another labelled node below it (``"a"`` beside ``"a/b"``) is inner: its images are
+    partial labels. Every other node is a leaf.
+
+    Returns
+    -------
+    (dict, dict)
+        leaf id → images, and inner node id → images.
+    """
+    prefixes = {"/".join(n.split("/")[:k]) for n in groups for k in range(1, n.count("/") + 1)}
+    leaves = {n: ps for n, ps in groups.items() if n not in prefixes}
+    inner = {n: ps for n, ps in groups.items() if n in prefixes}
+    return leaves, inner
 
 
 def _utf8_ok(name: str) -> bool:

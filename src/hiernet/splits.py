@@ -26,62 +26,92 @@ KEEP_NAMES = frozenset({"README.md", ".gitkeep", ".gitignore"})
 MIN_SPLITTABLE = 3
 
 
-def _leaf_seed(seed: int, leaf: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{leaf}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
-def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
-    """Train/val/test counts for ``n`` images (val and test get at least one each when ``n >= 3``)."""
-    if n < MIN_SPLITTABLE:
-        return n, 0, 0
-    n_val = max(1, round(n * ratios[1])) if ratios[1] > 0 else 0
-    n_test = max(1, round(n * ratios[2])) if ratios[2] > 0 else 0
-    while n - n_val - n_test < 1:
-        if n_val >= n_test and n_val > 0:
-            n_val -= 1
-        else:
-            n_test -= 1
-    return n - n_val - n_test, n_val, n_test
+def unit_hash(seed: int, content_hash: str) -> float:
+    """An image's place in [0, 1): a uniform number fixed by the seed and the image's content hash."""
+    digest = hashlib.sha256(f"{seed}:{content_hash}".encode("utf-8")).digest()
+    return int.from_bytes(digest, "big") / 2.0**256
 
 
 def assign_splits(
-    files: dict[str, list[str]], ratios: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 1337
+    files: dict[str, list[str]],
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 1337,
+    hashes: dict[str, str] | None = None,
+    previous: dict[str, str] | None = None,
 ) -> tuple[dict[str, str], list[str]]:
-    """Assign each image to a split, stratified by leaf.
+    """Assign each image to a split, stratified by class, stable as images are added.
+
+    Each image gets ``u = unit_hash(seed, content hash)`` and goes to train if ``u < r_train``, to val
+    if ``u < r_train + r_val``, else to test, so its split depends on nothing but its own bytes and
+    the seed. Then, per class: a class with fewer than ``MIN_SPLITTABLE`` images is wholly train; a
+    bigger class that lacks a train, val or test image (with a share > 0) takes one from another split
+    holding two or more, the image whose ``u`` lies nearest to the missing split's interval. Images
+    in ``previous`` keep their split and are never taken, so re-preparing a grown set moves no image.
 
     Parameters
     ----------
     files : dict
-        leaf id → list of relative image paths.
+        class (a leaf, or an inner node for partial labels) → list of image keys.
     ratios : (float, float, float)
         train/val/test shares, summing to 1.
     seed : int
-        The seed; the result depends only on it and on each leaf's own file list.
+    hashes : dict, optional
+        image key → SHA-256 of its bytes (hex); without it the key itself is hashed.
+    previous : dict, optional
+        content hash → split from an earlier run with the same seed and ratios.
 
     Returns
     -------
     (dict, list)
-        relative path → ``"train" | "val" | "test"``, and warnings for leaves too small to split.
+        image key → ``"train" | "val" | "test"``, and warnings for classes too small to split.
     """
-    import random
-
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6 or ratios[0] <= 0:
         raise UserError(f"--ratio must be three non-negative numbers summing to 1 with train > 0, got {list(ratios)}")
+    hashes = hashes or {}
+    previous = previous or {}
     out: dict[str, str] = {}
     warnings = []
-    for leaf in sorted(files):
-        paths = sorted(files[leaf])
-        random.Random(_leaf_seed(seed, leaf)).shuffle(paths)
-        n_train, n_val, _ = split_counts(len(paths), ratios)
-        if len(paths) < MIN_SPLITTABLE:
+    for group in sorted(files):
+        keys = sorted(files[group])
+        content = {k: hashes.get(k) or hashlib.sha256(k.encode("utf-8", "surrogatepass")).hexdigest() for k in keys}
+        u = {k: unit_hash(seed, content[k]) for k in keys}
+        kept = {k: previous[content[k]] for k in keys if content[k] in previous}
+        if len(keys) < MIN_SPLITTABLE:
+            out.update({k: kept.get(k, "train") for k in keys})
             warnings.append(
-                f"class '{leaf}' has only {len(paths)} image(s): all go to train, none to val/test "
+                f"class '{group}' has only {len(keys)} image(s): all go to train, none to val/test "
                 f"(add at least {MIN_SPLITTABLE} to evaluate it)"
             )
-        for i, p in enumerate(paths):
-            out[p] = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
+            continue
+        split = {k: kept.get(k) or _natural_split(u[k], ratios) for k in keys}
+        _guarantee_each_split(split, u, [k for k in keys if k not in kept], ratios)
+        missing = [s for s, r in zip(SPLITS, ratios) if r > 0 and s not in split.values()]
+        if missing:
+            warnings.append(f"class '{group}' has no {'/'.join(missing)} image; it is kept so to leave earlier "
+                            "images where they were (prepare into a new -o to rebalance)")
+        out.update(split)
     return out, warnings
+
+
+def _natural_split(u: float, ratios: tuple[float, float, float]) -> str:
+    if u < ratios[0]:
+        return "train"
+    return "val" if u < ratios[0] + ratios[1] else "test"
+
+
+def _guarantee_each_split(split: dict[str, str], u: dict[str, float], movable: list[str],
+                          ratios: tuple[float, float, float]) -> None:
+    """Give a class at least one image per split with a share > 0, moving only ``movable`` images."""
+    lo = {"train": 0.0, "val": ratios[0], "test": ratios[0] + ratios[1]}
+    hi = {"train": ratios[0], "val": ratios[0] + ratios[1], "test": 1.0}
+    for target, r in zip(("train", "test", "val"), (ratios[0], ratios[2], ratios[1])):
+        if r <= 0 or target in split.values():
+            continue
+        count = {s: sum(1 for v in split.values() if v == s) for s in SPLITS}
+        donors = [k for k in movable if count[split[k]] > 1]
+        if donors:
+            best = min(donors, key=lambda k: (max(lo[target] - u[k], u[k] - hi[target], 0.0), k))
+            split[best] = target
 
 
 def stored_name(rel_path: str) -> str:
@@ -147,9 +177,10 @@ def materialize(
     hier: Hierarchy,
     files: dict[str, list[str]],
     assignment: dict[str, str],
-    src: Path,
+    src: Path | None,
     out: Path,
     meta: dict,
+    extra: dict[str, dict] | None = None,
 ) -> dict:
     """Write every node's dataset, the flat dataset and ``hierarchy.json`` under ``out``.
 
@@ -157,12 +188,18 @@ def materialize(
     more children (the root's dataset is ``parent``), ``out/flat/<split>/<leaf dataset name>/<file>``,
     and ``out/hierarchy.json``. Files are hard links where possible, copies otherwise.
 
+    ``files`` may also hold inner nodes (partial labels): such an image goes to the datasets of the
+    nodes above its node only (not to its node's, nor to flat) and is listed in ``partial_images``.
+    ``src`` is the input folder the keys are relative to, or ``None`` when they are absolute paths;
+    ``extra`` (key → dict) adds fields to each image's entry.
+
     Returns
     -------
     dict
         The hierarchy.json document.
     """
-    check_paths(src, out)
+    if src is not None:
+        check_paths(src, out)
     old = owned_entries(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".staging-{os.getpid()}"
@@ -178,7 +215,8 @@ def materialize(
     leaf_folder = unique_names(hier.leaves())
     datasets: dict[str, dict] = {}
     modes = {"link": 0, "copy": 0}
-    images = []
+    images, partial_images = [], []
+    partial_counts: dict[str, dict[str, int]] = {}
     used_names: set[str] = set()
     try:
         for nid in hier.classifier_nodes():
@@ -201,8 +239,12 @@ def materialize(
             if name in used_names:  # an 8-hex-digit prefix clash: never let one image replace another
                 name = f"{hashlib.sha1(rel.encode('utf-8')).hexdigest()}_{name.split('_', 1)[1]}"
             used_names.add(name)
-            images.append({"path": rel, "leaf": leaf, "split": split, "file": name})
-            targets = [(FLAT_DATASET, leaf_folder[leaf])]
+            is_leaf = hier.nodes[leaf].is_leaf
+            entry = {"path": rel, "leaf" if is_leaf else "node": leaf, "split": split, "file": name}
+            (images if is_leaf else partial_images).append({**entry, **(extra or {}).get(rel, {})})
+            targets = [(FLAT_DATASET, leaf_folder[leaf])] if is_leaf else []
+            if not is_leaf:
+                partial_counts.setdefault(leaf, dict.fromkeys(SPLITS, 0))[split] += 1
             for nid in [ROOT_ID] + hier.path(leaf)[:-1]:
                 node = hier.nodes[nid]
                 if len(node.children) >= 2:
@@ -211,7 +253,7 @@ def materialize(
             for ds, cls in targets:
                 d = staging / ds / split / cls
                 d.mkdir(parents=True, exist_ok=True)
-                modes[_link_or_copy(src / rel, d / name)] += 1
+                modes[_link_or_copy(src / rel if src is not None else Path(rel), d / name)] += 1
                 datasets[ds]["counts"][split][cls] += 1
         for ds in datasets:  # empty class folders keep the class list stable for loaders
             for s in SPLITS:
@@ -225,6 +267,8 @@ def materialize(
                 "datasets": {k: v for k, v in datasets.items() if k != FLAT_DATASET},
                 "flat": datasets[FLAT_DATASET],
                 "images": images,
+                "partial_images": partial_images,
+                "partial": {n: partial_counts[n] for n in sorted(partial_counts)},
                 "file_modes": modes,
             }
         )
