@@ -24,7 +24,7 @@ from hiernet.downloads import DownloadCache, DownloadSettings  # noqa: E402
 from hiernet.paths import DEFAULT_DATA_DIR, default_cache_dir  # noqa: E402
 from hiernet.preparing import labelled_tree, prepare, summary  # noqa: E402
 from hiernet.safeio import UserError, exclusive_lock, run_cli  # noqa: E402
-from hiernet.splits import check_paths  # noqa: E402
+from hiernet.splits import check_paths, check_ratios, owned_entries  # noqa: E402
 
 log = logging.getLogger("prepare_dataset")
 
@@ -85,7 +85,8 @@ def _catalogue_spec(args: argparse.Namespace) -> CatalogueSpec:
 
 def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    out, progress = args.output, not args.quiet
+    out, progress = args.output, not args.quiet and sys.stderr.isatty()
+    check_ratios(tuple(args.ratio))
     if args.csv is not None:
         spec = _catalogue_spec(args)
         if not args.csv.is_file():
@@ -103,6 +104,7 @@ def _main(args: argparse.Namespace) -> int:
         meta = {"version": 1, "source": str(src.resolve()), "source_kind": "tree"}
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out.parent / f".{out.name}.lock", f"prepare_dataset.py into {out}"):
+        owned_entries(out)  # a foreign or unusable -o: refuse before any work
         if args.csv is not None:
             settings = DownloadSettings(args.download_timeout, args.download_retries,
                                         max_bytes=int(args.max_download_mb * 2**20))

@@ -144,9 +144,11 @@ def build_zoo(root: Path, outside: Path) -> dict:
         "tops/tee/up": "symlinked folder, not followed",
         "tops/tee/latin1_\\xe9t\\xe9.jpg": "not valid UTF-8",
         "bags/linked_folder": "symlinked folder, not followed",
-        "tops/stray.jpg": "non-leaf folder 'tops'",
     }
-    return {"kept": kept, "skipped": skipped}
+    img(root / "stray_root.jpg")
+    skipped["stray_root.jpg"] = "directly in the dataset root"
+    # an image lying directly in a parent folder is a partial label of that folder: it stays
+    return {"kept": kept, "skipped": skipped, "partial": {"tops/stray.jpg": "tops"}}
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +165,19 @@ def zoo(tmp_path_factory) -> dict:
 def test_zoo_run_goes_on_and_reports(zoo):
     assert zoo["proc"].returncode == 0
     first = zoo["proc"].stdout.splitlines()[0]
-    assert f"{len(zoo['skipped'])} skipped" in first and "depth 2" in first
+    assert f"{len(zoo['skipped'])} skipped" in first and "depth 2" in first and "1 partial" in first
+
+
+def test_zoo_partial_label_trains_only_the_nodes_above_it(zoo):
+    doc, out = zoo["doc"], zoo["out"]
+    (entry,) = doc["partial_images"]
+    assert entry["path"] == "tops/stray.jpg" and entry["node"] == "tops" and "leaf" not in entry
+    assert len(entry["sha256"]) == 64 and entry["sha256"] == hashlib.sha256((zoo["root"] / entry["path"]).read_bytes()).hexdigest()
+    assert doc["partial"] == {"tops": {s: int(s == entry["split"]) for s in ("train", "val", "test")}}
+    holding = sorted(str(p.relative_to(out)) for p in out.rglob(entry["file"]))
+    assert holding == [f"parent/{entry['split']}/tops/{entry['file']}"]  # not in tops/ (no child is right), not in flat/
+    assert doc["datasets"]["parent"]["counts"][entry["split"]]["tops"] == 1 + sum(
+        1 for im in doc["images"] if im["leaf"].startswith("tops/") and im["split"] == entry["split"])
 
 
 def test_zoo_broken_inputs_are_listed_with_reasons(zoo):
@@ -227,7 +241,7 @@ def test_zoo_one_split_shared_by_every_node_dataset(zoo):
                 if f.is_file():
                     where.setdefault(f.name, set()).add(split)
     assert all(len(splits) == 1 for splits in where.values()), {k: v for k, v in where.items() if len(v) > 1}
-    by_file = {im["file"]: im["split"] for im in zoo["doc"]["images"]}
+    by_file = {im["file"]: im["split"] for im in zoo["doc"]["images"] + zoo["doc"]["partial_images"]}
     assert {name: splits.pop() for name, splits in where.items()} == by_file
 
 

@@ -65,8 +65,7 @@ def assign_splits(
     (dict, list)
         image key → ``"train" | "val" | "test"``, and warnings for classes too small to split.
     """
-    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6 or ratios[0] <= 0:
-        raise UserError(f"--ratio must be three non-negative numbers summing to 1 with train > 0, got {list(ratios)}")
+    check_ratios(ratios)
     hashes = hashes or {}
     previous = previous or {}
     out: dict[str, str] = {}
@@ -91,6 +90,12 @@ def assign_splits(
                             "images where they were (prepare into a new -o to rebalance)")
         out.update(split)
     return out, warnings
+
+
+def check_ratios(ratios: tuple[float, ...]) -> None:
+    """Refuse ratios that are not three non-negative shares summing to 1 with train > 0."""
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6 or ratios[0] <= 0:
+        raise UserError(f"--ratio must be three non-negative numbers summing to 1 with train > 0, got {list(ratios)}")
 
 
 def _natural_split(u: float, ratios: tuple[float, float, float]) -> str:
