@@ -174,7 +174,8 @@ class DownloadCache:
             raise
         except urllib.error.HTTPError as exc:
             if 300 <= exc.code < 400:
-                raise DownloadError(f"too many redirects or a redirect loop (HTTP {exc.code})") from None
+                why = str(exc.reason).splitlines()[0] if exc.reason else ""
+                raise DownloadError(f"redirect not followed (HTTP {exc.code}: {why})") from None
             raise DownloadError(f"HTTP {exc.code} {exc.reason}", retry=exc.code >= 500 or exc.code == 429) from None
         except (TimeoutError, socket.timeout):
             raise DownloadError(f"timed out ({s.timeout:g} s)", retry=True) from None
