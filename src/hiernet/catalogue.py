@@ -95,7 +95,7 @@ def read_rows(spec: CatalogueSpec) -> tuple[list[Row], list[dict]]:
         raise UserError(f"unknown --encoding {spec.encoding!r}; try utf-8 or latin-1") from None
     rows, skipped = [], []
     with fh:
-        reader = csv.reader(fh)
+        reader = csv.reader(fh, strict=True)
         try:
             header = _check_header(next(reader, None), spec)
             while True:
@@ -109,18 +109,31 @@ def read_rows(spec: CatalogueSpec) -> tuple[list[Row], list[dict]]:
                 (skipped if isinstance(row, dict) else rows).append(row)
         except UnicodeDecodeError as exc:
             raise UserError(
-                f"{spec.csv} line {reader.line_num + 1}: bytes that are not {spec.encoding} ({exc.reason}); "
-                "pass the file's encoding with --encoding (e.g. --encoding latin-1)"
+                f"{spec.csv} line {_undecodable_line(spec.csv, spec.encoding)}: bytes that are not {spec.encoding} "
+                f"({exc.reason}); pass the file's encoding with --encoding (e.g. --encoding latin-1)"
             ) from None
         except csv.Error as exc:
             raise UserError(f"{spec.csv} line {reader.line_num}: not valid CSV ({exc}); fix the file and rerun") from None
     return rows, skipped
 
 
+def _undecodable_line(path: Path, encoding: str) -> int:
+    """The number of the first line of ``path`` that does not decode (text is read in blocks)."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError:
+                return number
+    return 1
+
+
 def _check_header(header: list[str] | None, spec: CatalogueSpec) -> dict[str, int]:
     if not header:
         raise UserError(f"catalogue {spec.csv} is empty; it needs a header row naming its columns")
-    cols = {name.strip(): i for i, name in reversed(list(enumerate(header)))}
+    cols: dict[str, int] = {}
+    for i, name in enumerate(header):
+        cols.setdefault(name.strip(), i)
     wanted = [spec.image_column, *spec.label_columns, spec.id_column, spec.split_column]
     missing = [c for c in wanted if c is not None and c not in cols]
     if missing:
