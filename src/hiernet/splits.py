@@ -1,7 +1,8 @@
 """One train/val/test assignment per image, shared by every node's dataset (no torch).
 
-The split is made ONCE per image, stratified by leaf and seeded; the parent dataset, every child
-dataset and the flat dataset are all cut from that one assignment, so no test image can appear in
+The split is made ONCE per image, from its content hash and the seed (stable as images are added;
+see :func:`assign_splits`); the parent dataset, every child dataset and the flat dataset are all cut
+from that one assignment, so no test image can appear in
 any node's training data. Output folders are built in a staging folder inside the output folder and
 swapped in; only entries this module wrote earlier are ever replaced or deleted.
 """
