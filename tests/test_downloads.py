@@ -43,8 +43,10 @@ class Handler(BaseHTTPRequestHandler):
         if length:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if body:
+        try:
             self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (size limit, timeout)
+            self.close_connection = True
 
     def do_GET(self):  # noqa: N802 - http.server API
         with self.lock:
