@@ -26,6 +26,7 @@ from hiernet.hierarchy import (
     load_hierarchy_json,
     is_safe_folder_name,
     safe_name,
+    partition_labels,
     scan_tree,
 )
 from hiernet.images import check_image
@@ -93,15 +94,27 @@ def test_tiny_leaves_are_kept(tmp_path):
     assert {k: len(v) for k, v in scan.files.items()} == {"a/one": 1, "a/two": 2, "b": 4}
 
 
-def test_images_directly_in_parent_are_skipped_with_reason(tmp_path):
-    leaves_tree(tmp_path, {"tops/shirt": 2, "tops/tee": 2})
+def test_images_directly_in_parent_are_partial_labels(tmp_path):
+    leaves_tree(tmp_path, {"tops/shirt": 2, "tops/tee": 2, "bags/tote": 1})
     img(tmp_path / "tops" / "stray.jpg")
+    (tmp_path / "tops" / "broken.jpg").write_bytes(b"not an image")
+    img(tmp_path / "bags" / "loose.jpg")  # bags has one child: still a partial label of 'bags'
     img(tmp_path / "stray_root.png")
-    scan = scan_tree(tmp_path)
+    (tmp_path / "hats" / "empty").mkdir(parents=True)
+    img(tmp_path / "hats" / "cap.jpg")  # its only sub-folder is empty: 'hats' is a leaf
+    scan = scan_tree(tmp_path, check=check_image)
     skipped = dict(scan.skipped)
-    assert "non-leaf folder 'tops'" in skipped["tops/stray.jpg"] and "move it" in skipped["tops/stray.jpg"]
-    assert "non-leaf folder '.'" in skipped["stray_root.png"]
+    assert "dataset root" in skipped["stray_root.png"] and "move it" in skipped["stray_root.png"]
+    assert "not an image" in skipped["tops/broken.jpg"]
+    assert scan.partial == {"tops": ["tops/stray.jpg"], "bags": ["bags/loose.jpg"]}
+    assert scan.files["hats"] == ["hats/cap.jpg"] and scan.hierarchy.nodes["hats"].is_leaf
     assert all("stray" not in p for ps in scan.files.values() for p in ps)
+
+
+def test_partition_labels():
+    leaves, inner = partition_labels({"a": ["1"], "a/b": ["2"], "a/b/c": ["3"], "ab": ["4"], "d/e": ["5"]})
+    assert leaves == {"a/b/c": ["3"], "ab": ["4"], "d/e": ["5"]}
+    assert inner == {"a": ["1"], "a/b": ["2"]}
 
 
 def test_hidden_and_non_image_files_are_ignored(tmp_path):
@@ -456,15 +469,20 @@ def test_hypothesis_random_trees_scan_and_validate(tree):
         root = Path(tmp) / "data"
         root.mkdir()
         expected, strays = write_tree(root, tree)
-        if not expected:
+        groups = {k: list(v) for k, v in expected.items()}
+        for s in strays:  # an image in a folder with sub-folders: a partial label of that folder
+            groups.setdefault(s.rsplit("/", 1)[0], []).append(s)
+        leaves = {n: sorted(ps) for n, ps in groups.items() if not any(m.startswith(n + "/") for m in groups)}
+        partial = {n: sorted(ps) for n, ps in groups.items() if n not in leaves}
+        if not leaves:
             with pytest.raises(HierarchyError):
                 scan_tree(root)
             return
         scan = scan_tree(root)
-        assert scan.files == expected
-        assert scan.hierarchy.leaves() == sorted(expected)
-        skipped = dict(scan.skipped)
-        assert set(skipped) == set(strays) and all("non-leaf folder" in r for r in skipped.values())
+        assert scan.files == leaves and scan.partial == partial
+        assert scan.hierarchy.leaves() == sorted(leaves)
+        assert all(n in scan.hierarchy.nodes and not scan.hierarchy.nodes[n].is_leaf for n in partial)
+        assert scan.skipped == []
         check_hierarchy(scan.hierarchy)
         shutil.rmtree(root)
 

@@ -13,6 +13,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -144,9 +145,11 @@ def build_zoo(root: Path, outside: Path) -> dict:
         "tops/tee/up": "symlinked folder, not followed",
         "tops/tee/latin1_\\xe9t\\xe9.jpg": "not valid UTF-8",
         "bags/linked_folder": "symlinked folder, not followed",
-        "tops/stray.jpg": "non-leaf folder 'tops'",
     }
-    return {"kept": kept, "skipped": skipped}
+    img(root / "stray_root.jpg")
+    skipped["stray_root.jpg"] = "directly in the dataset root"
+    # an image lying directly in a parent folder is a partial label of that folder: it stays
+    return {"kept": kept, "skipped": skipped, "partial": {"tops/stray.jpg": "tops"}}
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +166,19 @@ def zoo(tmp_path_factory) -> dict:
 def test_zoo_run_goes_on_and_reports(zoo):
     assert zoo["proc"].returncode == 0
     first = zoo["proc"].stdout.splitlines()[0]
-    assert f"{len(zoo['skipped'])} skipped" in first and "depth 2" in first
+    assert f"{len(zoo['skipped'])} skipped" in first and "depth 2" in first and "1 partial" in first
+
+
+def test_zoo_partial_label_trains_only_the_nodes_above_it(zoo):
+    doc, out = zoo["doc"], zoo["out"]
+    (entry,) = doc["partial_images"]
+    assert entry["path"] == "tops/stray.jpg" and entry["node"] == "tops" and "leaf" not in entry
+    assert len(entry["sha256"]) == 64 and entry["sha256"] == hashlib.sha256((zoo["root"] / entry["path"]).read_bytes()).hexdigest()
+    assert doc["partial"] == {"tops": {s: int(s == entry["split"]) for s in ("train", "val", "test")}}
+    holding = sorted(str(p.relative_to(out)) for p in out.rglob(entry["file"]))
+    assert holding == [f"parent/{entry['split']}/tops/{entry['file']}"]  # not in tops/ (no child is right), not in flat/
+    assert doc["datasets"]["parent"]["counts"][entry["split"]]["tops"] == 1 + sum(
+        1 for im in doc["images"] if im["leaf"].startswith("tops/") and im["split"] == entry["split"])
 
 
 def test_zoo_broken_inputs_are_listed_with_reasons(zoo):
@@ -227,7 +242,7 @@ def test_zoo_one_split_shared_by_every_node_dataset(zoo):
                 if f.is_file():
                     where.setdefault(f.name, set()).add(split)
     assert all(len(splits) == 1 for splits in where.values()), {k: v for k, v in where.items() if len(v) > 1}
-    by_file = {im["file"]: im["split"] for im in zoo["doc"]["images"]}
+    by_file = {im["file"]: im["split"] for im in zoo["doc"]["images"] + zoo["doc"]["partial_images"]}
     assert {name: splits.pop() for name, splits in where.items()} == by_file
 
 
@@ -388,3 +403,161 @@ def test_decompression_bomb_refused_in_a_real_run(tmp_path, monkeypatch, capsys)
     doc = json.loads((tmp_path / "out" / "hierarchy.json").read_text())
     assert "decompression bomb" in {s["path"]: s["reason"] for s in doc["skipped"]}["a/bomb.png"]
     assert "a/bomb.png" not in {im["path"] for im in doc["images"]}
+
+
+# ------------------------------------------------------------------------------ stable split (CLI)
+def test_adding_ten_percent_moves_no_image(tmp_path):
+    """Re-preparing a grown tree into the same -o: no existing image changes split; leaf ratios hold."""
+    from conftest import TWO_LEVEL, make_tree
+
+    root, out = make_tree(tmp_path / "data", TWO_LEVEL, per_leaf=30, size=24), tmp_path / "out"
+    prepare("-p", root, "-o", out, "-q")
+    before = json.loads((out / "hierarchy.json").read_text())
+    old = {im["sha256"]: im["split"] for im in before["images"]}
+    for k, leaf in enumerate(("round/circle", "round/plus", "angular/box", "angular/tri")):
+        for i in range(3):  # +10 %
+            img(root / leaf / f"new_{i}.jpg", 5000 + 10 * k + i)
+    prepare("-p", root, "-o", out, "-q")
+    after = json.loads((out / "hierarchy.json").read_text())
+    new = {im["sha256"]: im["split"] for im in after["images"]}
+    assert len(new) == len(old) + 12
+    assert {h: new[h] for h in old} == old
+    # per leaf (33 images): each split within 3 binomial sigmas of its share, at least one val and test
+    for leaf in after["flat"]["class_nodes"]:
+        got = Counter(im["split"] for im in after["images"] if im["leaf"] == leaf)
+        assert got["val"] >= 1 and got["test"] >= 1
+        for s, r in zip(("train", "val", "test"), (0.8, 0.1, 0.1)):
+            assert abs(got[s] - r * 33) <= 3 * (33 * r * (1 - r)) ** 0.5 + 1, (leaf, got)
+    # the split follows the bytes: a fresh -o gives the same split to every image but the few guaranteed slots
+    prepare("-p", root, "-o", tmp_path / "fresh", "-q")
+    fresh = {im["sha256"]: im["split"] for im in json.loads((tmp_path / "fresh" / "hierarchy.json").read_text())["images"]}
+    assert sum(fresh[h] != new[h] for h in new) <= 3 * 4
+
+
+# ------------------------------------------------------------------------------ catalogue CSV (CLI)
+from test_downloads import GOOD, Handler, server  # noqa: E402,F401  (the loopback HTTP server fixture)
+
+
+def write_catalogue(path: Path, header: list[str], rows: list[list[str]], encoding="utf-8") -> Path:
+    import csv
+
+    with open(path, "w", newline="", encoding=encoding) as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def catalogue(tmp_path, server):
+    """A CSV with local images (relative and absolute), URLs (good and failing), a partial label, bad rows."""
+    Handler.hits.clear()
+    imgs = tmp_path / "shop" / "images"
+    rows = []
+    for k, (master, sub, article) in enumerate([("Apparel", "Topwear", "Tshirts"), ("Apparel", "Topwear", "Shirts"),
+                                                ("Apparel", "Bottom wear", "Jeans"), ("Foot wear", "Shoes", "Sneakers")]):
+        for i in range(4):
+            img(imgs / f"{k}_{i}.jpg", 10 * k + i)
+            rows.append([f"p{k}{i}", master, sub, article, f"images/{k}_{i}.jpg", f"item, \"{k}\"\nline two"])
+    rows.append(["u1", "Foot wear", "Shoes", "Sneakers", f"{server}/good.jpg", "from the web"])
+    rows.append(["u2", "Foot wear", "Shoes", "Sneakers", f"{server}/missing", "404"])
+    rows.append(["u3", "Foot wear", "Shoes", "Sneakers", f"{server}/page.html", "html"])
+    img(imgs / "partial.jpg", 99)
+    rows.append(["x1", "Apparel", "Topwear", "", str(imgs / "partial.jpg"), "partial label"])
+    rows.append(["p00", "Apparel", "Topwear", "Tshirts", "images/0_1.jpg", "duplicate id"])
+    rows.append(["x2", "Apparel", "", "", "images/nope.jpg", "missing file"])
+    csv_path = write_catalogue(tmp_path / "shop" / "styles.csv", ["id", "master", "sub", "article", "image", "title"], rows)
+    return {"csv": csv_path, "server": server, "dl": tmp_path / "dl"}
+
+
+def csv_args(cat, out, *extra):
+    return ("--csv", cat["csv"], "--image-column", "image", "--label-columns", "master,sub,article", "--id-column", "id",
+            "-o", out, "--download-dir", cat["dl"], "--download-timeout", "2", "--download-retries", "0", *extra)
+
+
+def test_csv_end_to_end(tmp_path, catalogue):
+    out = tmp_path / "out"
+    proc = prepare(*csv_args(catalogue, out))
+    doc = json.loads((out / "hierarchy.json").read_text())
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("17 images, 4 classes, depth 3") and "1 partial; 4 skipped" in first, first
+    skipped = {s["line"]: s["reason"] for s in doc["skipped"]}
+    # header line 1; each local row takes 2 lines (a quoted newline): URLs start on line 34
+    assert "HTTP 404" in skipped[35] and "not an image" in skipped[36]
+    assert "duplicate id 'p00'" in skipped[38] and "not found" in skipped[39]
+    assert all(f"skipped line {n}: " in proc.stderr for n in skipped)
+    # the same layout as from a tree: parent/, one folder per classifier node, flat/
+    assert set(doc["datasets"]) == {"parent", "Apparel", "Apparel__Topwear"}
+    assert doc["datasets"]["Apparel"]["classes"] == ["Bottom_wear", "Topwear"]
+    assert doc["display"] == {"Apparel/Bottom_wear": "Bottom wear", "Foot_wear": "Foot wear"}
+    for ds in ["parent", "Apparel", "Apparel__Topwear", "flat"]:
+        assert {p.name for p in (out / ds).iterdir()} == {"train", "val", "test"}
+    web = next(im for im in doc["images"] if im["id"] == "u1")
+    assert web["url"].endswith("/good.jpg") and web["leaf"] == "Foot_wear/Shoes/Sneakers"
+    assert web["sha256"] == hashlib.sha256(GOOD).hexdigest() and web["label"] == ["Foot wear", "Shoes", "Sneakers"]
+    (part,) = doc["partial_images"]
+    assert part["node"] == "Apparel/Topwear" and part["id"] == "x1" and part["line"] == 37
+    assert sorted(str(p.relative_to(out)) for p in out.rglob(part["file"])) == [
+        f"Apparel/{part['split']}/Topwear/{part['file']}", f"parent/{part['split']}/Apparel/{part['file']}"]
+    assert doc["partial"]["Apparel/Topwear"][part["split"]] == 1
+    # a second run reads the download cache: nothing is fetched again
+    hits = dict(Handler.hits)
+    prepare(*csv_args(catalogue, out))
+    assert Handler.hits["/good.jpg"] == hits["/good.jpg"] == 1
+    again = json.loads((out / "hierarchy.json").read_text())
+    assert [im["split"] for im in again["images"]] == [im["split"] for im in doc["images"]]
+
+
+def test_csv_errors_are_one_line_and_keep_earlier_output(tmp_path, catalogue):
+    out = tmp_path / "out"
+    prepare(*csv_args(catalogue, out))
+    before = tree_state(out)
+    proc = prepare("--csv", catalogue["csv"], "--image-column", "image", "--label-columns", "master,articleType",
+                   "-o", out, check=False)
+    line = one_error_line(proc)
+    assert "no column 'articleType'" in line and "its columns are: id, master, sub, article, image, title" in line
+    latin = write_catalogue(tmp_path / "latin.csv", ["image", "cat"], [["a.jpg", "Caf\u00e9"]], encoding="latin-1")
+    line = one_error_line(prepare("--csv", latin, "--image-column", "image", "--label-column", "cat", "-o", out, check=False))
+    assert "line 2" in line and "--encoding latin-1" in line
+    for bad in (("--label-columns", "a,b", "--label-column", "c"), ("--label-columns", "a,,b"), ()):
+        line = one_error_line(prepare("--csv", catalogue["csv"], "--image-column", "image", *bad, "-o", out, check=False))
+        assert "--label-column" in line
+    line = one_error_line(prepare("--csv", tmp_path / "nope.csv", "--image-column", "i", "--label-column", "c",
+                                  "-o", out, check=False))
+    assert line.endswith("not found (or not a file); pass --csv FILE")
+    everything_bad = write_catalogue(tmp_path / "bad.csv", ["image", "cat"], [["nope.jpg", "a"], ["", "b"]])
+    line = one_error_line(prepare("--csv", everything_bad, "--image-column", "image", "--label-column", "cat", "-o", out,
+                                  check=False))
+    assert "no usable images" in line
+    assert tree_state(out) == before  # the earlier prepared datasets are intact
+
+
+def test_csv_and_tree_are_exclusive(tmp_path, catalogue):
+    proc = prepare("--csv", catalogue["csv"], "-p", tmp_path, check=False)
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+
+
+def test_csv_split_column_used_as_is(tmp_path):
+    rows = []
+    for i in range(6):
+        img(tmp_path / f"{i}.jpg", i)
+        rows.append([f"{i}.jpg", "Apparel > Tops" if i % 2 else "Apparel > Jeans", ["train", "Val", "TEST"][i % 3]])
+    csv_path = write_catalogue(tmp_path / "c.csv", ["image", "category", "split"], rows)
+    prepare("--csv", csv_path, "--image-column", "image", "--label-column", "category", "--split-column", "split",
+            "-o", tmp_path / "out")
+    doc = json.loads((tmp_path / "out" / "hierarchy.json").read_text())
+    assert {Path(im["path"]).name: im["split"] for im in doc["images"]} == {
+        f"{i}.jpg": ["train", "val", "test"][i % 3] for i in range(6)}
+
+
+def test_zoo_partial_labels_make_training_use_child_targets(zoo):
+    """Stopgap until training learns from partial labels: a node with partial images below it trains on
+    its children (a partial image has no leaf to be a fine target), the others keep fine (leaf) targets."""
+    from hiernet.hierarchy import Hierarchy
+    from hiernet.training import _fine_targets
+
+    doc = zoo["doc"]
+    hier = Hierarchy.from_dict(doc["tree"])
+    children = hier.nodes[""].children
+    assert _fine_targets(hier, doc, "", children) is None
+    assert _fine_targets(hier, {**doc, "partial_images": []}, "", children) is not None

@@ -1,4 +1,4 @@
-"""hiernet.splits: one seeded split per image, shared by every node dataset; safe output folders."""
+"""hiernet.splits: one stable, hash-based split per image, shared by every node dataset; safe output folders."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from hiernet.splits import (
     check_paths,
     materialize,
     owned_entries,
-    split_counts,
+    unit_hash,
     stored_name,
 )
 from test_hierarchy import check_hierarchy, trees, write_tree
@@ -32,17 +32,14 @@ RATIOS = st.tuples(st.integers(1, 10), st.integers(0, 10), st.integers(0, 10)).m
 )
 
 
-# ------------------------------------------------------------------------------ counts and assignment
-@settings(max_examples=200, deadline=None)
-@given(n=st.integers(0, 300), ratios=RATIOS)
-def test_split_counts(n, ratios):
-    tr, va, te = split_counts(n, ratios)
-    assert tr + va + te == n and min(tr, va, te) >= 0
-    if n < MIN_SPLITTABLE:
-        assert (tr, va, te) == (n, 0, 0)
+# ------------------------------------------------------------------------------ assignment
+def check_class(ps, assignment, ratios):
+    got = Counter(assignment[p] for p in ps)
+    if len(ps) < MIN_SPLITTABLE:
+        assert got == {"train": len(ps)} or not ps
     else:
-        assert tr >= 1
-        assert (va >= 1) == (ratios[1] > 0) and (te >= 1) == (ratios[2] > 0)
+        assert got["train"] >= 1
+        assert (got["val"] >= 1) == (ratios[1] > 0) and (got["test"] >= 1) == (ratios[2] > 0)
 
 
 files_dicts = st.dictionaries(
@@ -60,8 +57,7 @@ def test_assign_splits_invariants(files, ratios, seed):
     assert sorted(assignment) == sorted(everything)  # every image once
     assert set(assignment.values()) <= set(SPLITS)
     for leaf, ps in files.items():
-        got = Counter(assignment[p] for p in ps)
-        assert (got["train"], got["val"], got["test"]) == split_counts(len(ps), ratios)
+        check_class(ps, assignment, ratios)
         small = any(f"class '{leaf}' has only" in w for w in warnings)
         assert small == (len(ps) < MIN_SPLITTABLE)
     # deterministic, and independent of file order and of the other leaves
@@ -82,7 +78,48 @@ def test_tiny_leaves_go_to_train_with_a_warning():
                                           "big": [f"big/{i}.jpg" for i in range(10)]})
     assert {assignment[p] for p in ("one/a.jpg", "two/a.jpg", "two/b.jpg")} == {"train"}
     assert len(warnings) == 2 and all("all go to train" in w for w in warnings)
-    assert Counter(assignment[f"big/{i}.jpg"] for i in range(10)) == {"train": 8, "val": 1, "test": 1}
+    check_class([f"big/{i}.jpg" for i in range(10)], assignment, (0.8, 0.1, 0.1))
+
+
+def natural(u, ratios):
+    return "train" if u < ratios[0] else ("val" if u < ratios[0] + ratios[1] else "test")
+
+
+@settings(max_examples=60, deadline=None)
+@given(files=files_dicts, ratios=RATIOS, seed=st.integers(0, 2**31))
+def test_split_is_the_hash_rule_except_guaranteed_slots(files, ratios, seed):
+    """Outside the few images moved to give a class its val/test image, the split is u's interval."""
+    assignment, _ = assign_splits(files, ratios, seed, hashes={p: f"h{p}" for ps in files.values() for p in ps})
+    for ps in files.values():
+        if len(ps) < MIN_SPLITTABLE:
+            continue
+        moved = [p for p in ps if assignment[p] != natural(unit_hash(seed, f"h{p}"), ratios)]
+        assert len(moved) <= 3  # at most one per split
+
+
+def test_split_follows_content_not_path():
+    a = assign_splits({"x": [f"x/{i}.jpg" for i in range(40)]}, seed=3, hashes={f"x/{i}.jpg": f"c{i}" for i in range(40)})[0]
+    renamed = {f"y/renamed_{i}.jpg": f"c{i}" for i in range(40)}
+    b = assign_splits({"other": sorted(renamed)}, seed=3, hashes=renamed)[0]
+    assert [a[f"x/{i}.jpg"] for i in range(40)] == [b[f"y/renamed_{i}.jpg"] for i in range(40)]
+
+
+def test_adding_images_moves_no_existing_image():
+    """Re-splitting with the earlier split as ``previous``: old images stay; new ones keep the ratios."""
+    ratios = (0.8, 0.1, 0.1)
+    files = {f"c{k}": [f"c{k}/{i}.jpg" for i in range(n)] for k, n in enumerate([3, 4, 10, 40, 200])}
+    hashes = {p: f"h-{p}" for ps in files.values() for p in ps}
+    first, _ = assign_splits(files, ratios, 7, hashes)
+    previous = {hashes[p]: s for p, s in first.items()}
+    grown = {c: ps + [f"{c}/new{i}.jpg" for i in range(max(1, len(ps) // 10))] for c, ps in files.items()}
+    hashes.update({p: f"h-{p}" for ps in grown.values() for p in ps})
+    second, _ = assign_splits(grown, ratios, 7, hashes, previous)
+    assert {p: second[p] for p in first} == first
+    for ps in grown.values():
+        check_class(ps, second, ratios)
+    big = Counter(second[p] for p in grown["c4"])  # 220 images: within 3 binomial sigmas of the ratios
+    for s, r in zip(SPLITS, ratios):
+        assert abs(big[s] - r * 220) <= 3 * (220 * r * (1 - r)) ** 0.5 + 1, big
 
 
 @pytest.mark.parametrize("ratios", [(0.5, 0.5), (0.8, 0.1, 0.2), (0.0, 0.5, 0.5), (1.2, -0.1, -0.1), (0.5, 0.5, 0.0, 0.0)])

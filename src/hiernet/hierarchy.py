@@ -317,12 +317,15 @@ class ScanResult:
     skipped : list of (str, str)
         (relative path, reason) for every image-like file left out.
     warnings : list of str
+    partial : dict
+        inner node id → sorted image paths lying directly in that folder (a partial label).
     """
 
     hierarchy: Hierarchy
     files: dict[str, list[str]]
     skipped: list[tuple[str, str]]
     warnings: list[str]
+    partial: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _rel(p: Path, root: Path) -> str:
@@ -409,7 +412,8 @@ def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | Non
     """Scan ``ROOT/<class>/.../<leaf>/<images>`` into a hierarchy and per-leaf file lists.
 
     A folder with sub-folders is an internal node; a folder without is a leaf. Hidden files/folders
-    and non-image extensions are ignored. Images lying directly in an internal folder, images that
+    and non-image extensions are ignored. Images lying directly in an internal folder are partial
+    labels of that folder's node (``partial``; in the root folder they are skipped). Images that
     ``check`` rejects, broken symlinks and symlinked folders are left out and listed in ``skipped``.
     Empty leaves (and parents left with no children) are dropped with a warning.
 
@@ -427,6 +431,7 @@ def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | Non
     skipped: list[tuple[str, str]] = []
     warnings: list[str] = []
     internal: set[str] = set()
+    partial: dict[str, list[str]] = {}
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -437,8 +442,13 @@ def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | Non
         nid = _rel(folder, root) if folder != root else ROOT_ID
         if subdirs:
             internal.add(nid)
-            for p in images:
-                skipped.append((_rel(p, root), f"image directly in non-leaf folder '{nid or '.'}'; move it into a class folder"))
+            if nid == ROOT_ID:
+                for p in images:
+                    skipped.append((_rel(p, root), "image directly in the dataset root; move it into a class folder"))
+            else:
+                good = _usable_images(images, root, check, skipped)
+                if good:
+                    partial[nid] = sorted(good)
             stack.extend(reversed(subdirs))
             continue
         if folder == root:
@@ -448,12 +458,30 @@ def scan_tree(root: str | os.PathLike, check: Callable[[Path], str | None] | Non
             files[nid] = sorted(good)
         else:
             warnings.append(f"class folder '{nid}' has no usable images; it is left out")
+    files, partial = partition_labels({**files, **partial})
     if not files:
         raise HierarchyError(f"no usable images found under {root}")
     hier = Hierarchy.from_leaf_paths(files)
     warnings += _tree_warnings(hier, internal)
     skipped.sort()
-    return ScanResult(hier, files, skipped, warnings)
+    return ScanResult(hier, files, skipped, warnings, partial)
+
+
+def partition_labels(groups: dict[str, list[str]]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Split node id → images into leaves and partial labels.
+
+    A node with another labelled node below it (``"a"`` beside ``"a/b"``) is inner: its images are
+    partial labels. Every other node is a leaf.
+
+    Returns
+    -------
+    (dict, dict)
+        leaf id → images, and inner node id → images.
+    """
+    prefixes = {"/".join(n.split("/")[:k]) for n in groups for k in range(1, n.count("/") + 1)}
+    leaves = {n: ps for n, ps in groups.items() if n not in prefixes}
+    inner = {n: ps for n, ps in groups.items() if n in prefixes}
+    return leaves, inner
 
 
 def _utf8_ok(name: str) -> bool:

@@ -1,7 +1,8 @@
 """One train/val/test assignment per image, shared by every node's dataset (no torch).
 
-The split is made ONCE per image, stratified by leaf and seeded; the parent dataset, every child
-dataset and the flat dataset are all cut from that one assignment, so no test image can appear in
+The split is made ONCE per image, from its content hash and the seed (stable as images are added;
+see :func:`assign_splits`); the parent dataset, every child dataset and the flat dataset are all cut
+from that one assignment, so no test image can appear in
 any node's training data. Output folders are built in a staging folder inside the output folder and
 swapped in; only entries this module wrote earlier are ever replaced or deleted.
 """
@@ -26,62 +27,97 @@ KEEP_NAMES = frozenset({"README.md", ".gitkeep", ".gitignore"})
 MIN_SPLITTABLE = 3
 
 
-def _leaf_seed(seed: int, leaf: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{leaf}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
-def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
-    """Train/val/test counts for ``n`` images (val and test get at least one each when ``n >= 3``)."""
-    if n < MIN_SPLITTABLE:
-        return n, 0, 0
-    n_val = max(1, round(n * ratios[1])) if ratios[1] > 0 else 0
-    n_test = max(1, round(n * ratios[2])) if ratios[2] > 0 else 0
-    while n - n_val - n_test < 1:
-        if n_val >= n_test and n_val > 0:
-            n_val -= 1
-        else:
-            n_test -= 1
-    return n - n_val - n_test, n_val, n_test
+def unit_hash(seed: int, content_hash: str) -> float:
+    """An image's place in [0, 1): a uniform number fixed by the seed and the image's content hash."""
+    digest = hashlib.sha256(f"{seed}:{content_hash}".encode("utf-8")).digest()
+    return int.from_bytes(digest, "big") / 2.0**256
 
 
 def assign_splits(
-    files: dict[str, list[str]], ratios: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 1337
+    files: dict[str, list[str]],
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 1337,
+    hashes: dict[str, str] | None = None,
+    previous: dict[str, str] | None = None,
 ) -> tuple[dict[str, str], list[str]]:
-    """Assign each image to a split, stratified by leaf.
+    """Assign each image to a split, stratified by class, stable as images are added.
+
+    Each image gets ``u = unit_hash(seed, content hash)`` and goes to train if ``u < r_train``, to val
+    if ``u < r_train + r_val``, else to test, so its split depends on nothing but its own bytes and
+    the seed. Then, per class: a class with fewer than ``MIN_SPLITTABLE`` images is wholly train; a
+    bigger class that lacks a train, val or test image (with a share > 0) takes one from another split
+    holding two or more, the image whose ``u`` lies nearest to the missing split's interval. Images
+    in ``previous`` keep their split and are never taken, so re-preparing a grown set moves no image.
 
     Parameters
     ----------
     files : dict
-        leaf id → list of relative image paths.
+        class (a leaf, or an inner node for partial labels) → list of image keys.
     ratios : (float, float, float)
         train/val/test shares, summing to 1.
     seed : int
-        The seed; the result depends only on it and on each leaf's own file list.
+    hashes : dict, optional
+        image key → SHA-256 of its bytes (hex); without it the key itself is hashed.
+    previous : dict, optional
+        content hash → split from an earlier run with the same seed and ratios.
 
     Returns
     -------
     (dict, list)
-        relative path → ``"train" | "val" | "test"``, and warnings for leaves too small to split.
+        image key → ``"train" | "val" | "test"``, and warnings for classes too small to split.
     """
-    import random
-
-    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6 or ratios[0] <= 0:
-        raise UserError(f"--ratio must be three non-negative numbers summing to 1 with train > 0, got {list(ratios)}")
+    check_ratios(ratios)
+    hashes = hashes or {}
+    previous = previous or {}
     out: dict[str, str] = {}
     warnings = []
-    for leaf in sorted(files):
-        paths = sorted(files[leaf])
-        random.Random(_leaf_seed(seed, leaf)).shuffle(paths)
-        n_train, n_val, _ = split_counts(len(paths), ratios)
-        if len(paths) < MIN_SPLITTABLE:
+    for group in sorted(files):
+        keys = sorted(files[group])
+        content = {k: hashes.get(k) or hashlib.sha256(k.encode("utf-8", "surrogatepass")).hexdigest() for k in keys}
+        u = {k: unit_hash(seed, content[k]) for k in keys}
+        kept = {k: previous[content[k]] for k in keys if content[k] in previous}
+        if len(keys) < MIN_SPLITTABLE:
+            out.update({k: kept.get(k, "train") for k in keys})
             warnings.append(
-                f"class '{leaf}' has only {len(paths)} image(s): all go to train, none to val/test "
+                f"class '{group}' has only {len(keys)} image(s): all go to train, none to val/test "
                 f"(add at least {MIN_SPLITTABLE} to evaluate it)"
             )
-        for i, p in enumerate(paths):
-            out[p] = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
+            continue
+        split = {k: kept.get(k) or _natural_split(u[k], ratios) for k in keys}
+        _guarantee_each_split(split, u, [k for k in keys if k not in kept], ratios)
+        missing = [s for s, r in zip(SPLITS, ratios) if r > 0 and s not in split.values()]
+        if missing:
+            warnings.append(f"class '{group}' has no {'/'.join(missing)} image; it is kept so to leave earlier "
+                            "images where they were (prepare into a new -o to rebalance)")
+        out.update(split)
     return out, warnings
+
+
+def check_ratios(ratios: tuple[float, ...]) -> None:
+    """Refuse ratios that are not three non-negative shares summing to 1 with train > 0."""
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6 or ratios[0] <= 0:
+        raise UserError(f"--ratio must be three non-negative numbers summing to 1 with train > 0, got {list(ratios)}")
+
+
+def _natural_split(u: float, ratios: tuple[float, float, float]) -> str:
+    if u < ratios[0]:
+        return "train"
+    return "val" if u < ratios[0] + ratios[1] else "test"
+
+
+def _guarantee_each_split(split: dict[str, str], u: dict[str, float], movable: list[str],
+                          ratios: tuple[float, float, float]) -> None:
+    """Give a class at least one image per split with a share > 0, moving only ``movable`` images."""
+    lo = {"train": 0.0, "val": ratios[0], "test": ratios[0] + ratios[1]}
+    hi = {"train": ratios[0], "val": ratios[0] + ratios[1], "test": 1.0}
+    for target, r in zip(("train", "test", "val"), (ratios[0], ratios[2], ratios[1])):
+        if r <= 0 or target in split.values():
+            continue
+        count = {s: sum(1 for v in split.values() if v == s) for s in SPLITS}
+        donors = [k for k in movable if count[split[k]] > 1]
+        if donors:
+            best = min(donors, key=lambda k: (max(lo[target] - u[k], u[k] - hi[target], 0.0), k))
+            split[best] = target
 
 
 def stored_name(rel_path: str) -> str:
@@ -165,8 +201,9 @@ def _dataset_plan(hier: Hierarchy, leaf_folder: dict[str, str]) -> dict[str, dic
 
 
 def _placements(hier: Hierarchy, leaf: str, leaf_folder: dict[str, str]) -> list[tuple[str, str]]:
-    """(dataset, class folder) of every dataset an image of ``leaf`` belongs to: flat, then top down."""
-    targets = [(FLAT_DATASET, leaf_folder[leaf])]
+    """(dataset, class folder) of every dataset an image labelled ``leaf`` belongs to: flat (leaves
+    only), then the datasets of the nodes above it, top down (a partial label stops above its node)."""
+    targets = [(FLAT_DATASET, leaf_folder[leaf])] if hier.nodes[leaf].is_leaf else []
     for nid in [ROOT_ID] + hier.path(leaf)[:-1]:
         node = hier.nodes[nid]
         if len(node.children) >= 2:
@@ -174,36 +211,48 @@ def _placements(hier: Hierarchy, leaf: str, leaf_folder: dict[str, str]) -> list
     return targets
 
 
-def _fill(staging: Path, hier: Hierarchy, files: dict[str, list[str]], assignment: dict[str, str], src: Path,
-          datasets: dict[str, dict], leaf_folder: dict[str, str]) -> tuple[list[dict], dict[str, int]]:
+def _fill(staging: Path, hier: Hierarchy, files: dict[str, list[str]], assignment: dict[str, str],
+          src: Path | None, datasets: dict[str, dict], leaf_folder: dict[str, str],
+          extra: dict[str, dict]) -> tuple[list[dict], list[dict], dict[str, int]]:
     """Link (or copy) every assigned image into its datasets under ``staging``; counts go into ``datasets``.
 
     Returns
     -------
-    (list of dict, dict)
-        ``images`` entries of hierarchy.json (``path``, ``leaf``, ``split``, ``file``), and how many
-        files were hard-linked / copied.
+    (list of dict, list of dict, dict)
+        ``images`` entries of hierarchy.json (``path``, ``leaf``, ``split``, ``file`` + ``extra``), the
+        ``partial_images`` entries (``node`` instead of ``leaf``), and how many files were hard-linked /
+        copied.
     """
     leaf_of = {p: leaf for leaf, ps in files.items() for p in ps}
     modes = {"link": 0, "copy": 0}
-    images, used_names = [], set()
+    images, partial_images, used_names = [], [], set()
     for rel in sorted(assignment):
         split, leaf = assignment[rel], leaf_of[rel]
         name = stored_name(rel)
         if name in used_names:  # an 8-hex-digit prefix clash: never let one image replace another
             name = f"{hashlib.sha1(rel.encode('utf-8')).hexdigest()}_{name.split('_', 1)[1]}"
         used_names.add(name)
-        images.append({"path": rel, "leaf": leaf, "split": split, "file": name})
+        is_leaf = hier.nodes[leaf].is_leaf
+        entry = {"path": rel, "leaf" if is_leaf else "node": leaf, "split": split, "file": name}
+        (images if is_leaf else partial_images).append({**entry, **extra.get(rel, {})})
         for ds, cls in _placements(hier, leaf, leaf_folder):
             d = staging / ds / split / cls
             d.mkdir(parents=True, exist_ok=True)
-            modes[_link_or_copy(src / rel, d / name)] += 1
+            modes[_link_or_copy(src / rel if src is not None else Path(rel), d / name)] += 1
             datasets[ds]["counts"][split][cls] += 1
     for ds in datasets:  # empty class folders keep the class list stable for loaders
         for s in SPLITS:
             for cls in datasets[ds]["classes"]:
                 (staging / ds / s / cls).mkdir(parents=True, exist_ok=True)
-    return images, modes
+    return images, partial_images, modes
+
+
+def _partial_counts(partial_images: list[dict]) -> dict[str, dict[str, int]]:
+    """Inner node → images per split among the partial labels (hierarchy.json ``partial``)."""
+    counts: dict[str, dict[str, int]] = {}
+    for e in partial_images:
+        counts.setdefault(e["node"], dict.fromkeys(SPLITS, 0))[e["split"]] += 1
+    return {n: counts[n] for n in sorted(counts)}
 
 
 def _refuse_clashes(out: Path, new: list[str], old: list[str]) -> None:
@@ -241,9 +290,10 @@ def materialize(
     hier: Hierarchy,
     files: dict[str, list[str]],
     assignment: dict[str, str],
-    src: Path,
+    src: Path | None,
     out: Path,
     meta: dict,
+    extra: dict[str, dict] | None = None,
 ) -> dict:
     """Write every node's dataset, the flat dataset and ``hierarchy.json`` under ``out``.
 
@@ -254,12 +304,18 @@ def materialize(
     :func:`hiernet.safeio.replace_dir` (an old folder stays in place until its new one is complete),
     and ``hierarchy.json`` last.
 
+    ``files`` may also hold inner nodes (partial labels): such an image goes to the datasets of the
+    nodes above its node only (not to its node's, nor to flat) and is listed in ``partial_images``.
+    ``src`` is the input folder the keys are relative to, or ``None`` when they are absolute paths;
+    ``extra`` (key → dict) adds fields to each image's entry.
+
     Returns
     -------
     dict
         The hierarchy.json document.
     """
-    check_paths(src, out)
+    if src is not None:
+        check_paths(src, out)
     old = owned_entries(out)
     # distinct even when two leaf ids map to one safe name ("a b" and "a_b", "é" and "è")
     leaf_folder = unique_names(hier.leaves())
@@ -267,10 +323,12 @@ def materialize(
     _refuse_clashes(out, sorted(datasets), old)
     staging = _fresh_staging(out)
     try:
-        images, modes = _fill(staging, hier, files, assignment, src, datasets, leaf_folder)
+        images, partial_images, modes = _fill(staging, hier, files, assignment, src, datasets, leaf_folder,
+                                              extra or {})
         doc = {**meta, "tree": hier.to_dict(), "fingerprint": hier.fingerprint(),
                "datasets": {k: v for k, v in datasets.items() if k != FLAT_DATASET},
-               "flat": datasets[FLAT_DATASET], "images": images, "file_modes": modes}
+               "flat": datasets[FLAT_DATASET], "images": images, "partial_images": partial_images,
+               "partial": _partial_counts(partial_images), "file_modes": modes}
         write_json_atomic(staging / "hierarchy.json", doc)
         _publish(staging, out, old)
     finally:

@@ -307,6 +307,8 @@ def _fine_targets(hier: Hierarchy, doc: dict, node_id: str | None, children: lis
     """
     if node_id is None or all(hier.nodes[c].is_leaf for c in children):
         return None
+    if any(node_id == "" or im["node"].startswith(f"{node_id}/") for im in doc.get("partial_images", [])):
+        return None  # partial labels below this node have no leaf to train on: use the children as targets
     leaves = hier.subtree_leaves(node_id)
     group = torch.zeros(len(leaves), len(children))
     for j, leaf in enumerate(leaves):
