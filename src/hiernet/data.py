@@ -12,13 +12,13 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from .config import AugmentConfig
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
 from .safeio import sha256_file
 
@@ -29,21 +29,6 @@ TRANSFORM_VERSION = 3
 
 
 # ----------------------------------------------------------------------------------- augmentation
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Random-resized-crop, flip and colour jitter, all drawn from an explicit RNG."""
-
-    scale: tuple = (0.55, 1.0)
-    ratio: tuple = (0.75, 1.333)
-    flip: float = 0.5
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-
-    def key(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True, default=list)
-
-
 def augment(img: Image.Image, size: int, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()) -> Image.Image:
     """One random view of ``img`` at ``size × size``; the same ``rng`` state gives the same view."""
     w, h = img.size
@@ -148,7 +133,7 @@ class FeatureCache:
         os.replace(tmp, p)
 
 
-def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, ahead: int):
+def bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, ahead: int):
     """Like ``pool.map`` but with at most ``ahead`` results computed before they are consumed."""
     from collections import deque
 
@@ -164,6 +149,9 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, ahead:
         if nxt is not None:
             queue.append(pool.submit(fn, nxt))
         yield fut.result()
+
+
+_bounded_map = bounded_map  # old private name, still imported by predictor.py (to be switched to bounded_map)
 
 
 def extract_features(
@@ -226,7 +214,7 @@ def extract_features(
         per_batch = max(1, batch_size // v)
         chunks = [todo[k : k + per_batch] for k in range(0, len(todo), per_batch)]
         bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False)
-        for prepared in _bounded_map(pool, lambda ch: [prep(i) for i in ch], chunks, ahead=2 * max(1, workers)):
+        for prepared in bounded_map(pool, lambda ch: [prep(i) for i in ch], chunks, ahead=2 * max(1, workers)):
             good = [(i, x) for i, x in prepared if x is not None]
             for i, x in prepared:
                 if x is None:

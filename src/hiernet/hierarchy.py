@@ -113,7 +113,6 @@ class Hierarchy:
     def __init__(self, nodes: dict[str, Node]):
         self.nodes = nodes
         self.validate()
-        self._by_dataset = {n.dataset: n.id for n in nodes.values() if n.dataset}
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -222,15 +221,6 @@ class Hierarchy:
         """Internal nodes with two or more children: the ones that need a model, root first."""
         return [nid for nid in self.internal_nodes() if len(self.nodes[nid].children) >= 2]
 
-    def node_for_dataset(self, dataset: str) -> str:
-        """The node id whose dataset folder is ``dataset``."""
-        try:
-            return self._by_dataset[dataset]
-        except KeyError:
-            raise HierarchyError(
-                f"no node has dataset {dataset!r}; valid: {', '.join(sorted(self._by_dataset))}"
-            ) from None
-
     def path(self, nid: str) -> list[str]:
         """Ids from the top level down to ``nid`` (root excluded)."""
         out = []
@@ -271,6 +261,32 @@ class Hierarchy:
         if d < len(p) and (nid == ROOT_ID or p[d - 1] == nid):
             return p[d]
         return None
+
+    def fine_label_matrix(self, nid: str, children: list[str] | None = None) -> tuple[list[str], list[list[float]]] | None:
+        """Which child of ``nid`` each leaf below it falls under (for heads trained on leaf labels).
+
+        Parameters
+        ----------
+        nid : str
+            An internal node.
+        children : list of str, optional
+            The column order (default: ``nid``'s children as stored).
+
+        Returns
+        -------
+        None, or (list of str, list of list of float)
+            ``None`` when every child is a leaf (nothing finer to learn). Else the ``K`` leaves below
+            ``nid`` (sorted) and a ``(K, C)`` 0/1 matrix whose row ``j`` has a 1 in the column of the
+            child on the way to leaf ``j``.
+        """
+        children = list(self.nodes[nid].children if children is None else children)
+        if all(self.nodes[c].is_leaf for c in children):
+            return None
+        leaves = self.subtree_leaves(nid)
+        matrix = [[0.0] * len(children) for _ in leaves]
+        for j, leaf in enumerate(leaves):
+            matrix[j][children.index(self.child_towards(nid, leaf))] = 1.0
+        return leaves, matrix
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
