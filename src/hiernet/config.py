@@ -138,12 +138,11 @@ class TrainConfig:
         if not any(isinstance(data.get(k), dict) for k in ("head", "fit", "augment")):
             return cls().override({k: v for k, v in data.items() if k in FLAG_FIELDS or k == "preset"})
         try:
-            parts = {name: _known(part_cls, data.get(name) or {})
-                     for name, part_cls in (("head", HeadConfig), ("fit", FitConfig), ("augment", AugmentConfig))}
-            parts["augment"] = dataclasses.replace(parts["augment"], **{
-                k: tuple(v) for k, v in parts["augment"].__dict__.items() if isinstance(v, list)})
+            aug = {k: tuple(v) if isinstance(v, list) else v for k, v in _known(AugmentConfig, data.get("augment") or {}).items()}
+            parts = {"head": HeadConfig(**_known(HeadConfig, data.get("head") or {})),
+                     "fit": FitConfig(**_known(FitConfig, data.get("fit") or {})), "augment": AugmentConfig(**aug)}
             return cls(**_known(cls, data, skip=("head", "fit", "augment")), **parts)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, AttributeError) as exc:
             raise UserError(f"the saved training config cannot be read ({exc}); retrain the node") from None
 
     def override(self, changes: dict) -> "TrainConfig":

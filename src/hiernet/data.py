@@ -186,8 +186,6 @@ def extract_features(
         Features of shape ``(N, n_views, D)`` (zeros where decoding failed) and a bool mask ``(N,)`` of
         images that decoded.
     """
-    from tqdm import tqdm
-
     n, v, d = len(paths), cache.n_views, cache.dim
     feats = np.zeros((n, v, d), dtype=np.float32)
     ok = np.ones(n, dtype=bool)
@@ -200,31 +198,40 @@ def extract_features(
                 todo.append(i)
             else:
                 feats[i] = got
-        if not todo:
-            return feats, ok
-
-        def prep(i: int):
-            try:
-                img = load_rgb(paths[i], min_size=size)
-            except ImageDecodeError as exc:
-                log.warning("skipped %s: %s", paths[i], exc)
-                return i, None
-            return i, make_views(img, int(digests[i][:12], 16))
-
-        per_batch = max(1, batch_size // v)
-        chunks = [todo[k : k + per_batch] for k in range(0, len(todo), per_batch)]
-        bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False)
-        for prepared in bounded_map(pool, lambda ch: [prep(i) for i in ch], chunks, ahead=2 * max(1, workers)):
-            good = [(i, x) for i, x in prepared if x is not None]
-            for i, x in prepared:
-                if x is None:
-                    ok[i] = False
-            if good:
-                batch = np.concatenate([x for _, x in good])
-                out = np.asarray(runner(batch), dtype=np.float32).reshape(len(good), v, d)
-                for (i, _), f in zip(good, out):
-                    feats[i] = f
-                    cache.put(digests[i], f)
-            bar.update(len(prepared))
-        bar.close()
+        if todo:
+            _compute_missing(todo, paths, digests, runner, cache, make_views, size, batch_size, workers, pool,
+                             feats, ok, progress, desc)
     return feats, ok
+
+
+def _compute_missing(todo, paths, digests, runner, cache, make_views, size, batch_size, workers, pool,
+                     feats: np.ndarray, ok: np.ndarray, progress: bool, desc: str) -> None:
+    """Decode, encode and cache the images ``todo`` (indices), filling ``feats`` and ``ok`` in place."""
+    from tqdm import tqdm
+
+    v, d = cache.n_views, cache.dim
+
+    def prep(i: int):
+        try:
+            img = load_rgb(paths[i], min_size=size)
+        except ImageDecodeError as exc:
+            log.warning("skipped %s: %s", paths[i], exc)
+            return i, None
+        return i, make_views(img, int(digests[i][:12], 16))
+
+    per_batch = max(1, batch_size // v)
+    chunks = [todo[k : k + per_batch] for k in range(0, len(todo), per_batch)]
+    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False)
+    for prepared in bounded_map(pool, lambda ch: [prep(i) for i in ch], chunks, ahead=2 * max(1, workers)):
+        good = [(i, x) for i, x in prepared if x is not None]
+        for i, x in prepared:
+            if x is None:
+                ok[i] = False
+        if good:
+            batch = np.concatenate([x for _, x in good])
+            out = np.asarray(runner(batch), dtype=np.float32).reshape(len(good), v, d)
+            for (i, _), f in zip(good, out):
+                feats[i] = f
+                cache.put(digests[i], f)
+        bar.update(len(prepared))
+    bar.close()
