@@ -57,53 +57,37 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def features(paths, backbone_name, size, views, cache_dir):
     from hiernet.backbones import create_backbone
-    from hiernet.training import _cached_features
+    from hiernet.training import cached_features
 
     bb = create_backbone(backbone_name, image_size=size)
-    st = {"resize": "crop", "onnx": True}
-    ev, ok = _cached_features(paths, bb, st, "cpu", cache_dir, "eval", 0, 0, True)
+    ev, ok = cached_features(paths, bb, "crop", "cpu", cache_dir, "eval", 0, 0, True)
     aug = None
     if views:
-        aug, ok2 = _cached_features(paths, bb, st, "cpu", cache_dir, "aug", views, 0, True)
+        aug, ok2 = cached_features(paths, bb, "crop", "cpu", cache_dir, "aug", views, 0, True)
         ok &= ok2
     return ev, aug, ok
 
 
 def train_head(x_views, y, n_classes, hidden, seed, class_weight_power, group=None):
-    """Train a Head like train.py (frozen mode) with an inner 10% validation split for early stopping.
+    """Train a head with train.py's steps (frozen mode) and an inner 10% validation split for early stopping.
 
-    With ``group`` (``(K leaves, C children)``, as train.py's ``--fine-labels``), ``y`` holds leaf indices
-    and the returned head outputs log P(child).
+    With ``group`` (``(K leaves, C children)``, :meth:`Hierarchy.fine_label_matrix`, as train.py's
+    ``--fine-labels``), ``y`` holds leaf indices and the returned head outputs log P(child).
     """
     import tempfile
 
-    import torch
-    from torch.utils.data import TensorDataset
+    from hiernet.config import PRESETS
+    from hiernet.training import feature_sets, fit_head, make_head
 
-    from hiernet.engine import FitConfig, fit
-    from hiernet.models import Head
-    from hiernet.training import PRESETS
-
-    p = PRESETS["cpu"]
+    cfg = PRESETS["cpu"].override({"hidden": hidden, "class_weights": class_weight_power, "seed": seed})
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(y))
     n_val = max(1, len(y) // 10)
     va, tr = idx[:n_val], idx[n_val:]
-    xt = x_views[tr]
-    n_v = xt.shape[1]
-    train_x = torch.from_numpy(xt.reshape(-1, xt.shape[-1]))
-    train_y = torch.from_numpy(np.repeat(y[tr], n_v))
-    head = Head(xt.shape[-1], n_classes, hidden, p["dropout"], group)
-    head.fit_standardizer(train_x)
-    head.aggregate = False
-    cfg = FitConfig(epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], weight_decay=p["weight_decay"],
-                    label_smoothing=p["label_smoothing"], patience=p["patience"], class_weight_power=class_weight_power,
-                    seed=seed)
+    head = make_head(cfg.head, x_views.shape[-1], n_classes, group)
+    train_set, val_set, train_y = feature_sets(head, x_views[tr], y[tr], x_views[va, 0], y[va])
     with tempfile.TemporaryDirectory() as work:
-        fit(head, TensorDataset(train_x, train_y), TensorDataset(torch.from_numpy(x_views[va, 0]), torch.from_numpy(y[va])),
-            train_y.numpy(), n_classes if group is None else int(group.shape[0]), cfg, "cpu", Path(work), "ablation",
-            progress=False)
-    head.aggregate = True
+        fit_head(head, head, train_set, val_set, train_y, cfg.fit, "cpu", Path(work), "ablation", progress=False)
     return head.eval()
 
 
@@ -118,7 +102,6 @@ def probs(head, ev, tta):
 
 
 def run_variant(hier, doc, paths, leaves, spec, folds, seed, cache_dir, fine_labels=True):
-    import torch
     from sklearn.model_selection import StratifiedKFold
 
     backbone, size, views, hidden, tta, cw = spec
@@ -134,17 +117,14 @@ def run_variant(hier, doc, paths, leaves, spec, folds, seed, cache_dir, fine_lab
             children = hier.nodes[nid].children
             lab = np.array([hier.child_towards(nid, leaf) for leaf in leaves[tr]], dtype=object)
             m = np.array([c is not None for c in lab])
-            group = None
-            if fine_labels and not all(hier.nodes[c].is_leaf for c in children):  # as train.py --fine-labels
-                below = hier.subtree_leaves(nid)
-                group = torch.zeros(len(below), len(children))
-                for j, leaf in enumerate(below):
-                    group[j, children.index(hier.child_towards(nid, leaf))] = 1.0
-                y = np.array([below.index(leaf) for leaf in leaves[tr][m]])
+            fine = hier.fine_label_matrix(nid) if fine_labels else None  # as train.py --fine-labels
+            group = None if fine is None else fine[1]
+            if fine is not None:
+                y = np.array([fine[0].index(leaf) for leaf in leaves[tr][m]])
             else:
                 y = np.array([children.index(c) for c in lab[m]])
             heads[nid] = train_head(allv[tr][m], y, len(children), hidden, seed + fold, cw, group)
-        # route the held-out fold down the tree
+        # route the held-out fold down the tree (a local loop until prediction offers a pure routing function)
         while True:
             moved = False
             for nid in sorted(set(current)):

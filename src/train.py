@@ -25,7 +25,7 @@ from hiernet.safeio import UserError, run_cli  # noqa: E402
 
 try:
     from hiernet.backbones import get_spec, list_backbones
-    from hiernet.training import DEFAULT_PRESET, PRESETS
+    from hiernet.config import DEFAULT_PRESET, FLAG_FIELDS, PRESETS, TrainConfig, preset_with_flags
 except ModuleNotFoundError as _exc:  # one line, not a traceback, when the environment is incomplete
     sys.exit(f"error: Python package '{_exc.name}' is missing; install the requirements: pip install -r requirements.txt")
 
@@ -84,10 +84,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def list_nodes(data_dir: Path) -> int:
-    from hiernet.training import _load_prepared
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """The preset named by ``--preset`` with every flag that was given (unset flags keep the preset's value)."""
+    flags = {name: getattr(args, name, None) for name in FLAG_FIELDS}
+    flags["weights"] = str(args.weights.resolve()) if args.weights else None
+    flags["amp"] = False if args.no_amp else None
+    flags["onnx"] = False if args.no_onnx else None
+    return preset_with_flags(args.preset, flags)
 
-    hier, doc = _load_prepared(data_dir)
+
+def list_nodes(data_dir: Path) -> int:
+    from hiernet.training import load_prepared
+
+    hier, doc = load_prepared(data_dir)
     for nid in hier.classifier_nodes():
         print(hier.nodes[nid].dataset)
     return 0
@@ -110,11 +119,15 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
     if args.image_size is not None and not 32 <= args.image_size <= 2048:
         raise UserError(f"--image-size must be between 32 and 2048 pixels, got {args.image_size}")
-    from hiernet import distributed as dist_utils
-    from hiernet.runtime import resolve_device
-    from hiernet.training import node_lock, train_node
+    try:
+        from hiernet import distributed as dist_utils
+        from hiernet.runtime import resolve_device
+        from hiernet.training import node_lock, train_node
+    except ModuleNotFoundError as exc:  # one line, not a traceback, when the environment is incomplete
+        raise UserError(f"Python package '{exc.name}' is missing; install the requirements: pip install -r requirements.txt") from None
 
-    args.device = dist_utils.init_from_env(resolve_device(args.device))
+    cfg = build_config(args)
+    device = dist_utils.init_from_env(resolve_device(args.device))
     try:
         if args.restart:
             import shutil
@@ -123,9 +136,9 @@ def main(args: argparse.Namespace) -> int:
         if dist_utils.is_main():
             args.output_dir.mkdir(parents=True, exist_ok=True)
             with node_lock(args.output_dir, args.dataset):
-                summary = train_node(args)
+                summary = train_node(cfg, args.dataset, args.data_dir, args.output_dir, device, args.cache_dir, not args.quiet)
         else:
-            summary = train_node(args)
+            summary = train_node(cfg, args.dataset, args.data_dir, args.output_dir, device, args.cache_dir, not args.quiet)
         if dist_utils.is_main():
             print(f"node '{args.dataset}': test accuracy {summary['accuracy']:.4f} on {summary['n_images']} images, "
                   f"macro F1 {summary['macro_f1']:.4f} -> {args.output_dir / args.dataset}/")

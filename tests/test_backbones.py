@@ -122,3 +122,41 @@ def test_composite_backbone_rejects_bad_names_and_weights(tmp_path):
     torch.save(backbones.create_backbone("efficientnet-lite0", image_size=64).net.state_dict(), path)
     with pytest.raises(UserError, match="cannot be used with the composite"):
         backbones.create_backbone("efficientnet-lite0+efficientnet-lite1", weights=path, image_size=64)
+
+
+@pytest.mark.parametrize("name", [  # the big ones take minutes to initialise on a CPU: slow
+    n if backbones.get_spec(n).image_size <= 240 else pytest.param(n, marks=pytest.mark.slow)
+    for n in backbones.list_backbones()])
+def test_every_registered_backbone_builds_pools_and_exports(name):
+    spec = backbones.get_spec(name)
+    m = backbones.create_backbone(name, pretrained=False, image_size=64)  # random weights: no download
+    assert m.weights_fingerprint == "random" and m.image_size == 64 and spec.image_size >= 224
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        f = m(x)
+        m.set_export_mode()  # the traceable variant computes the same features
+        assert torch.allclose(m(x), f, atol=1e-5)
+    assert f.shape == (2, spec.feature_dim)
+
+
+def test_a_new_backbone_is_one_registered_function(monkeypatch):
+    from torch import nn
+
+    monkeypatch.setattr(backbones, "_REGISTRY", dict(backbones._REGISTRY))
+    calls = []
+
+    @backbones.register_backbone("tiny-test", image_size=32, feature_dim=5)
+    def tiny(pretrained, weights, size):
+        torch.manual_seed(0)
+        return backbones.Trunk(nn.Conv2d(3, 5, 3), False, lambda net, x: net(x).amax(dim=(2, 3)),
+                               lambda net: calls.append("export"))
+
+    assert "tiny-test" in backbones.list_backbones()
+    m = backbones.create_backbone("tiny-test")
+    assert m.image_size == 32 and m(torch.rand(1, 3, 32, 32)).shape == (1, 5)
+    both = backbones.create_backbone("tiny-test+efficientnet-lite0", pretrained=False)
+    assert both.spec.feature_dim == 5 + 1280 and both(torch.rand(1, 3, 32, 32)).shape == (1, 1285)
+    both.set_export_mode()
+    assert calls == ["export"]
+    sd = both.net.state_dict()
+    assert "0.weight" in sd and any(k.startswith("1.") for k in sd)  # state_dict keys: the trunks' own

@@ -65,12 +65,72 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     train, y = _blobs()
     val, _ = _blobs(seed=1)
     cfg = FitConfig(epochs=3, batch_size=16, lr=0.05, patience=10)
-    fit(nn.Linear(4, 2), train, val, y, 2, cfg, "cpu", tmp_path, "same", progress=False)
-    cfg6 = FitConfig(epochs=3, batch_size=16, lr=0.05, patience=10)
-    res = fit(nn.Linear(4, 2), train, val, y, 2, cfg6, "cpu", tmp_path, "same", progress=False)
-    assert res.resumed_from == 2 and len(res.history) == 3  # nothing left to do: all 3 epochs came from the checkpoint
-    res2 = fit(nn.Linear(4, 2), train, val, y, 2, cfg, "cpu", tmp_path, "other-settings", progress=False)
-    assert res2.resumed_from == -1  # a checkpoint written with other settings is not resumed
+    first_model = nn.Linear(4, 2)
+    first = fit(first_model, train, val, y, 2, cfg, "cpu", tmp_path, "same", progress=False)
+    resumed_model = nn.Linear(4, 2)
+    res = fit(resumed_model, train, val, y, 2, cfg, "cpu", tmp_path, "same", progress=False)
+    # nothing left to do: all 3 epochs and the best weights came from the checkpoint
+    assert res.history == first.history and res.best_epoch == first.best_epoch
+    assert torch.equal(resumed_model.weight, first_model.weight)
+    other_model = nn.Linear(4, 2)
+    fit(other_model, train, val, y, 2, cfg, "cpu", tmp_path, "other-settings", progress=False)
+    assert not torch.equal(other_model.weight, first_model.weight)  # other settings: trained afresh
+
+
+class Interrupting(TensorDataset):
+    """A training set whose run is "killed" when epoch ``stop_at`` (0-based) begins."""
+
+    stop_at = None
+
+    def set_epoch(self, epoch):
+        if epoch == self.stop_at:
+            raise KeyboardInterrupt
+
+
+def interrupted_epoch2_seconds(work):
+    import csv
+
+    return float(list(csv.DictReader(open(work / "log.csv")))[1]["seconds"])
+
+
+def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path):
+    import pytest
+
+    train, y = _blobs()
+    train = Interrupting(*train.tensors)
+    val, _ = _blobs(seed=1)
+    cfg = FitConfig(epochs=4, batch_size=16, lr=0.05, patience=10)
+    torch.manual_seed(1)
+    start = nn.Linear(4, 2).state_dict()
+    whole_model, part, again = nn.Linear(4, 2), nn.Linear(4, 2), nn.Linear(4, 2)
+    for m in (whole_model, part, again):
+        m.load_state_dict(start)
+    whole = fit(whole_model, train, val, y, 2, cfg, "cpu", tmp_path / "a", "h", progress=False)
+    train.stop_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        fit(part, train, val, y, 2, cfg, "cpu", tmp_path / "b", "h", progress=False)
+    train.stop_at = None
+    seconds = interrupted_epoch2_seconds(tmp_path / "b")
+    res = fit(again, train, val, y, 2, cfg, "cpu", tmp_path / "b", "h", progress=False)
+    assert [r["epoch"] for r in res.history] == [1, 2, 3, 4]
+    # epochs 1-2 come from the checkpoint (seconds included), the same as the uninterrupted run's;
+    # later epochs reshuffle from the loader's seed, so they are close, not identical
+    assert [r["val_loss"] for r in res.history[:2]] == [r["val_loss"] for r in whole.history[:2]]
+    assert res.history[1]["seconds"] == seconds
+
+
+def test_early_stopping_keeps_the_best_and_counts_bad_epochs():
+    from hiernet.engine import EarlyStopping
+
+    m = nn.Linear(2, 2)
+    stop = EarlyStopping(2, {k: v.clone() for k, v in m.state_dict().items()})
+    assert stop.step(1.0, 1, m) and stop.best_epoch == 1
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    assert not stop.step(1.0, 2, m) and not stop.stopped  # not better: weights of epoch 1 kept
+    assert not torch.equal(stop.best_state["weight"], m.weight)
+    assert stop.step(0.5, 3, m) and stop.bad_epochs == 0
+    assert not stop.step(0.6, 4, m) and not stop.step(0.7, 5, m) and stop.stopped and stop.best_epoch == 3
 
 
 def test_head_with_leaf_group_returns_child_log_probabilities():

@@ -498,3 +498,19 @@ def test_tree_distance_counts_edges_through_the_lowest_common_ancestor():
     assert h.tree_distance("c/d/e", "c/g") == 3  # up to c, down to g
     assert h.tree_distance("c/d/e", "i") == h.tree_distance("i", "c/d/e") == 4  # through the root
     assert h.tree_distance("c/d/e", "") == 3  # the root itself
+
+
+def test_fine_label_matrix_maps_each_leaf_below_a_node_to_its_child():
+    hier = Hierarchy.from_leaf_paths(["a/x/1", "a/x/2", "a/y", "b/z/3", "b/w"])
+    leaves, matrix = hier.fine_label_matrix("a")
+    assert leaves == ["a/x/1", "a/x/2", "a/y"]
+    assert hier.nodes["a"].children == ["a/x", "a/y"]
+    assert matrix == [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    # another column order, and the root (whose children are all parents)
+    assert hier.fine_label_matrix("a", ["a/y", "a/x"])[1] == [[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]
+    leaves, matrix = hier.fine_label_matrix("")
+    assert leaves == ["a/x/1", "a/x/2", "a/y", "b/w", "b/z/3"]
+    assert matrix == [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
+    assert all(sum(row) == 1.0 for row in matrix)
+    # children that are all leaves: nothing finer to learn
+    assert hier.fine_label_matrix("a/x") is None

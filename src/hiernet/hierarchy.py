@@ -262,6 +262,32 @@ class Hierarchy:
             return p[d]
         return None
 
+    def fine_label_matrix(self, nid: str, children: list[str] | None = None) -> tuple[list[str], list[list[float]]] | None:
+        """Which child of ``nid`` each leaf below it falls under (for heads trained on leaf labels).
+
+        Parameters
+        ----------
+        nid : str
+            An internal node.
+        children : list of str, optional
+            The column order (default: ``nid``'s children as stored).
+
+        Returns
+        -------
+        None, or (list of str, list of list of float)
+            ``None`` when every child is a leaf (nothing finer to learn). Else the ``K`` leaves below
+            ``nid`` (sorted) and a ``(K, C)`` 0/1 matrix whose row ``j`` has a 1 in the column of the
+            child on the way to leaf ``j``.
+        """
+        children = list(self.nodes[nid].children if children is None else children)
+        if all(self.nodes[c].is_leaf for c in children):
+            return None
+        leaves = self.subtree_leaves(nid)
+        matrix = [[0.0] * len(children) for _ in leaves]
+        for j, leaf in enumerate(leaves):
+            matrix[j][children.index(self.child_towards(nid, leaf))] = 1.0
+        return leaves, matrix
+
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
         """A JSON-ready dict: ``{"nodes": [{id, name, parent, children, dataset}, ...]}``, BFS order."""

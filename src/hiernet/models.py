@@ -1,9 +1,48 @@
-"""Node classifiers: a head on pooled features, optionally with its own trainable backbone."""
+"""Torch modules: the backbone wrapper (:class:`FeatureExtractor`), node heads, and a head with its own
+trainable backbone."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+class FeatureExtractor(nn.Module):
+    """Normalise, run one EfficientNet trunk (or several, for a composite), global-average-pool, concatenate.
+
+    Input ``(N, 3, S, S)`` float in ``[0, 1]``; output ``(N, D)`` with ``D = spec.feature_dim``.
+    ``net`` is the trunk, or an ``nn.ModuleList`` of trunks for a composite backbone (its ``state_dict``
+    is what a fine-tuned checkpoint stores).
+    """
+
+    def __init__(self, trunks: list, spec, image_size: int):
+        super().__init__()
+        nets = [t.net for t in trunks]
+        self.net = nets[0] if len(nets) == 1 else nn.ModuleList(nets)
+        self._pools = [t.pool for t in trunks]
+        self._export_hooks = [t.export_mode for t in trunks]
+        self.spec = spec
+        self.image_size = image_size
+        for i, part in enumerate(spec.members()):
+            self.register_buffer(f"mean{i}", torch.tensor(part.mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer(f"std{i}", torch.tensor(part.std).view(1, 3, 1, 1), persistent=False)
+
+    def trunks(self) -> list:
+        """The EfficientNet trunks, in the order of ``spec.members()``."""
+        return list(self.net) if isinstance(self.net, nn.ModuleList) else [self.net]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [
+            pool(net, (x - getattr(self, f"mean{i}")) / getattr(self, f"std{i}"))
+            for i, (pool, net) in enumerate(zip(self._pools, self.trunks()))
+        ]
+        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
+
+    def set_export_mode(self) -> None:
+        """Make every trunk traceable for ONNX export (each backbone's own ``export_mode`` hook)."""
+        for hook, net in zip(self._export_hooks, self.trunks()):
+            if hook is not None:
+                hook(net)
 
 
 class Head(nn.Module):

@@ -266,10 +266,7 @@ class HierarchicalPredictor:
         """
         from tqdm import tqdm
 
-        try:
-            from .data import bounded_map
-        except ImportError:  # before data.py named it publicly
-            from .data import _bounded_map as bounded_map
+        from .data import bounded_map
 
         paths, specs = [str(p) for p in paths], self.input_specs()
         chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]

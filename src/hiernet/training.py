@@ -1,11 +1,15 @@
 """Train one node (or the flat baseline) end to end and write its folder in ``trained_models/``.
 
-Two modes:
+The public steps, composed by :func:`train_node`:
 
-* ``frozen`` (default, fast on a CPU): a shared ImageNet backbone, frozen; each image's features (and
-  those of a few augmented views) are computed once into the feature cache; only a small head is trained.
-  All nodes share the backbone, so prediction runs it once per image.
-* ``finetune`` (the original GPU recipe): the whole network is trained on images for this node.
+1. :func:`load_node_data` — the node's prepared splits, labels and (optional) leaf-level targets;
+2. inputs: :func:`frozen_inputs` (``mode="frozen"``, the default, fast on a CPU: a shared ImageNet
+   backbone, frozen; each image's features and those of a few augmented views come from the feature
+   cache, :func:`node_features`; only a small head is trained) or :func:`finetune_inputs`
+   (``mode="finetune"``, the original GPU recipe: the whole network is trained on images);
+3. :func:`fit_head` — train (early stopping, resumable), then :func:`calibrate_head` (frozen mode);
+4. :func:`evaluate_node` — the node's own test split;
+5. :func:`write_node_folder` — ``model.pth`` (with the :class:`~hiernet.config.TrainConfig`), plots, metrics.
 """
 
 from __future__ import annotations
@@ -14,52 +18,29 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-from dataclasses import asdict
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import distributed as dist_utils
 from .artifacts import publish, save_checkpoint, staging_dir
 from .backbones import create_backbone
-from .data import TRANSFORM_VERSION, AugmentConfig, FeatureCache, aug_views, eval_views, extract_features, read_split
-from .engine import FitConfig, fit, predict_logits
+from .config import AugmentConfig, FitConfig, HeadConfig, TrainConfig
+from .data import TRANSFORM_VERSION, FeatureCache, aug_views, eval_views, extract_features, read_split
+from .engine import FitResult, fit, predict_logits, write_csv
 from .hierarchy import FLAT_DATASET, Hierarchy, require_hierarchy_json
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
 from .metrics import classification_summary, expected_calibration_error, text_report
-from .predictor import _softmax
-from .models import Head, NodeNet
+from .models import FeatureExtractor, Head, NodeNet
+from .routing import softmax
 from .runtime import OrtRunner, TorchRunner, export_onnx, onnx_available
 from .safeio import UserError, exclusive_lock, pickle_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
-
-#: Named recipes; explicit flags override their values.
-PRESETS: dict[str, dict] = {
-    # fast, offline, CPU: frozen Lite1 + Lite0 features of one 280 px input (+ cached augmented views), an MLP head per node
-    "cpu": dict(backbone="efficientnet-lite1+efficientnet-lite0", image_size=280, mode="frozen", resize="crop", views=4, hidden=1024, dropout=0.3,
-                epochs=60, batch_size=256, lr=1e-3, weight_decay=1e-3, patience=10, label_smoothing=0.1, tta=True,
-                class_weights=0.0, fine_labels=True, calibrate=True),  # weighting cost leaf accuracy in cross-validation (bench/ablation.py)
-    # the original research recipe: EfficientNet-B4 fully fine-tuned per node (GPU)
-    "original": dict(backbone="efficientnet-b4", image_size=None, mode="finetune", resize="crop", views=0, hidden=0, dropout=0.3,
-                     epochs=25, batch_size=32, lr=3e-4, weight_decay=1e-4, patience=5, label_smoothing=0.1, tta=False,
-                     class_weights=0.5, fine_labels=True, calibrate=False),
-}
-DEFAULT_PRESET = "cpu"
-
-
-def resolve_settings(args) -> dict:
-    """Merge a preset with the flags the user gave (flags left as ``None`` take the preset's value)."""
-    preset = PRESETS[args.preset]
-    out = {}
-    for k, v in preset.items():
-        given = getattr(args, k, None)
-        out[k] = v if given is None else given
-    if args.image_size is None and out["backbone"] != preset["backbone"]:
-        out["image_size"] = None  # another backbone: its own input size, not the preset's
-    return out
 
 
 class ImageDataset(Dataset):
@@ -112,24 +93,39 @@ def _feature_runner(backbone, device: str, cache_dir: Path, cache_key: str, use_
     return TorchRunner(backbone, device)
 
 
-def _cached_features(paths, backbone, settings, device, cache_dir, kind: str, n_aug: int, seed: int, progress: bool):
-    """``(N, V, D)`` features of ``paths`` (``kind`` "eval": 2 views; "aug": ``n_aug`` views) and a decode mask."""
-    size, policy = backbone.image_size, settings["resize"]
+def cached_features(paths: list, backbone: FeatureExtractor, resize: str, device: str, cache_dir: Path | None,
+                    kind: str, n_aug: int, seed: int, progress: bool, onnx: bool = True,
+                    augment: AugmentConfig = AugmentConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """Features of ``paths`` from the feature cache, computing what it lacks.
+
+    Parameters
+    ----------
+    kind : {"eval", "aug"}
+        "eval": 2 views (the evaluation input and its mirror); "aug": ``n_aug`` augmented views.
+    seed : int
+        Seeds the augmented views (part of the cache key for "aug").
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        ``(N, V, D)`` float32 features and a bool mask ``(N,)`` of images that decoded.
+    """
+    size = backbone.image_size
     key = {
         "backbone": backbone.spec.name, "image_size": size, "weights": backbone.weights_fingerprint,
-        "resize": policy, "transform_version": TRANSFORM_VERSION, "kind": kind,
+        "resize": resize, "transform_version": TRANSFORM_VERSION, "kind": kind,
     }
     if kind == "aug":
-        key.update({"augment": AugmentConfig().key(), "seed": seed, "n": n_aug})
+        key.update({"augment": augment.key(), "seed": seed, "n": n_aug})
         n_views = n_aug
 
         def make(img, s):
-            return aug_views(img, size, n_aug, s ^ seed)
+            return aug_views(img, size, n_aug, s ^ seed, augment)
     else:
         n_views = 2
 
         def make(img, s):
-            return eval_views(img, size, policy)
+            return eval_views(img, size, resize)
 
     cache = FeatureCache(cache_dir, key, n_views, backbone.spec.feature_dim)
     runner_key = hashlib.sha256(json.dumps(["onnx-v2", key["backbone"], size, key["weights"]]).encode()).hexdigest()[:16]
@@ -138,7 +134,7 @@ def _cached_features(paths, backbone, settings, device, cache_dir, kind: str, n_
     def run(batch):
         nonlocal runner
         if runner is None:
-            runner = _feature_runner(backbone, device, cache_dir, runner_key, settings.get("onnx", True))
+            runner = _feature_runner(backbone, device, cache_dir, runner_key, onnx)
         return runner(batch)
 
     if dist_utils.is_distributed():  # each rank fills its share of the cache, then all read it
@@ -152,177 +148,309 @@ def _config_hash(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def train_node(args) -> dict:
-    """Train the node ``args.dataset`` and write ``args.output_dir/<dataset>/``; returns its test metrics."""
-    settings = resolve_settings(args)
-    settings["onnx"] = not getattr(args, "no_onnx", False)
-    data_dir, models_dir = Path(args.data_dir), Path(args.output_dir)
-    hier, doc = _load_prepared(data_dir)
-    ds = args.dataset
+# ----------------------------------------------------------------------------------- 1. the node's data
+@dataclass
+class NodeData:
+    """One prepared node dataset.
+
+    Attributes
+    ----------
+    splits : dict
+        ``{"train"|"val"|"test": [(path, class index), ...]}``.
+    fine_leaves, group : list or None
+        For a node trained on the leaves below it: the ``K`` leaves and the ``(K, C)`` 0/1 matrix
+        (:meth:`hiernet.hierarchy.Hierarchy.fine_label_matrix`); else ``None``.
+    targets : dict
+        ``{split: (N,) int64}`` training targets: leaf indices with ``group``, else class indices.
+    """
+
+    dataset: str
+    node_id: str | None
+    classes: list
+    class_nodes: list
+    splits: dict
+    fine_leaves: list | None
+    group: list | None
+    targets: dict
+    hier: Hierarchy
+    doc: dict
+
+    def labels(self, split: str) -> np.ndarray:
+        """``(N,)`` class (child) indices of a split."""
+        return np.array([y for _, y in self.splits[split]], dtype=np.int64)
+
+    def paths(self, split: str) -> list:
+        return [p for p, _ in self.splits[split]]
+
+    @property
+    def n_outputs(self) -> int:
+        """Outputs the head is trained on: leaves with ``group``, else classes."""
+        return len(self.classes) if self.fine_leaves is None else len(self.fine_leaves)
+
+
+def load_prepared(data_dir: Path) -> tuple[Hierarchy, dict]:
+    """The tree and ``hierarchy.json`` document of a prepared datasets folder (one line if missing)."""
+    return require_hierarchy_json(data_dir / "hierarchy.json", f"no prepared datasets in {data_dir}",
+                                  f"python3 prepare_dataset.py -p YOUR_DATASET -o {data_dir}")
+
+
+def load_node_data(data_dir: Path, ds: str, fine_labels: bool = True) -> NodeData:
+    """Read node dataset ``ds`` (or ``"flat"``) of ``data_dir``; refuse nodes that cannot be trained."""
+    hier, doc = load_prepared(data_dir)
     if ds == FLAT_DATASET:
         info, node_id = doc["flat"], None
-    else:
-        if ds not in doc["datasets"]:
-            known = ", ".join(list(doc["datasets"]) + [FLAT_DATASET])
-            raise UserError(f"no dataset {ds!r} in {data_dir}; choose one of: {known}")
+    elif ds in doc["datasets"]:
         info, node_id = doc["datasets"][ds], doc["datasets"][ds]["node"]
-    classes = list(info["classes"])
+    else:
+        known = ", ".join(list(doc["datasets"]) + [FLAT_DATASET])
+        raise UserError(f"no dataset {ds!r} in {data_dir}; choose one of: {known}")
+    classes, class_nodes = list(info["classes"]), list(info["class_nodes"])
     splits = {s: read_split(data_dir / ds / s, classes) for s in ("train", "val", "test")}
     if not splits["train"]:
         raise UserError(f"{data_dir / ds / 'train'} has no images; rerun prepare_dataset.py")
     present = sorted({classes[y] for _, y in splits["train"]})
     if len(present) < 2:
         raise UserError(f"node {ds!r} has training images for only {present}; a classifier needs two classes")
-
-    device = args.device
-    main = dist_utils.is_main()
-    cache_dir = Path(args.cache_dir) if args.cache_dir else None
-    backbone = create_backbone(settings["backbone"], weights=args.weights, image_size=settings["image_size"])
-    size = backbone.image_size
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-
-    work = models_dir / f".{ds}.work"
-    work.mkdir(parents=True, exist_ok=True)
-    fit_cfg = FitConfig(
-        epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
-        weight_decay=settings["weight_decay"], label_smoothing=settings["label_smoothing"],
-        patience=settings["patience"], class_weight_power=settings["class_weights"], amp=not args.no_amp,
-        workers=args.workers, seed=args.seed,
-    )
-    n_classes, dim = len(classes), backbone.spec.feature_dim
-    fine = _fine_targets(hier, doc, node_id, list(info["class_nodes"])) if settings["fine_labels"] else None
+    fine = hier.fine_label_matrix(node_id, class_nodes) if fine_labels and node_id is not None else None
+    if fine is not None and _has_partial_below(doc, node_id):
+        fine = None  # partial labels below this node have no leaf to train on: use the children as targets
     if fine is None:
-        head = Head(dim, n_classes, settings["hidden"], settings["dropout"])
-        fine_labels = None
-    else:  # train on the leaves below this node, predict their sums per child
-        fine_leaves, group, leaf_of_file = fine
-        head = Head(dim, n_classes, settings["hidden"], settings["dropout"], group)
-        fine_labels = {s: np.array([fine_leaves.index(leaf_of_file[p.name]) for p, _ in items], dtype=np.int64)
-                       for s, items in splits.items()}
-    tta = bool(settings["tta"]) and settings["mode"] == "frozen"
-    labels = {s: np.array([y for _, y in items], dtype=np.int64) for s, items in splits.items()}
-    train_targets = fine_labels or labels
-    paths = {s: [p for p, _ in items] for s, items in splits.items()}
-    test_paths = paths["test"]
+        targets = {s: np.array([y for _, y in items], dtype=np.int64) for s, items in splits.items()}
+        return NodeData(ds, node_id, classes, class_nodes, splits, None, None, targets, hier, doc)
+    leaf_of_file = {im["file"]: im["leaf"] for im in doc["images"]}
+    targets = {s: np.array([fine[0].index(leaf_of_file[p.name]) for p, _ in items], dtype=np.int64)
+               for s, items in splits.items()}
+    return NodeData(ds, node_id, classes, class_nodes, splits, fine[0], fine[1], targets, hier, doc)
 
-    if settings["mode"] == "frozen":
-        backbone.requires_grad_(False)
-        feats = {}
-        for s in ("train", "val", "test"):
-            f, ok = _cached_features(paths[s], backbone, settings, device, cache_dir, "eval", 0, args.seed, not args.quiet)
-            feats[s] = (f[ok], (labels if s == "test" else train_targets)[s][ok])
-            if s == "val":
-                val_children = labels["val"][ok]
-            if s == "test":
-                test_paths = [p for p, k in zip(paths[s], ok) if k]
-        xs, ys = feats["train"]
-        if settings["views"] > 0:
-            fa, ok = _cached_features(paths["train"], backbone, settings, device, cache_dir, "aug", settings["views"], args.seed, not args.quiet)
-            xs = np.concatenate([xs, fa[ok]], axis=1)
-        n_v = xs.shape[1]
-        train_x = torch.from_numpy(xs.reshape(-1, dim))
-        train_y = torch.from_numpy(np.repeat(ys, n_v))
-        head.fit_standardizer(train_x)
-        model = head
-        train_set = TensorDataset(train_x, train_y)
-        val_set = TensorDataset(torch.from_numpy(feats["val"][0][:, 0]), torch.from_numpy(feats["val"][1]))
-        test_set = TensorDataset(torch.from_numpy(feats["test"][0][:, 0]), torch.from_numpy(feats["test"][1]))
-        train_labels = train_y.numpy()
-    else:
-        model = NodeNet(backbone, head)
-        relabel = {s: [(p, int(y)) for (p, _), y in zip(splits[s], train_targets[s])] for s in ("train", "val")}
-        train_set = ImageDataset(relabel["train"], size, settings["resize"], True, args.seed)
-        val_set = ImageDataset(relabel["val"], size, settings["resize"], False)
-        test_set = ImageDataset(splits["test"], size, settings["resize"], False)
-        train_labels = train_targets["train"]
 
-    n_outputs = n_classes if fine is None else len(fine[0])
-    hash_src = {"settings": settings, "fit": asdict(fit_cfg), "classes": classes, "n_train": len(train_set), "size": size,
-                "n_outputs": n_outputs}
+def _has_partial_below(doc: dict, node_id: str) -> bool:
+    """Whether any partial-label image of ``doc`` lies strictly below ``node_id`` (the root is ``""``)."""
+    return any(node_id == "" or im["node"].startswith(f"{node_id}/") for im in doc.get("partial_images", []))
+
+
+def make_head(cfg: HeadConfig, in_dim: int, n_classes: int, group=None) -> Head:
+    """A :class:`~hiernet.models.Head` ``(N, in_dim) → (N, n_classes)``; with ``group`` ``(K, C)`` it
+    is trained on ``K`` leaf outputs (see :meth:`hiernet.hierarchy.Hierarchy.fine_label_matrix`)."""
+    g = None if group is None else torch.tensor(group, dtype=torch.float32)
+    return Head(in_dim, n_classes, cfg.hidden, cfg.dropout, g)
+
+
+# ----------------------------------------------------------------------------------- 2. inputs
+@dataclass
+class NodeInputs:
+    """What training and evaluating a node needs, whichever strategy built it.
+
+    ``test_mirror`` ``(M, D)``: features of the mirrored test images (mirror averaging), or ``None``;
+    ``val_x``/``val_children``: validation features ``(V, D)`` and class indices for calibration, or ``None``.
+    """
+
+    model: torch.nn.Module
+    train_set: Dataset
+    val_set: Dataset
+    test_set: Dataset
+    train_labels: np.ndarray
+    test_paths: list
+    trains_backbone: bool
+    test_mirror: np.ndarray | None = None
+    val_x: np.ndarray | None = None
+    val_children: np.ndarray | None = None
+
+
+def node_features(cfg: TrainConfig, backbone: FeatureExtractor, data: NodeData, device: str,
+                  cache_dir: Path | None, progress: bool) -> dict:
+    """Cached features of a node's splits.
+
+    Returns
+    -------
+    dict
+        ``{split: (features (N', 2, D), ok mask (N,))}`` for train/val/test (view 1 is the mirror), and
+        ``"aug"``: ``(N', views, D)`` augmented training views and their mask when ``cfg.views > 0``.
+    """
+    out = {}
+    for s in ("train", "val", "test"):
+        f, ok = cached_features(data.paths(s), backbone, cfg.resize, device, cache_dir, "eval", 0, cfg.fit.seed,
+                                progress, cfg.onnx, cfg.augment)
+        out[s] = (f[ok], ok)
+    if cfg.views > 0:
+        f, ok = cached_features(data.paths("train"), backbone, cfg.resize, device, cache_dir, "aug", cfg.views,
+                                cfg.fit.seed, progress, cfg.onnx, cfg.augment)
+        out["aug"] = (f[ok], ok)
+    return out
+
+
+def feature_sets(head: Head, train_views: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray):
+    """Training and validation sets of features; fits ``head``'s standardiser on the training ones.
+
+    Parameters
+    ----------
+    train_views : numpy.ndarray, shape (N, V, D)
+        Every view of a training image is one sample with that image's target ``train_y`` ``(N,)``.
+    val_x, val_y : numpy.ndarray, shapes (M, D) and (M,)
+
+    Returns
+    -------
+    (TensorDataset, TensorDataset, numpy.ndarray)
+        Train set ``(N*V, D)``, validation set, and the ``(N*V,)`` training targets.
+    """
+    n_v, dim = train_views.shape[1], train_views.shape[2]
+    train_x = torch.from_numpy(train_views.reshape(-1, dim))
+    ys = torch.from_numpy(np.repeat(train_y, n_v))
+    head.fit_standardizer(train_x)
+    return TensorDataset(train_x, ys), TensorDataset(torch.from_numpy(val_x), torch.from_numpy(val_y)), ys.numpy()
+
+
+def frozen_inputs(cfg: TrainConfig, backbone: FeatureExtractor, head: Head, data: NodeData, device: str,
+                  cache_dir: Path | None, progress: bool) -> NodeInputs:
+    """The head alone, trained on cached features of the frozen backbone."""
+    backbone.requires_grad_(False)
+    feats = node_features(cfg, backbone, data, device, cache_dir, progress)
+    (xs, ok_tr), (xv, ok_v), (xt, ok_t) = feats["train"], feats["val"], feats["test"]
+    if "aug" in feats:
+        xs = np.concatenate([xs, feats["aug"][0]], axis=1)
+    train_set, val_set, train_labels = feature_sets(head, xs, data.targets["train"][ok_tr], xv[:, 0], data.targets["val"][ok_v])
+    test_set = TensorDataset(torch.from_numpy(xt[:, 0]), torch.from_numpy(data.labels("test")[ok_t]))
+    return NodeInputs(head, train_set, val_set, test_set, train_labels,
+                      [p for p, k in zip(data.paths("test"), ok_t) if k], False,
+                      test_mirror=xt[:, 1] if cfg.tta else None, val_x=xv[:, 0], val_children=data.labels("val")[ok_v])
+
+
+def finetune_inputs(cfg: TrainConfig, backbone: FeatureExtractor, head: Head, data: NodeData, device: str,
+                    cache_dir: Path | None, progress: bool) -> NodeInputs:
+    """Backbone and head trained together on (augmented) images."""
+    size, seed = backbone.image_size, cfg.fit.seed
+    relabel = {s: [(p, int(y)) for (p, _), y in zip(data.splits[s], data.targets[s])] for s in ("train", "val")}
+    return NodeInputs(NodeNet(backbone, head), ImageDataset(relabel["train"], size, cfg.resize, True, seed),
+                      ImageDataset(relabel["val"], size, cfg.resize, False),
+                      ImageDataset(data.splits["test"], size, cfg.resize, False), data.targets["train"],
+                      data.paths("test"), True)
+
+
+#: How each ``TrainConfig.mode`` builds a node's inputs.
+STRATEGIES = {"frozen": frozen_inputs, "finetune": finetune_inputs}
+
+
+# ----------------------------------------------------------------------------------- 3. fit, 4. evaluate
+def fit_head(model: torch.nn.Module, head: Head, train_set: Dataset, val_set: Dataset, train_labels: np.ndarray,
+             cfg: FitConfig, device: str, work_dir: Path, config_hash: str, progress: bool = True) -> FitResult:
+    """Train ``model`` (the head, or backbone + head) on the head's fine outputs; the head then aggregates.
+
+    ``train_labels`` ``(N,)``: the targets of ``train_set`` (for class weights). See :func:`hiernet.engine.fit`.
+    """
     head.aggregate = False  # train on the fine (leaf) targets when there are any
-    result = fit(model, train_set, val_set, train_labels, n_outputs, fit_cfg, device, work, _config_hash(hash_src),
-                 progress=not args.quiet)
+    result = fit(model, train_set, val_set, train_labels, head.net[-1].out_features, cfg, device, work_dir,
+                 config_hash, progress=progress)
     head.aggregate = True
-    calibration = None
-    if settings["mode"] == "frozen" and settings.get("calibrate", True) and len(val_children) >= 2:
-        head.cpu()
-        calibration = head.fit_temperature(torch.from_numpy(feats["val"][0][:, 0]), torch.from_numpy(val_children))
-        head.to(device)
-        log.info("node %s: temperature %.3f (validation NLL %.4f -> %.4f, ECE %.4f -> %.4f)", ds, calibration["temperature"],
-                 calibration["nll_before"], calibration["nll_after"], calibration["ece_before"], calibration["ece_after"])
+    return result
 
-    # ------------------------------------------------------------------ test split of this node
-    from torch.utils.data import DataLoader
 
-    loader = DataLoader(test_set, batch_size=fit_cfg.batch_size * 2, shuffle=False, num_workers=args.workers)
-    logits, y_test = predict_logits(model, loader, device, fit_cfg.amp)
-    if tta and len(y_test):
-        flip_logits = head.eval()(torch.from_numpy(feats["test"][0][:, 1]).to(device)).detach().float().cpu().numpy()
-        probs = (_softmax(logits) + _softmax(flip_logits)) / 2
-    else:
-        probs = _softmax(logits) if len(y_test) else np.zeros((0, n_classes))
+def calibrate_head(head: Head, val_x: np.ndarray, val_children: np.ndarray, device: str, name: str = "") -> dict | None:
+    """Fit the head's temperature on validation features ``(V, D)``; ``None`` with fewer than 2 images."""
+    if val_x is None or len(val_children) < 2:
+        return None
+    head.cpu()
+    cal = head.fit_temperature(torch.from_numpy(val_x), torch.from_numpy(val_children))
+    head.to(device)
+    log.info("node %s: temperature %.3f (validation NLL %.4f -> %.4f, ECE %.4f -> %.4f)", name, cal["temperature"],
+             cal["nll_before"], cal["nll_after"], cal["ece_before"], cal["ece_after"])
+    return cal
+
+
+def evaluate_node(model: torch.nn.Module, head: Head, inputs: NodeInputs, n_classes: int, cfg: FitConfig,
+                  device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities ``(N, C)`` on the node's test split (mirror-averaged when ``inputs.test_mirror``) and labels ``(N,)``."""
+    loader = DataLoader(inputs.test_set, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.workers)
+    logits, y_test = predict_logits(model, loader, device, cfg.amp)
+    if not len(y_test):
+        return np.zeros((0, n_classes)), y_test
+    probs = softmax(logits)
+    if inputs.test_mirror is not None:
+        flip_logits = head.eval()(torch.from_numpy(inputs.test_mirror).to(device)).detach().float().cpu().numpy()
+        probs = (probs + _softmax(flip_logits)) / 2
+    return probs, y_test
+
+
+def node_summary(probs: np.ndarray, y_test: np.ndarray, classes: list, extra: dict) -> dict:
+    """Test metrics of a node (:func:`hiernet.metrics.classification_summary`, ``extra``, test ECE)."""
     y_pred = probs.argmax(1) if len(y_test) else np.zeros((0,), int)
-    summary = classification_summary(y_test, y_pred, classes)
-    summary.update({"node": ds, "node_id": node_id, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-                    "best_val_loss": result.best_val_loss, "tta": tta, "calibration": calibration})
+    summary = {**classification_summary(y_test, y_pred, classes), **extra}
     if len(y_test):
         summary["test_ece"] = expected_calibration_error(probs.max(1), probs.argmax(1) == y_test)
+    return summary
 
-    if main:
-        config = {
-            "node": {"id": node_id, "dataset": ds, "classes": classes, "class_nodes": list(info["class_nodes"]),
-                     "kind": "flat" if ds == FLAT_DATASET else "node"},
-            "hierarchy_fingerprint": hier.fingerprint(),
-            "backbone": {"name": backbone.spec.name, "image_size": size, "resize": settings["resize"],
-                         "weights_fingerprint": backbone.weights_fingerprint,
-                         "weights_file": str(Path(args.weights).resolve()) if args.weights else None,
-                         "trainable": settings["mode"] == "finetune"},
-            "head": {"in_dim": dim, "n_classes": n_classes, "hidden": settings["hidden"], "dropout": settings["dropout"],
-                     **({"n_fine": len(fine[0]), "fine_classes": fine[0]} if fine else {})},
-            "tta": tta,
-            "train": {**settings, "preset": args.preset, "seed": args.seed, "split_seed": doc.get("seed")},
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        state = {"head": {k: v.detach().cpu() for k, v in head.state_dict().items()}}
-        if settings["mode"] == "finetune":
-            state["backbone"] = {k: v.detach().cpu() for k, v in backbone.net.state_dict().items()}
-        _write_node_folder(models_dir, ds, config, state, summary, result, splits, test_paths, y_test, y_pred,
-                           classes, backbone)
-        _write_models_hierarchy(models_dir, doc)
-        import shutil
 
+# ----------------------------------------------------------------------------------- the composition
+def train_node(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path, device: str = "cpu",
+               cache_dir: Path | None = None, progress: bool = True) -> dict:
+    """Train node dataset ``ds`` of ``data_dir`` with recipe ``cfg`` and write ``models_dir/<ds>/``.
+
+    Returns
+    -------
+    dict
+        The node's test metrics (also written as ``metrics.json``).
+    """
+    data_dir, models_dir = Path(data_dir), Path(models_dir)
+    data = load_node_data(data_dir, ds, cfg.head.fine_labels)
+    backbone = create_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size)
+    torch.manual_seed(cfg.fit.seed)
+    np.random.seed(cfg.fit.seed)
+    head = make_head(cfg.head, backbone.spec.feature_dim, len(data.classes), data.group)
+    inputs = STRATEGIES[cfg.mode](cfg, backbone, head, data, device, cache_dir, progress)
+    work = models_dir / f".{ds}.work"
+    work.mkdir(parents=True, exist_ok=True)
+    hash_src = {"config": cfg.to_dict(), "classes": data.classes, "n_train": len(inputs.train_set),
+                "size": backbone.image_size, "n_outputs": data.n_outputs}
+    result = fit_head(inputs.model, head, inputs.train_set, inputs.val_set, inputs.train_labels, cfg.fit, device, work,
+                      _config_hash(hash_src), progress)
+    calibration = calibrate_head(head, inputs.val_x, inputs.val_children, device, ds) if cfg.calibrate else None
+    probs, y_test = evaluate_node(inputs.model, head, inputs, len(data.classes), cfg.fit, device)
+    summary = node_summary(probs, y_test, data.classes, {
+        "node": ds, "node_id": data.node_id, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+        "best_val_loss": result.best_val_loss, "tta": inputs.test_mirror is not None, "calibration": calibration})
+    if dist_utils.is_main():
+        write_node_folder(models_dir, NodeRun(cfg, data, backbone, head, inputs, result, summary, y_test,
+                                              probs.argmax(1) if len(y_test) else np.zeros((0,), int)))
+        write_models_hierarchy(models_dir, data.doc)
         shutil.rmtree(work, ignore_errors=True)
     dist_utils.barrier()
     return summary
 
 
-def _fine_targets(hier: Hierarchy, doc: dict, node_id: str | None, children: list[str]):
-    """Leaf-level targets for a node whose children are themselves parents.
+# ----------------------------------------------------------------------------------- 5. the node folder
+@dataclass
+class NodeRun:
+    """A trained node and its test results: what :func:`write_node_folder` writes."""
 
-    Returns
-    -------
-    None, or (list of leaf ids, group tensor (K leaves, C children), {stored file name: leaf id})
-        ``None`` for the flat dataset and for nodes whose children are all leaves (nothing finer exists).
-    """
-    if node_id is None or all(hier.nodes[c].is_leaf for c in children):
-        return None
-    if any(node_id == "" or im["node"].startswith(f"{node_id}/") for im in doc.get("partial_images", [])):
-        return None  # partial labels below this node have no leaf to train on: use the children as targets
-    leaves = hier.subtree_leaves(node_id)
-    group = torch.zeros(len(leaves), len(children))
-    for j, leaf in enumerate(leaves):
-        group[j, children.index(hier.child_towards(node_id, leaf))] = 1.0
-    leaf_of_file = {im["file"]: im["leaf"] for im in doc["images"]}
-    return leaves, group, leaf_of_file
+    cfg: TrainConfig
+    data: NodeData
+    backbone: FeatureExtractor
+    head: Head
+    inputs: NodeInputs
+    result: FitResult
+    summary: dict
+    y_test: np.ndarray
+    y_pred: np.ndarray
 
 
-def _load_prepared(data_dir: Path) -> tuple[Hierarchy, dict]:
-    return require_hierarchy_json(data_dir / "hierarchy.json", f"no prepared datasets in {data_dir}",
-                                  f"python3 prepare_dataset.py -p YOUR_DATASET -o {data_dir}")
+def checkpoint_config(run: NodeRun) -> dict:
+    """The ``config`` of ``model.pth``: what prediction reads (node, backbone, head, tta) and the recipe."""
+    data, cfg, backbone = run.data, run.cfg, run.backbone
+    fine = {"n_fine": len(data.fine_leaves), "fine_classes": data.fine_leaves} if data.fine_leaves else {}
+    return {
+        "node": {"id": data.node_id, "dataset": data.dataset, "classes": data.classes, "class_nodes": data.class_nodes,
+                 "kind": "flat" if data.dataset == FLAT_DATASET else "node"},
+        "hierarchy_fingerprint": data.hier.fingerprint(),
+        "backbone": {"name": backbone.spec.name, "image_size": backbone.image_size, "resize": cfg.resize,
+                     "weights_fingerprint": backbone.weights_fingerprint, "weights_file": cfg.weights,
+                     "trainable": run.inputs.trains_backbone},
+        "head": {"in_dim": backbone.spec.feature_dim, "n_classes": len(data.classes), "hidden": cfg.head.hidden,
+                 "dropout": cfg.head.dropout, **fine},
+        "tta": run.summary["tta"],
+        "train": {**cfg.to_dict(), "split_seed": data.doc.get("seed")},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
-def _write_models_hierarchy(models_dir: Path, doc: dict) -> None:
+def write_models_hierarchy(models_dir: Path, doc: dict) -> None:
     """``trained_models/hierarchy.json``: the tree the models were trained for (predict needs no split_datasets)."""
     out = {"version": 1, "tree": doc["tree"], "fingerprint": doc["fingerprint"], "flat": {
         "classes": doc["flat"]["classes"], "class_nodes": doc["flat"]["class_nodes"]},
@@ -330,34 +458,62 @@ def _write_models_hierarchy(models_dir: Path, doc: dict) -> None:
     write_json_atomic(models_dir / "hierarchy.json", out)
 
 
-def _write_node_folder(models_dir, ds, config, state, summary, result, splits, test_paths, y_test, y_pred, classes, backbone):
+def write_node_folder(models_dir: Path, run: NodeRun) -> Path:
+    """Write ``models_dir/<node>/`` (``model.pth``, ``bin/``, plots, ``performance.txt``, ``metrics.json``,
+    ``log.csv``) through a staging folder swapped in at the end; returns the folder."""
+    ds, classes, backbone = run.data.dataset, run.data.classes, run.backbone
+    stage = staging_dir(models_dir, ds)
+    state = {"head": {k: v.detach().cpu() for k, v in run.head.state_dict().items()}}
+    if run.inputs.trains_backbone:
+        state["backbone"] = {k: v.detach().cpu() for k, v in backbone.net.state_dict().items()}
+    config = checkpoint_config(run)
+    save_checkpoint(stage / "model.pth", config, state)
+    _write_legacy_pickles(stage, classes, backbone)
+    _write_plots(stage, run)
+    write_text_atomic(stage / "performance.txt", _performance_text(run, config))
+    write_json_atomic(stage / "metrics.json", run.summary)
+    if run.result.history:
+        write_csv(stage / "log.csv", run.result.history)
+    return publish(stage, models_dir, ds)
+
+
+def _write_legacy_pickles(stage: Path, classes: list, backbone: FeatureExtractor) -> None:
+    """``bin/*.pickle`` of the original project's layout (the suite itself reads only the encoder)."""
     from torchvision import transforms as T
 
-    from . import plots
-
-    stage = staging_dir(models_dir, ds)
-    save_checkpoint(stage / "model.pth", config, state)
-    spec = backbone.spec
-    size = backbone.image_size
+    spec, size = backbone.spec, backbone.image_size
     pickle_atomic(stage / "bin" / "encoder.pickle", dict(enumerate(classes)))
     pickle_atomic(stage / "bin" / "test_transforms.pickle",
                   T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(spec.mean, spec.std)]))
     pickle_atomic(stage / "bin" / "inv_normalize.pickle",
                   T.Normalize([-m / s for m, s in zip(spec.mean, spec.std)], [1 / s for s in spec.std]))
+
+
+def _write_plots(stage: Path, run: NodeRun) -> None:
+    from . import plots
+
+    ds, classes, splits = run.data.dataset, run.data.classes, run.data.splits
     title = f"node '{ds}'"
     per_class = {c: [p for p, y in splits["train"] if y == i][:4] for i, c in enumerate(classes)}
     plots.image_grid([(p, c) for c, ps in per_class.items() for p in ps][:36], stage / "class_plot.png",
                      f"{title}: training images", cols=min(8, max(4, len(classes))))
-    plots.loss_curves(result.history, stage / "error_plot.png", f"{title}: loss per epoch")
+    plots.loss_curves(run.result.history, stage / "error_plot.png", f"{title}: loss per epoch")
+    summary = run.summary
     cm = np.array(summary["confusion"]) if summary["confusion"] else np.zeros((len(classes), len(classes)))
-    plots.confusion(cm, classes, stage / "confusion_matrix.png", f"{title}: test split (n={len(y_test)})")
-    wrong = [(p, f"A: {classes[t]}\nP: {classes[q]}") for p, t, q in zip(test_paths, y_test, y_pred) if t != q]
+    plots.confusion(cm, classes, stage / "confusion_matrix.png", f"{title}: test split (n={len(run.y_test)})")
+    wrong = [(p, f"A: {classes[t]}\nP: {classes[q]}")
+             for p, t, q in zip(run.inputs.test_paths, run.y_test, run.y_pred) if t != q]
     plots.image_grid(wrong[:24], stage / "wrong_plot.png", f"{title}: misclassified test images ({len(wrong)})",
                      color="darkred")
+
+
+def _performance_text(run: NodeRun, config: dict) -> str:
+    ds, classes, summary, result = run.data.dataset, run.data.classes, run.summary, run.result
     lines = [
         f"node: {ds}  ({'flat baseline over all leaves' if ds == FLAT_DATASET else 'local classifier'})",
         f"classes: {classes}",
-        f"backbone: {config['backbone']['name']} @ {size}px, {'fine-tuned' if config['backbone']['trainable'] else 'frozen'}",
+        f"backbone: {config['backbone']['name']} @ {config['backbone']['image_size']}px, "
+        f"{'fine-tuned' if config['backbone']['trainable'] else 'frozen'}",
         f"test images: {summary['n_images']}",
         f"accuracy: {summary['accuracy']:.4f}",
         f"macro precision: {summary['macro_precision']:.4f}",
@@ -369,15 +525,9 @@ def _write_node_folder(models_dir, ds, config, state, summary, result, splits, t
         "This is the accuracy of this local classifier on test images of its own classes.",
         "End-to-end (chained) accuracy: python3 src/evaluate.py",
         "",
-        text_report(y_test, y_pred, classes) if len(y_test) else "(no test images)",
+        text_report(run.y_test, run.y_pred, classes) if len(run.y_test) else "(no test images)",
     ]
-    write_text_atomic(stage / "performance.txt", "\n".join(lines) + "\n")
-    write_json_atomic(stage / "metrics.json", summary)
-    from .engine import _write_csv
-
-    if result.history:
-        _write_csv(stage / "log.csv", result.history)
-    publish(stage, models_dir, ds)
+    return "\n".join(lines) + "\n"
 
 
 def _calibration_line(summary: dict) -> str:

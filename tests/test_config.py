@@ -1,0 +1,94 @@
+"""TrainConfig: presets, flags over a preset, and the round trip through model.pth."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from hiernet.config import FLAG_FIELDS, PRESETS, AugmentConfig, TrainConfig, preset_with_flags
+from hiernet.safeio import UserError
+
+
+def test_the_cpu_preset_is_the_default_and_both_presets_round_trip():
+    assert PRESETS["cpu"] == TrainConfig()
+    original = PRESETS["original"]
+    assert original.mode == "finetune" and original.fit.class_weight_power == 0.5 and original.head.hidden == 0
+    for cfg in PRESETS.values():
+        d = cfg.to_dict()
+        assert isinstance(d["fit"], dict) and isinstance(d["augment"]["scale"], list)  # plain JSON data
+        assert TrainConfig.from_dict(d) == cfg
+
+
+def test_from_dict_ignores_unknown_keys_and_fills_missing_ones():
+    d = PRESETS["original"].to_dict()
+    d["split_seed"] = 1337
+    d["fit"]["future_option"] = 1
+    del d["head"]["dropout"], d["views"]
+    cfg = TrainConfig.from_dict(d)
+    assert cfg.backbone == "efficientnet-b4" and cfg.fit.epochs == 25
+    assert cfg.head.dropout == TrainConfig().head.dropout and cfg.views == TrainConfig().views
+    with pytest.raises(UserError, match="cannot be read.*retrain"):
+        TrainConfig.from_dict({"fit": {"epochs": 3}, "head": "not a dict"})
+    with pytest.raises(UserError, match="must be a dict"):
+        TrainConfig.from_dict(["x"])
+
+
+def test_from_dict_reads_the_flat_train_dict_of_older_checkpoints():
+    old = {"backbone": "efficientnet-lite0", "image_size": 64, "mode": "frozen", "resize": "pad", "views": 1,
+           "hidden": 16, "dropout": 0.1, "epochs": 4, "batch_size": 8, "lr": 0.01, "weight_decay": 0.0,
+           "patience": 2, "label_smoothing": 0.0, "tta": False, "class_weights": 0.5, "fine_labels": False,
+           "calibrate": False, "onnx": True, "preset": "cpu", "seed": 3, "split_seed": 1337}
+    cfg = TrainConfig.from_dict(old)
+    assert (cfg.head.hidden, cfg.head.dropout, cfg.head.fine_labels) == (16, 0.1, False)
+    assert (cfg.fit.epochs, cfg.fit.batch_size, cfg.fit.class_weight_power, cfg.fit.seed) == (4, 8, 0.5, 3)
+    assert (cfg.resize, cfg.views, cfg.tta, cfg.calibrate) == ("pad", 1, False, False)
+
+
+def test_flags_override_the_preset_and_unset_flags_keep_it():
+    cfg = preset_with_flags("original", {"epochs": 3, "lr": None, "hidden": 8, "class_weights": 0.0})
+    assert cfg.fit.epochs == 3 and cfg.fit.lr == PRESETS["original"].fit.lr and cfg.head.hidden == 8
+    assert cfg.fit.class_weight_power == 0.0 and cfg.backbone == "efficientnet-b4"
+    # another backbone takes its own size unless --image-size says otherwise
+    assert preset_with_flags("cpu", {"backbone": "efficientnet-lite0"}).image_size is None
+    assert preset_with_flags("cpu", {"backbone": "efficientnet-lite0", "image_size": 64}).image_size == 64
+    assert preset_with_flags("cpu", {"backbone": PRESETS["cpu"].backbone}).image_size == PRESETS["cpu"].image_size
+    # every flag name reaches a field
+    every = preset_with_flags("cpu", {k: v for k, v in zip(FLAG_FIELDS, range(100, 200))})
+    flat = {**dataclasses.asdict(every), **{f"{p}.{k}": v for p in ("head", "fit") for k, v in
+                                            dataclasses.asdict(getattr(every, p)).items()}}
+    assert all(flat[path] == value for path, value in zip(FLAG_FIELDS.values(), range(100, 200)))
+
+
+def test_train_py_builds_the_config_from_preset_and_flags():
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "src"))
+    import train
+
+    args = train.get_args_parser().parse_args(["-d", "parent", "--epochs", "3", "--no-amp", "--no-onnx",
+                                               "--class-weights", "0.5", "--no-tta", "--seed", "7"])
+    cfg = train.build_config(args)
+    assert cfg == PRESETS["cpu"].override({"epochs": 3, "amp": False, "onnx": False, "class_weights": 0.5,
+                                           "tta": False, "seed": 7})
+    args = train.get_args_parser().parse_args(["-d", "parent", "--preset", "original", "--hidden", "5"])
+    assert train.build_config(args) == PRESETS["original"].override({"hidden": 5})
+
+
+def test_augment_settings_keep_their_feature_cache_key():
+    # the key of cached augmented views: changing it silently recomputes every user's cache
+    assert AugmentConfig().key() == ('{"brightness": 0.2, "contrast": 0.2, "flip": 0.5, "ratio": [0.75, 1.333], '
+                                     '"saturation": 0.2, "scale": [0.55, 1.0]}')
+    rebuilt = TrainConfig.from_dict(TrainConfig().to_dict()).augment
+    assert rebuilt.key() == AugmentConfig().key()
+
+
+def test_a_node_artifact_gives_back_its_train_config(tmp_path):
+    from hiernet.artifacts import NodeArtifact
+
+    cfg = PRESETS["cpu"].override({"epochs": 2, "hidden": 7})
+    art = NodeArtifact(tmp_path, {"config": {"train": {**cfg.to_dict(), "split_seed": 1}}})
+    assert art.train_config() == cfg
+    assert NodeArtifact(tmp_path, {"config": {}}).train_config() == TrainConfig()
