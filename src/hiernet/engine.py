@@ -187,6 +187,9 @@ def fit(
         if stopped:
             break
         t0 = time.time()
+        # shuffling and dropout seeded per epoch: a resumed run sees the batches an uninterrupted one would
+        g.manual_seed(cfg.seed + epoch)
+        torch.manual_seed(cfg.seed + epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
         if hasattr(train_set, "set_epoch"):
