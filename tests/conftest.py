@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +77,41 @@ class Payload:
 
     def __reduce__(self):
         return (self.func, self.args)
+
+
+NOBODY = 65534
+
+
+def run_unprivileged(args: list, **kw) -> subprocess.CompletedProcess:
+    """Run ``args`` as an ordinary user, so file permissions apply even when the tests run as root (CI).
+
+    As root the child runs as ``nobody`` (uid/gid 65534, no capabilities) through util-linux ``setpriv``;
+    otherwise it runs as is.
+    """
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    args = [str(a) for a in args]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: cannot drop privileges")
+        args = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *args]
+    return subprocess.run(args, **kw)
+
+
+def python_unprivileged(code: str, *argv) -> subprocess.CompletedProcess:
+    """Run Python ``code`` (with ``src/`` importable) as an ordinary user; see :func:`run_unprivileged`."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONDONTWRITEBYTECODE="1")
+    return run_unprivileged([sys.executable, "-c", code, *argv], env=env, cwd="/")
+
+
+@pytest.fixture
+def open_tmp():
+    """A temporary folder every user can enter (pytest's own tmp_path is private to its owner)."""
+    d = Path(tempfile.mkdtemp(prefix="hiernet-test-"))
+    d.chmod(0o755)
+    yield d
+    for p in [d, *d.rglob("*")]:  # undo any chmod 0 so the folder can be removed
+        if not p.is_symlink():
+            p.chmod(0o755)
+    shutil.rmtree(d)

@@ -187,15 +187,15 @@ def test_broken_files_give_a_reason(tmp_path, name):
         load_for_model(path, 32)
 
 
-def test_unreadable_file_permission(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: chmod 000 does not block reads")
-    path = save(tmp_path / "locked.png", Image.new("RGB", (4, 4)))
+def test_unreadable_file_permission(open_tmp):
+    """Run as an ordinary user (``nobody`` when the tests run as root): chmod 000 must block it."""
+    from conftest import python_unprivileged
+
+    path = save(open_tmp / "locked.png", Image.new("RGB", (4, 4)))
     path.chmod(0)
-    try:
-        assert check_image(path) == "permission denied"
-    finally:
-        path.chmod(0o644)
+    proc = python_unprivileged("import sys; from hiernet.images import check_image; print(check_image(sys.argv[1]))", path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "permission denied"
 
 
 @pytest.mark.parametrize("pixels", [(12, 12), (20, 20), (1000, 1)])  # 144: warning zone; 400, 1000: error zone
