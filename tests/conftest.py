@@ -11,10 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+
+# Property tests are reproducible (same examples every run) and write no example database into the tree.
+settings.register_profile("hiernet", derandomize=True, database=None, print_blob=True)
+settings.load_profile("hiernet")
 
 SHAPES = ("ellipse", "rectangle", "triangle", "cross")
 
@@ -115,3 +120,15 @@ def open_tmp():
         if not p.is_symlink():
             p.chmod(0o755)
     shutil.rmtree(d)
+
+
+def readline_within(proc: subprocess.Popen, seconds: float = 60.0) -> str:
+    """The next line of ``proc.stdout``, or a test failure (and the process killed) after ``seconds``."""
+    import select
+
+    ready, _, _ = select.select([proc.stdout], [], [], seconds)
+    if not ready:
+        proc.kill()
+        proc.wait(10)
+        pytest.fail(f"no output from the child process within {seconds} s")
+    return proc.stdout.readline()

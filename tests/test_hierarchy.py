@@ -326,7 +326,7 @@ BAD_TREES = {
     "no nodes": ({}, "malformed"),
     "nodes not a list": ({"nodes": {"": {}}}, "malformed"),
     "node not an object": ({"nodes": ["x"]}, "malformed"),
-    "parent is a list": (_mutate(lambda n, d: n["b"].update(parent=[1])), ""),
+    "parent is a list": (_mutate(lambda n, d: n["b"].update(parent=[1])), "parent and dataset must be strings"),
     "parent list first": ({"nodes": [{"id": "a", "name": "a", "parent": [""], "children": [], "dataset": None},
                                      {"id": "", "name": "", "parent": None, "children": ["a"], "dataset": "parent"}]},
                           "malformed"),
@@ -334,7 +334,7 @@ BAD_TREES = {
     "id a number": (_mutate(lambda n, d: n["b"].update(id=5)), "malformed"),
     "duplicate id": (_mutate(lambda n, d: d["nodes"].append(dict(n["b"]))), "appears twice"),
     "no root": (_mutate(lambda n, d: d["nodes"].remove(n[""])), "no root"),
-    "unknown parent": (_mutate(lambda n, d: n["b"].update(parent="zz")), ""),
+    "unknown parent": (_mutate(lambda n, d: n["b"].update(parent="zz")), "does not point back"),
     "id not path": (_mutate(lambda n, d: n["a/x"].update(name="q")), "parent's path"),
     "child twice": (_mutate(lambda n, d: n["a"]["children"].append("a/x")), "child twice"),
     "unreachable": (_mutate(lambda n, d: d["nodes"].append({"id": "z", "name": "z", "parent": "q", "children": [],
@@ -351,6 +351,7 @@ BAD_TREES = {
 @pytest.mark.parametrize("name", sorted(BAD_TREES))
 def test_from_dict_refuses_bad_trees(name):
     data, match = BAD_TREES[name]
+    assert match  # an empty pattern would match any message
     with pytest.raises(HierarchyError, match=match):
         Hierarchy.from_dict(data)
 

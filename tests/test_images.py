@@ -164,8 +164,8 @@ BROKEN = {
     "random.jpg": (lambda p: p.write_bytes(np.random.default_rng(1).bytes(3000)), "not an image"),
     "truncated.jpg": (lambda p: p.write_bytes(_good_jpeg()[:300]), "truncated"),
     "truncated.png": (lambda p: p.write_bytes(_good_png()[:400]), "truncated"),
-    "header_only.png": (lambda p: p.write_bytes(_good_png()[:33]), ""),
-    "jpeg_soi_then_garbage.jpg": (lambda p: p.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50), ""),
+    "header_only.png": (lambda p: p.write_bytes(_good_png()[:33]), "not an image"),
+    "jpeg_soi_then_garbage.jpg": (lambda p: p.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50), "not an image"),
     "missing.jpg": (lambda p: None, "file not found"),
     "folder.jpg": (lambda p: p.mkdir(), "is a folder"),
     "broken_link.jpg": (lambda p: os.symlink(p.parent / "nowhere.jpg", p), "file not found"),
@@ -176,6 +176,7 @@ BROKEN = {
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_broken_files_give_a_reason(tmp_path, name):
     make, reason = BROKEN[name]
+    assert reason  # an empty reason would be found in any message
     path = tmp_path / name
     make(path)
     with pytest.raises(ImageDecodeError) as ei:
