@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "src"))
 settings.register_profile("hiernet", derandomize=True, database=None, print_blob=True)
 settings.load_profile("hiernet")
 
-SHAPES = ("ellipse", "rectangle", "triangle", "cross")
+SHAPES = ("ellipse", "rectangle", "triangle", "cross", "diamond")
 
 
 def draw_image(path: Path, shape: str, seed: int, size: int = 64) -> Path:
@@ -39,6 +39,8 @@ def draw_image(path: Path, shape: str, seed: int, size: int = 64) -> Path:
         d.rectangle(box, fill=fg)
     elif shape == "triangle":
         d.polygon([(size // 2, m), (m, size - m), (size - m, size - m)], fill=fg)
+    elif shape == "diamond":
+        d.polygon([(size // 2, m), (size - m, size // 2), (size // 2, size - m), (m, size // 2)], fill=fg)
     else:
         w = size // 6
         d.rectangle((size // 2 - w, m, size // 2 + w, size - m), fill=fg)
