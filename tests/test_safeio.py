@@ -189,6 +189,34 @@ def test_replace_dir_and_remove_stale(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".other.tmp-1", "node"]
 
 
+def test_kill_9_between_the_two_renames_of_a_folder_swap(tmp_path):
+    """The worst instant of replace_dir: the old folder moved aside, the new one not yet in."""
+    target = tmp_path / "node"
+    target.mkdir()
+    (target / "model.pth").write_text("old")
+    staging = tmp_path / ".node.tmp-1"
+    staging.mkdir()
+    (staging / "model.pth").write_text("new")
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(REPO / 'src')!r})
+        from pathlib import Path
+        from hiernet import safeio
+        real = os.replace
+        def replace_then_die(a, b):
+            real(a, b)
+            os.kill(os.getpid(), signal.SIGKILL)
+        safeio.os.replace = replace_then_die
+        safeio.replace_dir(Path({str(staging)!r}), Path({str(target)!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not target.exists()  # killed in the gap: the old folder sits aside
+    remove_stale(tmp_path, "node")  # what the next run of that node does first
+    assert (target / "model.pth").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["node"]
+
+
 # ------------------------------------------------------------------------------ locks
 def test_lock_excludes_a_second_holder_and_is_released(tmp_path):
     lock = tmp_path / "models" / ".parent.lock"

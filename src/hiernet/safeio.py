@@ -98,7 +98,16 @@ def replace_dir(staging: Path, target: Path) -> None:
 
 
 def remove_stale(parent: Path, name: str) -> None:
-    """Delete leftovers (``.<name>.tmp-*`` / ``.<name>.old-*``) of an interrupted earlier run."""
+    """Delete leftovers (``.<name>.tmp-*`` / ``.<name>.old-*``) of an interrupted earlier run.
+
+    A run killed between the two renames of :func:`replace_dir` leaves no ``<name>`` but the complete
+    old folder as ``.<name>.old-*``: that one is put back first.
+    """
+    target = parent / name
+    if not (target.exists() or target.is_symlink()):
+        olds = [p for p in parent.glob(f".{name}.old-*") if p.is_dir() and not p.is_symlink()]
+        if olds:
+            os.replace(max(olds, key=lambda p: p.stat().st_mtime), target)
     for pattern in (f".{name}.tmp-*", f".{name}.old-*", f".{name}.staging-*"):
         for p in parent.glob(pattern):
             if p.is_dir() and not p.is_symlink():
