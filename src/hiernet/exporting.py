@@ -75,6 +75,9 @@ def export_models(models_dir: Path, with_flat: bool | None = None, check_batch: 
                 "model_sha256": sha256_file(models_dir / nm.dataset / "model.pth"),
             }
         if worst >= tolerance:
+            import shutil
+
+            shutil.rmtree(stage, ignore_errors=True)
             raise UserError(f"ONNX export differs from PyTorch by {worst:.2e} (limit {tolerance}); not published")
         man["max_abs_diff"] = worst
         man["torch_version"] = torch.__version__
