@@ -12,14 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-# Property tests are reproducible (same examples every run) and write no example database into the tree.
+# Property tests are reproducible (same examples every run) and write no example database; hypothesis's
+# other caches go to the temporary folder, not into the work tree.
 settings.register_profile("hiernet", derandomize=True, database=None, print_blob=True)
 settings.load_profile("hiernet")
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "hiernet-hypothesis")
 
 SHAPES = ("ellipse", "rectangle", "triangle", "cross", "diamond")
 
