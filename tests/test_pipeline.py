@@ -498,3 +498,43 @@ def test_export_is_not_published_past_its_tolerance(pipeline, tmp_path):
         export_models(models, tolerance=limit / 2 if limit > 0 else 0.0)  # the same export, a stricter limit
     assert {p.name: p.read_bytes() for p in (models / "onnx").iterdir()} == before  # the previous export stays
     assert not [p for p in models.iterdir() if p.name.startswith(".onnx") and p.is_dir()]  # no staging left
+
+
+@pytest.mark.slow  # three trainings (one fine-tuning a whole network) and an export
+def test_fine_tuned_node_is_exported_and_predicted(tmp_path):
+    """A node with its own fine-tuned network (``--mode finetune``) beside heads on the shared backbone."""
+    import torch
+
+    from conftest import TWO_LEVEL
+    from hiernet.artifacts import build_torch_model, load_node
+    from hiernet.predictor import HierarchicalPredictor
+
+    data = make_tree(tmp_path / "cat", TWO_LEVEL, per_leaf=5)
+    split, models = tmp_path / "split", tmp_path / "models"
+    run([sys.executable, str(REPO / "prepare_dataset.py"), "-p", str(data), "-o", str(split), "-q"], cwd="/")
+    common = ["--data-dir", str(split), "--output-dir", str(models), "--cache-dir", str(tmp_path / "cache"),
+              "--backbone", "efficientnet-lite0", "--image-size", "64", "--views", "0", "-q"]
+    for ds, extra in (("parent", ["--epochs", "2"]), ("round", ["--epochs", "2"]),
+                      ("angular", ["--mode", "finetune", "--epochs", "1", "--batch-size", "4"])):
+        run([sys.executable, str(REPO / "src" / "train.py"), "-d", ds, *common, *extra], cwd="/")
+    run([sys.executable, str(REPO / "src" / "export.py"), "--models-dir", str(models)], cwd="/")
+    man = json.loads((models / "onnx" / "manifest.json").read_text())
+    assert man["nodes"]["angular"]["backbone"] is None and man["nodes"]["parent"]["backbone"] is not None
+    imgs = [str(p) for p in sorted(data.rglob("*.jpg"))]
+    a = HierarchicalPredictor.load(models, runtime="onnx", topk=2, tta_below=0.0)
+    b = HierarchicalPredictor.load(models, runtime="torch", topk=2, tta_below=0.0)
+    assert a.nodes["angular"].full is not None and b.nodes["angular"].full is not None
+    for x, y in zip(a.predict_paths(imgs), b.predict_paths(imgs)):
+        assert x.complete and x.node_ids == y.node_ids
+        for lx, ly in zip(x.topk, y.topk):
+            dx, dy = dict(lx), dict(ly)
+            assert set(dx) == set(dy) and max(abs(dx[k] - dy[k]) for k in dx) < 1e-4
+    # the fine-tuned node scores every image with its own network, as its model.pth gives it
+    backbone, head, own = build_torch_model(load_node(models / "angular"))
+    assert own
+    prepared = [x for batch in a.prepared_batches(imgs, 32) for _, x, _ in batch]
+    _, scores = a.predict_and_score(prepared, imgs, {"angular": list(range(len(imgs)))})
+    x = torch.from_numpy(np.stack([p[(64, "crop")] for p in prepared]))
+    with torch.no_grad():
+        want = torch.softmax(head(backbone(x)).double(), dim=1).numpy()
+    assert np.abs(scores["angular"] - want).max() < 1e-4
