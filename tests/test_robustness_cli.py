@@ -507,3 +507,41 @@ def test_predict_output_file_with_non_utf8_image_name(synthetic, tmp_path, capsy
     assert code == 0 and "Traceback" not in err
     (pred,) = json.loads(out.read_bytes().decode("utf-8"))
     assert os.fsencode(pred["path"]) == raw and len(pred["labels"]) == 2
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_and_restart_starts_over(trained, trained_models):
+    """kill -9 after a few epochs; a rerun continues from the checkpoint, ``--restart`` begins again.
+
+    The work folder's ``log.csv`` is rewritten whole after every epoch, so the first one a run writes
+    tells whether it resumed (all earlier epochs in it) or started over (one row).
+    """
+    models = trained_models
+    log = models / ".parent.work" / "log.csv"
+    long = train_args(trained, "parent", models, ["--epochs", "1000000", "--patience", "1000000"])
+
+    def run_until(args, rows_at_least, timeout=120):
+        """Start ``args``, wait until the work folder's log has that many epoch rows, kill -9; the rows."""
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "training made no progress"
+                rows = log.read_text().splitlines()[1:] if log.exists() else []
+                if len(rows) >= rows_at_least:
+                    return [int(r.split(",")[0]) for r in rows]
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+    first = run_until(long, 4)
+    assert first == list(range(1, len(first) + 1))
+    # the log is rewritten whole after every epoch: the first one a rerun writes shows where it started
+    log.unlink()
+    resumed = run_until(long, 1)
+    assert len(resumed) >= len(first) and resumed == list(range(1, len(resumed) + 1))  # continued, not restarted
+    log.unlink()
+    restarted = run_until([*long, "--restart"], 1)
+    assert len(restarted) < len(first) - 1  # --restart discarded the checkpoint: it began at epoch 1 again
