@@ -12,6 +12,7 @@ import torch
 from conftest import REPO, TWO_LEVEL, make_tree
 
 
+@pytest.mark.slow  # two training processes per case: minutes on 2 cores
 @pytest.mark.parametrize("mode_args", [
     ["--mode", "finetune", "--epochs", "2", "--batch-size", "4"],
     ["--mode", "frozen", "--epochs", "3", "--views", "1"],

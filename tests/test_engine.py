@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -61,7 +62,66 @@ def test_class_weights_balance_counts():
     assert np.allclose(class_weights(np.array([0, 0, 0, 1]), 2, 0.0).numpy(), [1.0, 1.0])
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path):
+class _StopAt(TensorDataset):
+    """A training set that interrupts ``fit`` when epoch ``stop`` starts (like Ctrl-C between epochs)."""
+
+    def __init__(self, base, stop=None):
+        super().__init__(*base.tensors)
+        self.stop = stop
+
+    def set_epoch(self, epoch):
+        if epoch == self.stop:
+            raise KeyboardInterrupt
+
+
+def _same(a, b, path="", skip=("seconds",)):
+    """Recursively compare two checkpoints (tensors exactly up to 1e-6; timings skipped)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            if k not in skip:
+                _same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, z) in enumerate(zip(a, b)):
+            _same(x, z, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), path
+    elif isinstance(a, float):
+        assert abs(a - b) <= 1e-6 * max(1.0, abs(a)), path
+    else:
+        assert a == b, path
+
+
+def test_resume_mid_run_ends_where_an_uninterrupted_run_ends(tmp_path):
+    train, y = _blobs()
+    val, _ = _blobs(seed=1)
+    # mini-batches (shuffled), warm-up + cosine, a patience that can trigger: every piece of state matters
+    cfg = FitConfig(epochs=6, batch_size=16, lr=0.05, patience=10, warmup_epochs=2)
+    torch.manual_seed(123)
+    straight = nn.Linear(4, 2)
+    ref = fit(straight, _StopAt(train), val, y, 2, cfg, "cpu", tmp_path / "a", "h", progress=False)
+    assert len(ref.history) == 6
+
+    torch.manual_seed(123)
+    first = nn.Linear(4, 2)
+    with pytest.raises(KeyboardInterrupt):  # interrupted when epoch 4 starts: 3 epochs are in the checkpoint
+        fit(first, _StopAt(train, stop=3), val, y, 2, cfg, "cpu", tmp_path / "b", "h", progress=False)
+    torch.manual_seed(456)
+    resumed = nn.Linear(4, 2)  # other initial weights: only the checkpoint can make them equal
+    res = fit(resumed, _StopAt(train), val, y, 2, cfg, "cpu", tmp_path / "b", "h", progress=False)
+    assert len(res.history) == 6
+    for r, s in zip(res.history, ref.history):  # learning rate (scheduler), losses: the same epoch by epoch
+        assert {k: v for k, v in r.items() if k != "seconds"} == {k: v for k, v in s.items() if k != "seconds"}
+    assert res.best_epoch == ref.best_epoch
+    for k, v in straight.state_dict().items():  # the kept (best) weights equal the uninterrupted run's
+        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-6), k
+    # the last checkpoints agree entirely: weights, optimizer moments, scheduler step, best state, history
+    _same(torch.load(tmp_path / "a" / "last.pth", weights_only=True),
+          torch.load(tmp_path / "b" / "last.pth", weights_only=True))
+
+
+def test_checkpoint_of_other_settings_or_a_finished_run(tmp_path):
     train, y = _blobs()
     val, _ = _blobs(seed=1)
     cfg = FitConfig(epochs=3, batch_size=16, lr=0.05, patience=10)

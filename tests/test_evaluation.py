@@ -21,7 +21,7 @@ from hiernet.metrics import STOPPED, display_order, error_attribution, first_err
 from hiernet.report import OUTPUT_FILES, render_markdown, summary_lines, verdict, write_outputs
 from hiernet.testsets import TestSet, check_known_leaves, load_prepared_test_set, scan_test_tree
 from hiernet.hierarchy import Hierarchy
-from hiernet.predictor import HierarchicalPredictor, NodeModel, _softmax
+from hiernet.predictor import HierarchicalPredictor, NodeModel
 from hiernet.safeio import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -299,9 +299,21 @@ def test_predict_and_score_matches_predict_arrays():
     np.testing.assert_allclose(scores[""].sum(1), 1.0, rtol=1e-5)
     for i, p in enumerate(plain):  # the root's own choice is the chain's first decision
         assert pred.nodes[""].class_nodes[int(scores[""][i].argmax())] == p.node_ids[0]
-    x = np.stack([inputs[i][(16, "squash")] for i in (0, 3)])
-    head, run = pred.nodes["a"].head, pred.backbones["bb0"][0]  # node 'a' averages the image and its mirror
-    expected = (_softmax(head(run(x))) + _softmax(head(run(x[..., ::-1].copy())))) / 2
+
+    # expected values computed here, not with the predictor's own softmax and backbone runner
+    def feats(x):  # what _numpy_predictor's backbone computes
+        return np.concatenate([x.mean(axis=(2, 3)), x.std(axis=(2, 3))], 1).astype(np.float64)
+
+    def softmax(z):
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    X = np.stack([x[(16, "squash")] for x in inputs])
+    np.testing.assert_allclose(scores[""], softmax(pred.nodes[""].head(feats(X))), rtol=1e-5)
+    pred.tta_below = 1.0  # node 'a' (trained with mirrors) averages every image with its mirror
+    _, scores = pred.predict_and_score(inputs, names, {"a": [0, 3]})
+    head, x = pred.nodes["a"].head, X[[0, 3]]
+    expected = (softmax(head(feats(x))) + softmax(head(feats(x[..., ::-1])))) / 2
     np.testing.assert_allclose(scores["a"], expected, rtol=1e-5)
     assert pred.predict_and_score([], []) == ([], {})
 

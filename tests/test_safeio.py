@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Payload
+from conftest import REPO, Payload, readline_within
 from hiernet.safeio import (
     LockHeld,
     RestrictedUnpickler,
@@ -163,7 +163,7 @@ def test_kill_9_during_atomic_write_keeps_old_file(tmp_path):
                 time.sleep(60)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "writing"
+    assert readline_within(proc).strip() == "writing"
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     assert target.read_bytes() == b"old complete file"
@@ -294,7 +294,7 @@ def test_lock_held_by_another_process_and_freed_when_it_is_killed(tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip() == "held"
+        assert readline_within(proc).strip() == "held"
         with pytest.raises(LockHeld):
             with exclusive_lock(lock, "x"):
                 pass

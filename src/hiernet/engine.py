@@ -252,6 +252,9 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, train_lab
         if stopper.stopped:
             break
         t0 = time.time()
+        # shuffling and dropout seeded per epoch: a resumed run sees the batches an uninterrupted one would
+        train_loader.generator.manual_seed(cfg.seed + epoch)
+        torch.manual_seed(cfg.seed + epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
         if hasattr(train_set, "set_epoch"):

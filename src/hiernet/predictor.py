@@ -29,7 +29,6 @@ from .safeio import UserError
 log = logging.getLogger(__name__)
 
 #: Kept for callers written before :func:`hiernet.routing.softmax` was public.
-_softmax = softmax
 
 
 @dataclass(frozen=True)

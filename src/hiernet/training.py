@@ -365,7 +365,7 @@ def evaluate_node(model: torch.nn.Module, head: Head, inputs: NodeInputs, n_clas
     probs = softmax(logits)
     if inputs.test_mirror is not None:
         flip_logits = head.eval()(torch.from_numpy(inputs.test_mirror).to(device)).detach().float().cpu().numpy()
-        probs = (probs + _softmax(flip_logits)) / 2
+        probs = (probs + softmax(flip_logits)) / 2
     return probs, y_test
 
 
