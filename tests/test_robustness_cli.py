@@ -325,7 +325,7 @@ MORE_DAMAGE = {
                                      (m / "round" / "bin" / "encoder.pickle").mkdir()), "cannot be read"),
     "encoder_truncated": (lambda m, mk: _truncate(m / "round" / "bin" / "encoder.pickle", 0.5), "refused"),
     "model_empty_file": (lambda m, mk: (m / "round" / "model.pth").write_bytes(b""), "damaged or truncated"),
-    "model_random_bytes": (lambda m, mk: (m / "round" / "model.pth").write_bytes(os.urandom(4096)), "refused"),
+    "model_random_bytes": (lambda m, mk: (m / "round" / "model.pth").write_bytes(__import__("random").Random(0).randbytes(4096)), "refused"),
     "model_is_folder": (lambda m, mk: ((m / "round" / "model.pth").unlink(), (m / "round" / "model.pth").mkdir()), "missing"),
     "model_plain_but_malformed": (lambda m, mk: __import__("torch").save(
         {"format": "fashion-hiernet-node", "version": 1, "config": {"node": {"classes": 3, "class_nodes": []},
