@@ -499,6 +499,8 @@ def _predict_route(app, config: ServeConfig, pool: ThreadPoolExecutor):
         except _Reject as exc:
             metrics.errors.labels(exc.kind).inc()
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        except _BodyTooLarge:
+            raise  # LimitsMiddleware answers 413
         except ValueError as exc:
             metrics.errors.labels("bad_request").inc()
             return JSONResponse({"error": str(exc)}, status_code=400)
