@@ -337,3 +337,45 @@ def test_serve_refuses_missing_models_with_one_line(tmp_path):
                            "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "no trained models" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ the page
+def chromium_driver(width: int = 1000, height: int = 800):
+    """Selenium driving Debian's chromium + chromium-driver, headless (skips the test when missing)."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 f"--window-size={width},{height}"]:
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=opts)
+
+
+def test_page_in_a_real_browser_shows_the_predicted_path(server, trained):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    img = trained["images"][-1]
+    expected = upload(server, image_files([img]), {"topk": 3}).json()[0]
+    browser = chromium_driver()
+    try:
+        browser.get(server.url + "/")
+        browser.find_element(By.ID, "file").send_keys(str(img))
+        path = WebDriverWait(browser, 20).until(EC.presence_of_element_located((By.CSS_SELECTOR, "#results .path")))
+        assert path.text == " > ".join(expected["labels"])
+        assert path.get_attribute("data-node") == expected["node"]
+        levels = browser.find_elements(By.CSS_SELECTOR, "#results .level")
+        assert len(levels) == len(expected["labels"])
+        bars = levels[0].find_elements(By.CSS_SELECTOR, ".bar")
+        assert [b.find_element(By.CSS_SELECTOR, ".l").text for b in bars] == [t["label"] for t in expected["topk"][0]]
+        assert "Model version" in browser.find_element(By.ID, "status").text
+        if os.environ.get("SERVE_SCREENSHOT"):
+            browser.save_screenshot(os.environ["SERVE_SCREENSHOT"])
+    finally:
+        browser.quit()
