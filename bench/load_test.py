@@ -5,7 +5,7 @@ The script starts the server itself on 127.0.0.1 (a free port), warms it up, the
 client count: each client sends one photo per request (``POST /v1/predict``, one keep-alive
 connection per client) until the phase has sent its share of --requests or --phase-seconds have
 passed. It reports throughput, p50/p95/p99 latency and errors per phase, and the server's resident
-memory (VmRSS) after the warm-up and after all phases. The baseline is predict.py's batch throughput
+memory (VmRSS) after a warm-up at the largest concurrency and after all phases. The baseline is predict.py's batch throughput
 on the same photos: ``HierarchicalPredictor.predict_paths`` in batches of --batch-size, models loaded
 and warmed up, in its own process before the server starts (what predict.py does, minus start-up).
 
@@ -227,8 +227,8 @@ def main(args: argparse.Namespace) -> int:
     server = start_server(args.models_dir, port, args.batch_size, args.max_wait_ms)
     try:
         requests = [build_request(p, port) for p in paths]
-        log("warm-up")
-        asyncio.run(run_phase(port, requests, 4, 2 * len(requests), args.phase_seconds))
+        log("warm-up")  # at the largest concurrency: the batch sizes (and memory arenas) of the run
+        asyncio.run(run_phase(port, requests, max(clients), 2 * len(requests), args.phase_seconds))
         rep["rss_before_mib"] = rss_mib(server.pid)
         per_phase, rep["phases"] = -(-args.requests // len(clients)), []
         for c in clients:
