@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -89,11 +90,13 @@ def free_port() -> int:
 def start_server(models_dir: Path, port: int, batch_size: int, max_wait_ms: float) -> subprocess.Popen:
     cmd = [sys.executable, str(REPO / "src" / "serve.py"), "--models-dir", str(models_dir), "--host", "127.0.0.1",
            "--port", str(port), "--max-batch", str(batch_size), "--max-wait-ms", str(max_wait_ms)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log_file = tempfile.TemporaryFile("w+")  # not a pipe: a chatty server must never block on it
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise BenchError(f"the server exited: {proc.stderr.read().strip()}")
+            log_file.seek(0)
+            raise BenchError(f"the server exited: {log_file.read().strip()[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return proc
@@ -211,6 +214,7 @@ def goals(rep: dict) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
     if not clients or min(clients) < 1 or args.requests < len(clients) or args.phase_seconds <= 0:
         raise BenchError("--clients must list positive counts, --requests at least one per phase, --phase-seconds > 0")

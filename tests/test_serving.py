@@ -30,9 +30,6 @@ from test_pipeline import FAST, THREE_LEVEL, run
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    if os.environ.get("XXX_SERVE_REUSE"):
-        base = Path(os.environ["XXX_SERVE_REUSE"])
-        return {"base": base, "models": base / "models", "images": sorted((base / "catalogue").rglob("*.jpg"))}
     base = tmp_path_factory.mktemp("serve")
     data = make_tree(base / "catalogue", THREE_LEVEL, per_leaf=7)
     split, models = base / "split", base / "models"

@@ -114,13 +114,17 @@ def load_model(config: ServeConfig) -> LoadedModel:
 
 
 class ModelStore:
-    """The current :class:`LoadedModel`, reloaded in a background thread when the folder changes."""
+    """The current :class:`LoadedModel`, reloaded in a background thread when the folder changes.
+
+    ``on_change`` (if set) is called from that thread after each reload attempt: with the new
+    :class:`LoadedModel`, or ``None`` when the changed folder could not be loaded.
+    """
 
     def __init__(self, config: ServeConfig, on_change=None):
         self.config = config
         self.current = load_model(config)
         self._seen = self.current.fingerprint
-        self._on_change = on_change
+        self.on_change = on_change
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -138,13 +142,13 @@ class ModelStore:
         except Exception as exc:  # a half-written or broken folder must not take the service down
             log.warning("models in %s changed but could not be loaded (keeping version %s): %s",
                         self.config.models_dir, self.current.version, exc)
-            if self._on_change:
-                self._on_change(None)
+            if self.on_change:
+                self.on_change(None)
             return False
         self.current = new
         log.info("switched to models version %s (%s)", new.version, new.predictor.runtime)
-        if self._on_change:
-            self._on_change(new)
+        if self.on_change:
+            self.on_change(new)
         return True
 
     def start(self) -> None:
@@ -529,7 +533,7 @@ def create_app(config: ServeConfig, store: ModelStore | None = None):
         if new:
             metrics.set_model(new)
 
-    store._on_change = on_change
+    store.on_change = on_change
     batcher = MicroBatcher(config.max_batch, config.max_wait_ms / 1000.0, metrics.batch_size.observe)
     pool = ThreadPoolExecutor(max_workers=max(1, config.decode_workers), thread_name_prefix="hiernet-decode")
 
