@@ -522,7 +522,6 @@ def create_app(config: ServeConfig, store: ModelStore | None = None):
     and the page at ``/``. Loads the models now (raises ``UserError`` when there are none) unless
     ``store`` is given; batching and the model watcher run while the app's lifespan does."""
     from fastapi import FastAPI
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     metrics = Metrics()
     store = store or ModelStore(config)
@@ -552,7 +551,15 @@ def create_app(config: ServeConfig, store: ModelStore | None = None):
     app.state.store, app.state.batcher, app.state.metrics, app.state.config = store, batcher, metrics, config
     app.add_middleware(LimitsMiddleware, max_bytes=config.max_body_bytes, metrics=metrics)
     _predict_route(app, config, pool)
-    page = PAGE.read_text(encoding="utf-8")
+    _info_routes(app, PAGE.read_text(encoding="utf-8"))
+    return app
+
+
+def _info_routes(app, page: str) -> None:
+    """``GET /`` (the page), ``/v1/taxonomy``, ``/healthz``, ``/readyz`` and ``/metrics``."""
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    store, batcher, metrics = app.state.store, app.state.batcher, app.state.metrics
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -576,5 +583,3 @@ def create_app(config: ServeConfig, store: ModelStore | None = None):
     async def prometheus():
         body, ctype = metrics.render()
         return Response(body, media_type=ctype)
-
-    return app
