@@ -21,7 +21,7 @@ from hiernet.metrics import STOPPED, display_order, error_attribution, first_err
 from hiernet.report import OUTPUT_FILES, render_markdown, summary_lines, verdict, write_outputs
 from hiernet.testsets import TestSet, check_known_leaves, load_prepared_test_set, scan_test_tree
 from hiernet.hierarchy import Hierarchy
-from hiernet.predictor import HierarchicalPredictor, NodeModel
+from hiernet.predictor import HierarchicalPredictor, MirrorPolicy, NodeModel
 from hiernet.safeio import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,7 +310,7 @@ def test_predict_and_score_matches_predict_arrays():
 
     X = np.stack([x[(16, "squash")] for x in inputs])
     np.testing.assert_allclose(scores[""], softmax(pred.nodes[""].head(feats(X))), rtol=1e-5)
-    pred.tta_below = 1.0  # node 'a' (trained with mirrors) averages every image with its mirror
+    pred = pred.with_options(mirror=MirrorPolicy(1.0))  # node 'a' (trained with mirrors) averages every image with its mirror
     _, scores = pred.predict_and_score(inputs, names, {"a": [0, 3]})
     head, x = pred.nodes["a"].head, X[[0, 3]]
     expected = (softmax(head(feats(x))) + softmax(head(feats(x[..., ::-1])))) / 2

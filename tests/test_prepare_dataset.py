@@ -555,10 +555,10 @@ def test_zoo_partial_labels_make_training_use_child_targets(zoo):
     """Stopgap until training learns from partial labels: a node with partial images below it trains on
     its children (a partial image has no leaf to be a fine target), the others keep fine (leaf) targets."""
     from hiernet.hierarchy import Hierarchy
-    from hiernet.training import _fine_targets
+    from hiernet.training import fine_label_targets
 
     doc = zoo["doc"]
     hier = Hierarchy.from_dict(doc["tree"])
     children = hier.nodes[""].children
-    assert _fine_targets(hier, doc, "", children) is None
-    assert _fine_targets(hier, {**doc, "partial_images": []}, "", children) is not None
+    assert fine_label_targets(hier, doc, "", children) is None
+    assert fine_label_targets(hier, {**doc, "partial_images": []}, "", children) is not None

@@ -211,9 +211,7 @@ def load_node_data(data_dir: Path, ds: str, fine_labels: bool = True) -> NodeDat
     present = sorted({classes[y] for _, y in splits["train"]})
     if len(present) < 2:
         raise UserError(f"node {ds!r} has training images for only {present}; a classifier needs two classes")
-    fine = hier.fine_label_matrix(node_id, class_nodes) if fine_labels and node_id is not None else None
-    if fine is not None and _has_partial_below(doc, node_id):
-        fine = None  # partial labels below this node have no leaf to train on: use the children as targets
+    fine = fine_label_targets(hier, doc, node_id, class_nodes) if fine_labels else None
     if fine is None:
         targets = {s: np.array([y for _, y in items], dtype=np.int64) for s, items in splits.items()}
         return NodeData(ds, node_id, classes, class_nodes, splits, None, None, targets, hier, doc)
@@ -223,9 +221,15 @@ def load_node_data(data_dir: Path, ds: str, fine_labels: bool = True) -> NodeDat
     return NodeData(ds, node_id, classes, class_nodes, splits, fine[0], fine[1], targets, hier, doc)
 
 
-def _has_partial_below(doc: dict, node_id: str) -> bool:
-    """Whether any partial-label image of ``doc`` lies strictly below ``node_id`` (the root is ``""``)."""
-    return any(node_id == "" or im["node"].startswith(f"{node_id}/") for im in doc.get("partial_images", []))
+def fine_label_targets(hier: Hierarchy, doc: dict, node_id: str | None, class_nodes: list[str]):
+    """The leaves and ``(K leaves, C children)`` matrix a fine-label node trains on, or ``None`` to train
+    on its children: for the flat dataset, nodes whose children are all leaves, and nodes with partial-label
+    images below them (a partial label has no leaf to be a fine target)."""
+    if node_id is None:
+        return None
+    if any(node_id == "" or im["node"].startswith(f"{node_id}/") for im in doc.get("partial_images", [])):
+        return None
+    return hier.fine_label_matrix(node_id, class_nodes)
 
 
 def make_head(cfg: HeadConfig, in_dim: int, n_classes: int, group=None) -> Head:
