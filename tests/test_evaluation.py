@@ -96,7 +96,7 @@ def test_node_local_and_routed_accuracy(res):
     nodes = res["nodes"]
     assert list(nodes) == ["parent", "a", "b"]
     assert nodes["parent"] == pytest.approx(
-        {"node": "", "local_accuracy": 5 / 6, "routed_accuracy": 5 / 6, "n_true": 6, "n_routed": 6})
+        {"node": "root", "local_accuracy": 5 / 6, "routed_accuracy": 5 / 6, "n_true": 6, "n_routed": 6})
     # 'a': truly below = 1, 2, 6; the chain routed 1, 2 (and 3, which is not below 'a')
     assert nodes["a"] == pytest.approx(
         {"node": "a", "local_accuracy": 2 / 3, "routed_accuracy": 1 / 2, "n_true": 3, "n_routed": 2})
@@ -183,15 +183,48 @@ def test_display_order_groups_leaves_by_parent():
 
 
 def test_verdict_wording():
-    better = {"difference": 0.1, "p_value": 0.01, "ci95": [0.02, 0.18], "n": 100}
-    worse = {"difference": -0.1, "p_value": 0.01, "ci95": [-0.18, -0.02], "n": 100}
-    same = {"difference": 0.01, "p_value": 0.6, "ci95": [-0.05, 0.07], "n": 100}
+    better = {"difference": 0.1, "p_value": 0.01, "ci95": [0.02, 0.18], "n": 100, "a_only": 14, "b_only": 4}
+    worse = {"difference": -0.1, "p_value": 0.01, "ci95": [-0.18, -0.02], "n": 100, "a_only": 4, "b_only": 14}
+    same = {"difference": 0.01, "p_value": 0.6, "ci95": [-0.05, 0.07], "n": 100, "a_only": 5, "b_only": 4}
     assert verdict(better).startswith("The hierarchy is better")
     assert verdict(worse).startswith("The hierarchy is worse")
     assert verdict(same).startswith("No significant difference")
     assert "p<0.05" in verdict(better) and "McNemar p = 0.010" in verdict(better)
-    tiny = verdict({"difference": 0.2, "p_value": 3e-7, "ci95": [0.1, 0.3], "n": 900})
+    assert "14 LCPN, 4 flat" in verdict(better) and "on the 18 of 100 images" in verdict(better)
+    for v in (better, worse, same):  # interval and test agree: nothing to explain
+        assert "excludes 0" not in verdict(v) and "touches 0" not in verdict(v)
+    tiny = verdict({"difference": 0.2, "p_value": 3e-7, "ci95": [0.1, 0.3], "n": 900, "a_only": 30, "b_only": 2})
     assert tiny.startswith("The hierarchy is better") and "+20.0 points" in tiny and "p = 3.0e-07" in tiny
+
+
+def test_verdict_says_when_interval_and_test_disagree():
+    # issue 16, bug 8: 10 images, flat right on 4 more; the bootstrap interval excludes 0, McNemar p = 0.125
+    from hiernet.metrics import paired_comparison
+
+    lcpn = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], bool)
+    flat = np.ones(10, bool)
+    comp = paired_comparison(lcpn, flat)
+    assert comp["p_value"] == pytest.approx(0.125) and comp["ci95"][1] < 0  # the contradiction, as reported
+    text = verdict(comp)
+    assert text.startswith("No significant difference")
+    assert "The interval excludes 0 but the test does not reject" in text
+    assert "only 4 disagreements no split of them could reach p<0.05" in text
+    assert text.count("McNemar") == 1 and text.count("interval") >= 2
+    # with many disagreements the reason is not the count
+    many = verdict({"difference": -0.02, "p_value": 0.07, "ci95": [-0.04, -0.001], "n": 1000, "a_only": 40,
+                    "b_only": 60})
+    assert "excludes 0" in many and "no split" not in many
+    border = verdict({"difference": 0.02, "p_value": 0.04, "ci95": [-0.001, 0.04], "n": 1000, "a_only": 60,
+                      "b_only": 40})
+    assert border.startswith("The hierarchy is better") and "touches 0" in border
+
+
+def test_summary_prints_the_comparison_once(res):
+    lines = summary_lines({**res, "n_unreadable": 0, "runtime": "onnx"})
+    assert sum("McNemar" in line for line in lines) == 1
+    assert sum("interval" in line for line in lines) == 1
+    md = render_markdown({**res, "n_unreadable": 0, "runtime": "onnx"})
+    assert md.count("McNemar p =") == 1
 
 
 def test_check_known_leaves_names_unknown_classes():
@@ -423,3 +456,36 @@ def test_end_to_end_prepare_train_evaluate(two_level_tree, tmp_path):
     assert -1.0 <= res["comparison"]["difference"] <= 1.0
     md = (out / "results.md").read_text()
     assert "![graph](graph.png)" in md and "![matrix](matrix.png)" in md
+
+
+def test_nodes_vs_flat_hand_computed(res):
+    # parent: LOCAL wrong only on image 3 (5/6); flat's leaves mapped to top level: a,a,a,b,b,a -> wrong on 3 (5/6)
+    # a (images 1, 2, 6): LOCAL x,x,y -> right, wrong, right (2/3); flat x,y,x -> right, right, wrong (2/3)
+    # b (images 3, 4, 5): LOCAL z,z,z -> right, wrong, right (2/3); flat a/y (outside b), w, z -> wrong, right, right
+    rows = res["nodes_vs_flat"]
+    assert list(rows) == ["parent", "a", "b"]
+    assert rows["parent"]["node"] == "root" and rows["parent"]["n"] == 6
+    assert rows["parent"]["lcpn_accuracy"] == rows["parent"]["flat_accuracy"] == pytest.approx(5 / 6)
+    assert rows["parent"]["winner"] == "tie" and rows["parent"]["lcpn_only"] == rows["parent"]["flat_only"] == 0
+    assert (rows["a"]["lcpn_only"], rows["a"]["flat_only"]) == (1, 1) and rows["a"]["winner"] == "tie"
+    assert rows["b"]["lcpn_accuracy"] == rows["b"]["flat_accuracy"] == pytest.approx(2 / 3)
+    assert (rows["b"]["lcpn_only"], rows["b"]["flat_only"]) == (1, 1)
+    # a node where one side wins
+    one = assemble_results(HIER, ["a/x", "a/y", "a/y"], [["a", "a/x"]] * 3,
+                           {"": ["a", "a", "a"], "a": ["a/x", "a/y", "a/y"], "b": [None] * 3}, ["a/x", "a/x", "b/z"])
+    a = one["nodes_vs_flat"]["a"]
+    assert (a["lcpn_accuracy"], a["flat_accuracy"], a["winner"]) == (1.0, pytest.approx(1 / 3), "lcpn")
+    assert (a["lcpn_only"], a["flat_only"]) == (2, 0) and a["p_value"] == pytest.approx(0.5)
+    b = one["nodes_vs_flat"]["b"]
+    assert b["n"] == 0 and b["winner"] is None and b["lcpn_accuracy"] is None
+    md = render_markdown({**one, "n_unreadable": 0, "runtime": "onnx"})
+    assert "## Does the hierarchy pay, node by node?" in md
+    assert "| a | 3 | 1.0000 | 0.3333 | 0.6667 | 2 | 0 | 0.500 | LCPN (not significant) |" in md
+    json.dumps(one, allow_nan=False)
+
+
+def test_results_md_says_which_node_accuracy_it_is(res):
+    # issue 16, bug 9: performance.txt (full mirror averaging) and evaluate (selective, as predict) differ
+    md = render_markdown({**res, "n_unreadable": 0, "runtime": "onnx"})
+    assert "local accuracy (as predict routes it, selective mirror)" in md
+    assert "`performance.txt`" in md and "averages every test image with its mirror image" in md

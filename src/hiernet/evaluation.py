@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from .hierarchy import FLAT_DATASET, Hierarchy
-from .metrics import json_ready, leaf_correct, paired_comparison, score
+from .metrics import json_ready, leaf_correct, node_vs_flat, paired_comparison, score
 from .report import verdict
 from .safeio import UserError
 from .testsets import TestSet, check_known_leaves, load_prepared_test_set, scan_test_tree
@@ -132,6 +132,7 @@ def assemble_results(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Se
         comp["lcpn_accuracy"], comp["flat_accuracy"] = res["leaf_accuracy"], flat["leaf_accuracy"]
         res["comparison"] = comp
         res["verdict"] = verdict(comp)
+        res["nodes_vs_flat"] = node_vs_flat(hier, true_leaves, local_children or {}, [str(f) for f in flat_leaves])
     return res
 
 
