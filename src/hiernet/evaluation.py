@@ -20,16 +20,17 @@ of the metrics (partial predictions, the stopped column, ``None`` for undefined 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .hierarchy import FLAT_DATASET, Hierarchy
+from .hierarchy import FLAT_DATASET, Hierarchy, HierarchyError, load_hierarchy_json
 from .metrics import json_ready, leaf_correct, node_vs_flat, paired_comparison, score
 from .report import verdict
-from .safeio import UserError
+from .safeio import UserError, sha256_file
 from .testsets import TestSet, check_known_leaves, load_prepared_test_set, scan_test_tree
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,68 @@ def _readable(test: TestSet, preds: list) -> tuple[list[int], list[tuple[str, st
     return ok, unreadable
 
 
+def models_fingerprint(models_dir: str | Path, hier: Hierarchy) -> str:
+    """16 hex digits naming one model bundle: the tree and the content of every ``model.pth`` in it.
+
+    Two evaluations with the same fingerprint scored the same models (the ONNX export is checked
+    against these files by hash before it is used, so it is covered too).
+    """
+    from .bundle import node_list
+
+    h = hashlib.sha256(hier.fingerprint().encode())
+    for ds, _ in node_list(hier, with_flat=True):
+        f = Path(models_dir) / ds / "model.pth"
+        if f.is_file():
+            h.update(f"{ds}:{sha256_file(f)};".encode())
+    return h.hexdigest()[:16]
+
+
+def seen_in_training(paths: Sequence[str], data_dir: str | Path | None) -> dict[str, int]:
+    """How many of ``paths`` have the content of an image of the train or val split of ``data_dir``.
+
+    Matched by SHA-256 of the file bytes (``hierarchy.json`` records each image's split; the files
+    are ``data_dir/flat/<split>/<leaf folder>/<file>``), so renamed or moved copies are found too.
+
+    Returns
+    -------
+    dict
+        ``{"train": count, "val": count}``; empty when ``data_dir`` holds no readable prepared split.
+    """
+    if data_dir is None:
+        return {}
+    try:
+        _, doc = load_hierarchy_json(Path(data_dir) / "hierarchy.json")
+        folder = dict(zip(doc["flat"]["class_nodes"], doc["flat"]["classes"], strict=True))
+        known = {}
+        for im in doc["images"]:
+            if im["split"] in ("train", "val"):
+                f = Path(data_dir) / FLAT_DATASET / im["split"] / folder[im["leaf"]] / im["file"]
+                if f.is_file():
+                    known[sha256_file(f)] = im["split"]
+    except (OSError, HierarchyError, KeyError, TypeError, ValueError) as exc:
+        log.info("cannot check the test images against the training split of %s: %s", data_dir, exc)
+        return {}
+    counts = {"train": 0, "val": 0}
+    for p in paths:
+        try:
+            split = known.get(sha256_file(p))
+        except OSError:
+            continue
+        if split:
+            counts[split] += 1
+    return counts
+
+
+def _warn_seen(test: TestSet, data_dir: Path | None, data_tree: Path) -> dict[str, int]:
+    """Warn (one line) when images of the folder tree were training or validation images."""
+    seen = seen_in_training(test.paths, data_dir)
+    if sum(seen.values()):
+        log.warning("warning: %d of the %d images of %s were in the training data of %s (%d train, %d val; same "
+                    "file content): their scores are optimistic", sum(seen.values()), len(test.paths), data_tree,
+                    data_dir, seen["train"], seen["val"])
+    return seen
+
+
 def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tree: str | Path | None = None,
              runtime: str = "auto", device: str = "cpu", min_confidence: float = 0.0, batch_size: int = 32,
              with_flat: bool | None = None, workers: int | None = None, progress: bool = False,
@@ -206,9 +269,12 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     """
     from .predictor import HierarchicalPredictor, default_workers, read_models_hierarchy
 
-    models_dir = Path(models_dir)
+    models_dir = Path(models_dir).resolve()  # messages and results name absolute paths
+    data_dir = None if data_dir is None else Path(data_dir).resolve()
+    data_tree = None if data_tree is None else Path(data_tree).resolve()
     hier, models_doc = read_models_hierarchy(models_dir)
     test = _load_test_set(hier, models_doc, models_dir, data_dir, data_tree)
+    seen = _warn_seen(test, data_dir, data_tree) if data_tree is not None else {}
     if with_flat is None:
         with_flat = (models_dir / FLAT_DATASET / "model.pth").exists()
         if not with_flat:
@@ -226,7 +292,10 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
         confidences=[preds[i].confidence for i in ok],
     )
     head = {"n_images": res.pop("n_images"), "n_unreadable": len(unreadable), "runtime": predictor.runtime}
-    tail = {"source": test.source, "models_dir": str(models_dir), "min_confidence": float(min_confidence),
+    tail = {"source": test.source, "models_dir": str(models_dir), "models_fingerprint": models_fingerprint(models_dir, hier),
+            "min_confidence": float(min_confidence), "seen_in_training": seen,
+            "images": [{"path": preds[i].path, "true": test.leaves[i], "pred": list(preds[i].node_ids),
+                        "confidence": float(preds[i].confidence), "flat": preds[i].flat_leaf} for i in ok],
             "unreadable": [{"path": p, "reason": r} for p, r in unreadable],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     return {**head, **res, **tail}, hier

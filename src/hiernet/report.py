@@ -17,7 +17,7 @@ from .safeio import UserError
 #: Significance level of the verdict.
 ALPHA = 0.05
 #: The files :func:`write_outputs` writes into the output folder.
-OUTPUT_FILES = ("results.json", "results.md", "graph.png", "matrix.png")
+OUTPUT_FILES = ("results.json", "results.md", "report.html", "graph.png", "matrix.png")
 
 
 def _p_text(p: float) -> str:
@@ -268,6 +268,7 @@ def write_figures(hier: Hierarchy, res: dict, out_dir: str | Path) -> None:
 
 def write_outputs(hier: Hierarchy, res: dict, out_dir: str | Path) -> list[Path]:
     """Write :data:`OUTPUT_FILES` into ``out_dir``, each atomically; returns their paths."""
+    from .htmlreport import render_html
     from .safeio import write_json_atomic, write_text_atomic
 
     out_dir = Path(out_dir)
@@ -276,5 +277,6 @@ def write_outputs(hier: Hierarchy, res: dict, out_dir: str | Path) -> list[Path]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_figures(hier, res, out_dir)
     write_text_atomic(out_dir / "results.md", render_markdown(res))
+    write_text_atomic(out_dir / "report.html", render_html(hier, res))
     write_json_atomic(out_dir / "results.json", res)  # last: its presence means the set is complete
     return [out_dir / f for f in OUTPUT_FILES]
