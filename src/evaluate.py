@@ -37,11 +37,12 @@ RUNS_DIR = "runs"
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                     help="prepared datasets whose recorded test split is evaluated (default: <repo>/split_datasets)")
-    src.add_argument("--data", type=Path, metavar="DIR",
-                     help="instead: any folder tree DIR/<class>/<subclass>/images with the trained classes")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help="prepared datasets whose recorded test split is evaluated; with --data, the split whose "
+                        "train/val images DIR is checked against (default: <repo>/split_datasets)")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="instead: any folder tree DIR/<class>/<subclass>/images with the trained classes (a warning "
+                        "counts its images that were training images, by content)")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="trained models (default: <repo>/trained_models)")
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="folder for results.json/.md, report.html, graph.png, matrix.png (default: a new run folder "

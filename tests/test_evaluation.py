@@ -8,6 +8,7 @@ in the ``slow`` test.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -489,3 +490,86 @@ def test_results_md_says_which_node_accuracy_it_is(res):
     md = render_markdown({**res, "n_unreadable": 0, "runtime": "onnx"})
     assert "local accuracy (as predict routes it, selective mirror)" in md
     assert "`performance.txt`" in md and "averages every test image with its mirror image" in md
+
+
+# ------------------------------------------------------------------------------------- the script on tiny models
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny trained pipeline: prepare, then each node and flat with Lite0 at 64 px (a few seconds each)."""
+    from conftest import TWO_LEVEL, make_tree
+
+    base = tmp_path_factory.mktemp("tiny")
+    data = make_tree(base / "data", TWO_LEVEL)
+    split, models, cache = base / "split", base / "models", base / "cache"
+
+    def run(*argv):
+        r = subprocess.run([PY, *map(str, argv)], capture_output=True, text=True, timeout=600, cwd=base)
+        assert r.returncode == 0, f"{argv}\n{r.stdout}\n{r.stderr}"
+
+    run(REPO / "prepare_dataset.py", "-p", data, "-o", split, "-q")
+    for node in ("parent", "angular", "round", "flat"):
+        run(REPO / "src" / "train.py", "-d", node, "--data-dir", split, "--output-dir", models, "--cache-dir", cache,
+            "--backbone", "efficientnet-lite0", "--image-size", "64", "--epochs", "2", "--views", "0", "-q")
+    return {"base": base, "data": data, "split": split, "models": models}
+
+
+def _evaluate_cli(tiny, *args):
+    return subprocess.run([PY, str(REPO / "src" / "evaluate.py"), "--models-dir", str(tiny["models"]), "-q", *args],
+                          capture_output=True, text=True, timeout=600, cwd=tiny["base"])
+
+
+@pytest.mark.slow  # trains tiny models (~1-2 min on 2 cores)
+def test_cli_default_output_keeps_the_published_results(tiny):
+    # issue 16, bug 6: no --output used to overwrite the tracked result_images/ with these models' results
+    published = {f: (REPO / "result_images" / f).read_bytes() for f in ("results.json", "results.md", "graph.png",
+                                                                        "matrix.png")}
+    r = _evaluate_cli(tiny, "--data-dir", tiny["split"])
+    assert r.returncode == 0, r.stderr
+    wrote = next(line for line in r.stdout.splitlines() if line.startswith("wrote "))
+    run_dir = Path(wrote.split()[1].rstrip(",")).parent
+    try:
+        assert run_dir.parent == REPO / "result_images" / "runs"
+        for f, data in published.items():
+            assert (REPO / "result_images" / f).read_bytes() == data, f"{f} was overwritten"
+        res = json.loads((run_dir / "results.json").read_text())
+        assert run_dir.name.endswith("-" + res["models_fingerprint"][:8]) and len(res["models_fingerprint"]) == 16
+        assert (run_dir / "report.html").stat().st_size > 0
+        assert subprocess.run(["git", "check-ignore", "-q", str(run_dir / "results.json")], cwd=REPO).returncode == 0
+        assert res["nodes"]["parent"]["node"] == "root" and set(res["nodes_vs_flat"]) == {"parent", "angular", "round"}
+        assert len(res["images"]) == res["n_images"] and res["seen_in_training"] == {}
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.mark.slow  # trains tiny models (~1-2 min on 2 cores)
+def test_cli_data_warns_about_training_images(tiny, tmp_path):
+    out = tmp_path / "out"
+    doc = json.loads((tiny["split"] / "hierarchy.json").read_text())
+    n_train = sum(im["split"] == "train" for im in doc["images"])
+    n_val = sum(im["split"] == "val" for im in doc["images"])
+    # the whole original tree: its train and val images were training data (relative paths: messages resolve them)
+    r = _evaluate_cli(tiny, "--data", "data", "--data-dir", "split", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "training data" in line]
+    assert warnings == [f"warning: {n_train + n_val} of the {len(doc['images'])} images of {tiny['data']} were in "
+                        f"the training data of {tiny['split']} ({n_train} train, {n_val} val; same file content): "
+                        "their scores are optimistic"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["seen_in_training"] == {"train": n_train, "val": n_val}
+    # only the test images, copied into a tree of their own: no warning
+    folder = dict(zip(doc["flat"]["class_nodes"], doc["flat"]["classes"]))
+    fresh = tmp_path / "fresh"
+    for im in doc["images"]:
+        if im["split"] == "test":
+            (fresh / im["leaf"]).mkdir(parents=True, exist_ok=True)
+            shutil.copy(tiny["split"] / "flat" / "test" / folder[im["leaf"]] / im["file"], fresh / im["leaf"] / im["file"])
+    r = _evaluate_cli(tiny, "--data", str(fresh), "--data-dir", str(tiny["split"]), "--output", str(out))
+    assert r.returncode == 0 and "training data" not in r.stderr, r.stderr
+    assert json.loads((out / "results.json").read_text())["seen_in_training"] == {"train": 0, "val": 0}
+
+
+@pytest.mark.slow  # trains tiny models (~1-2 min on 2 cores)
+def test_cli_messages_show_absolute_paths(tiny, tmp_path):
+    r = _evaluate_cli(tiny, "--models-dir", "no-such-models", "--data-dir", str(tiny["split"]))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"no trained models in {tiny['base'] / 'no-such-models'}" in r.stderr
