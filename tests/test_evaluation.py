@@ -490,6 +490,10 @@ def test_results_md_says_which_node_accuracy_it_is(res):
     md = render_markdown({**res, "n_unreadable": 0, "runtime": "onnx"})
     assert "local accuracy (as predict routes it, selective mirror)" in md
     assert "`performance.txt`" in md and "averages every test image with its mirror image" in md
+    lines = summary_lines({**res, "n_unreadable": 0, "runtime": "onnx"})
+    node_line = next(line for line in lines if line.startswith("each node's decision, LCPN vs flat: "))
+    assert "parent 0.833 vs 0.833, a 0.667 vs 0.667, b 0.667 vs 0.667" in node_line
+    assert "performance.txt mirror-averages every image" in node_line
 
 
 # ------------------------------------------------------------------------------------- the script on tiny models

@@ -101,7 +101,9 @@ def summary_lines(res: dict) -> list[str]:
         per_node = [f"{ds} {_f(r['lcpn_accuracy'], 3)} vs {_f(r['flat_accuracy'], 3)}"
                     for ds, r in res.get("nodes_vs_flat", {}).items() if r["n"]]
         if per_node:
-            lines.append("each node's decision, LCPN vs flat: " + ", ".join(per_node))
+            lines.append("each node's decision, LCPN vs flat: " + ", ".join(per_node)
+                         + " (node accuracies as predict routes images, mirror only where unsure; each node's "
+                         "performance.txt mirror-averages every image)")
     return lines
 
 
