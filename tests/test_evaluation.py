@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hiernet.evaluation import FLAT_FIELDS, assemble_results, predict_test_set
+from hiernet.evaluation import FLAT_FIELDS, assemble_results, combined_leaves, lcpn_leaf_probs, predict_test_set
 from hiernet.metrics import STOPPED, display_order, error_attribution, first_error_level, level_accuracy, score
 from hiernet.report import OUTPUT_FILES, render_markdown, summary_lines, verdict, write_outputs
 from hiernet.testsets import TestSet, check_known_leaves, load_prepared_test_set, scan_test_tree
@@ -293,7 +293,7 @@ def test_scan_test_tree_skips_unreadable(two_level_tree):
 
 
 # ------------------------------------------------------------------------------------- prediction loop
-def _numpy_predictor(hier: Hierarchy, min_confidence: float = 0.0) -> HierarchicalPredictor:
+def _numpy_predictor(hier: Hierarchy, min_confidence: float = 0.0, all_heads: bool = False) -> HierarchicalPredictor:
     """A real HierarchicalPredictor whose 'networks' are fixed random linear maps (no torch)."""
     rng = np.random.default_rng(0)
     size = 16
@@ -310,7 +310,7 @@ def _numpy_predictor(hier: Hierarchy, min_confidence: float = 0.0) -> Hierarchic
         ch = hier.nodes[nid].children
         nm = NodeModel(hier.nodes[nid].dataset, nid, [hier.nodes[c].name for c in ch], list(ch), size, "squash",
                        tta=k == 1)
-        if k == 2:  # one node with its own network on images
+        if k == 2 and not all_heads:  # one node with its own network on images
             head = linear(len(ch))
             nm.full = lambda x, head=head: head(backbone(x))
         else:
@@ -352,7 +352,7 @@ def test_predict_test_set_with_numpy_models(two_level_tree, tmp_path, min_confid
     hier = Hierarchy.from_leaf_paths(["angular/box", "angular/tri", "round/circle", "round/plus"])
     pred = _numpy_predictor(hier, min_confidence)
     test = _image_test_set(two_level_tree)
-    preds, local = predict_test_set(pred, test, batch_size=5, workers=2)
+    preds, local, combined = predict_test_set(pred, test, batch_size=5, workers=2)
     assert [p.path for p in preds] == test.paths
     assert preds[-1].error and not any(p.error for p in preds[:-1])
     # every readable image has a local choice at the root and at its own parent, none elsewhere
@@ -577,3 +577,45 @@ def test_cli_messages_show_absolute_paths(tiny, tmp_path):
     r = _evaluate_cli(tiny, "--models-dir", "no-such-models", "--data-dir", str(tiny["split"]))
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert f"no trained models in {tiny['base'] / 'no-such-models'}" in r.stderr
+
+
+def test_combined_decision_hand_computed():
+    # one image; root: a 0.6, b 0.4; a: x 0.5, y 0.5; b: z 0.9, w 0.1
+    ch = {nid: HIER.nodes[nid].children for nid in ("", "a", "b")}
+    given = {"": {"a": 0.6, "b": 0.4}, "a": {"a/x": 0.5, "a/y": 0.5}, "b": {"b/z": 0.9, "b/w": 0.1}}
+    probs = {nid: np.array([[given[nid][c] for c in ch[nid]]]) for nid in ch}
+    leaves = ["a/x", "a/y", "b/z", "b/w"]
+    np.testing.assert_allclose(lcpn_leaf_probs(HIER, probs, leaves), [[0.3, 0.3, 0.36, 0.04]])
+    # LCPN alone: b/z (0.36); flat alone: a/y (0.5); combined: a/y (0.3*0.5=0.15 > 0.36*0.2=0.072)
+    assert combined_leaves(HIER, probs, np.array([[0.1, 0.5, 0.2, 0.2]]), leaves) == ["a/y"]
+    # a flat model that agrees with LCPN's leaf keeps it
+    assert combined_leaves(HIER, probs, np.array([[0.25, 0.25, 0.25, 0.25]]), leaves) == ["b/z"]
+    res = assemble_results(HIER, TRUE, PATHS, LOCAL, FLAT, combined_leaves=["a/x", "a/y", "b/z", "b/w", "b/z", "a/x"])
+    assert res["combined"]["leaf_accuracy"] == pytest.approx(5 / 6)  # wrong on image 6 only
+    assert (res["combined"]["vs_lcpn"]["a_only"], res["combined"]["vs_lcpn"]["b_only"]) == (3, 0)  # images 2, 3, 4
+    md = render_markdown({**res, "n_unreadable": 0, "runtime": "onnx"})
+    assert "| leaf accuracy | 0.3333 | 0.6667 | 0.8333 |" in md
+    assert any(line.startswith("combined decision (reported only") for line in summary_lines(res))
+
+
+def test_predict_test_set_combined_matches_path_products(two_level_tree):
+    hier = Hierarchy.from_leaf_paths(["angular/box", "angular/tri", "round/circle", "round/plus"])
+    test = _image_test_set(two_level_tree)
+    assert predict_test_set(_numpy_predictor(hier), test, batch_size=5)[2] is None  # a node with its own network
+    pred = _numpy_predictor(hier, all_heads=True)
+    preds, local, combined = predict_test_set(pred, test, batch_size=5, workers=2)
+    assert combined[-1] is None and preds[-1].error
+    inputs = [x for _, x, _ in next(iter(pred.prepared_batches(test.paths[:-1], batch_size=100)))]
+    classifiers = hier.classifier_nodes()
+    _, scores = pred.predict_and_score(inputs, test.paths[:-1], {nid: list(range(len(inputs))) for nid in classifiers})
+    images = np.stack([x[(16, "squash")] for x in inputs])
+    flat_probs = _softmax(pred.flat.head(pred.backbones["bb0"][0](images)))  # the flat head has no mirror
+    for i in range(len(inputs)):
+        joint = {}
+        for j, leaf in enumerate(pred.flat.class_nodes):
+            top, _ = leaf.split("/")
+            p_top = scores[""][i][hier.nodes[""].children.index(top)]
+            p_leaf = scores[top][i][hier.nodes[top].children.index(leaf)]
+            joint[leaf] = p_top * p_leaf * flat_probs[i][j]
+        assert combined[i] == max(joint, key=joint.get)
+    assert len(set(combined[:-1])) > 1

@@ -42,12 +42,84 @@ FLAT_FIELDS = ("leaf_accuracy", "macro_f1", "hierarchical_f1", "level_accuracy",
 
 
 # ------------------------------------------------------------------------------------- prediction
+#: Key under which the flat head is scored beside the classifier nodes (never a node id: ids are paths).
+_FLAT_KEY = "\0flat"
+
+
+def lcpn_leaf_probs(hier: Hierarchy, node_probs: dict[str, np.ndarray], leaves: Sequence[str],
+                    n: int | None = None) -> np.ndarray:
+    """The LCPN probability of every leaf: the product of the node probabilities along its path.
+
+    Parameters
+    ----------
+    node_probs : dict
+        Classifier node id → ``(N, C)`` probabilities of its children (``hier.nodes[id].children`` order)
+        on all ``N`` images; one-child parents need none (probability 1).
+    leaves : sequence of str, shape (L,)
+        The leaf order of the result's columns.
+    n : int, optional
+        Number of images (needed only when no node has a classifier).
+
+    Returns
+    -------
+    ndarray, shape (N, L)
+    """
+    if n is None:
+        n = len(next(iter(node_probs.values()))) if node_probs else 0
+    out = np.ones((n, len(leaves)))
+    for j, leaf in enumerate(leaves):
+        parent = ""
+        for child in hier.path(leaf):
+            children = hier.nodes[parent].children
+            if len(children) > 1:
+                out[:, j] *= node_probs[parent][:, children.index(child)]
+            parent = child
+    return out
+
+
+def combined_leaves(hier: Hierarchy, node_probs: dict[str, np.ndarray], flat_probs: np.ndarray,
+                    flat_leaves: Sequence[str]) -> list[str]:
+    """The combined decision: per image, the leaf maximising flat probability × LCPN path probability.
+
+    Parameters
+    ----------
+    node_probs : dict
+        As for :func:`lcpn_leaf_probs`, on all ``N`` images.
+    flat_probs : ndarray, shape (N, L)
+        The flat head's probabilities; columns follow ``flat_leaves``.
+
+    Returns
+    -------
+    list of str, shape (N,)
+    """
+    flat_probs = np.asarray(flat_probs, dtype=float)
+    joint = lcpn_leaf_probs(hier, node_probs, flat_leaves, n=len(flat_probs)) * flat_probs
+    return [str(flat_leaves[j]) for j in joint.argmax(axis=1)]
+
+
+def _scoring_view(predictor):
+    """(predictor to score with, whether the combined decision is computed).
+
+    The combined decision needs every node's and the flat head's probabilities on every image: cheap when
+    all nodes are heads on shared backbones (one extra small matrix product each), so only then; the
+    view scores the flat head under :data:`_FLAT_KEY` (its labels are never read here).
+    """
+    import dataclasses
+
+    combine = predictor.flat is not None and all(nm.head is not None for nm in predictor.nodes.values())
+    if not combine:
+        return predictor, False
+    bundle = dataclasses.replace(predictor.bundle, nodes={**predictor.nodes, _FLAT_KEY: predictor.flat})
+    return type(predictor)(bundle, predictor.options), True
+
+
 def predict_test_set(predictor, test: TestSet, batch_size: int = 32, workers: int = 2,
-                     progress: bool = False) -> tuple[list, dict[str, list]]:
+                     progress: bool = False) -> tuple[list, dict[str, list], list | None]:
     """Predict every test image and each classifier node's own choice on the images below it.
 
-    One backbone pass per batch serves the chain, the flat head (if loaded) and the local scores
-    (:meth:`hiernet.predictor.HierarchicalPredictor.predict_and_score`).
+    One backbone pass per batch serves the chain, the flat head (if loaded), the local scores
+    (:meth:`hiernet.predictor.HierarchicalPredictor.predict_and_score`) and, when the flat head is
+    loaded and every node is a head on a shared backbone, the combined decision (:func:`combined_leaves`).
 
     Parameters
     ----------
@@ -57,10 +129,11 @@ def predict_test_set(predictor, test: TestSet, batch_size: int = 32, workers: in
 
     Returns
     -------
-    (list of Prediction, dict)
-        ``N`` predictions in ``test.paths`` order (``error`` set for unreadable images), and
+    (list of Prediction, dict, list or None)
+        ``N`` predictions in ``test.paths`` order (``error`` set for unreadable images);
         classifier node id → list of ``N`` predicted child ids of that node's classifier, ``None``
-        for images not truly below the node (or unreadable).
+        for images not truly below the node (or unreadable); the combined decision's ``N`` leaves
+        (``None`` for unreadable images), or ``None`` when it is not computed.
     """
     from .predictor import Prediction
 
@@ -70,30 +143,41 @@ def predict_test_set(predictor, test: TestSet, batch_size: int = 32, workers: in
     below = {nid: set(hier.subtree_leaves(nid)) for nid in classifiers}
     local: dict[str, list] = {nid: [None] * n for nid in classifiers}
     preds: list = [None] * n
+    view, combine = _scoring_view(predictor)
+    combined: list | None = [None] * n if combine else None
     # the predictor's own decoding/resizing, so evaluation sees exactly what predict.py sees
     for prepared in predictor.prepared_batches(test.paths, max(1, batch_size), workers, progress, desc="evaluate"):
         good = [(i, x) for i, x, _ in prepared if x is not None]
         for i, _, err in prepared:
             if err is not None:
                 preds[i] = Prediction(test.paths[i], complete=False, error=err)
-        if good:
-            score = {nid: [k for k, (i, _) in enumerate(good) if test.leaves[i] in below[nid]] for nid in classifiers}
-            batch_preds, scores = predictor.predict_and_score([x for _, x in good], [test.paths[i] for i, _ in good],
-                                                              score)
-            for (i, _), pr in zip(good, batch_preds):
-                preds[i] = pr
-            for nid, probs in scores.items():
-                child_ids = predictor.nodes[nid].class_nodes
-                for k, row in zip(score[nid], probs):
-                    local[nid][good[k][0]] = child_ids[int(np.argmax(row))]
-    return preds, local
+        if not good:
+            continue
+        rows = {nid: [k for k, (i, _) in enumerate(good) if test.leaves[i] in below[nid]] for nid in classifiers}
+        every = list(range(len(good)))
+        ask = {**{nid: every for nid in classifiers}, _FLAT_KEY: every} if combine else rows
+        batch_preds, scores = view.predict_and_score([x for _, x in good], [test.paths[i] for i, _ in good], ask)
+        for (i, _), pr in zip(good, batch_preds):
+            preds[i] = pr
+        for nid in classifiers:
+            child_ids = predictor.nodes[nid].class_nodes
+            probs = scores[nid][rows[nid]] if combine else scores[nid]
+            for k, row in zip(rows[nid], probs):
+                local[nid][good[k][0]] = child_ids[int(np.argmax(row))]
+        if combine:
+            leaves = combined_leaves(hier, {nid: scores[nid] for nid in classifiers}, scores[_FLAT_KEY],
+                                     predictor.flat.class_nodes)
+            for (i, _), leaf in zip(good, leaves):
+                combined[i] = leaf
+    return preds, local, combined
 
 
 # ------------------------------------------------------------------------------------- results
 def assemble_results(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Sequence[Sequence[str]],
                      local_children: dict[str, Sequence[str | None]] | None = None,
                      flat_leaves: Sequence[str] | None = None, n_boot: int = 2000, seed: int = 0,
-                     confidences: Sequence[float] | None = None) -> dict:
+                     confidences: Sequence[float] | None = None,
+                     combined_leaves: Sequence[str] | None = None) -> dict:
     """Every number of ``results.json`` from predictions (pure: no models, no files).
 
     Parameters
@@ -113,6 +197,9 @@ def assemble_results(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Se
         Bootstrap draws and seed of the paired comparison.
     confidences : sequence of float, shape (N,), optional
         The chain's confidence per image (``Prediction.confidence``).
+    combined_leaves : sequence of str, shape (N,), optional
+        The combined decision's leaf per image (:func:`combined_leaves`); adds ``combined`` (its score,
+        :data:`FLAT_FIELDS`, and its paired comparison with the chain: ``vs_lcpn``). Reported only.
 
     Returns
     -------
@@ -134,6 +221,12 @@ def assemble_results(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Se
         res["comparison"] = comp
         res["verdict"] = verdict(comp)
         res["nodes_vs_flat"] = node_vs_flat(hier, true_leaves, local_children or {}, [str(f) for f in flat_leaves])
+    if combined_leaves is not None:
+        comb_paths = [hier.path(str(c)) for c in combined_leaves]
+        comb = score(hier, true_leaves, comb_paths)
+        res["combined"] = {k: comb[k] for k in FLAT_FIELDS}
+        res["combined"]["vs_lcpn"] = json_ready(paired_comparison(
+            leaf_correct(true_leaves, comb_paths), leaf_correct(true_leaves, pred_paths), n_boot=n_boot, seed=seed))
     return res
 
 
@@ -282,14 +375,15 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     predictor = HierarchicalPredictor.load(models_dir, runtime=runtime, device=device, min_confidence=min_confidence,
                                            with_flat=with_flat, tta_below=tta_below)
     log.info("runtime: %s; %d test images", predictor.runtime, len(test.paths))
-    preds, local = predict_test_set(predictor, test, batch_size=batch_size,
-                                    workers=workers or default_workers(), progress=progress)
+    preds, local, combined = predict_test_set(predictor, test, batch_size=batch_size,
+                                              workers=workers or default_workers(), progress=progress)
     ok, unreadable = _readable(test, preds)
     res = assemble_results(
         hier, [test.leaves[i] for i in ok], [preds[i].node_ids for i in ok],
         {nid: [ch[i] for i in ok] for nid, ch in local.items()},
         [preds[i].flat_leaf for i in ok] if with_flat else None,
         confidences=[preds[i].confidence for i in ok],
+        combined_leaves=[combined[i] for i in ok] if combined is not None else None,
     )
     head = {"n_images": res.pop("n_images"), "n_unreadable": len(unreadable), "runtime": predictor.runtime}
     tail = {"source": test.source, "models_dir": str(models_dir), "models_fingerprint": models_fingerprint(models_dir, hier),

@@ -188,16 +188,16 @@ def _galleries(hier: Hierarchy, res: dict, lim: HtmlLimits) -> list[str]:
 
 
 def _headline(res: dict) -> list[str]:
-    fl = res.get("flat", {})
-    rows = [("leaf accuracy (end to end)", res.get("leaf_accuracy"), fl.get("leaf_accuracy")),
-            ("macro F1 over leaves", res.get("macro_f1"), fl.get("macro_f1")),
-            ("hierarchical F1", res.get("hierarchical_f1"), fl.get("hierarchical_f1"))]
+    cols = [("LCPN", res)] + [(name, res[key]) for key, name in (("flat", "flat"), ("combined", "combined (reported only)"))
+                              if key in res]
+    rows = [("leaf accuracy (end to end)", "leaf_accuracy"), ("macro F1 over leaves", "macro_f1"),
+            ("hierarchical F1", "hierarchical_f1")]
     out = [f"<p>{res.get('n_images', 0)} images from {_e(res.get('source', 'the test set'))}; models "
            f"<code>{_e(res.get('models_dir', ''))}</code> (fingerprint {_e(res.get('models_fingerprint', '?'))}); "
            f"runtime {_e(res.get('runtime', '?'))}.</p>",
-           "<table><tr><th class='l'>metric</th><th>LCPN</th>" + ("<th>flat</th>" if fl else "") + "</tr>"]
-    for name, a, b in rows:
-        out.append(f"<tr><td class='l'>{name}</td><td>{_f(a)}</td>" + (f"<td>{_f(b)}</td>" if fl else "") + "</tr>")
+           "<table><tr><th class='l'>metric</th>" + "".join(f"<th>{_e(c)}</th>" for c, _ in cols) + "</tr>"]
+    for name, key in rows:
+        out.append(f"<tr><td class='l'>{name}</td>" + "".join(f"<td>{_f(d.get(key))}</td>" for _, d in cols) + "</tr>")
     return out + ["</table>"]
 
 

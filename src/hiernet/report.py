@@ -93,6 +93,12 @@ def summary_lines(res: dict) -> list[str]:
     ]
     if res.get("n_stopped"):
         lines.append(f"{res['n_stopped']} predictions stopped above a leaf (--min-confidence)")
+    if "combined" in res:
+        cb, vs = res["combined"], res["combined"]["vs_lcpn"]
+        lines.append(f"combined decision (reported only; predict.py does not use it: flat leaf probability x LCPN path "
+                     f"probability): leaf accuracy {_f(cb['leaf_accuracy'])}, macro F1 {_f(cb['macro_f1'])}; "
+                     f"vs LCPN {vs['a_only']} only combined right, {vs['b_only']} only LCPN right, "
+                     f"McNemar p = {_f(vs['p_value'], 3)}")
     if "flat" in res:
         fl = res["flat"]
         lines.append(f"flat baseline: leaf accuracy {_f(fl['leaf_accuracy'])}, macro F1 {_f(fl['macro_f1'])}, "
@@ -108,42 +114,50 @@ def summary_lines(res: dict) -> list[str]:
 
 
 def _md_headline(res: dict) -> list[str]:
-    """Intro and the headline table of ``results.md``."""
-    has_flat = "flat" in res
-    fl = res.get("flat", {})
+    """Intro and the headline table of ``results.md``: LCPN, then flat and the combined decision if present."""
+    cols = [("LCPN (chained)", res)] + [(name, res[key]) for key, name in
+                                        (("flat", "flat baseline"), ("combined", "combined (reported only)")) if key in res]
     L = [
         "# Evaluation of the hierarchical classifier",
         "",
         f"{res['n_images']} images evaluated ({res.get('n_unreadable', 0)} unreadable, left out) from "
-        f"{res.get('source', 'the test set')}; models: `{res.get('models_dir', '')}`; runtime: {res.get('runtime', '?')}"
+        f"{res.get('source', 'the test set')}; models: `{res.get('models_dir', '')}`"
+        + (f" (fingerprint `{res['models_fingerprint']}`)" if res.get("models_fingerprint") else "")
+        + f"; runtime: {res.get('runtime', '?')}"
         + (f"; `--min-confidence {res['min_confidence']}`" if res.get("min_confidence") else "") + ".",
         "",
         "## Headline numbers",
         "",
-        "| metric | LCPN (chained) |" + (" flat baseline |" if has_flat else ""),
-        "|---|---|" + ("---|" if has_flat else ""),
+        "| metric |" + "".join(f" {name} |" for name, _ in cols),
+        "|---|" + "---|" * len(cols),
     ]
 
-    def row(name, a, b=None, fmt=_f):
-        L.append(f"| {name} | {fmt(a)} |" + (f" {fmt(b)} |" if has_flat else ""))
+    def row(name, key, fmt=_f):
+        L.append(f"| {name} |" + "".join(f" {fmt(d.get(key))} |" for _, d in cols))
 
-    row("leaf accuracy", res["leaf_accuracy"], fl.get("leaf_accuracy"))
-    row("top-1 error", res["leaf_error"], None if not has_flat or fl.get("leaf_accuracy") is None else 1 - fl["leaf_accuracy"])
-    row("macro F1 (leaves)", res["macro_f1"], fl.get("macro_f1"))
-    row("hierarchical precision", res["hierarchical_precision"], fl.get("hierarchical_precision"))
-    row("hierarchical recall", res["hierarchical_recall"], fl.get("hierarchical_recall"))
-    row("hierarchical F1", res["hierarchical_f1"], fl.get("hierarchical_f1"))
-    row("mistake severity (edges to common ancestor)", res["mistake_severity"], fl.get("mistake_severity"),
-        fmt=lambda v: _f(v, 2))
+    row("leaf accuracy", "leaf_accuracy")
+    L.append("| top-1 error |" + "".join(f" {_f(None if d.get('leaf_accuracy') is None else 1 - d['leaf_accuracy'])} |"
+                                         for _, d in cols))
+    row("macro F1 (leaves)", "macro_f1")
+    row("hierarchical precision", "hierarchical_precision")
+    row("hierarchical recall", "hierarchical_recall")
+    row("hierarchical F1", "hierarchical_f1")
+    row("mistake severity (edges to common ancestor)", "mistake_severity", fmt=lambda v: _f(v, 2))
     if res.get("confidence_ece") is not None:
         L.append(f"| mean confidence / its calibration error (ECE) | {_f(res['mean_confidence'])} / "
-                 f"{_f(res['confidence_ece'])} |" + (" |" if has_flat else ""))
+                 f"{_f(res['confidence_ece'])} |" + " |" * (len(cols) - 1))
     L += [
         "",
         "Leaf accuracy counts an image only when every level is right and the walk reaches the true leaf. "
         "Mistake severity is the mean number of edges from the true leaf up to its lowest common ancestor "
         "with the prediction, over mistakes (1 = a sibling).",
     ]
+    if "combined" in res:
+        vs = res["combined"]["vs_lcpn"]
+        L += ["", "Combined: per image, the leaf maximising the flat model's probability times the LCPN path "
+                  "probability (the product of the node probabilities along the path). Reported only: predict.py "
+                  f"returns the LCPN path. Against LCPN: {vs['a_only']} images only the combined decision got right, "
+                  f"{vs['b_only']} only LCPN, McNemar p = {_f(vs['p_value'], 3)}."]
     if res.get("n_stopped"):
         L += ["", f"{res['n_stopped']} predictions stopped above a leaf; they count as wrong for leaf accuracy "
                   "and get partial credit in the hierarchical scores."]
