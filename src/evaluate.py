@@ -4,7 +4,8 @@
 Writes results.json, results.md, report.html, graph.png and matrix.png and prints a short summary:
 leaf accuracy, accuracy per level, hierarchical F1, and (when trained_models/flat exists) the flat
 baseline with one verdict on the difference (McNemar's exact test decides; the paired-bootstrap
-interval is reported beside it) and, node by node, whether the hierarchy's decision beats flat's.
+interval is reported beside it), node by node whether the hierarchy's decision beats flat's, and a
+combined decision (flat leaf probability times LCPN path probability; reported only).
 
 Without --output the files go to a new run folder, result_images/runs/<time>-<models fingerprint>/,
 so the results published in result_images/ are never overwritten by other models; pass

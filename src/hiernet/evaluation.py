@@ -344,7 +344,8 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     data_dir : path, optional
         Prepared ``split_datasets/``: its recorded test split is evaluated (unless ``data_tree``).
     data_tree : path, optional
-        Any folder tree of the same hierarchy, evaluated instead.
+        Any folder tree of the same hierarchy, evaluated instead; its images are then checked by content
+        against the train and val images of ``data_dir`` (a warning and ``seen_in_training``).
     with_flat : bool or None
         Evaluate the flat baseline; ``None`` = when ``models_dir/flat/model.pth`` exists.
 
@@ -352,7 +353,9 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     -------
     (dict, Hierarchy)
         The results document (see :func:`assemble_results`, plus ``n_unreadable``, ``unreadable``,
-        ``runtime``, ``source``, ``models_dir``, ``min_confidence``, ``created``) and the trained tree.
+        ``runtime``, ``source``, ``models_dir``, ``models_fingerprint`` (:func:`models_fingerprint`),
+        ``min_confidence``, ``seen_in_training`` (:func:`seen_in_training`, with ``data_tree``),
+        ``images`` (one record per evaluated image), ``created``) and the trained tree.
 
     Raises
     ------
@@ -362,9 +365,8 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     """
     from .predictor import HierarchicalPredictor, default_workers, read_models_hierarchy
 
-    models_dir = Path(models_dir).resolve()  # messages and results name absolute paths
-    data_dir = None if data_dir is None else Path(data_dir).resolve()
-    data_tree = None if data_tree is None else Path(data_tree).resolve()
+    # messages and results name absolute paths
+    models_dir, data_dir, data_tree = (None if p is None else Path(p).resolve() for p in (models_dir, data_dir, data_tree))
     hier, models_doc = read_models_hierarchy(models_dir)
     test = _load_test_set(hier, models_doc, models_dir, data_dir, data_tree)
     seen = _warn_seen(test, data_dir, data_tree) if data_tree is not None else {}
@@ -387,9 +389,14 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     )
     head = {"n_images": res.pop("n_images"), "n_unreadable": len(unreadable), "runtime": predictor.runtime}
     tail = {"source": test.source, "models_dir": str(models_dir), "models_fingerprint": models_fingerprint(models_dir, hier),
-            "min_confidence": float(min_confidence), "seen_in_training": seen,
-            "images": [{"path": preds[i].path, "true": test.leaves[i], "pred": list(preds[i].node_ids),
-                        "confidence": float(preds[i].confidence), "flat": preds[i].flat_leaf} for i in ok],
+            "min_confidence": float(min_confidence), "seen_in_training": seen, "images": _image_records(test, preds, ok),
             "unreadable": [{"path": p, "reason": r} for p, r in unreadable],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     return {**head, **res, **tail}, hier
+
+
+def _image_records(test: TestSet, preds: list, ok: Sequence[int]) -> list[dict]:
+    """``results.json`` → ``images``: per evaluated image its path, true leaf, predicted path (node ids),
+    the chain's confidence and the flat leaf (``None`` without the flat baseline)."""
+    return [{"path": preds[i].path, "true": test.leaves[i], "pred": list(preds[i].node_ids),
+             "confidence": float(preds[i].confidence), "flat": preds[i].flat_leaf} for i in ok]
