@@ -619,3 +619,10 @@ def test_predict_test_set_combined_matches_path_products(two_level_tree):
             joint[leaf] = p_top * p_leaf * flat_probs[i][j]
         assert combined[i] == max(joint, key=joint.get)
     assert len(set(combined[:-1])) > 1
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "export.py"])
+def test_help_has_no_restructuredtext_leftovers(script):
+    r = subprocess.run([PY, str(REPO / "src" / script), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "Example" in r.stdout
+    assert "::" not in r.stdout and "``" not in r.stdout
