@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .hierarchy import ROOT_ID, Hierarchy
+from .report import ALPHA
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
@@ -73,6 +74,11 @@ def _f(v, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def _n(count: int, word: str) -> str:
+    """``1 image``, ``3 images``."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def _path_text(hier: Hierarchy, ids) -> str:
     """Node ids → ``name / name`` (``(stopped at the top)`` for an empty path)."""
     return " / ".join(hier.nodes[i].name if i in hier.nodes else str(i) for i in ids) or "(stopped at the top)"
@@ -90,13 +96,13 @@ def _tree(hier: Hierarchy, res: dict) -> list[str]:
         if not node.children:
             s = per_leaf.get(nid, {})
             text = (f"{_e(name)} <span class='muted'>leaf: recall <span class='acc'>{_f(s.get('recall'))}</span>, "
-                    f"{s.get('support', 0)} images</span>")
+                    f"{_n(s.get('support', 0), 'image')}</span>")
         else:
             ds, nd = by_node.get("root" if nid == ROOT_ID else nid, (None, None))
             text = f"<b>{_e(name)}</b>"
             if nd is not None:
                 text += (f" <span class='muted'>classifier <code>{_e(ds)}</code>: accuracy "
-                         f"<span class='acc'>{_f(nd['local_accuracy'])}</span> on {nd['n_true']} images, routed "
+                         f"<span class='acc'>{_f(nd['local_accuracy'])}</span> on {_n(nd['n_true'], 'image')}, routed "
                          f"{_f(nd['routed_accuracy'])} on {nd['n_routed']}</span>")
             elif len(node.children) == 1:
                 text += " <span class='muted'>(one child: no model)</span>"
@@ -121,6 +127,8 @@ def _nodes_vs_flat(res: dict) -> list[str]:
     for ds, r in rows.items():
         cls = {"lcpn": "win", "flat": "lose"}.get(r["winner"], "")
         better = {"lcpn": "LCPN", "flat": "flat", "tie": "tie"}.get(r["winner"], "n/a")
+        if r["winner"] in ("lcpn", "flat") and (r["p_value"] or 0) >= ALPHA:
+            better += " (not significant)"
         out.append(f"<tr><td class='l'>{_e(ds)}</td><td>{r['n']}</td><td>{_f(r['lcpn_accuracy'])}</td>"
                    f"<td>{_f(r['flat_accuracy'])}</td><td>{r['lcpn_only']}</td><td>{r['flat_only']}</td>"
                    f"<td>{_f(r['p_value'])}</td><td class='l {cls}'>{better}</td></tr>")
@@ -176,7 +184,7 @@ def _galleries(hier: Hierarchy, res: dict, lim: HtmlLimits) -> list[str]:
         ims = sorted(ims, key=lambda im: -im["confidence"])
         more = f" ({len(ims) - lim.per_pair} more not shown)" if len(ims) > lim.per_pair else ""
         out += [f"<h3 class='pair'>{_e(_path_text(hier, hier.path(true)))} → {_e(_path_text(hier, pred))}: "
-                f"{len(ims)} image{'s' if len(ims) != 1 else ''}{more}</h3>", "<div class='gallery'>",
+                f"{_n(len(ims), 'image')}{more}</h3>", "<div class='gallery'>",
                 *(_figure(hier, im, lim.thumb) for im in ims[: lim.per_pair]), "</div>"]
     if len(order) > lim.pairs:
         out.append(f"<p class='muted'>{len(order) - lim.pairs} more pairs not shown.</p>")

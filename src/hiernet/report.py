@@ -93,12 +93,6 @@ def summary_lines(res: dict) -> list[str]:
     ]
     if res.get("n_stopped"):
         lines.append(f"{res['n_stopped']} predictions stopped above a leaf (--min-confidence)")
-    if "combined" in res:
-        cb, vs = res["combined"], res["combined"]["vs_lcpn"]
-        lines.append(f"combined decision (reported only; predict.py does not use it: flat leaf probability x LCPN path "
-                     f"probability): leaf accuracy {_f(cb['leaf_accuracy'])}, macro F1 {_f(cb['macro_f1'])}; "
-                     f"vs LCPN {vs['a_only']} only combined right, {vs['b_only']} only LCPN right, "
-                     f"McNemar p = {_f(vs['p_value'], 3)}")
     if "flat" in res:
         fl = res["flat"]
         lines.append(f"flat baseline: leaf accuracy {_f(fl['leaf_accuracy'])}, macro F1 {_f(fl['macro_f1'])}, "
@@ -110,6 +104,12 @@ def summary_lines(res: dict) -> list[str]:
             lines.append("each node's decision, LCPN vs flat: " + ", ".join(per_node)
                          + " (node accuracies as predict routes images, mirror only where unsure; each node's "
                          "performance.txt mirror-averages every image)")
+    if "combined" in res:
+        cb, vs = res["combined"], res["combined"]["vs_lcpn"]
+        lines.append(f"combined decision (reported only; predict.py does not use it: flat leaf probability x LCPN path "
+                     f"probability): leaf accuracy {_f(cb['leaf_accuracy'])}, macro F1 {_f(cb['macro_f1'])}; "
+                     f"vs LCPN {vs['a_only']} only combined right, {vs['b_only']} only LCPN right, "
+                     f"McNemar p = {_f(vs['p_value'], 3)}")
     return lines
 
 
