@@ -50,6 +50,9 @@ class ImageDataset(Dataset):
     the next one (with a warning) so a file damaged after prepare_dataset.py cannot stop a run.
     """
 
+    #: :func:`hiernet.engine.fit` passes ``(index, epoch)`` pairs (the epoch reaches worker processes).
+    indices_carry_epoch = True
+
     def __init__(self, items: list[tuple[Path, int]], size: int, policy: str, train: bool, seed: int = 0):
         self.items, self.size, self.policy, self.train, self.seed, self.epoch = items, size, policy, train, seed, 0
 
@@ -59,7 +62,10 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item):
+        """``item``: an index, or ``(index, epoch)`` from :class:`hiernet.engine.EpochSampler` (worker
+        processes do not see :meth:`set_epoch`)."""
+        i, epoch = item if isinstance(item, tuple) else (item, self.epoch)
         for k in range(len(self.items)):
             path, label = self.items[(i + k) % len(self.items)]
             try:
@@ -70,7 +76,7 @@ class ImageDataset(Dataset):
         else:  # pragma: no cover - every image broken
             raise UserError("no image of this dataset can be decoded")
         if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
+            rng = np.random.default_rng([self.seed, epoch, i])
             from .data import augment
 
             img = augment(img, self.size, rng)
