@@ -103,13 +103,6 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on at least one (so all ranks take the same branch)."""
-    if not is_distributed():
-        return bool(flag)
-    return all_reduce_sum([1.0 if flag else 0.0], "cpu" if dist.get_backend() == "gloo" else f"cuda:{torch.cuda.current_device()}")[0] > 0
-
-
 def rank0_first():
     """Context manager: rank 0 runs the block first (e.g. a download into a shared cache), the other
     ranks wait at a barrier and then run it (finding the files rank 0 wrote)."""
