@@ -167,7 +167,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer, 
         scaler.update()
         scheduler.step()
         sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
-                             torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+                             torch.full((), float(len(y)), dtype=torch.float64, device=device)])
     tot = dist_utils.all_reduce_tensor(sums).tolist()
     return tot[0] / max(1, tot[2]), tot[1] / max(1, tot[2])
 
@@ -191,7 +191,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion, device: str, amp: 
         w = weight[y] if weight is not None else torch.ones_like(y, dtype=torch.float32)
         losses = nn.functional.cross_entropy(out, y, reduction="none")
         sums += torch.stack([(w * losses).sum().double(), w.sum().double(), (out.argmax(1) == y).sum().double(),
-                             torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+                             torch.full((), float(len(y)), dtype=torch.float64, device=device)])
     tot = dist_utils.all_reduce_tensor(sums).tolist()
     return tot[0] / tot[1] if tot[1] > 0 else math.inf, tot[2] / max(1.0, tot[3])
 
