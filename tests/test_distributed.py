@@ -106,6 +106,14 @@ try:
 except UserError as exc:
     out["own_folder"] = str(exc)
 du.check_shared_storage([tmp / "shared"])
+
+# rank 0 first (a download into a shared cache), then the others
+import time
+with du.rank0_first():
+    out["entered"] = time.time()
+    if r == 0:
+        time.sleep(0.5)
+        out["left"] = time.time()
 (tmp / f"rank{r}.json").write_text(json.dumps(out))
 du.cleanup()
 """
@@ -115,7 +123,8 @@ du.cleanup()
 def test_three_processes_take_the_same_decisions(tmp_path):
     """Under torchrun (3 Gloo processes): every rank stops at the same epoch although their validation data
     disagree, each makes a step per epoch on a node smaller than 3 batches, dropout draws differ per rank,
-    a checkpoint only rank 0 can see is resumed on all, and folders that are not shared are refused."""
+    a checkpoint only rank 0 can see is resumed on all, folders that are not shared are refused, and rank 0
+    runs a download block before the others."""
     import json
 
     script = tmp_path / "ranks.py"
@@ -145,3 +154,4 @@ def test_three_processes_take_the_same_decisions(tmp_path):
     assert ranks[1]["resumed"][:2] == ranks[0]["resumed"][:2]  # epochs 1-2 came from rank 0's checkpoint
     for o in ranks:
         assert "is not shared storage" in o["own_folder"] and "rank 1" in o["own_folder"]
+    assert ranks[1]["entered"] >= ranks[0]["left"] and ranks[2]["entered"] >= ranks[0]["left"]
