@@ -155,3 +155,23 @@ def test_three_processes_take_the_same_decisions(tmp_path):
     for o in ranks:
         assert "is not shared storage" in o["own_folder"] and "rank 1" in o["own_folder"]
     assert ranks[1]["entered"] >= ranks[0]["left"] and ranks[2]["entered"] >= ranks[0]["left"]
+
+
+def test_restart_clears_the_checkpoint_only_inside_the_node_lock(tmp_path):
+    """`--restart` while another process trains the node must not delete that run's checkpoint."""
+    from hiernet.safeio import LockHeld
+    from hiernet.training import node_lock
+
+    sys.path.insert(0, str(REPO / "src"))
+    import train
+
+    models = tmp_path / "models"
+    ckpt = models / ".parent.work" / "last.pth"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"running")
+    args = train.get_args_parser().parse_args(["-d", "parent", "--restart", "--output-dir", str(models),
+                                               "--data-dir", str(tmp_path / "split"), "--device", "cpu", "-q"])
+    with node_lock(models, "parent"):  # another training of 'parent' is running
+        with pytest.raises(LockHeld):
+            train.main(args)
+    assert ckpt.read_bytes() == b"running"
