@@ -92,3 +92,13 @@ def test_a_node_artifact_gives_back_its_train_config(tmp_path):
     art = NodeArtifact(tmp_path, {"config": {"train": {**cfg.to_dict(), "split_seed": 1}}})
     assert art.train_config() == cfg
     assert NodeArtifact(tmp_path, {"config": {}}).train_config() == TrainConfig()
+
+
+def test_workers_default_to_decoding_processes_when_fine_tuning_on_cuda():
+    from hiernet.config import default_workers
+
+    assert default_workers("finetune", "cuda", 32) == 8
+    assert default_workers("finetune", "cuda:3", 32, procs_per_host=8) == 4  # shared by 8 torchrun processes
+    assert default_workers("finetune", "cuda", 1, procs_per_host=8) == 1
+    assert default_workers("finetune", "cpu", 32) == 0
+    assert default_workers("frozen", "cuda", 32) == 0

@@ -538,3 +538,86 @@ def test_fine_tuned_node_is_exported_and_predicted(tmp_path):
     with torch.no_grad():
         want = torch.softmax(head(backbone(x)).double(), dim=1).numpy()
     assert np.abs(scores["angular"] - want).max() < 1e-4
+
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# stands in for the interpreter: records which GPU each node got and when, sleeps per node
+shift  # the script path (train.py / export.py)
+case " $* " in
+  *" --list-nodes "*) printf '%s\n' a b c d e; exit 0 ;;
+esac
+node=""
+while (( $# )); do if [[ "$1" == "-d" ]]; then node="$2"; fi; shift; done
+[[ -n "$node" ]] || exit 0
+dur="${DURATIONS_default}"; var="DURATIONS_$node"; dur="${!var:-$dur}"
+echo $$ > "$LOGDIR/$node.pid"
+start=$(date +%s.%N)
+sleep "$dur" & child=$!
+trap 'kill $child 2>/dev/null; exit 143' TERM
+wait $child
+echo "$node $CUDA_VISIBLE_DEVICES $start $(date +%s.%N)" >> "$LOGDIR/runs.txt"
+"""
+
+
+def _fake_env(tmp_path, **extra):
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    logdir = tmp_path / "log"
+    logdir.mkdir()
+    env = dict(os.environ, PYTHON=str(fake), LOGDIR=str(logdir), DATA_DIR=str(tmp_path / "split"),
+               MODELS_DIR=str(tmp_path / "models"), NO_FLAT="1", NO_EXPORT="1")
+    env.update({"DURATIONS_default": "0.3", **extra})
+    return env, logdir
+
+
+def test_gpus_give_each_node_a_gpu_that_is_free(tmp_path):
+    """A long node keeps its GPU: the next nodes go to the GPU that became free, never onto a busy one."""
+    env, logdir = _fake_env(tmp_path, GPUS="0,1", DURATIONS_b="2")
+    proc = run(["bash", str(REPO / "src" / "train_lcpn.sh")], env=env)
+    runs = [line.split() for line in (logdir / "runs.txt").read_text().splitlines()]
+    assert sorted(r[0] for r in runs) == ["a", "b", "c", "d", "e"], proc.stdout
+    assert {r[1] for r in runs} == {"0", "1"}
+    for i, (n1, g1, s1, e1) in enumerate(runs):
+        for n2, g2, s2, e2 in runs[i + 1:]:
+            overlap = float(s1) < float(e2) and float(s2) < float(e1)
+            assert not (overlap and g1 == g2), f"nodes {n1} and {n2} ran on GPU {g1} at once"
+
+
+def test_gpus_and_nproc_per_node_together_are_refused(tmp_path):
+    env, logdir = _fake_env(tmp_path, GPUS="0,1", NPROC_PER_NODE="2")
+    proc = run(["bash", str(REPO / "src" / "train_lcpn.sh")], env=env, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not both" in proc.stderr
+    assert not (logdir / "runs.txt").exists()
+
+
+def test_interrupting_train_lcpn_stops_the_running_nodes(tmp_path):
+    import signal
+    import time
+
+    env, logdir = _fake_env(tmp_path, GPUS="0,1", DURATIONS_default="60")
+    proc = subprocess.Popen(["bash", str(REPO / "src" / "train_lcpn.sh")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while len(list(logdir.glob("*.pid"))) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    pids = [int(p.read_text()) for p in logdir.glob("*.pid")]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in err
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    deadline = time.time() + 10  # signalled before the script exited; give a loaded machine time to act
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    survivors = [p for p in pids if alive(p)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, "a node training outlived train_lcpn.sh"

@@ -281,6 +281,29 @@ def test_lock_excludes_a_second_holder_and_is_released(tmp_path):
         assert lock.read_text() == str(os.getpid())
 
 
+def test_lock_on_a_filesystem_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with caplog.at_level("WARNING"):
+        with exclusive_lock(tmp_path / ".parent.lock", "training of node 'parent'"):
+            ran.append(1)
+    assert ran == [1] and "HIERNET_NO_LOCK" in caplog.text and "without a lock" in caplog.text
+
+
+def test_no_lock_env_skips_locking(tmp_path, monkeypatch):
+    monkeypatch.setenv("HIERNET_NO_LOCK", "1")
+    with exclusive_lock(tmp_path / ".parent.lock", "x"):
+        with exclusive_lock(tmp_path / ".parent.lock", "x"):  # no LockHeld: no lock at all
+            pass
+    assert not (tmp_path / ".parent.lock").exists()
+
+
 def test_lock_held_by_another_process_and_freed_when_it_is_killed(tmp_path):
     lock = tmp_path / ".x.lock"
     script = textwrap.dedent(f"""

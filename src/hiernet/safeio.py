@@ -198,13 +198,26 @@ class LockHeld(UserError):
     """Another process holds the lock."""
 
 
+#: Set to 1 to skip the ``flock`` locks (filesystems without working locks; then never start two
+#: trainings of one node at once).
+NO_LOCK_ENV = "HIERNET_NO_LOCK"
+#: ``flock`` errors that mean "this filesystem cannot lock" (some NFS / Lustre / GPFS mounts), not "held".
+_NO_LOCK_ERRNOS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, getattr(errno, "ENOTSUP", -1)}
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_file: Path, what: str) -> Iterator[None]:
     """Hold an exclusive, non-blocking ``flock`` on ``lock_file`` for the ``with`` block.
 
     The kernel drops the lock when the process dies (even by ``kill -9``), so a crash never leaves a
-    stale lock. Raises :class:`LockHeld` if another process holds it.
+    stale lock. Raises :class:`LockHeld` if another process holds it. Where the filesystem cannot lock
+    (or with ``HIERNET_NO_LOCK=1``) the block runs unlocked, with a warning.
     """
+    import logging
+
+    if os.environ.get(NO_LOCK_ENV, "") not in ("", "0"):
+        yield
+        return
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     fh = open(lock_file, "a+")
     try:
@@ -216,11 +229,16 @@ def exclusive_lock(lock_file: Path, what: str) -> Iterator[None]:
                     f"{what} is already running in another process (lock {lock_file}); "
                     "wait for it to finish, then run again"
                 ) from None
-            raise
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
+            if exc.errno not in _NO_LOCK_ERRNOS:
+                raise
+            logging.getLogger(__name__).warning(
+                "%s cannot be locked on this filesystem (%s); running %s without a lock (set %s=1 to skip locking)",
+                lock_file, os.strerror(exc.errno), what, NO_LOCK_ENV)
+        else:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
         yield
     finally:
         fh.close()
