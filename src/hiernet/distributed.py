@@ -80,6 +80,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` without torchrun)."""
+    if not is_distributed():
+        return [obj]
+    box = [None] * world_size()
+    dist.all_gather_object(box, obj)
+    return box
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
