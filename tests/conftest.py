@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,3 +75,32 @@ class Payload:
 
     def __reduce__(self):
         return (self.func, self.args)
+
+
+# ------------------------------------------------------------------ the tiny trained pipeline
+THREE_LEVEL = {
+    "apparel": {"upper": {"tee": "ellipse", "shirt": "cross"}, "lower": {"box": "rectangle"}},
+    "accessories": {"hat": "triangle"},
+}
+FAST = ["--backbone", "efficientnet-lite0", "--image-size", "64", "--epochs", "4", "--views", "1", "-q"]
+
+
+def run(args, cwd=None, check=True, env=None):
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """prepare_dataset.py → train_lcpn.sh on THREE_LEVEL (7 images per leaf), trained once per session."""
+    base = tmp_path_factory.mktemp("pipeline")
+    data = make_tree(base / "catalogue", THREE_LEVEL, per_leaf=7)
+    split, models, cache = base / "split", base / "models", base / "cache"
+    prep = run([sys.executable, str(REPO / "prepare_dataset.py"), "-p", str(data), "-o", str(split), "-q"], cwd="/")
+    env = dict(os.environ, PYTHON=sys.executable, DATA_DIR=str(split), MODELS_DIR=str(models))
+    train = run(["bash", str(REPO / "src" / "train_lcpn.sh"), "--cache-dir", str(cache), *FAST], cwd=str(base), env=env)
+    return {"base": base, "data": data, "split": split, "models": models, "cache": cache, "prep": prep, "train": train}
+
+
