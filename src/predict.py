@@ -32,8 +32,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="PATH", help="image files, folders (searched recursively) or .txt lists")
     p.add_argument("-p", "--path", nargs="+", default=[],
-                   help="the same as PATH: image files, folders, or .txt lists of paths (one per line; "
-                        "relative lines are read from the list's folder)")
+                   help="the same as PATH (read after them): image files, folders, or .txt lists of paths "
+                        "(one per line; relative lines are read from the list's folder)")
     p.add_argument("--csv", type=Path, help="a catalogue CSV to read the images from (see --image-column)")
     p.add_argument("--image-column", default="image", help="--csv column with the image path (default: image; "
                    "relative paths are read from the CSV's folder)")
@@ -143,7 +143,7 @@ class Inputs:
 
         a = self.args
         say = (lambda raw, why: print(f"warning: {raw}: {why}", file=sys.stderr)) if warn and self.speak else None
-        it = iter_inputs(a.path + a.inputs, str(a.csv) if a.csv else None, CatalogueColumns(a.image_column, a.id_column),
+        it = iter_inputs(a.inputs + a.path, str(a.csv) if a.csv else None, CatalogueColumns(a.image_column, a.id_column),
                          say or (lambda raw, why: None))
         return (x for x in take_shard(it, *self.shard) if x.path not in self.done)
 
