@@ -111,12 +111,17 @@ def main(args: argparse.Namespace) -> int:
         describe_models(models_dir, predictor)
     context = OutputContext(predictor.encoders(), predictor.min_confidence, with_id=args.id_column is not None,
                             header=not state.has_header)
-    show_bar = rank == 0 and not args.quiet and (args.progress or sys.stderr.isatty())
-    total = sum(1 for _ in items.iter(warn=False)) if show_bar else None
+    want_bar = rank == 0 and not args.quiet and (args.progress or sys.stderr.isatty())
+    total = sum(1 for _ in items.iter(warn=False)) if want_bar else None
+    show_bar = want_bar and (args.progress or total > 1)  # no bar for a single image on a terminal
     local = bp.stream_records(bp.take_rank(items.iter(), rank, world),
                               lambda paths: predictor.predict_iter(paths, batch_size=args.batch_size))
     if world == 1:
-        counts = write_all(bp.batched(local, args.batch_size), fmt, context, args, total, show_bar)
+        try:
+            counts = write_all(bp.batched(local, args.batch_size), fmt, context, args, total, show_bar)
+        except BrokenPipeError:  # the reader (e.g. `| head`) stopped reading: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         return report(counts, args, len(state.done))
     from hiernet.distributed import all_gather_object, cleanup
 
