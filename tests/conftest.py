@@ -137,3 +137,32 @@ def readline_within(proc: subprocess.Popen, seconds: float = 60.0) -> str:
         proc.wait(10)
         pytest.fail(f"no output from the child process within {seconds} s")
     return proc.stdout.readline()
+
+
+# ------------------------------------------------------------------ the tiny trained pipeline
+THREE_LEVEL = {
+    "apparel": {"upper": {"tee": "ellipse", "shirt": "cross"}, "lower": {"box": "rectangle"}},
+    "accessories": {"hat": "triangle", "box": "diamond"},
+}
+FAST = ["--backbone", "efficientnet-lite0", "--image-size", "64", "--epochs", "4", "--views", "1", "-q"]
+
+
+def run(args, cwd=None, check=True, env=None):
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """prepare_dataset.py → train_lcpn.sh on THREE_LEVEL (7 images per leaf), trained once per session."""
+    base = tmp_path_factory.mktemp("pipeline")
+    data = make_tree(base / "catalogue", THREE_LEVEL, per_leaf=7)
+    split, models, cache = base / "split", base / "models", base / "cache"
+    prep = run([sys.executable, str(REPO / "prepare_dataset.py"), "-p", str(data), "-o", str(split), "-q"], cwd="/")
+    env = dict(os.environ, PYTHON=sys.executable, DATA_DIR=str(split), MODELS_DIR=str(models))
+    train = run(["bash", str(REPO / "src" / "train_lcpn.sh"), "--cache-dir", str(cache), *FAST], cwd=str(base), env=env)
+    return {"base": base, "data": data, "split": split, "models": models, "cache": cache, "prep": prep, "train": train}
+
+

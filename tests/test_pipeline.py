@@ -16,42 +16,20 @@ import csv
 import io
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, make_tree
+from conftest import FAST, REPO, THREE_LEVEL, make_tree, run
 
-THREE_LEVEL = {
-    "apparel": {"upper": {"tee": "ellipse", "shirt": "cross"}, "lower": {"box": "rectangle"}},
-    "accessories": {"hat": "triangle", "box": "diamond"},
-}
+# THREE_LEVEL, FAST, run and the session-scoped ``pipeline`` fixture live in conftest.py (shared with
+# test_predict_cli.py, so the tiny models are trained once per test session).
 LEAVES = ["accessories/box", "accessories/hat", "apparel/lower/box", "apparel/upper/shirt", "apparel/upper/tee"]
-FAST = ["--backbone", "efficientnet-lite0", "--image-size", "64", "--epochs", "4", "--views", "1", "-q"]
 NODE_FILES = ["model.pth", "bin/encoder.pickle", "bin/test_transforms.pickle", "bin/inv_normalize.pickle",
               "class_plot.png", "confusion_matrix.png", "error_plot.png", "wrong_plot.png", "performance.txt",
               "metrics.json", "log.csv"]
-
-
-def run(args, cwd=None, check=True, env=None):
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    base = tmp_path_factory.mktemp("pipeline")
-    data = make_tree(base / "catalogue", THREE_LEVEL, per_leaf=7)
-    split, models, cache = base / "split", base / "models", base / "cache"
-    prep = run([sys.executable, str(REPO / "prepare_dataset.py"), "-p", str(data), "-o", str(split), "-q"], cwd="/")
-    env = dict(os.environ, PYTHON=sys.executable, DATA_DIR=str(split), MODELS_DIR=str(models))
-    train = run(["bash", str(REPO / "src" / "train_lcpn.sh"), "--cache-dir", str(cache), *FAST], cwd=str(base), env=env)
-    return {"base": base, "data": data, "split": split, "models": models, "cache": cache, "prep": prep, "train": train}
 
 
 def predict(pipeline, *args, check=True, models=None):

@@ -400,13 +400,14 @@ def test_predict_mix_of_good_and_bad_images_and_unread_pickles(synthetic, models
     rows = {r["path"]: r for r in csv.DictReader(io.StringIO(proc.stdout))}
     good += [str(folder / "ok.PNG")]
     bad_paths += [str(folder / "broken.jpg")]
-    assert set(rows) == set(good) | set(bad_paths)  # the missing path is warned about, not predicted
+    bad_paths += [missing]  # a missing file gets its row, with the error, like an unreadable one
+    assert set(rows) == set(good) | set(bad_paths)
     for g in good:
         assert not rows[g]["error"] and rows[g]["labels"].count("/") == 1  # a full 2-level path
     for b in bad_paths:
         assert rows[b]["error"] and not rows[b]["labels"]
-    assert "does_not_exist.jpg: file not found" in proc.stderr
-    assert f"{len(bad_paths)} of {len(rows)} images could not be read" in proc.stderr
+    assert rows[missing]["error"] == "file not found"
+    assert f"{len(bad_paths)} of {len(rows)} inputs could not be read" in proc.stderr
     assert not any(m.exists() for m in markers)
 
 
@@ -422,12 +423,17 @@ def test_predict_only_bad_images_fails(synthetic, tmp_path):
 
 def test_predict_nothing_to_predict_is_one_line(synthetic, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code, out, err = _predict_inprocess(["-p", str(tmp_path / "empty"), str(tmp_path / "nope.jpg"),
-                                         "--models-dir", str(synthetic["models"])], capsys)
+    code, out, err = _predict_inprocess(["-p", str(tmp_path / "empty"), "--models-dir", str(synthetic["models"])],
+                                        capsys)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: no images to predict") and "Traceback" not in err
-    assert any("folder holds no images" in ln for ln in lines) and any("file not found" in ln for ln in lines)
+    assert any("folder holds no images" in ln for ln in lines)
+    # a missing file is an input: its row says why, and alone it fails with one line naming it
+    code, out, err = _predict_inprocess(["-p", str(tmp_path / "empty"), str(tmp_path / "nope.jpg"),
+                                         "--models-dir", str(synthetic["models"]), "--format", "jsonl"], capsys)
+    assert code == 1 and json.loads(out)["error"] == "file not found"
+    assert "none of the 1 inputs could be read" in err and "nope.jpg: file not found" in err
 
 
 def test_prepare_dataset_missing_or_file_path(tmp_path):

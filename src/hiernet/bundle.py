@@ -251,7 +251,10 @@ def load_bundle(models_dir: str | Path, runtime: str = "auto", device: str = "cp
             return load_onnx_bundle(models_dir, hier, with_flat)
         if runtime == "onnx":
             raise UserError(f"{problem}; run: python3 src/export.py --models-dir {models_dir}")
-        log.info("using the torch runtime (%s)", problem)
+        bundle = load_torch_bundle(models_dir, hier, device, with_flat)  # said only once it loaded
+        log.warning("note: predicting with PyTorch, several times slower than onnxruntime (%s); "
+                    "run: python3 src/export.py --models-dir %s", problem, models_dir.resolve())
+        return bundle
     return load_torch_bundle(models_dir, hier, device, with_flat)
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -322,3 +323,72 @@ def run_cli(main: Callable[[], Any]) -> None:
         print("interrupted: earlier results are left as they were", file=sys.stderr)
         sys.exit(130)
     sys.exit(rc or 0)
+
+
+# --------------------------------------------------------------------------------------------- outputs
+def output_kind(path: str | os.PathLike | None) -> str:
+    """How :func:`open_output` would write ``path``: ``stdout``, ``file`` (a regular file or a new
+    name: temporary file and rename), ``stream`` (a device, FIFO or socket: written through) or ``dir``.
+
+    Symlinks are followed: the kind is the kind of the file they name.
+    """
+    if path is None or os.fspath(path) == "-":
+        return "stdout"
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks
+    except FileNotFoundError:
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "file" if stat.S_ISREG(mode) else "stream"
+
+
+def check_output_path(path: str | os.PathLike | None, flag: str = "-o") -> None:
+    """Refuse an output path that names a folder (call it before any long work).
+
+    Raises
+    ------
+    UserError
+        ``path`` (or the file a symlink names) is a folder.
+    """
+    if output_kind(path) == "dir":
+        raise UserError(f"{flag} {Path(path).resolve()} is a folder; give a file name (e.g. {Path(path) / 'predictions.csv'})")
+
+
+@contextlib.contextmanager
+def open_output(path: str | os.PathLike | None, append: bool = False, encoding: str = "utf-8") -> Iterator[Any]:
+    """Open what an ``-o/--output`` flag names for writing text; closes it (never standard output).
+
+    - ``None`` or ``"-"``: standard output;
+    - a symlink: the file it names (the link stays a link);
+    - a device, FIFO or socket: written through, never replaced;
+    - a regular file or a new name: written to a temporary file beside it, renamed over it on success
+      (an earlier file is kept as it was if the block fails); with ``append`` the file itself is
+      opened for appending (created if missing), for resumable outputs that sync as they go.
+
+    Text is written with ``errors="backslashreplace"`` (file names that are not UTF-8 stay readable)
+    and no newline translation.
+
+    Raises
+    ------
+    UserError
+        ``path`` is a folder.
+    """
+    import sys
+
+    kind = output_kind(path)
+    if kind == "stdout":
+        yield sys.stdout
+        return
+    if kind == "dir":
+        check_output_path(path)
+    target = Path(os.path.realpath(path))
+    opts = dict(encoding=encoding, errors="backslashreplace", newline="")
+    if kind == "stream" or append:
+        if append:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a" if append else "w", **opts) as fh:
+            yield fh
+        return
+    with atomic_path(target) as tmp, open(tmp, "w", **opts) as fh:
+        yield fh
