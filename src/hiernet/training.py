@@ -38,7 +38,8 @@ from .metrics import classification_summary, expected_calibration_error, text_re
 from .models import FeatureExtractor, Head, NodeNet
 from .routing import softmax
 from .runtime import OrtRunner, TorchRunner, export_onnx, onnx_available
-from .safeio import UserError, exclusive_lock, pickle_atomic, sha256_file, write_json_atomic, write_text_atomic
+from .safeio import UserError, exclusive_lock, pickle_atomic, write_json_atomic, write_text_atomic
+from .incremental import node_fingerprint
 from .splits import split_identity
 
 log = logging.getLogger(__name__)
@@ -193,77 +194,6 @@ def load_prepared(data_dir: Path) -> tuple[Hierarchy, dict]:
     """The tree and ``hierarchy.json`` document of a prepared datasets folder (one line if missing)."""
     return require_hierarchy_json(data_dir / "hierarchy.json", f"no prepared datasets in {data_dir}",
                                   f"python3 prepare_dataset.py -p YOUR_DATASET -o {data_dir}")
-
-
-#: Bumped when the way a node is trained changes in a way the recipe does not show (retrains every node).
-FINGERPRINT_VERSION = 1
-
-
-def node_fingerprint(doc: dict, ds: str, cfg: TrainConfig) -> str:
-    """What node dataset ``ds`` (or ``"flat"``) of a hierarchy.json document would be trained on, as a hash.
-
-    The class list (with the leaves below the node when ``cfg`` trains it on fine labels), every image
-    strictly below the node (partial labels included) as sorted ``(sha256, split, label)`` — the label
-    is the child towards the image's node, or its leaf/node id with fine labels — the split identity
-    (:func:`hiernet.splits.split_identity`) and the recipe (``cfg`` without its preset name, the
-    backbone weights file's hash, the feature transform version). Two equal fingerprints mean that
-    retraining would repeat the same run.
-
-    Raises
-    ------
-    UserError
-        ``ds`` is not a node dataset of ``doc``.
-    """
-    hier = Hierarchy.from_dict(doc["tree"])
-    entries = list(doc.get("images", [])) + list(doc.get("partial_images", []))
-    if ds == FLAT_DATASET:
-        info, nid, fine = doc["flat"], None, None
-        items = [(im.get("sha256") or im["path"], im["split"], im["leaf"]) for im in doc.get("images", [])]
-    elif ds in doc.get("datasets", {}):
-        info = doc["datasets"][ds]
-        nid = info["node"]
-        fine = hier.fine_label_matrix(nid, list(info["class_nodes"])) if cfg.head.fine_labels else None
-        items = []
-        for im in entries:
-            label = im.get("leaf") or im.get("node")
-            child = hier.child_towards(nid, label) if label in hier.nodes else None
-            if child is not None:
-                items.append((im.get("sha256") or im["path"], im["split"], label if fine else child))
-    else:
-        raise UserError(f"no dataset {ds!r} in the prepared hierarchy; see: python3 src/train.py --list-nodes")
-    recipe = {k: v for k, v in cfg.to_dict().items() if k != "preset"}
-    weights = Path(cfg.weights) if cfg.weights else None
-    src = {"version": FINGERPRINT_VERSION, "transform": TRANSFORM_VERSION, "recipe": recipe,
-           "weights_sha256": sha256_file(weights) if weights and weights.is_file() else None,
-           "node": nid, "classes": list(info["classes"]), "class_nodes": list(info["class_nodes"]),
-           "fine": fine[0] if fine else None, "split": split_identity(doc), "images": sorted(items)}
-    return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-def trained_fingerprint(models_dir: Path, ds: str) -> str | None:
-    """The fingerprint recorded in ``models_dir/<ds>/model.pth`` (``None``: missing, unreadable or older)."""
-    from .artifacts import ArtifactError, read_checkpoint
-
-    path = Path(models_dir) / ds / "model.pth"
-    if not path.is_file():
-        return None
-    try:
-        value = read_checkpoint(path)["config"].get("fingerprint")
-    except (ArtifactError, KeyError, TypeError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
-
-
-def node_is_current(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path) -> bool:
-    """Whether ``models_dir/<ds>`` was trained on exactly what ``data_dir`` and ``cfg`` would train it on now.
-
-    A missing node, one trained by an older version (no fingerprint) or damaged: ``False`` (train it).
-    """
-    folder = Path(models_dir) / ds
-    if not (folder / "metrics.json").is_file():
-        return False
-    _, doc = load_prepared(Path(data_dir))
-    return trained_fingerprint(models_dir, ds) == node_fingerprint(doc, ds, cfg)
 
 
 def load_node_data(data_dir: Path, ds: str, fine_labels: bool = True) -> NodeData:
@@ -477,7 +407,8 @@ def train_node(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path, devi
     probs, y_test = evaluate_node(inputs.model, head, inputs, len(data.classes), cfg.fit, device)
     summary = node_summary(probs, y_test, data.classes, {
         "node": ds, "node_id": data.node_id, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-        "best_val_loss": result.best_val_loss, "tta": inputs.test_mirror is not None, "calibration": calibration})
+        "best_val_loss": result.best_val_loss, "tta": inputs.test_mirror is not None, "calibration": calibration,
+        "fingerprint": node_fingerprint(data.doc, ds, cfg), "split_id": split_identity(data.doc)})
     if dist_utils.is_main():
         write_node_folder(models_dir, NodeRun(cfg, data, backbone, head, inputs, result, summary, y_test,
                                               probs.argmax(1) if len(y_test) else np.zeros((0,), int)))
@@ -519,8 +450,8 @@ def checkpoint_config(run: NodeRun) -> dict:
                  "dropout": cfg.head.dropout, **fine},
         "tta": run.summary["tta"],
         "train": {**cfg.to_dict(), "split_seed": data.doc.get("seed")},
-        "fingerprint": node_fingerprint(data.doc, data.dataset, cfg),
-        "split": {"id": split_identity(data.doc), "seed": data.doc.get("seed"), "ratios": data.doc.get("ratios")},
+        "fingerprint": run.summary["fingerprint"],
+        "split": {"id": run.summary["split_id"], "seed": data.doc.get("seed"), "ratios": data.doc.get("ratios")},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
