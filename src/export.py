@@ -22,6 +22,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="trained models (default: <repo>/trained_models)")
     p.add_argument("--no-flat", action="store_true", help="do not export the flat baseline even if it is trained")
+    p.add_argument("--if-stale", action="store_true",
+                   help="export only when the export is missing or older than a model.pth (train_lcpn.sh uses this)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
     return p
 
@@ -30,7 +32,18 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from hiernet.exporting import export_models
 
-    man = export_models(args.models_dir, with_flat=False if args.no_flat else None)
+    with_flat = False if args.no_flat else None
+    if args.if_stale:
+        from hiernet.bundle import onnx_problem, read_models_hierarchy
+
+        hier, _ = read_models_hierarchy(args.models_dir)
+        flat = (args.models_dir / "flat" / "model.pth").exists() and not args.no_flat
+        problem = onnx_problem(args.models_dir, hier, flat)
+        if problem is None:
+            print(f"ONNX export in {args.models_dir / 'onnx'}/ is current, kept")
+            return 0
+        logging.getLogger(__name__).info("exporting: %s", problem)
+    man = export_models(args.models_dir, with_flat=with_flat)
     print(f"exported {len(man['backbones'])} backbone(s) and {len(man['nodes'])} node model(s) to "
           f"{args.models_dir / 'onnx'}/ (max |torch - onnx| = {man['max_abs_diff']:.1e})")
     return 0

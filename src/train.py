@@ -9,6 +9,9 @@ Examples::
     python3 src/train.py -d parent --preset original --device cuda   # EfficientNet-B4, fine-tuned
     torchrun --nproc_per_node=4 src/train.py -d parent --preset original
     python3 src/train.py --list-nodes               # the datasets train_lcpn.sh trains, in order
+
+A node whose dataset (classes, image content hashes, split) and recipe are those its model.pth was
+trained on is kept, not retrained ("node 'x': unchanged, kept"); --force retrains it.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="DataLoader worker processes decoding images (default: min(8, CPUs per process) when fine-tuning on CUDA, else 0)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--restart", action="store_true", help="ignore an interrupted run's checkpoint instead of resuming it")
+    g.add_argument("--force", action="store_true",
+                   help="train even when the node's dataset and recipe are unchanged since its model.pth was trained")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     return p
 
@@ -120,6 +125,11 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
     if args.image_size is not None and not 32 <= args.image_size <= 2048:
         raise UserError(f"--image-size must be between 32 and 2048 pixels, got {args.image_size}")
+    from hiernet.incremental import node_is_current
+
+    if not args.force and node_is_current(build_config(args), args.dataset, args.data_dir, args.output_dir):
+        print(f"node '{args.dataset}': unchanged, kept ({args.output_dir / args.dataset}/; --force retrains it)")
+        return 0
     try:
         from hiernet import distributed as dist_utils
         from hiernet.runtime import resolve_device

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Train every local classifier of the hierarchy (root 'parent' first), the flat baseline, then export
-# ONNX for fast CPU prediction. Extra arguments are passed on to every train.py call.
+# ONNX for fast CPU prediction. Extra arguments are passed on to every train.py call. Nodes whose
+# dataset and recipe did not change since they were trained are kept (a rerun resumes); --force retrains all.
 #
 #   ./train_lcpn.sh                          # default CPU recipe, offline
+#   ./train_lcpn.sh --data-dir D --output-dir M   # other folders (same as DATA_DIR=D MODELS_DIR=M)
 #   ./train_lcpn.sh --preset original        # EfficientNet-B4 fine-tuned per node (GPU)
 #   GPUS=0,1,2,3 ./train_lcpn.sh --preset original        # spread nodes over 4 GPUs, one node per GPU
 #   NPROC_PER_NODE=4 ./train_lcpn.sh --preset original    # each node on 4 GPUs with torchrun (DDP)
@@ -32,6 +34,23 @@ fi
 read -r -a torchrun_args <<<"${TORCHRUN_ARGS:---standalone}"
 DATA_DIR="${DATA_DIR:-$repo/split_datasets}"
 MODELS_DIR="${MODELS_DIR:-$repo/trained_models}"
+# --data-dir/--output-dir given as flags choose the folders of every step (node list, training, flat,
+# export), like DATA_DIR=/MODELS_DIR=; --force also re-exports. The other flags go to train.py.
+passed=()
+force=""
+while (( $# )); do
+  case "$1" in
+    --data-dir|--output-dir)
+      if (( $# < 2 )); then echo "train_lcpn.sh: $1 needs a folder" >&2; exit 2; fi
+      if [[ "$1" == --data-dir ]]; then DATA_DIR="$2"; else MODELS_DIR="$2"; fi
+      shift 2 ;;
+    --data-dir=*) DATA_DIR="${1#*=}"; shift ;;
+    --output-dir=*) MODELS_DIR="${1#*=}"; shift ;;
+    --force) force=1; passed+=("$1"); shift ;;
+    *) passed+=("$1"); shift ;;
+  esac
+done
+set -- "${passed[@]+"${passed[@]}"}"
 common=(--data-dir "$DATA_DIR" --output-dir "$MODELS_DIR")
 mkdir -p "$MODELS_DIR"
 
@@ -96,11 +115,13 @@ else
     fi
   done
 fi
-echo "== trained ${#node_list[@]} model(s) in $((SECONDS - start)) s"
+echo "== trained ${#node_list[@]} model(s) in $((SECONDS - start)) s (unchanged ones kept)"
 
 if [[ -z "${NO_EXPORT:-}" ]]; then
   echo "== exporting ONNX for fast CPU prediction"
-  if ! "$PYTHON" "$here/export.py" --models-dir "$MODELS_DIR" -q; then
+  export_flags=(--if-stale)  # re-export only when a model.pth changed (or the export is missing)
+  if [[ -n "$force" ]]; then export_flags=(); fi
+  if ! "$PYTHON" "$here/export.py" --models-dir "$MODELS_DIR" -q "${export_flags[@]+"${export_flags[@]}"}"; then
     echo "train_lcpn.sh: ONNX export failed; predict.py still works with --runtime torch" >&2
     exit 1
   fi

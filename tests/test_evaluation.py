@@ -23,6 +23,7 @@ from hiernet.report import OUTPUT_FILES, render_markdown, summary_lines, verdict
 from hiernet.testsets import TestSet, check_known_leaves, load_prepared_test_set, scan_test_tree
 from hiernet.hierarchy import Hierarchy
 from hiernet.predictor import HierarchicalPredictor, MirrorPolicy, NodeModel
+from hiernet.routing import softmax as _softmax
 from hiernet.safeio import UserError
 
 REPO = Path(__file__).resolve().parents[1]

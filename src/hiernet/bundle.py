@@ -270,7 +270,11 @@ def _load_artifact(folder: Path, hier: Hierarchy, ds: str, nid: str | None):
     except ArtifactError as exc:
         raise UserError(str(exc)) from None
     cfg = art.config
-    if cfg["hierarchy_fingerprint"] != hier.fingerprint() or list(cfg["node"]["class_nodes"]) != expected_class_nodes(hier, nid):
+    # A model that records its node fingerprint (incremental training) is valid wherever its classes are
+    # the node's children: parts of the tree outside its subtree may have changed since. Older ones must
+    # come from this very tree.
+    other_tree = "fingerprint" not in cfg and cfg["hierarchy_fingerprint"] != hier.fingerprint()
+    if other_tree or list(cfg["node"]["class_nodes"]) != expected_class_nodes(hier, nid):
         raise UserError(
             f"{folder} was trained for another hierarchy than {folder.parent / 'hierarchy.json'}; "
             f"retrain it: python3 src/train.py -d {ds}"
@@ -291,9 +295,11 @@ def load_torch_bundle(models_dir: Path, hier: Hierarchy, device: str = "cpu", wi
     shared_modules: dict = {}
     groups: dict = {}
     bundle = ModelBundle(hier, {}, {}, "torch", None, str(device))
+    split_ids: dict = {}
     for ds, nid in node_list(hier, with_flat):
         art = _load_artifact(models_dir / ds, hier, ds, nid)
         cfg = art.config
+        split_ids[ds] = (cfg.get("split") or {}).get("id") if isinstance(cfg.get("split"), dict) else None
         backbone, head, own = build_torch_model(art, shared_modules)
         bb = cfg["backbone"]
         nm = NodeModel(ds, nid, art.classes, art.class_nodes, int(bb["image_size"]), bb["resize"], bool(cfg.get("tta")))
@@ -305,7 +311,31 @@ def load_torch_bundle(models_dir: Path, hier: Hierarchy, device: str = "cpu", wi
             nm.head = TorchRunner(head, device)
         _add_node(bundle, nm)
     bundle.backbones = {g: Backbone(TorchRunner(shared_modules[k], device), k[1], k[2]) for k, g in groups.items()}
+    check_one_split(models_dir, split_ids)
     return bundle
+
+
+def check_one_split(models_dir: Path, split_ids: dict) -> None:
+    """Refuse models trained on different train/val/test splits (one's test images may be another's training ones).
+
+    Parameters
+    ----------
+    split_ids : dict
+        Node dataset → the split identity its ``model.pth`` records (``config["split"]["id"]``), or
+        ``None`` for models of older versions (allowed, with one warning: they cannot be checked).
+    """
+    known = {ds: sid for ds, sid in split_ids.items() if sid is not None}
+    unknown = sorted(ds for ds, sid in split_ids.items() if sid is None)
+    if len(set(known.values())) > 1:
+        by_split: dict = {}
+        for ds, sid in known.items():
+            by_split.setdefault(sid, []).append(ds)
+        shown = "; ".join(f"split {sid}: {', '.join(nodes)}" for sid, nodes in sorted(by_split.items()))
+        raise UserError(f"the models in {models_dir.resolve()} were trained on different splits of the data ({shown}); "
+                        "retrain them on one prepared dataset: ./train_lcpn.sh")
+    if unknown and known:
+        log.warning("warning: node(s) %s of %s record no split (trained by an older version); "
+                    "cannot check they share the other nodes' split", ", ".join(unknown), models_dir)
 
 
 def load_onnx_bundle(models_dir: Path, hier: Hierarchy, with_flat: bool = False) -> ModelBundle:

@@ -28,10 +28,10 @@ from typing import Sequence
 import numpy as np
 
 from .hierarchy import FLAT_DATASET, Hierarchy, HierarchyError, load_hierarchy_json
-from .metrics import json_ready, leaf_correct, node_vs_flat, paired_comparison, score
+from .metrics import json_ready, leaf_correct, node_vs_flat, paired_comparison, partial_label_score, score
 from .report import verdict
 from .safeio import UserError, sha256_file
-from .testsets import TestSet, check_known_leaves, load_prepared_test_set, scan_test_tree
+from .testsets import TestSet, check_known_leaves, load_prepared_test_set, partial_test_set, scan_test_tree
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +256,24 @@ def _load_test_set(hier: Hierarchy, models_doc: dict, models_dir: Path, data_dir
     return test
 
 
+def score_partial(predictor, data_dir: Path, batch_size: int, workers: int) -> dict | None:
+    """``results.json`` ``partial``: the test images of ``data_dir`` labelled only down to an inner node,
+    scored at their own depth (:func:`hiernet.metrics.partial_label_score`); ``None`` when there are none."""
+    from .hierarchy import load_hierarchy_json
+
+    _, doc = load_hierarchy_json(Path(data_dir) / "hierarchy.json")
+    test = partial_test_set(data_dir, doc)
+    keep = [i for i, b in enumerate(test.leaves) if b in predictor.hier.nodes]
+    if not keep:
+        return None
+    test = TestSet([test.paths[i] for i in keep], [test.leaves[i] for i in keep], test.source)
+    preds, _ = predict_test_set(predictor, test, batch_size=batch_size, workers=workers)
+    ok = [i for i, pr in enumerate(preds) if not pr.error]
+    res = partial_label_score([test.leaves[i] for i in ok], [preds[i].node_ids for i in ok])
+    log.info("partial-label test images: %d, accuracy at their own depth %s", res["n_images"], res["accuracy"])
+    return {**res, "n_unreadable": len(preds) - len(ok)}
+
+
 def _readable(test: TestSet, preds: list) -> tuple[list[int], list[tuple[str, str]]]:
     """Indices of the images that were predicted, and (path, reason) of every image left out."""
     unreadable = list(test.skipped) + [(pr.path, pr.error) for pr in preds if pr.error]
@@ -387,6 +405,8 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
         confidences=[preds[i].confidence for i in ok],
         combined_leaves=[combined[i] for i in ok] if combined is not None else None,
     )
+    if data_tree is None:
+        res["partial"] = score_partial(predictor, Path(data_dir), batch_size, workers or default_workers())
     head = {"n_images": res.pop("n_images"), "n_unreadable": len(unreadable), "runtime": predictor.runtime}
     tail = {"source": test.source, "models_dir": str(models_dir), "models_fingerprint": models_fingerprint(models_dir, hier),
             "min_confidence": float(min_confidence), "seen_in_training": seen, "images": _image_records(test, preds, ok),

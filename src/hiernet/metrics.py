@@ -461,3 +461,32 @@ def score(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Sequence[Sequ
         "confusion": leaf_confusion(hier, summary, n_stopped),
         "nodes": node_accuracies(hier, true_leaves, pred_paths, local_children or {}),
     })
+
+
+def partial_label_score(nodes: Sequence[str], pred_paths: Sequence[Sequence[str]]) -> dict:
+    """Accuracy of images labelled only down to an inner node, each at its own depth.
+
+    An image labelled ``B`` (an inner node) is correct when the predicted path passes through ``B``,
+    whatever it predicts below ``B`` (nothing finer is known).
+
+    Parameters
+    ----------
+    nodes : sequence of str, shape (N,)
+        The node each image is labelled with.
+    pred_paths : sequence of sequences of str, shape (N, variable)
+        Predicted node ids per image, top level first.
+
+    Returns
+    -------
+    dict
+        ``n_images``, ``accuracy`` (``None`` without images) and ``per_node``: node → ``{n_images, accuracy}``.
+    """
+    if len(nodes) != len(pred_paths):
+        raise ValueError(f"{len(nodes)} labels but {len(pred_paths)} predicted paths")
+    hits = [node in set(path) for node, path in zip(nodes, pred_paths)]
+    per_node: dict = {}
+    for node, hit in zip(nodes, hits):
+        n, k = per_node.get(node, (0, 0))
+        per_node[node] = (n + 1, k + hit)
+    return {"n_images": len(nodes), "accuracy": ratio(sum(hits), len(hits)),
+            "per_node": {b: {"n_images": n, "accuracy": ratio(k, n)} for b, (n, k) in sorted(per_node.items())}}

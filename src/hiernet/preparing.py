@@ -15,7 +15,7 @@ from .catalogue import LabelledImages
 from .hierarchy import Hierarchy, HierarchyError, partition_labels, scan_tree
 from .images import check_image
 from .safeio import UserError, sha256_file
-from .splits import assign_splits, materialize
+from .splits import assign_splits, materialize, split_identity
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,15 @@ def single_child_warnings(hier: Hierarchy) -> list[str]:
             out.append(f"'{nid or 'root'}' has one child ('{only}'): no model is trained for it and "
                        f"prediction passes through to '{only}' with probability 1")
     return out
+
+
+def previous_document(out: Path) -> dict | None:
+    """The hierarchy.json document an earlier run wrote to ``out``, or ``None`` (none, or unreadable)."""
+    try:
+        doc = json.loads((out / "hierarchy.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def previous_splits(out: Path, seed: int, ratios: tuple[float, float, float]) -> dict[str, str]:
@@ -94,6 +103,9 @@ def prepare(labelled: LabelledImages, src: Path | None, out: Path, ratios: tuple
     extra = {k: {"sha256": h, **labelled.extra.get(k, {})} for k, h in labelled.hashes.items()}
     meta = {**meta, "seed": seed, "ratios": list(ratios), "skipped": labelled.skipped, "warnings": warnings,
             "display": labelled.display}
+    now = {"seed": seed, "ratios": list(ratios), "images": [
+        {"sha256": labelled.hashes.get(k), "path": k, "split": s} for k, s in assignment.items()]}
+    meta["split_id"] = split_identity(now, previous_document(out))
     return materialize(hier, {**leaves, **partial}, assignment, src, out, meta, extra)
 
 

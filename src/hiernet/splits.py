@@ -10,6 +10,7 @@ swapped in; only entries this module wrote earlier are ever replaced or deleted.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -91,6 +92,40 @@ def assign_splits(
                             "images where they were (prepare into a new -o to rebalance)")
         out.update(split)
     return out, warnings
+
+
+def split_identity(doc: dict, previous: dict | None = None) -> str:
+    """The identity of a hierarchy.json document's train/val/test assignment (16 hex digits).
+
+    A hash of the seed, the ratios and every image's (content hash, split), made when an assignment
+    first appears. A re-prepare that moves no earlier image (the stable split: images were only added
+    or removed) keeps the identity of ``previous`` (the earlier document of the same folder), so models
+    trained before and after it can share a bundle; any move, another seed or other ratios give a new one.
+    A document without a recorded ``split_id`` (an older prepare) gets the hash of its own assignment.
+
+    Parameters
+    ----------
+    doc : dict
+        ``seed``, ``ratios``, ``images`` and ``partial_images`` entries with ``sha256`` (or ``path``) and ``split``.
+    previous : dict, optional
+        The document the folder held before (its ``split_id`` is kept when no image moved).
+    """
+    def assignment(d: dict) -> dict:
+        entries = list(d.get("images", [])) + list(d.get("partial_images", []))
+        return {str(e.get("sha256") or e.get("path")): e.get("split") for e in entries}
+
+    if not isinstance(previous, dict) or not previous.get("split_id"):
+        return doc.get("split_id") or _assignment_hash(doc, assignment(doc))
+    same = previous.get("seed") == doc.get("seed") and list(previous.get("ratios", [])) == list(doc.get("ratios", []))
+    now = assignment(doc)
+    if same and all(now.get(h, s) == s for h, s in assignment(previous).items()):
+        return str(previous["split_id"])
+    return _assignment_hash(doc, now)
+
+
+def _assignment_hash(doc: dict, assignment: dict) -> str:
+    text = json.dumps([doc.get("seed"), doc.get("ratios"), sorted(assignment.items())])
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def check_ratios(ratios: tuple[float, ...]) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .hierarchy import FLAT_DATASET, Hierarchy, HierarchyError, require_hierarchy_json, scan_tree
+from .hierarchy import FLAT_DATASET, ROOT_ID, Hierarchy, HierarchyError, require_hierarchy_json, scan_tree
 from .safeio import UserError
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,29 @@ def load_prepared_test_set(data_dir: str | Path) -> tuple[TestSet, Hierarchy, di
         raise UserError(f"{path} lists no image in the test split; rerun prepare_dataset.py with a test share > 0 "
                         "(its --ratio)", arg="data_dir")
     return TestSet(paths, leaves, f"test split of {data_dir}"), hier, doc
+
+
+def partial_test_set(data_dir: str | Path, doc: dict) -> TestSet:
+    """The test-split images of prepared ``doc`` labelled only down to an inner node (partial labels).
+
+    ``TestSet.leaves`` holds each image's labelled (inner) node. An image is read from the dataset of
+    the deepest classifier node above its node (``data_dir/<dataset>/test/<child towards it>/<file>``),
+    where prepare_dataset.py put it.
+    """
+    data_dir = Path(data_dir)
+    hier = Hierarchy.from_dict(doc["tree"])
+    paths, nodes = [], []
+    for im in doc.get("partial_images", []):
+        node = im.get("node")
+        if im.get("split") != "test" or node not in hier.nodes:
+            continue
+        above = [a for a in [ROOT_ID] + hier.path(node)[:-1] if len(hier.nodes[a].children) >= 2]
+        if not above:
+            continue
+        child = hier.nodes[hier.child_towards(above[-1], node)].name
+        paths.append(str(data_dir / hier.nodes[above[-1]].dataset / "test" / child / im["file"]))
+        nodes.append(node)
+    return TestSet(paths, nodes, f"partial labels in the test split of {data_dir}")
 
 
 def scan_test_tree(root: str | Path) -> tuple[TestSet, Hierarchy]:

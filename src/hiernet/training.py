@@ -39,6 +39,8 @@ from .models import FeatureExtractor, Head, NodeNet
 from .routing import softmax
 from .runtime import OrtRunner, TorchRunner, export_onnx, onnx_available
 from .safeio import UserError, exclusive_lock, pickle_atomic, write_json_atomic, write_text_atomic
+from .incremental import node_fingerprint
+from .splits import split_identity
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +436,8 @@ def train_node(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path, devi
     probs, y_test = evaluate_node(inputs.model, head, inputs, len(data.classes), cfg.fit, device)
     summary = node_summary(probs, y_test, data.classes, {
         "node": ds, "node_id": data.node_id, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-        "best_val_loss": result.best_val_loss, "tta": inputs.test_mirror is not None, "calibration": calibration})
+        "best_val_loss": result.best_val_loss, "tta": inputs.test_mirror is not None, "calibration": calibration,
+        "fingerprint": node_fingerprint(data.doc, ds, cfg), "split_id": split_identity(data.doc)})
     if dist_utils.is_main():
         write_node_folder(models_dir, NodeRun(cfg, data, backbone, head, inputs, result, summary, y_test,
                                               probs.argmax(1) if len(y_test) else np.zeros((0,), int)))
@@ -461,7 +464,8 @@ class NodeRun:
 
 
 def checkpoint_config(run: NodeRun) -> dict:
-    """The ``config`` of ``model.pth``: what prediction reads (node, backbone, head, tta) and the recipe."""
+    """The ``config`` of ``model.pth``: what prediction reads (node, backbone, head, tta), the recipe, the
+    node's :func:`node_fingerprint` and the split's identity (``split``: ``id``, ``seed``, ``ratios``)."""
     data, cfg, backbone = run.data, run.cfg, run.backbone
     fine = {"n_fine": len(data.fine_leaves), "fine_classes": data.fine_leaves} if data.fine_leaves else {}
     return {
@@ -475,6 +479,8 @@ def checkpoint_config(run: NodeRun) -> dict:
                  "dropout": cfg.head.dropout, **fine},
         "tta": run.summary["tta"],
         "train": {**cfg.to_dict(), "split_seed": data.doc.get("seed")},
+        "fingerprint": run.summary["fingerprint"],
+        "split": {"id": run.summary["split_id"], "seed": data.doc.get("seed"), "ratios": data.doc.get("ratios")},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -483,7 +489,7 @@ def write_models_hierarchy(models_dir: Path, doc: dict) -> None:
     """``trained_models/hierarchy.json``: the tree the models were trained for (predict needs no split_datasets)."""
     out = {"version": 1, "tree": doc["tree"], "fingerprint": doc["fingerprint"], "flat": {
         "classes": doc["flat"]["classes"], "class_nodes": doc["flat"]["class_nodes"]},
-        "source": doc.get("source"), "split_seed": doc.get("seed")}
+        "source": doc.get("source"), "split_seed": doc.get("seed"), "split_id": split_identity(doc)}
     write_json_atomic(models_dir / "hierarchy.json", out)
 
 
