@@ -2,7 +2,7 @@
 
 One loop serves both: ``model.train()`` for training batches and ``model.eval()`` for validation,
 one AdamW optimiser and one warm-up + cosine schedule per run, class-weighted cross-entropy with
-label smoothing, early stopping on validation loss that restores the best weights, AMP on CUDA,
+label smoothing (optionally on logit-adjusted logits, and with class-aware sampling), early stopping on validation loss that restores the best weights, AMP on CUDA,
 a per-epoch CSV log, a resumable checkpoint after every epoch, and DistributedDataParallel when
 launched by torchrun.
 """
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from . import distributed as dist_utils
 from .config import FitConfig
 
-__all__ = ["FitConfig", "FitResult", "class_weights", "predict_logits", "fit", "train_one_epoch", "evaluate",
+__all__ = ["FitConfig", "FitResult", "class_weights", "logit_adjustment", "LogitAdjustedLoss", "predict_logits", "fit", "train_one_epoch", "evaluate",
            "EarlyStopping", "save_resume_checkpoint", "restore_resume_checkpoint", "write_csv"]
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,39 @@ def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> tor
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     w = np.where(counts > 0, (len(labels) / (n_classes * np.maximum(counts, 1))) ** power, 0.0)
     return torch.tensor(w, dtype=torch.float32)
+
+
+def logit_adjustment(labels: np.ndarray, n_classes: int, tau: float) -> torch.Tensor:
+    """``tau * log(prior)`` ``(C,)`` of the training labels ``(N,)`` (Menon et al., 2021, logit adjustment).
+
+    A class without samples counts as one (a finite shift). Added to the logits in the training loss,
+    it makes the raw logits estimate class-balanced scores; ``tau`` 1 is the balanced softmax (Ren et al., 2020).
+    """
+    counts = np.maximum(np.bincount(labels, minlength=n_classes).astype(np.float64), 1.0)
+    return torch.tensor(tau * np.log(counts / counts.sum()), dtype=torch.float32)
+
+
+class LogitAdjustedLoss(nn.Module):
+    """``loss(logits + shift, y)``: a loss on logits ``(B, C)`` shifted by a fixed ``(C,)`` vector."""
+
+    def __init__(self, loss: nn.Module, shift: torch.Tensor):
+        super().__init__()
+        self.loss = loss
+        self.register_buffer("shift", shift)
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits + self.shift, y)
+
+
+def _criteria(train_labels: np.ndarray, n_classes: int, cfg: FitConfig, device: str):
+    """Training loss (label smoothing) and validation loss: class-weighted CE, on adjusted logits if asked."""
+    weight = class_weights(train_labels, n_classes, cfg.class_weight_power).to(device) if cfg.class_weight_power else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    val_criterion = nn.CrossEntropyLoss(weight=weight)
+    if cfg.logit_adjust:
+        shift = logit_adjustment(train_labels, n_classes, cfg.logit_adjust)
+        criterion, val_criterion = LogitAdjustedLoss(criterion, shift).to(device), LogitAdjustedLoss(val_criterion, shift).to(device)
+    return criterion, val_criterion
 
 
 def _autocast(device: str, enabled: bool):
@@ -191,10 +224,14 @@ def restore_resume_checkpoint(path: Path, config_hash: str, model, optimizer, sc
         return [], 0
 
 
-def _loaders(train_set: Dataset, val_set: Dataset | None, cfg: FitConfig, device: str):
-    """Training loader (shuffled, seeded; DistributedSampler under torchrun), validation loader or None."""
+def _loaders(train_set: Dataset, val_set: Dataset | None, cfg: FitConfig, device: str, train_labels=None):
+    """Training loader (shuffled, seeded; DistributedSampler under torchrun; class-aware sampling with
+    ``cfg.sample_power``: a sample of class c is drawn with weight ``count_c ** -power``), validation loader or None."""
     sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed) if dist_utils.is_distributed() else None
     g = torch.Generator().manual_seed(cfg.seed)
+    if sampler is None and cfg.sample_power and train_labels is not None:
+        counts = np.bincount(train_labels).astype(np.float64)
+        sampler = torch.utils.data.WeightedRandomSampler(counts[train_labels] ** -cfg.sample_power, len(train_labels), generator=g)
     pin = device.startswith("cuda")
     train_loader = DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=g,
@@ -240,10 +277,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, train_lab
     torch.manual_seed(cfg.seed)
     model.to(device)
     ddp_model = dist_utils.wrap_ddp(model, device)
-    train_loader, val_loader, sampler = _loaders(train_set, val_set, cfg, device)
-    weight = class_weights(train_labels, n_classes, cfg.class_weight_power).to(device) if cfg.class_weight_power else None
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    val_criterion = nn.CrossEntropyLoss(weight=weight)
+    train_loader, val_loader, sampler = _loaders(train_set, val_set, cfg, device, train_labels)
+    criterion, val_criterion = _criteria(train_labels, n_classes, cfg, device)
     optimizer, scheduler, scaler = _optimisation(model, cfg, max(1, len(train_loader)), device)
     stopper = EarlyStopping(cfg.patience, copy.deepcopy(model.state_dict()))
     ckpt_path = work_dir / "last.pth"
@@ -252,7 +287,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, train_lab
         if stopper.stopped:
             break
         t0 = time.time()
-        if sampler is not None:
+        if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         if hasattr(train_set, "set_epoch"):
             train_set.set_epoch(epoch)
