@@ -58,6 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail-max", type=int, default=100, help="a leaf with at most this many images is a tail leaf")
     p.add_argument("--seed", type=int, default=0, help="fold and training seed")
     p.add_argument("--out", type=Path, help="markdown report (and a .json twin)")
+    p.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                   help="train nothing: write --out from the .json twins of earlier runs (rows in the given order)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     return p
 
 
@@ -169,9 +172,33 @@ def markdown(rows: dict, tail: list, support: dict, header: str, command: str) -
     return "\n".join(lines) + "\n"
 
 
+def combine(files: list, out: Path) -> None:
+    """One report from the .json twins of several runs on the same data (split runs in parallel)."""
+    docs = [json.loads(Path(f).read_text()) for f in files]
+    rows = {k: v for d in docs for k, v in d["rows"].items()}
+    write_report(out, rows, docs[0]["tail"], docs[0]["support"], docs[0]["header"],
+                 " && ".join(d["command"] for d in docs) + f" && python3 bench/tail.py --combine {shlex.join(map(str, files))} --out {out}")
+
+
+def write_report(out: Path, rows: dict, tail: list, support: dict, header: str, command: str) -> None:
+    from hiernet.safeio import write_json_atomic, write_text_atomic
+
+    write_text_atomic(out, markdown(rows, tail, support, header, command))
+    write_json_atomic(out.with_suffix(".json"), {"rows": rows, "support": support, "tail": tail, "header": header,
+                                                 "command": command})
+
+
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.combine:
+        if not args.out:
+            raise SystemExit("--combine needs --out")
+        combine(args.combine, args.out)
+        return 0
     import ablation
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     names = [n for n in VARIANTS if not args.variants or n in args.variants]
     paths, leaves, hier = trainval_images(args.data_dir)
@@ -190,11 +217,8 @@ def main(args) -> int:
         header = (f"# Long tail: {args.folds}-fold CV on train+val of {args.data_dir.name} ({len(leaves)} images, "
                   f"{len(support)} leaves; test split unused); features {args.backbone} @ {args.image_size} px, "
                   f"eval view + mirror{f' + {args.views} augmented views' if args.views else ''}")
-        command = f"python3 bench/tail.py {shlex.join(sys.argv[1:])}"
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(rows, tail, support, header, command))
-        args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "support": support, "tail": tail,
-                                                             "command": command}, indent=2))
+        write_report(args.out, rows, tail, support, header, f"python3 bench/tail.py {shlex.join(sys.argv[1:])}")
     return 0
 
 
