@@ -51,9 +51,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "hiernet", help="feature cache")
     p.add_argument("--backbone", default="efficientnet-lite1+efficientnet-lite0", help="backbone (train.py's default)")
     p.add_argument("--image-size", type=int, default=280)
+    p.add_argument("--hidden", type=int, default=1024, help="hidden units of the suite's heads (the recipe's 1024; 0 = linear)")
     p.add_argument("--views", type=int, default=0, help="cached augmented views per image for the suite (default recipe: 4)")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds over train+val")
-    p.add_argument("--variants", nargs="*", help="subset of suite variant names (default: all)")
+    p.add_argument("--variants", nargs="*", help="suite variant names (default: all; the flag alone: none, peers only)")
     p.add_argument("--no-peers", action="store_true", help="skip the two peers")
     p.add_argument("--tail-max", type=int, default=100, help="a leaf with at most this many images is a tail leaf")
     p.add_argument("--seed", type=int, default=0, help="fold and training seed")
@@ -107,11 +108,12 @@ def hiclass_lcpn(hier, x_tr: np.ndarray, leaves_tr: np.ndarray, x_te: np.ndarray
     return np.array([next(c for c in row[::-1] if c) for row in pred], dtype=object)
 
 
-def suite_lcpn(hier, views_tr: np.ndarray, leaves_tr: np.ndarray, ev_te: np.ndarray, changes: dict, seed: int) -> np.ndarray:
+def suite_lcpn(hier, views_tr: np.ndarray, leaves_tr: np.ndarray, ev_te: np.ndarray, changes: dict, seed: int,
+               hidden: int = 1024) -> np.ndarray:
     """The suite: LCPN heads as train.py trains them (with ``changes``), routed with mirror averaging."""
     import ablation
 
-    heads = ablation.train_lcpn(hier, views_tr, leaves_tr, 1024, seed, 0.0, True, changes)
+    heads = ablation.train_lcpn(hier, views_tr, leaves_tr, hidden, seed, 0.0, True, changes)
     return ablation.route(hier, heads, ev_te, True)
 
 
@@ -127,14 +129,14 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, tail: list) -> dict:
             "tail_recall": float(np.mean([recall[t] for t in tail])) if tail else float("nan"), "recall": recall}
 
 
-def methods(names: list, no_peers: bool) -> dict:
+def methods(names: list, no_peers: bool, hidden: int = 1024) -> dict:
     """``{name: predict(hier, views_tr, leaves_tr, ev_te, seed)}`` for the peers and the chosen suite variants."""
     out = {}
     if not no_peers:
         out[PEERS[0]] = lambda h, v, l, e, s: flat_lr(v[:, 0], l, e[:, 0])
         out[PEERS[1]] = lambda h, v, l, e, s: hiclass_lcpn(h, v[:, 0], l, e[:, 0])
     for name in names:
-        out[name] = lambda h, v, l, e, s, ch=VARIANTS[name]: suite_lcpn(h, v, l, e, ch, s)
+        out[name] = lambda h, v, l, e, s, ch=VARIANTS[name]: suite_lcpn(h, v, l, e, ch, s, hidden)
     return out
 
 
@@ -200,14 +202,16 @@ def main(args) -> int:
 
     torch.set_num_threads(args.threads)
 
-    names = [n for n in VARIANTS if not args.variants or n in args.variants]
+    names = list(VARIANTS) if args.variants is None else args.variants
+    if set(names) - set(VARIANTS):
+        raise SystemExit(f"unknown variants {sorted(set(names) - set(VARIANTS))}; choose from {list(VARIANTS)}")
     paths, leaves, hier = trainval_images(args.data_dir)
     ev, aug, ok = ablation.features(paths, args.backbone, args.image_size, args.views, args.cache_dir)
     views = ev if aug is None else np.concatenate([ev, aug], axis=1)
     ev, views, leaves = ev[ok], views[ok], leaves[ok]
     support = {str(k): int(v) for k, v in zip(*np.unique(leaves, return_counts=True))}
     tail = sorted((t for t, n in support.items() if n <= args.tail_max and n >= args.folds), key=lambda t: support[t])
-    preds, seconds = cross_validate(hier, ev, views, leaves, methods(names, args.no_peers), args.folds, args.seed)
+    preds, seconds = cross_validate(hier, ev, views, leaves, methods(names, args.no_peers, args.hidden), args.folds, args.seed)
     rows = {}
     for name, pred in preds.items():
         rows[name] = {**scores(leaves, pred, tail), "seconds": round(seconds[name], 1)}
@@ -216,7 +220,8 @@ def main(args) -> int:
     if args.out:
         header = (f"# Long tail: {args.folds}-fold CV on train+val of {args.data_dir.name} ({len(leaves)} images, "
                   f"{len(support)} leaves; test split unused); features {args.backbone} @ {args.image_size} px, "
-                  f"eval view + mirror{f' + {args.views} augmented views' if args.views else ''}")
+                  f"eval view + mirror{f' + {args.views} augmented views' if args.views else ''}; suite heads: "
+                  f"{f'MLP {args.hidden}' if args.hidden else 'linear'}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_report(args.out, rows, tail, support, header, f"python3 bench/tail.py {shlex.join(sys.argv[1:])}")
     return 0

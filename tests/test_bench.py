@@ -178,7 +178,7 @@ def test_tail_bench_runs_both_peers_and_the_suite_on_tiny_features(tail, monkeyp
     centres = {leaf: rng.normal(0, 4, 6) for leaf in leaf_ids}
     base = np.stack([centres[leaf] + rng.normal(0, 0.5, 6) for leaf in leaves]).astype(np.float32)
     ev = np.stack([base, base + rng.normal(0, 0.1, base.shape).astype(np.float32)], axis=1)
-    monkeypatch.setitem(tail.VARIANTS, "tiny suite", {"logit_adjust": 1.0, "hidden": 16, "epochs": 8})
+    monkeypatch.setitem(tail.VARIANTS, "tiny suite", {"logit_adjust": 1.0, "hidden": 16, "epochs": 40, "lr": 0.03, "patience": 40})
     todo = tail.methods(["tiny suite"], no_peers=False)
     assert list(todo) == [*tail.PEERS, "tiny suite"]
     preds, seconds = tail.cross_validate(hier, ev, ev, leaves, todo, folds=2, seed=0)
