@@ -225,7 +225,7 @@ def main(args) -> int:
         print(f"{name}: leaf {rows[name]['leaf_accuracy']:.4f}  macro F1 {rows[name]['macro_f1']:.4f}  "
               f"tail recall {rows[name]['tail_recall']:.4f}", flush=True)
     if args.out:
-        header = (f"# Long tail: {args.folds}-fold CV on train+val of {args.data_dir.name} ({len(leaves)} images, "
+        header = (f"# Long tail: {args.folds}-fold CV on train+val of {args.data_dir} ({len(leaves)} images, "
                   f"{len(support)} leaves; test split unused{f'; only the first {args.max_folds} fold(s) held out' if args.max_folds else ''}); features {args.backbone} @ {args.image_size} px, "
                   f"eval view + mirror{f' + {args.views} augmented views' if args.views else ''}; suite heads: "
                   f"{f'MLP {args.hidden}' if args.hidden else 'linear'}")
