@@ -41,6 +41,9 @@ VARIANTS = {
     "suite: logit adjustment tau 1 (balanced softmax)": {"logit_adjust": 1.0},
     "suite: class-aware sampling ^0.5": {"sample_power": 0.5},
     "suite: class-aware sampling ^1": {"sample_power": 1.0},
+    "suite: no label smoothing": {"label_smoothing": 0.0},
+    "suite: no label smoothing + class-aware sampling ^0.5": {"label_smoothing": 0.0, "sample_power": 0.5},
+    "suite: no label smoothing, patience 30": {"label_smoothing": 0.0, "patience": 30},
 }
 PEERS = ("peer: flat LR", "peer: HiClass LCPN + LR")
 

@@ -188,3 +188,18 @@ def test_tail_bench_runs_both_peers_and_the_suite_on_tiny_features(tail, monkeyp
     rows = {n: {**tail.scores(leaves, p, ["b/v"]), "seconds": seconds[n]} for n, p in preds.items()}
     md = tail.markdown(rows, ["b/v"], {leaf: 10 for leaf in leaf_ids}, "# t", "python3 bench/tail.py")
     assert "| peer: flat LR |" in md and "| b/v (10) |" in md
+
+
+def test_tail_max_folds_predicts_only_the_first_folds(tail):
+    from hiernet.hierarchy import Hierarchy
+
+    hier = Hierarchy.from_leaf_paths(["a/x", "a/y", "b"])
+    leaves = np.array(["a/x", "a/y", "b"] * 6, dtype=object)
+    x = np.stack([np.eye(3)[["a/x", "a/y", "b"].index(leaf)] for leaf in leaves]).astype(np.float32)
+    ev = np.stack([x, x], axis=1)
+    todo = {"lr": lambda h, v, l, e, s: tail.flat_lr(v[:, 0], l, e[:, 0])}
+    preds, _ = tail.cross_validate(hier, ev, ev, leaves, todo, folds=3, seed=0, max_folds=1)
+    done = np.array([p is not None for p in preds["lr"]])
+    assert done.sum() == 6 and (preds["lr"][done] == leaves[done]).all()
+    preds, _ = tail.cross_validate(hier, ev, ev, leaves, todo, folds=3, seed=0)
+    assert (preds["lr"] == leaves).all()
