@@ -44,6 +44,10 @@ VARIANTS = {
     "suite: no label smoothing": {"label_smoothing": 0.0},
     "suite: no label smoothing + class-aware sampling ^0.5": {"label_smoothing": 0.0, "sample_power": 0.5},
     "suite: no label smoothing, patience 30": {"label_smoothing": 0.0, "patience": 30},
+    "suite: no label smoothing, no dropout, patience 30": {"label_smoothing": 0.0, "dropout": 0.0, "patience": 30},
+    "suite: same + class-aware sampling ^0.5": {"label_smoothing": 0.0, "dropout": 0.0, "patience": 30, "sample_power": 0.5},
+    "suite: no label smoothing, no dropout, 150 epochs without early stop":
+        {"label_smoothing": 0.0, "dropout": 0.0, "epochs": 150, "patience": 150},
 }
 PEERS = ("peer: flat LR", "peer: HiClass LCPN + LR")
 
