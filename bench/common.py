@@ -180,8 +180,14 @@ def write_report(markdown: str, data: dict, out: Path) -> tuple[Path, Path]:
     js = out.with_suffix(".json")
     if js == out:
         raise BenchError(f"--out {out} must not end in .json (the JSON twin is written beside it)")
-    out.write_text(markdown if markdown.endswith("\n") else markdown + "\n", encoding="utf-8")
-    js.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    if str(REPO / "src") not in sys.path:
+        sys.path.insert(0, str(REPO / "src"))
+    from hiernet.safeio import open_output  # atomic for files, written through for devices, symlinks followed
+
+    with open_output(out) as fh:
+        fh.write(markdown if markdown.endswith("\n") else markdown + "\n")
+    with open_output(js) as fh:
+        fh.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
     return out, js
 
 

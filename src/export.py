@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """Export the trained models to ONNX so predict.py can run them in onnxruntime (much faster on CPU).
 
-Example::
-
-    python3 src/export.py                 # writes trained_models/onnx/ (train_lcpn.sh runs this)
+Example:
+  python3 src/export.py                 # writes trained_models/onnx/ (train_lcpn.sh runs this)
 """
 
 from __future__ import annotations

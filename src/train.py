@@ -25,7 +25,7 @@ from hiernet.safeio import UserError, run_cli  # noqa: E402
 
 try:
     from hiernet.backbones import get_spec, list_backbones
-    from hiernet.config import DEFAULT_PRESET, FLAG_FIELDS, PRESETS, TrainConfig, preset_with_flags
+    from hiernet.config import DEFAULT_PRESET, FLAG_FIELDS, PRESETS, TrainConfig, default_workers, preset_with_flags
 except ModuleNotFoundError as _exc:  # one line, not a traceback, when the environment is incomplete
     sys.exit(f"error: Python package '{_exc.name}' is missing; install the requirements: pip install -r requirements.txt")
 
@@ -81,7 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     g.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     g.add_argument("--no-onnx", action="store_true", help="compute cached features with PyTorch instead of onnxruntime")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (fine-tuning)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes decoding images (default: min(8, CPUs per process) when fine-tuning on CUDA, else 0)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--restart", action="store_true", help="ignore an interrupted run's checkpoint instead of resuming it")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
@@ -133,16 +134,22 @@ def main(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:  # one line, not a traceback, when the environment is incomplete
         raise UserError(f"Python package '{exc.name}' is missing; install the requirements: pip install -r requirements.txt") from None
 
-    cfg = build_config(args)
     device = dist_utils.init_from_env(resolve_device(args.device))
-    try:
-        if args.restart:
-            import shutil
+    cfg = build_config(args)
+    if args.workers is None:
+        import os
 
-            shutil.rmtree(args.output_dir / f".{args.dataset}.work", ignore_errors=True)
+        cfg = cfg.override({"workers": default_workers(cfg.mode, device, os.cpu_count() or 1,
+                                                       int(os.environ.get("LOCAL_WORLD_SIZE", "1")))})
+    try:
+        dist_utils.check_shared_storage([args.output_dir, args.cache_dir])
         if dist_utils.is_main():
             args.output_dir.mkdir(parents=True, exist_ok=True)
             with node_lock(args.output_dir, args.dataset):
+                if args.restart:  # rank 0 alone, inside the lock; the others never read the checkpoint
+                    import shutil
+
+                    shutil.rmtree(args.output_dir / f".{args.dataset}.work", ignore_errors=True)
                 summary = train_node(cfg, args.dataset, args.data_dir, args.output_dir, device, args.cache_dir, not args.quiet)
         else:
             summary = train_node(cfg, args.dataset, args.data_dir, args.output_dir, device, args.cache_dir, not args.quiet)

@@ -6,10 +6,12 @@
 #   ./train_lcpn.sh --preset original        # EfficientNet-B4 fine-tuned per node (GPU)
 #   GPUS=0,1,2,3 ./train_lcpn.sh --preset original        # spread nodes over 4 GPUs, one node per GPU
 #   NPROC_PER_NODE=4 ./train_lcpn.sh --preset original    # each node on 4 GPUs with torchrun (DDP)
+#   NPROC_PER_NODE=8 TORCHRUN_ARGS="--nnodes=2 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400" ...
 #
 # Environment: PYTHON (interpreter; default: the repo's .venv if present, else python3),
 # DATA_DIR / MODELS_DIR (default: <repo>/split_datasets, <repo>/trained_models),
-# NO_FLAT=1 (skip the flat baseline), NO_EXPORT=1 (skip the ONNX export).
+# NO_FLAT=1 (skip the flat baseline), NO_EXPORT=1 (skip the ONNX export),
+# TORCHRUN_ARGS (torchrun's launch flags with NPROC_PER_NODE; default: --standalone).
 set -euo pipefail
 
 
@@ -19,10 +21,15 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
 fi
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   echo "train.py flags:"
   exec "$PYTHON" "$here/train.py" --help
 fi
+if [[ -n "${GPUS:-}" && -n "${NPROC_PER_NODE:-}" ]]; then
+  echo "train_lcpn.sh: set GPUS (one node per GPU) or NPROC_PER_NODE (each node on several GPUs with torchrun), not both" >&2
+  exit 2
+fi
+read -r -a torchrun_args <<<"${TORCHRUN_ARGS:---standalone}"
 DATA_DIR="${DATA_DIR:-$repo/split_datasets}"
 MODELS_DIR="${MODELS_DIR:-$repo/trained_models}"
 common=(--data-dir "$DATA_DIR" --output-dir "$MODELS_DIR")
@@ -39,7 +46,7 @@ train_one() {  # node [gpu]
   local node="$1" gpu="${2:-}"; shift 2
   local cmd=("$PYTHON" "$here/train.py")
   if [[ -n "${NPROC_PER_NODE:-}" ]]; then
-    cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" "$here/train.py")
+    cmd=("$PYTHON" -m torch.distributed.run "${torchrun_args[@]}" --nproc_per_node="$NPROC_PER_NODE" "$here/train.py")
   fi
   if [[ -n "$gpu" ]]; then
     CUDA_VISIBLE_DEVICES="$gpu" "${cmd[@]}" -d "$node" "${common[@]}" "$@"
@@ -49,17 +56,30 @@ train_one() {  # node [gpu]
 }
 
 start=$SECONDS
+stop_jobs() {  # Ctrl-C / SIGTERM: stop the running trainings (they ignore SIGINT in the background)
+  local p
+  for p in $(jobs -rp); do
+    pkill -TERM -P "$p" 2>/dev/null || true
+    kill -TERM "$p" 2>/dev/null || true
+  done
+}
 if [[ -n "${GPUS:-}" ]]; then
-  IFS=',' read -r -a gpus <<<"$GPUS"
-  declare -A pid_node=()
+  IFS=',' read -r -a free_gpus <<<"$GPUS"
+  declare -A pid_gpu=()  # running node -> its GPU; a node starts on a GPU that is free
+  trap 'echo "train_lcpn.sh: interrupted; stopping the running node trainings" >&2; stop_jobs; wait || true; exit 130' INT TERM
   failed=""
   rm -f "$MODELS_DIR/.failed_nodes"
-  i=0
   for node in "${node_list[@]}"; do
-    while (( $(jobs -rp | wc -l) >= ${#gpus[@]} )); do wait -n || true; done
-    gpu="${gpus[$(( i % ${#gpus[@]} ))]}"; i=$((i + 1))
+    while (( ${#free_gpus[@]} == 0 )); do
+      wait -n || true
+      for pid in "${!pid_gpu[@]}"; do  # the GPUs of every node that has finished are free again
+        if ! kill -0 "$pid" 2>/dev/null; then free_gpus+=("${pid_gpu[$pid]}"); unset "pid_gpu[$pid]"; fi
+      done
+    done
+    gpu="${free_gpus[0]}"; free_gpus=("${free_gpus[@]:1}")
     echo "== training node '$node' on GPU $gpu"
     ( train_one "$node" "$gpu" "$@" > "$MODELS_DIR/.$node.train.log" 2>&1 || { echo "$node" >> "$MODELS_DIR/.failed_nodes"; exit 1; } ) &
+    pid_gpu[$!]="$gpu"
   done
   wait || true
   if [[ -s "$MODELS_DIR/.failed_nodes" ]]; then

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-SHAPES = ("ellipse", "rectangle", "triangle", "cross")
+# Property tests are reproducible (same examples every run) and write no example database; hypothesis's
+# other caches go to the temporary folder, not into the work tree.
+settings.register_profile("hiernet", derandomize=True, database=None, print_blob=True)
+settings.load_profile("hiernet")
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "hiernet-hypothesis")
+
+SHAPES = ("ellipse", "rectangle", "triangle", "cross", "diamond")
 
 
 def draw_image(path: Path, shape: str, seed: int, size: int = 64) -> Path:
@@ -30,6 +42,8 @@ def draw_image(path: Path, shape: str, seed: int, size: int = 64) -> Path:
         d.rectangle(box, fill=fg)
     elif shape == "triangle":
         d.polygon([(size // 2, m), (m, size - m), (size - m, size - m)], fill=fg)
+    elif shape == "diamond":
+        d.polygon([(size // 2, m), (size - m, size // 2), (size // 2, size - m), (m, size // 2)], fill=fg)
     else:
         w = size // 6
         d.rectangle((size // 2 - w, m, size // 2 + w, size - m), fill=fg)
@@ -73,3 +87,82 @@ class Payload:
 
     def __reduce__(self):
         return (self.func, self.args)
+
+
+NOBODY = 65534
+
+
+def run_unprivileged(args: list, **kw) -> subprocess.CompletedProcess:
+    """Run ``args`` as an ordinary user, so file permissions apply even when the tests run as root (CI).
+
+    As root the child runs as ``nobody`` (uid/gid 65534, no capabilities) through util-linux ``setpriv``;
+    otherwise it runs as is.
+    """
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    args = [str(a) for a in args]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: cannot drop privileges")
+        args = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *args]
+    return subprocess.run(args, **kw)
+
+
+def python_unprivileged(code: str, *argv) -> subprocess.CompletedProcess:
+    """Run Python ``code`` (with ``src/`` importable) as an ordinary user; see :func:`run_unprivileged`."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONDONTWRITEBYTECODE="1")
+    return run_unprivileged([sys.executable, "-c", code, *argv], env=env, cwd="/")
+
+
+@pytest.fixture
+def open_tmp():
+    """A temporary folder every user can enter (pytest's own tmp_path is private to its owner)."""
+    d = Path(tempfile.mkdtemp(prefix="hiernet-test-"))
+    d.chmod(0o755)
+    yield d
+    for p in [d, *d.rglob("*")]:  # undo any chmod 0 so the folder can be removed
+        if not p.is_symlink():
+            p.chmod(0o755)
+    shutil.rmtree(d)
+
+
+def readline_within(proc: subprocess.Popen, seconds: float = 60.0) -> str:
+    """The next line of ``proc.stdout``, or a test failure (and the process killed) after ``seconds``."""
+    import select
+
+    ready, _, _ = select.select([proc.stdout], [], [], seconds)
+    if not ready:
+        proc.kill()
+        proc.wait(10)
+        pytest.fail(f"no output from the child process within {seconds} s")
+    return proc.stdout.readline()
+
+
+# ------------------------------------------------------------------ the tiny trained pipeline
+THREE_LEVEL = {
+    "apparel": {"upper": {"tee": "ellipse", "shirt": "cross"}, "lower": {"box": "rectangle"}},
+    "accessories": {"hat": "triangle", "box": "diamond"},
+}
+FAST = ["--backbone", "efficientnet-lite0", "--image-size", "64", "--epochs", "4", "--views", "1", "-q"]
+
+
+def run(args, cwd=None, check=True, env=None):
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """prepare_dataset.py → train_lcpn.sh on THREE_LEVEL (7 images per leaf), trained once per session."""
+    base = tmp_path_factory.mktemp("pipeline")
+    data = make_tree(base / "catalogue", THREE_LEVEL, per_leaf=7)
+    split, models, cache = base / "split", base / "models", base / "cache"
+    prep = run([sys.executable, str(REPO / "prepare_dataset.py"), "-p", str(data), "-o", str(split), "-q"], cwd="/")
+    env = dict(os.environ, PYTHON=sys.executable, DATA_DIR=str(split), MODELS_DIR=str(models))
+    train = run(["bash", str(REPO / "src" / "train_lcpn.sh"), "--cache-dir", str(cache), *FAST], cwd=str(base), env=env)
+    return {"base": base, "data": data, "split": split, "models": models, "cache": cache, "prep": prep, "train": train}
+
+

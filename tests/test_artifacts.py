@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import os
 import pickle
+import random
 import shutil
 import warnings
 from pathlib import Path
@@ -118,7 +119,7 @@ DAMAGED = {
     "empty": (lambda p: p.write_bytes(b""), "damaged or truncated"),
     "truncated half": (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "damaged or truncated"),
     "truncated 100 bytes": (lambda p: p.write_bytes(p.read_bytes()[:100]), "damaged or truncated"),
-    "random bytes": (lambda p: p.write_bytes(os.urandom(5000)), "refused"),
+    "random bytes": (lambda p: p.write_bytes(random.Random(0).randbytes(5000)), "refused"),  # seeded: torch.load fails in one way
     "text": (lambda p: p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\n"), "refused"),
     "a bare tensor": (lambda p: torch.save(torch.zeros(3), p), "not a Fashion-Hiernet node model"),
     "another format": (lambda p: torch.save({"format": "other", "state_dict": {}}, p), "not a Fashion-Hiernet"),

@@ -31,14 +31,28 @@ def test_lite0_loads_offline_and_gives_pooled_features():
     assert backbones.create_backbone("efficientnet-lite0", pretrained=False, image_size=64).weights_fingerprint == "random"
 
 
-def test_lite_export_mode_keeps_relu6():
-    m = backbones.create_backbone("efficientnet-lite0", image_size=64)
+def _activations(m):
+    import collections
+
+    return collections.Counter(type(x).__name__ for x in m.modules() if type(x).__name__ in
+                               ("ReLU6", "MemoryEfficientSwish", "Swish", "SiLU"))
+
+
+def test_export_mode_makes_b_traceable_and_keeps_lite_relu6():
+    """B-family trunks swap their custom-autograd Swish for a traceable one; Lite trunks keep ReLU6."""
+    m = backbones.create_backbone("efficientnet-lite0+efficientnet-b0", pretrained=False, image_size=64).eval()
+    before = _activations(m)
+    assert before["ReLU6"] > 0 and before["MemoryEfficientSwish"] > 0
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        before = m(x)
+        ref = m(x)
         m.set_export_mode()
-        after = m(x)
-    assert torch.allclose(before, after)
+        after = _activations(m)
+        out = m(x)
+    assert after["ReLU6"] == before["ReLU6"]  # Lite's activation untouched (set_swish would replace it)
+    assert after["MemoryEfficientSwish"] == 0  # its custom autograd Function cannot be exported
+    assert after["Swish"] + after["SiLU"] == before["MemoryEfficientSwish"]
+    assert torch.allclose(ref, out, atol=1e-5)  # same function, only a traceable implementation
 
 
 def test_b0_without_network_says_what_to_do(monkeypatch):

@@ -132,3 +132,18 @@ def test_options_are_checked_and_fixed_at_construction():
         pred.tta_below = 0.2  # set at construction only
     with pytest.raises(AttributeError):
         pred.options.mirror.below = 0.2  # frozen
+
+
+def test_auto_runtime_on_a_gpu_device_runs_torch_there_not_the_cpu_export(tmp_path, monkeypatch):
+    """After train_lcpn.sh (which exports ONNX), `predict --device cuda` must still run on the GPU."""
+    from hiernet import bundle
+
+    monkeypatch.setattr(bundle, "read_models_hierarchy", lambda m: (HIER, {}))
+    monkeypatch.setattr(bundle, "onnx_problem", lambda m, h, f: None)  # a current export exists
+    monkeypatch.setattr(bundle, "load_onnx_bundle", lambda m, h, f: ("onnx", "cpu"))
+    monkeypatch.setattr(bundle, "load_torch_bundle", lambda m, h, d, f: ("torch", d))
+    assert bundle.load_bundle(tmp_path, "auto", "cuda") == ("torch", "cuda")
+    assert bundle.load_bundle(tmp_path, "auto", "cuda:1") == ("torch", "cuda:1")
+    assert bundle.load_bundle(tmp_path, "auto", "cpu") == ("onnx", "cpu")
+    assert bundle.load_bundle(tmp_path, "onnx", "cuda") == ("onnx", "cpu")  # asked for explicitly
+    assert bundle.load_bundle(tmp_path, "torch", "cpu") == ("torch", "cpu")

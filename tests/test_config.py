@@ -112,3 +112,13 @@ def test_long_tail_options_come_from_train_py_flags_and_round_trip():
     assert (TrainConfig.from_dict(old).fit.logit_adjust, TrainConfig.from_dict(old).fit.sample_power) == (0.0, 0.0)
     unset = train.build_config(train.get_args_parser().parse_args(["-d", "parent"]))
     assert (unset.fit.logit_adjust, unset.fit.sample_power) == (PRESETS["cpu"].fit.logit_adjust, PRESETS["cpu"].fit.sample_power)
+
+
+def test_workers_default_to_decoding_processes_when_fine_tuning_on_cuda():
+    from hiernet.config import default_workers
+
+    assert default_workers("finetune", "cuda", 32) == 8
+    assert default_workers("finetune", "cuda:3", 32, procs_per_host=8) == 4  # shared by 8 torchrun processes
+    assert default_workers("finetune", "cuda", 1, procs_per_host=8) == 1
+    assert default_workers("finetune", "cpu", 32) == 0
+    assert default_workers("frozen", "cuda", 32) == 0

@@ -76,3 +76,19 @@ def test_same_content_shares_a_cache_entry_and_bad_images_are_masked(tmp_path):
     extract_features(paths, run, cache, lambda img, s: eval_views(img, 32, "crop"), 32, progress=False)
     f, ok = extract_features([copy, bad], run, cache, lambda img, s: eval_views(img, 32, "crop"), 32, progress=False)
     assert ok.tolist() == [True, False] and run.seen == 4
+
+
+def test_feature_cache_key_separates_gpu_half_precision_from_cpu_features(tmp_path):
+    """fp16 features (autocast on CUDA) and fp32 CPU ones never share cache entries; CPU keys are unchanged."""
+    from types import SimpleNamespace
+
+    from hiernet.data import TRANSFORM_VERSION, FeatureCache
+    from hiernet.training import feature_cache_key
+
+    bb = SimpleNamespace(spec=SimpleNamespace(name="efficientnet-lite0"), image_size=64, weights_fingerprint="abc")
+    cpu = feature_cache_key(bb, "crop", "eval", "cpu")
+    assert cpu == {"backbone": "efficientnet-lite0", "image_size": 64, "weights": "abc", "resize": "crop",
+                   "transform_version": TRANSFORM_VERSION, "kind": "eval"}  # the fields of earlier versions
+    gpu = feature_cache_key(bb, "crop", "eval", "cuda:1")
+    assert gpu["precision"] == "fp16" and feature_cache_key(bb, "crop", "eval", "mps") == cpu
+    assert FeatureCache(tmp_path, cpu, 2, 8).key != FeatureCache(tmp_path, gpu, 2, 8).key

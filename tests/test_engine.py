@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -61,7 +62,66 @@ def test_class_weights_balance_counts():
     assert np.allclose(class_weights(np.array([0, 0, 0, 1]), 2, 0.0).numpy(), [1.0, 1.0])
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path):
+class _StopAt(TensorDataset):
+    """A training set that interrupts ``fit`` when epoch ``stop`` starts (like Ctrl-C between epochs)."""
+
+    def __init__(self, base, stop=None):
+        super().__init__(*base.tensors)
+        self.stop = stop
+
+    def set_epoch(self, epoch):
+        if epoch == self.stop:
+            raise KeyboardInterrupt
+
+
+def _same(a, b, path="", skip=("seconds",)):
+    """Recursively compare two checkpoints (tensors exactly up to 1e-6; timings skipped)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            if k not in skip:
+                _same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, z) in enumerate(zip(a, b)):
+            _same(x, z, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), path
+    elif isinstance(a, float):
+        assert abs(a - b) <= 1e-6 * max(1.0, abs(a)), path
+    else:
+        assert a == b, path
+
+
+def test_resume_mid_run_ends_where_an_uninterrupted_run_ends(tmp_path):
+    train, y = _blobs()
+    val, _ = _blobs(seed=1)
+    # mini-batches (shuffled), warm-up + cosine, a patience that can trigger: every piece of state matters
+    cfg = FitConfig(epochs=6, batch_size=16, lr=0.05, patience=10, warmup_epochs=2)
+    torch.manual_seed(123)
+    straight = nn.Linear(4, 2)
+    ref = fit(straight, _StopAt(train), val, y, 2, cfg, "cpu", tmp_path / "a", "h", progress=False)
+    assert len(ref.history) == 6
+
+    torch.manual_seed(123)
+    first = nn.Linear(4, 2)
+    with pytest.raises(KeyboardInterrupt):  # interrupted when epoch 4 starts: 3 epochs are in the checkpoint
+        fit(first, _StopAt(train, stop=3), val, y, 2, cfg, "cpu", tmp_path / "b", "h", progress=False)
+    torch.manual_seed(456)
+    resumed = nn.Linear(4, 2)  # other initial weights: only the checkpoint can make them equal
+    res = fit(resumed, _StopAt(train), val, y, 2, cfg, "cpu", tmp_path / "b", "h", progress=False)
+    assert len(res.history) == 6
+    for r, s in zip(res.history, ref.history):  # learning rate (scheduler), losses: the same epoch by epoch
+        assert {k: v for k, v in r.items() if k != "seconds"} == {k: v for k, v in s.items() if k != "seconds"}
+    assert res.best_epoch == ref.best_epoch
+    for k, v in straight.state_dict().items():  # the kept (best) weights equal the uninterrupted run's
+        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-6), k
+    # the last checkpoints agree entirely: weights, optimizer moments, scheduler step, best state, history
+    _same(torch.load(tmp_path / "a" / "last.pth", weights_only=True),
+          torch.load(tmp_path / "b" / "last.pth", weights_only=True))
+
+
+def test_checkpoint_of_other_settings_or_a_finished_run(tmp_path):
     train, y = _blobs()
     val, _ = _blobs(seed=1)
     cfg = FitConfig(epochs=3, batch_size=16, lr=0.05, patience=10)
@@ -204,3 +264,125 @@ def test_class_aware_sampling_draws_classes_equally_often():
         drawn[power] = float((ys == 1).float().mean())
     assert abs(drawn[0.0] - 0.1) < 1e-6  # plain shuffling: every sample once per epoch
     assert 0.4 < drawn[1.0] < 0.6
+
+
+def test_train_batching_gives_every_rank_a_step():
+    from hiernet.engine import train_batching
+
+    # 100 samples over 4 ranks: 25 each; a batch of 32 with drop_last would give no step at all
+    batch, drop = train_batching(100, 4, 32)
+    assert (batch, drop) == (25, False)
+    for n, w, b in [(100, 4, 32), (100, 1, 32), (36, 3, 16), (65, 2, 32), (7, 8, 32), (33, 1, 32), (1000, 2, 32)]:
+        batch, drop = train_batching(n, w, b)
+        per_rank = -(-n // w)
+        steps = per_rank // batch if drop else -(-per_rank // batch)
+        assert steps >= 1 and batch <= b
+        assert drop or per_rank % batch != 1 or batch == 1  # never a lone sample in a BatchNorm batch
+    assert train_batching(100, 1, 32) == (32, True)  # > 2 full batches: the ragged one is dropped
+
+
+class _InputRecorder(nn.Module):
+    """Records the per-sample sums of the inputs it sees in train mode, per call."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = nn.Linear(dim, 2)
+        self.seen = []
+
+    def forward(self, x):
+        if self.training:
+            self.seen.append(x.flatten(1).sum(1).detach())
+        return self.lin(x.flatten(1))
+
+
+def test_augmented_views_change_between_epochs_with_worker_processes(tmp_path):
+    """Persistent DataLoader workers hold their own dataset copy: the epoch must reach them via the sampler."""
+    from PIL import Image
+
+    from hiernet.training import ImageDataset
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(8):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(p)
+        items.append((p, i % 2))
+    train = ImageDataset(items, 16, "crop", True, seed=0)
+    model = _InputRecorder(3 * 16 * 16)
+    cfg = FitConfig(epochs=2, batch_size=8, lr=0.01, patience=10, workers=2)
+    fit(model, train, None, np.array([y for _, y in items]), 2, cfg, "cpu", tmp_path / "w", "h", progress=False)
+    assert len(model.seen) == 2  # one batch per epoch
+    epoch1, epoch2 = (torch.sort(s).values for s in model.seen)
+    assert not torch.allclose(epoch1, epoch2)  # other crops / flips / jitter in epoch 2
+
+
+def _resume_parts(lr=0.05, scaler_enabled=False):
+    from hiernet.engine import EarlyStopping
+
+    model = nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled)
+    return model, opt, sched, scaler, EarlyStopping(3, copy_state(model))
+
+
+def copy_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _write_checkpoint(path, scaler_enabled=False):
+    from hiernet.engine import save_resume_checkpoint
+
+    model, opt, sched, scaler, stopper = _resume_parts(scaler_enabled=scaler_enabled)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    save_resume_checkpoint(path, "h", 4, model, opt, sched, scaler, stopper, [{"epoch": i} for i in range(1, 6)])
+    return model
+
+
+def test_a_checkpoint_that_does_not_fit_is_applied_not_at_all(tmp_path):
+    from hiernet.engine import restore_resume_checkpoint
+
+    _write_checkpoint(tmp_path / "last.pth")
+    ck = torch.load(tmp_path / "last.pth", weights_only=True)
+    ck["optimizer"]["param_groups"] = []  # the optimiser part no longer fits (after the model part)
+    torch.save(ck, tmp_path / "last.pth")
+    model, opt, sched, scaler, stopper = _resume_parts()
+    before = copy_state(model)
+    history, start = restore_resume_checkpoint(tmp_path / "last.pth", "h", model, opt, sched, scaler, stopper)
+    assert (history, start) == ([], 0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not half-applied
+    assert sched.last_epoch == 0 and stopper.best_epoch == -1
+
+
+def test_a_checkpoint_without_amp_resumes_with_a_fresh_loss_scale(tmp_path):
+    """A CPU run (scaler disabled) continued where AMP is on: everything but the loss scale is resumed."""
+    from hiernet.engine import restore_resume_checkpoint
+
+    saved = _write_checkpoint(tmp_path / "last.pth", scaler_enabled=False)
+    model, opt, sched, scaler, stopper = _resume_parts(scaler_enabled=True)
+    history, start = restore_resume_checkpoint(tmp_path / "last.pth", "h", model, opt, sched, scaler, stopper)
+    assert start == 5 and len(history) == 5
+    assert torch.equal(model.weight, saved.weight) and sched.last_epoch == 1
+    assert scaler.is_enabled() and scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+
+
+def test_resume_needs_the_same_number_of_processes(tmp_path, monkeypatch):
+    """The schedule is laid out per process: a checkpoint of a 1-process run is not resumed on 2."""
+    from hiernet import distributed as dist_utils
+
+    train, y = _blobs()
+    cfg = FitConfig(epochs=2, batch_size=16, lr=0.05, patience=10)
+    first = fit(nn.Linear(4, 2), train, None, y, 2, cfg, "cpu", tmp_path, "same", progress=False)
+    again = fit(nn.Linear(4, 2), train, None, y, 2, cfg, "cpu", tmp_path, "same", progress=False)
+    def rows(res):
+        return [(r["epoch"], r["train_loss"], r["seconds"]) for r in res.history]
+
+    assert rows(again) == rows(first)  # same world size: resumed (seconds included)
+    monkeypatch.setattr(dist_utils, "world_size", lambda: 2)
+    model = nn.Linear(4, 2)
+    fresh = model.weight.detach().clone()
+    res = fit(model, train, None, y, 2, FitConfig(epochs=2, batch_size=16, lr=0.0, patience=10), "cpu", tmp_path,
+              "same", progress=False)
+    assert torch.equal(model.weight, fresh) and len(res.history) == 2  # trained afresh (lr 0), not resumed

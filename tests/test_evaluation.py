@@ -8,6 +8,7 @@ in the ``slow`` test.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hiernet.evaluation import FLAT_FIELDS, assemble_results, predict_test_set
+from hiernet.evaluation import FLAT_FIELDS, assemble_results, combined_leaves, lcpn_leaf_probs, predict_test_set
 from hiernet.metrics import STOPPED, display_order, error_attribution, first_error_level, level_accuracy, score
 from hiernet.report import OUTPUT_FILES, render_markdown, summary_lines, verdict, write_outputs
 from hiernet.testsets import TestSet, check_known_leaves, load_prepared_test_set, scan_test_tree
 from hiernet.hierarchy import Hierarchy
-from hiernet.predictor import HierarchicalPredictor, NodeModel, _softmax
+from hiernet.predictor import HierarchicalPredictor, MirrorPolicy, NodeModel
 from hiernet.safeio import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def test_node_local_and_routed_accuracy(res):
     nodes = res["nodes"]
     assert list(nodes) == ["parent", "a", "b"]
     assert nodes["parent"] == pytest.approx(
-        {"node": "", "local_accuracy": 5 / 6, "routed_accuracy": 5 / 6, "n_true": 6, "n_routed": 6})
+        {"node": "root", "local_accuracy": 5 / 6, "routed_accuracy": 5 / 6, "n_true": 6, "n_routed": 6})
     # 'a': truly below = 1, 2, 6; the chain routed 1, 2 (and 3, which is not below 'a')
     assert nodes["a"] == pytest.approx(
         {"node": "a", "local_accuracy": 2 / 3, "routed_accuracy": 1 / 2, "n_true": 3, "n_routed": 2})
@@ -183,15 +184,48 @@ def test_display_order_groups_leaves_by_parent():
 
 
 def test_verdict_wording():
-    better = {"difference": 0.1, "p_value": 0.01, "ci95": [0.02, 0.18], "n": 100}
-    worse = {"difference": -0.1, "p_value": 0.01, "ci95": [-0.18, -0.02], "n": 100}
-    same = {"difference": 0.01, "p_value": 0.6, "ci95": [-0.05, 0.07], "n": 100}
+    better = {"difference": 0.1, "p_value": 0.01, "ci95": [0.02, 0.18], "n": 100, "a_only": 14, "b_only": 4}
+    worse = {"difference": -0.1, "p_value": 0.01, "ci95": [-0.18, -0.02], "n": 100, "a_only": 4, "b_only": 14}
+    same = {"difference": 0.01, "p_value": 0.6, "ci95": [-0.05, 0.07], "n": 100, "a_only": 5, "b_only": 4}
     assert verdict(better).startswith("The hierarchy is better")
     assert verdict(worse).startswith("The hierarchy is worse")
     assert verdict(same).startswith("No significant difference")
     assert "p<0.05" in verdict(better) and "McNemar p = 0.010" in verdict(better)
-    tiny = verdict({"difference": 0.2, "p_value": 3e-7, "ci95": [0.1, 0.3], "n": 900})
+    assert "14 LCPN, 4 flat" in verdict(better) and "on the 18 of 100 images" in verdict(better)
+    for v in (better, worse, same):  # interval and test agree: nothing to explain
+        assert "excludes 0" not in verdict(v) and "touches 0" not in verdict(v)
+    tiny = verdict({"difference": 0.2, "p_value": 3e-7, "ci95": [0.1, 0.3], "n": 900, "a_only": 30, "b_only": 2})
     assert tiny.startswith("The hierarchy is better") and "+20.0 points" in tiny and "p = 3.0e-07" in tiny
+
+
+def test_verdict_says_when_interval_and_test_disagree():
+    # issue 16, bug 8: 10 images, flat right on 4 more; the bootstrap interval excludes 0, McNemar p = 0.125
+    from hiernet.metrics import paired_comparison
+
+    lcpn = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], bool)
+    flat = np.ones(10, bool)
+    comp = paired_comparison(lcpn, flat)
+    assert comp["p_value"] == pytest.approx(0.125) and comp["ci95"][1] < 0  # the contradiction, as reported
+    text = verdict(comp)
+    assert text.startswith("No significant difference")
+    assert "The interval excludes 0 but the test does not reject" in text
+    assert "only 4 disagreements no split of them could reach p<0.05" in text
+    assert text.count("McNemar") == 1 and text.count("interval") >= 2
+    # with many disagreements the reason is not the count
+    many = verdict({"difference": -0.02, "p_value": 0.07, "ci95": [-0.04, -0.001], "n": 1000, "a_only": 40,
+                    "b_only": 60})
+    assert "excludes 0" in many and "no split" not in many
+    border = verdict({"difference": 0.02, "p_value": 0.04, "ci95": [-0.001, 0.04], "n": 1000, "a_only": 60,
+                      "b_only": 40})
+    assert border.startswith("The hierarchy is better") and "touches 0" in border
+
+
+def test_summary_prints_the_comparison_once(res):
+    lines = summary_lines({**res, "n_unreadable": 0, "runtime": "onnx"})
+    assert sum("McNemar" in line for line in lines) == 1
+    assert sum("interval" in line for line in lines) == 1
+    md = render_markdown({**res, "n_unreadable": 0, "runtime": "onnx"})
+    assert md.count("McNemar p =") == 1
 
 
 def test_check_known_leaves_names_unknown_classes():
@@ -259,7 +293,7 @@ def test_scan_test_tree_skips_unreadable(two_level_tree):
 
 
 # ------------------------------------------------------------------------------------- prediction loop
-def _numpy_predictor(hier: Hierarchy, min_confidence: float = 0.0) -> HierarchicalPredictor:
+def _numpy_predictor(hier: Hierarchy, min_confidence: float = 0.0, all_heads: bool = False) -> HierarchicalPredictor:
     """A real HierarchicalPredictor whose 'networks' are fixed random linear maps (no torch)."""
     rng = np.random.default_rng(0)
     size = 16
@@ -276,7 +310,7 @@ def _numpy_predictor(hier: Hierarchy, min_confidence: float = 0.0) -> Hierarchic
         ch = hier.nodes[nid].children
         nm = NodeModel(hier.nodes[nid].dataset, nid, [hier.nodes[c].name for c in ch], list(ch), size, "squash",
                        tta=k == 1)
-        if k == 2:  # one node with its own network on images
+        if k == 2 and not all_heads:  # one node with its own network on images
             head = linear(len(ch))
             nm.full = lambda x, head=head: head(backbone(x))
         else:
@@ -299,9 +333,21 @@ def test_predict_and_score_matches_predict_arrays():
     np.testing.assert_allclose(scores[""].sum(1), 1.0, rtol=1e-5)
     for i, p in enumerate(plain):  # the root's own choice is the chain's first decision
         assert pred.nodes[""].class_nodes[int(scores[""][i].argmax())] == p.node_ids[0]
-    x = np.stack([inputs[i][(16, "squash")] for i in (0, 3)])
-    head, run = pred.nodes["a"].head, pred.backbones["bb0"][0]  # node 'a' averages the image and its mirror
-    expected = (_softmax(head(run(x))) + _softmax(head(run(x[..., ::-1].copy())))) / 2
+
+    # expected values computed here, not with the predictor's own softmax and backbone runner
+    def feats(x):  # what _numpy_predictor's backbone computes
+        return np.concatenate([x.mean(axis=(2, 3)), x.std(axis=(2, 3))], 1).astype(np.float64)
+
+    def softmax(z):
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    X = np.stack([x[(16, "squash")] for x in inputs])
+    np.testing.assert_allclose(scores[""], softmax(pred.nodes[""].head(feats(X))), rtol=1e-5)
+    pred = pred.with_options(mirror=MirrorPolicy(1.0))  # node 'a' (trained with mirrors) averages every image with its mirror
+    _, scores = pred.predict_and_score(inputs, names, {"a": [0, 3]})
+    head, x = pred.nodes["a"].head, X[[0, 3]]
+    expected = (softmax(head(feats(x))) + softmax(head(feats(x[..., ::-1])))) / 2
     np.testing.assert_allclose(scores["a"], expected, rtol=1e-5)
     assert pred.predict_and_score([], []) == ([], {})
 
@@ -318,7 +364,7 @@ def test_predict_test_set_with_numpy_models(two_level_tree, tmp_path, min_confid
     hier = Hierarchy.from_leaf_paths(["angular/box", "angular/tri", "round/circle", "round/plus"])
     pred = _numpy_predictor(hier, min_confidence)
     test = _image_test_set(two_level_tree)
-    preds, local = predict_test_set(pred, test, batch_size=5, workers=2)
+    preds, local, combined = predict_test_set(pred, test, batch_size=5, workers=2)
     assert [p.path for p in preds] == test.paths
     assert preds[-1].error and not any(p.error for p in preds[:-1])
     # every readable image has a local choice at the root and at its own parent, none elsewhere
@@ -423,3 +469,172 @@ def test_end_to_end_prepare_train_evaluate(two_level_tree, tmp_path):
     assert -1.0 <= res["comparison"]["difference"] <= 1.0
     md = (out / "results.md").read_text()
     assert "![graph](graph.png)" in md and "![matrix](matrix.png)" in md
+
+
+def test_nodes_vs_flat_hand_computed(res):
+    # parent: LOCAL wrong only on image 3 (5/6); flat's leaves mapped to top level: a,a,a,b,b,a -> wrong on 3 (5/6)
+    # a (images 1, 2, 6): LOCAL x,x,y -> right, wrong, right (2/3); flat x,y,x -> right, right, wrong (2/3)
+    # b (images 3, 4, 5): LOCAL z,z,z -> right, wrong, right (2/3); flat a/y (outside b), w, z -> wrong, right, right
+    rows = res["nodes_vs_flat"]
+    assert list(rows) == ["parent", "a", "b"]
+    assert rows["parent"]["node"] == "root" and rows["parent"]["n"] == 6
+    assert rows["parent"]["lcpn_accuracy"] == rows["parent"]["flat_accuracy"] == pytest.approx(5 / 6)
+    assert rows["parent"]["winner"] == "tie" and rows["parent"]["lcpn_only"] == rows["parent"]["flat_only"] == 0
+    assert (rows["a"]["lcpn_only"], rows["a"]["flat_only"]) == (1, 1) and rows["a"]["winner"] == "tie"
+    assert rows["b"]["lcpn_accuracy"] == rows["b"]["flat_accuracy"] == pytest.approx(2 / 3)
+    assert (rows["b"]["lcpn_only"], rows["b"]["flat_only"]) == (1, 1)
+    # a node where one side wins
+    one = assemble_results(HIER, ["a/x", "a/y", "a/y"], [["a", "a/x"]] * 3,
+                           {"": ["a", "a", "a"], "a": ["a/x", "a/y", "a/y"], "b": [None] * 3}, ["a/x", "a/x", "b/z"])
+    a = one["nodes_vs_flat"]["a"]
+    assert (a["lcpn_accuracy"], a["flat_accuracy"], a["winner"]) == (1.0, pytest.approx(1 / 3), "lcpn")
+    assert (a["lcpn_only"], a["flat_only"]) == (2, 0) and a["p_value"] == pytest.approx(0.5)
+    b = one["nodes_vs_flat"]["b"]
+    assert b["n"] == 0 and b["winner"] is None and b["lcpn_accuracy"] is None
+    md = render_markdown({**one, "n_unreadable": 0, "runtime": "onnx"})
+    assert "## Does the hierarchy pay, node by node?" in md
+    assert "| a | 3 | 1.0000 | 0.3333 | 0.6667 | 2 | 0 | 0.500 | LCPN (not significant) |" in md
+    json.dumps(one, allow_nan=False)
+
+
+def test_results_md_says_which_node_accuracy_it_is(res):
+    # issue 16, bug 9: performance.txt (full mirror averaging) and evaluate (selective, as predict) differ
+    md = render_markdown({**res, "n_unreadable": 0, "runtime": "onnx"})
+    assert "local accuracy (as predict routes it, selective mirror)" in md
+    assert "`performance.txt`" in md and "averages every test image with its mirror image" in md
+    lines = summary_lines({**res, "n_unreadable": 0, "runtime": "onnx"})
+    node_line = next(line for line in lines if line.startswith("each node's decision, LCPN vs flat: "))
+    assert "parent 0.833 vs 0.833, a 0.667 vs 0.667, b 0.667 vs 0.667" in node_line
+    assert "performance.txt mirror-averages every image" in node_line
+
+
+# ------------------------------------------------------------------------------------- the script on tiny models
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny trained pipeline: prepare, then each node and flat with Lite0 at 64 px (a few seconds each)."""
+    from conftest import TWO_LEVEL, make_tree
+
+    base = tmp_path_factory.mktemp("tiny")
+    data = make_tree(base / "data", TWO_LEVEL)
+    split, models, cache = base / "split", base / "models", base / "cache"
+
+    def run(*argv):
+        r = subprocess.run([PY, *map(str, argv)], capture_output=True, text=True, timeout=600, cwd=base)
+        assert r.returncode == 0, f"{argv}\n{r.stdout}\n{r.stderr}"
+
+    run(REPO / "prepare_dataset.py", "-p", data, "-o", split, "-q")
+    for node in ("parent", "angular", "round", "flat"):
+        run(REPO / "src" / "train.py", "-d", node, "--data-dir", split, "--output-dir", models, "--cache-dir", cache,
+            "--backbone", "efficientnet-lite0", "--image-size", "64", "--epochs", "2", "--views", "0", "-q")
+    return {"base": base, "data": data, "split": split, "models": models}
+
+
+def _evaluate_cli(tiny, *args):
+    return subprocess.run([PY, str(REPO / "src" / "evaluate.py"), "--models-dir", str(tiny["models"]), "-q", *args],
+                          capture_output=True, text=True, timeout=600, cwd=tiny["base"])
+
+
+@pytest.mark.slow  # trains tiny models (~1-2 min on 2 cores)
+def test_cli_default_output_keeps_the_published_results(tiny):
+    # issue 16, bug 6: no --output used to overwrite the tracked result_images/ with these models' results
+    published = {f: (REPO / "result_images" / f).read_bytes() for f in ("results.json", "results.md", "graph.png",
+                                                                        "matrix.png")}
+    r = _evaluate_cli(tiny, "--data-dir", tiny["split"])
+    assert r.returncode == 0, r.stderr
+    wrote = next(line for line in r.stdout.splitlines() if line.startswith("wrote "))
+    run_dir = Path(wrote.split()[1].rstrip(",")).parent
+    try:
+        assert run_dir.parent == REPO / "result_images" / "runs"
+        for f, data in published.items():
+            assert (REPO / "result_images" / f).read_bytes() == data, f"{f} was overwritten"
+        res = json.loads((run_dir / "results.json").read_text())
+        assert run_dir.name.endswith("-" + res["models_fingerprint"][:8]) and len(res["models_fingerprint"]) == 16
+        assert (run_dir / "report.html").stat().st_size > 0
+        assert subprocess.run(["git", "check-ignore", "-q", str(run_dir / "results.json")], cwd=REPO).returncode == 0
+        assert res["nodes"]["parent"]["node"] == "root" and set(res["nodes_vs_flat"]) == {"parent", "angular", "round"}
+        assert len(res["images"]) == res["n_images"] and res["seen_in_training"] == {}
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.mark.slow  # trains tiny models (~1-2 min on 2 cores)
+def test_cli_data_warns_about_training_images(tiny, tmp_path):
+    out = tmp_path / "out"
+    doc = json.loads((tiny["split"] / "hierarchy.json").read_text())
+    n_train = sum(im["split"] == "train" for im in doc["images"])
+    n_val = sum(im["split"] == "val" for im in doc["images"])
+    # the whole original tree: its train and val images were training data (relative paths: messages resolve them)
+    r = _evaluate_cli(tiny, "--data", "data", "--data-dir", "split", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "training data" in line]
+    assert warnings == [f"warning: {n_train + n_val} of the {len(doc['images'])} images of {tiny['data']} were in "
+                        f"the training data of {tiny['split']} ({n_train} train, {n_val} val; same file content): "
+                        "their scores are optimistic"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["seen_in_training"] == {"train": n_train, "val": n_val}
+    # only the test images, copied into a tree of their own: no warning
+    folder = dict(zip(doc["flat"]["class_nodes"], doc["flat"]["classes"]))
+    fresh = tmp_path / "fresh"
+    for im in doc["images"]:
+        if im["split"] == "test":
+            (fresh / im["leaf"]).mkdir(parents=True, exist_ok=True)
+            shutil.copy(tiny["split"] / "flat" / "test" / folder[im["leaf"]] / im["file"], fresh / im["leaf"] / im["file"])
+    r = _evaluate_cli(tiny, "--data", str(fresh), "--data-dir", str(tiny["split"]), "--output", str(out))
+    assert r.returncode == 0 and "training data" not in r.stderr, r.stderr
+    assert json.loads((out / "results.json").read_text())["seen_in_training"] == {"train": 0, "val": 0}
+
+
+@pytest.mark.slow  # trains tiny models (~1-2 min on 2 cores)
+def test_cli_messages_show_absolute_paths(tiny, tmp_path):
+    r = _evaluate_cli(tiny, "--models-dir", "no-such-models", "--data-dir", str(tiny["split"]))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"no trained models in {tiny['base'] / 'no-such-models'}" in r.stderr
+
+
+def test_combined_decision_hand_computed():
+    # one image; root: a 0.6, b 0.4; a: x 0.5, y 0.5; b: z 0.9, w 0.1
+    ch = {nid: HIER.nodes[nid].children for nid in ("", "a", "b")}
+    given = {"": {"a": 0.6, "b": 0.4}, "a": {"a/x": 0.5, "a/y": 0.5}, "b": {"b/z": 0.9, "b/w": 0.1}}
+    probs = {nid: np.array([[given[nid][c] for c in ch[nid]]]) for nid in ch}
+    leaves = ["a/x", "a/y", "b/z", "b/w"]
+    np.testing.assert_allclose(lcpn_leaf_probs(HIER, probs, leaves), [[0.3, 0.3, 0.36, 0.04]])
+    # LCPN alone: b/z (0.36); flat alone: a/y (0.5); combined: a/y (0.3*0.5=0.15 > 0.36*0.2=0.072)
+    assert combined_leaves(HIER, probs, np.array([[0.1, 0.5, 0.2, 0.2]]), leaves) == ["a/y"]
+    # a flat model that agrees with LCPN's leaf keeps it
+    assert combined_leaves(HIER, probs, np.array([[0.25, 0.25, 0.25, 0.25]]), leaves) == ["b/z"]
+    res = assemble_results(HIER, TRUE, PATHS, LOCAL, FLAT, combined_leaves=["a/x", "a/y", "b/z", "b/w", "b/z", "a/x"])
+    assert res["combined"]["leaf_accuracy"] == pytest.approx(5 / 6)  # wrong on image 6 only
+    assert (res["combined"]["vs_lcpn"]["a_only"], res["combined"]["vs_lcpn"]["b_only"]) == (3, 0)  # images 2, 3, 4
+    md = render_markdown({**res, "n_unreadable": 0, "runtime": "onnx"})
+    assert "| leaf accuracy | 0.3333 | 0.6667 | 0.8333 |" in md
+    assert any(line.startswith("combined decision (reported only") for line in summary_lines(res))
+
+
+def test_predict_test_set_combined_matches_path_products(two_level_tree):
+    hier = Hierarchy.from_leaf_paths(["angular/box", "angular/tri", "round/circle", "round/plus"])
+    test = _image_test_set(two_level_tree)
+    assert predict_test_set(_numpy_predictor(hier), test, batch_size=5)[2] is None  # a node with its own network
+    pred = _numpy_predictor(hier, all_heads=True)
+    preds, local, combined = predict_test_set(pred, test, batch_size=5, workers=2)
+    assert combined[-1] is None and preds[-1].error
+    inputs = [x for _, x, _ in next(iter(pred.prepared_batches(test.paths[:-1], batch_size=100)))]
+    classifiers = hier.classifier_nodes()
+    _, scores = pred.predict_and_score(inputs, test.paths[:-1], {nid: list(range(len(inputs))) for nid in classifiers})
+    images = np.stack([x[(16, "squash")] for x in inputs])
+    flat_probs = _softmax(pred.flat.head(pred.backbones["bb0"][0](images)))  # the flat head has no mirror
+    for i in range(len(inputs)):
+        joint = {}
+        for j, leaf in enumerate(pred.flat.class_nodes):
+            top, _ = leaf.split("/")
+            p_top = scores[""][i][hier.nodes[""].children.index(top)]
+            p_leaf = scores[top][i][hier.nodes[top].children.index(leaf)]
+            joint[leaf] = p_top * p_leaf * flat_probs[i][j]
+        assert combined[i] == max(joint, key=joint.get)
+    assert len(set(combined[:-1])) > 1
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "export.py"])
+def test_help_has_no_restructuredtext_leftovers(script):
+    r = subprocess.run([PY, str(REPO / "src" / script), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "Example" in r.stdout
+    assert "::" not in r.stdout and "``" not in r.stdout

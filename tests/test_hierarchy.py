@@ -214,20 +214,23 @@ def test_symlinks(tmp_path):
     assert set(scan.files) == {"a/x", "a/y", "b/z"}
 
 
-def test_unreadable_file_and_folder(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: chmod 000 does not block reads")
-    leaves_tree(tmp_path, {"a": 2, "b": 2, "c": 2})
-    locked = tmp_path / "a" / "img_0.jpg"
-    locked.chmod(0)
-    (tmp_path / "c").chmod(0)
-    try:
-        scan = scan_tree(tmp_path, check=check_image)
-    finally:
-        locked.chmod(0o644)
-        (tmp_path / "c").chmod(0o755)
-    assert dict(scan.skipped)["a/img_0.jpg"] == "permission denied"
-    assert "c" not in scan.files and any("cannot list folder c" in w for w in scan.warnings)
+def test_unreadable_file_and_folder(open_tmp):
+    """Run as an ordinary user (``nobody`` when the tests run as root): chmod 000 must block it."""
+    from conftest import python_unprivileged
+
+    leaves_tree(open_tmp, {"a": 2, "b": 2, "c": 2})
+    (open_tmp / "a" / "img_0.jpg").chmod(0)
+    (open_tmp / "c").chmod(0)
+    proc = python_unprivileged(
+        "import json, sys; from pathlib import Path\n"
+        "from hiernet.hierarchy import scan_tree; from hiernet.images import check_image\n"
+        "s = scan_tree(Path(sys.argv[1]), check=check_image)\n"
+        "print(json.dumps({'skipped': dict(s.skipped), 'files': sorted(s.files), 'warnings': s.warnings}))",
+        open_tmp)
+    assert proc.returncode == 0, proc.stderr
+    scan = json.loads(proc.stdout)
+    assert scan["skipped"]["a/img_0.jpg"] == "permission denied"
+    assert scan["files"] == ["a", "b"] and any("cannot list folder c" in w for w in scan["warnings"])
 
 
 def test_names_that_are_not_utf8_are_skipped_with_reason(tmp_path):
@@ -336,7 +339,7 @@ BAD_TREES = {
     "no nodes": ({}, "malformed"),
     "nodes not a list": ({"nodes": {"": {}}}, "malformed"),
     "node not an object": ({"nodes": ["x"]}, "malformed"),
-    "parent is a list": (_mutate(lambda n, d: n["b"].update(parent=[1])), ""),
+    "parent is a list": (_mutate(lambda n, d: n["b"].update(parent=[1])), "parent and dataset must be strings"),
     "parent list first": ({"nodes": [{"id": "a", "name": "a", "parent": [""], "children": [], "dataset": None},
                                      {"id": "", "name": "", "parent": None, "children": ["a"], "dataset": "parent"}]},
                           "malformed"),
@@ -344,7 +347,7 @@ BAD_TREES = {
     "id a number": (_mutate(lambda n, d: n["b"].update(id=5)), "malformed"),
     "duplicate id": (_mutate(lambda n, d: d["nodes"].append(dict(n["b"]))), "appears twice"),
     "no root": (_mutate(lambda n, d: d["nodes"].remove(n[""])), "no root"),
-    "unknown parent": (_mutate(lambda n, d: n["b"].update(parent="zz")), ""),
+    "unknown parent": (_mutate(lambda n, d: n["b"].update(parent="zz")), "does not point back"),
     "id not path": (_mutate(lambda n, d: n["a/x"].update(name="q")), "parent's path"),
     "child twice": (_mutate(lambda n, d: n["a"]["children"].append("a/x")), "child twice"),
     "unreachable": (_mutate(lambda n, d: d["nodes"].append({"id": "z", "name": "z", "parent": "q", "children": [],
@@ -361,6 +364,7 @@ BAD_TREES = {
 @pytest.mark.parametrize("name", sorted(BAD_TREES))
 def test_from_dict_refuses_bad_trees(name):
     data, match = BAD_TREES[name]
+    assert match  # an empty pattern would match any message
     with pytest.raises(HierarchyError, match=match):
         Hierarchy.from_dict(data)
 

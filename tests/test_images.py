@@ -164,8 +164,8 @@ BROKEN = {
     "random.jpg": (lambda p: p.write_bytes(np.random.default_rng(1).bytes(3000)), "not an image"),
     "truncated.jpg": (lambda p: p.write_bytes(_good_jpeg()[:300]), "truncated"),
     "truncated.png": (lambda p: p.write_bytes(_good_png()[:400]), "truncated"),
-    "header_only.png": (lambda p: p.write_bytes(_good_png()[:33]), ""),
-    "jpeg_soi_then_garbage.jpg": (lambda p: p.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50), ""),
+    "header_only.png": (lambda p: p.write_bytes(_good_png()[:33]), "not an image"),
+    "jpeg_soi_then_garbage.jpg": (lambda p: p.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50), "not an image"),
     "missing.jpg": (lambda p: None, "file not found"),
     "folder.jpg": (lambda p: p.mkdir(), "is a folder"),
     "broken_link.jpg": (lambda p: os.symlink(p.parent / "nowhere.jpg", p), "file not found"),
@@ -176,6 +176,7 @@ BROKEN = {
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_broken_files_give_a_reason(tmp_path, name):
     make, reason = BROKEN[name]
+    assert reason  # an empty reason would be found in any message
     path = tmp_path / name
     make(path)
     with pytest.raises(ImageDecodeError) as ei:
@@ -187,15 +188,15 @@ def test_broken_files_give_a_reason(tmp_path, name):
         load_for_model(path, 32)
 
 
-def test_unreadable_file_permission(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: chmod 000 does not block reads")
-    path = save(tmp_path / "locked.png", Image.new("RGB", (4, 4)))
+def test_unreadable_file_permission(open_tmp):
+    """Run as an ordinary user (``nobody`` when the tests run as root): chmod 000 must block it."""
+    from conftest import python_unprivileged
+
+    path = save(open_tmp / "locked.png", Image.new("RGB", (4, 4)))
     path.chmod(0)
-    try:
-        assert check_image(path) == "permission denied"
-    finally:
-        path.chmod(0o644)
+    proc = python_unprivileged("import sys; from hiernet.images import check_image; print(check_image(sys.argv[1]))", path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "permission denied"
 
 
 @pytest.mark.parametrize("pixels", [(12, 12), (20, 20), (1000, 1)])  # 144: warning zone; 400, 1000: error zone

@@ -224,7 +224,7 @@ def test_score_leaves_and_confusion(mix):
 def test_score_nodes(mix):
     assert list(mix["nodes"]) == ["parent", "a", "t", "t__u"]  # no classifier for the one-child 's'
     assert mix["nodes"]["parent"] == pytest.approx(
-        {"node": "", "local_accuracy": 6 / 7, "routed_accuracy": 6 / 7, "n_true": 7, "n_routed": 7})
+        {"node": "root", "local_accuracy": 6 / 7, "routed_accuracy": 6 / 7, "n_true": 7, "n_routed": 7})
     # t/u: truly below = 3, 4, 5; routed there = 3, 4 (5 went to t/z)
     assert mix["nodes"]["t__u"] == pytest.approx(
         {"node": "t/u", "local_accuracy": 2 / 3, "routed_accuracy": 1 / 2, "n_true": 3, "n_routed": 2})

@@ -62,3 +62,17 @@ def test_temperature_never_makes_things_worse_on_tiny_data():
     head, x, y = _overconfident_head(scale=1.0)
     stats = head.fit_temperature(x[:1], y[:1])  # one example: nothing to fit
     assert stats["temperature"] == 1.0 and np.isclose(stats["nll_after"], stats["nll_before"])
+
+
+def test_head_runs_in_float32_under_autocast():
+    """AMP must not run the head's matmul in half precision (fp16 sums of tiny softmax values reach 0 → -inf)."""
+    group = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    head, x, _ = _overconfident_head(40.0, n_classes=2, group=group)
+    x = x[:64]
+    plain = head(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head(x.to(torch.bfloat16))
+    assert mixed.dtype == torch.float32
+    assert torch.isfinite(mixed).all()
+    assert torch.allclose(mixed, head(x.to(torch.bfloat16).float()), atol=1e-5)
+    assert torch.allclose(mixed.argmax(1), plain.argmax(1))

@@ -17,8 +17,10 @@ CONTEXT = OutputContext({"": {0: "bottoms", 1: "tops"}, "tops": {0: "shirt", 1: 
 def predictions() -> list[Prediction]:
     full = Prediction("a.jpg", ["tops", "tee"], ["tops", "tops/tee"], [0.9, 0.7123456789], 0.9 * 0.7123456789,
                       [[("tops", 0.9), ("bottoms", 0.1)], [("tee", 0.7123456789), ("shirt", 0.2876543211)]])
-    stopped = Prediction("b.jpg", ["tops"], ["tops"], [0.6], 0.6, [[("tops", 0.6), ("bottoms", 0.4)]], complete=False)
-    nothing = Prediction("c d,é.jpg", confidence=1.0, complete=False)  # stopped above the top level
+    stopped = Prediction("b.jpg", ["tops"], ["tops"], [0.6], 0.6, [[("tops", 0.6), ("bottoms", 0.4)]], complete=False,
+                         candidates=[("tee", 0.55), ("shirt", 0.45)])
+    nothing = Prediction("c d,é.jpg", confidence=1.0, complete=False,  # stopped above the top level
+                         candidates=[("tops", 0.52), ("bottoms", 0.48)])
     bad = Prediction("broken.jpg", complete=False, error="cannot identify image file")
     return [full, stopped, nothing, bad]
 
@@ -91,17 +93,58 @@ def test_text_keeps_the_original_layout():
         "  top-k: tee 0.7123, shirt 0.2877\n"
         "Path: tops > tee  (confidence 0.6411)\n"
         "== b.jpg\n"
-        "Encoder: {0: 'bottoms', 1: 'tops'}\n"
         "Parent class prediction:  tops  (p=0.6000)\n"
         "  top-k: tops 0.6000, bottoms 0.4000\n"
-        "Final Prediction:  tops  (stopped: the next level would fall below --min-confidence 0.5)\n"
+        "Stopped at:  tops  (the next level would fall below --min-confidence 0.5)\n"
+        "  candidates: tee 0.5500, shirt 0.4500\n"
         "Path: tops  (confidence 0.6000)\n"
         "== c d,é.jpg\n"
-        "Final Prediction:  (none)  (stopped: the next level would fall below --min-confidence 0.5)\n"
-        "Path:   (confidence 1.0000)\n"
+        "Stopped at:  root  (the next level would fall below --min-confidence 0.5)\n"
+        "  candidates: tops 0.5200, bottoms 0.4800\n"
+        "Path: root  (confidence 1.0000)\n"
         "== broken.jpg\n"
         "error: cannot read image: cannot identify image file\n"
+        "== summary: 4 images\n"
+        "top level: tops 2\n"
+        "stopped early: 2, unreadable: 1\n"
     )
+
+
+def test_text_prints_the_single_image_layout_of_the_readme_without_a_summary():
+    text = render("text", [predictions()[0].record()], CONTEXT)
+    assert text.count("Encoder:") == 2 and "summary" not in text
+    assert text.splitlines()[-1] == "Path: tops > tee  (confidence 0.6411)"
+
+
+def test_a_stop_names_where_it_stopped_with_the_candidates_it_could_not_decide():
+    stopped, nothing = (p.record() for p in predictions()[1:3])
+    assert nothing["node"] == "root" and nothing["labels"] == [] and nothing["confidence"] == 1.0
+    assert nothing["topk"] == [[{"label": "tops", "prob": 0.52}, {"label": "bottoms", "prob": 0.48}]]
+    assert stopped["node"] == "tops" and len(stopped["topk"]) == 2  # its level, then the undecided one
+    assert [t["label"] for t in stopped["topk"][1]] == ["tee", "shirt"]
+    row = next(csv.DictReader(io.StringIO(render("csv", [nothing]))))
+    assert row["node"] == "root" and row["topk"] == "tops:0.520000;bottoms:0.480000"
+
+
+def test_route_stopping_at_the_top_keeps_the_candidates_of_that_level():
+    import numpy as np
+
+    from hiernet.hierarchy import Hierarchy
+    from hiernet.routing import route
+
+    hier = Hierarchy.from_leaf_paths(["tops/tee", "tops/shirt", "bottoms/skirt", "bottoms/jeans"])
+    root = hier.nodes[""].children
+    half = np.full((2, 2), 0.5)
+    probs = {"": np.array([[0.55, 0.45], [0.9, 0.1]]), root[0]: half, root[1]: half}
+    a, b = route(hier, probs, 2, topk=1, min_confidence=0.6)
+    assert not a.complete and a.node_ids == [] and a.confidence == 1.0
+    assert [c for c, _ in a.candidates] == [root[0], root[1]] and a.candidates[0][1] == 0.55
+    assert b.node_ids == [root[0]] and not b.complete and len(b.candidates) == 2
+
+
+def test_encoders_are_printed_once_per_output():
+    recs = [predictions()[0].record()] * 3
+    assert render("text", recs, CONTEXT).count("Encoder:") == 2
 
 
 def test_writers_write_each_record_at_once():

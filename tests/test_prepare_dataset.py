@@ -334,18 +334,19 @@ def test_output_is_a_file(tmp_path):
     assert (tmp_path / "out").read_text() == "x"
 
 
-def test_unwritable_output(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: permissions do not block writes")
-    root = simple_tree(tmp_path / "data", {"a": 3, "b": 3})
-    locked = tmp_path / "locked"
+def test_unwritable_output(open_tmp):
+    """Run as an ordinary user (``nobody`` when the tests run as root): a read-only folder must block it."""
+    from conftest import run_unprivileged
+
+    root = simple_tree(open_tmp / "data", {"a": 3, "b": 3})
+    locked = open_tmp / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        line = one_error_line(prepare("-p", root, "-o", locked / "out", check=False))
-    finally:
-        locked.chmod(0o755)
-    assert "Permission denied" in line
+    locked.chmod(0o555)
+    proc = run_unprivileged([sys.executable, PREPARE, "-p", root, "-o", locked / "out"], cwd="/",
+                            env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "Permission denied" in one_error_line(proc)
+    assert not (locked / "out").exists()
 
 
 def test_concurrent_run_refused_by_lock(tmp_path):
@@ -554,10 +555,10 @@ def test_zoo_partial_labels_make_training_use_child_targets(zoo):
     """Stopgap until training learns from partial labels: a node with partial images below it trains on
     its children (a partial image has no leaf to be a fine target), the others keep fine (leaf) targets."""
     from hiernet.hierarchy import Hierarchy
-    from hiernet.training import _fine_targets
+    from hiernet.training import fine_label_targets
 
     doc = zoo["doc"]
     hier = Hierarchy.from_dict(doc["tree"])
     children = hier.nodes[""].children
-    assert _fine_targets(hier, doc, "", children) is None
-    assert _fine_targets(hier, {**doc, "partial_images": []}, "", children) is not None
+    assert fine_label_targets(hier, doc, "", children) is None
+    assert fine_label_targets(hier, {**doc, "partial_images": []}, "", children) is not None

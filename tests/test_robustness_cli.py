@@ -201,6 +201,32 @@ DAMAGE = {
 }
 
 
+#: The node folder each damage case is in: its error line must name it (the folder or ``-d NODE``).
+#: Cases that damage the shared hierarchy.json name that file instead.
+NODE_OF = {
+    "missing_node_model": "angular", "missing_node_folder": "round", "encoder_disagrees": "angular",
+    "truncated_model": "parent", "model_of_other_node": "round", "model_pth_os_system": "round",
+    "model_pth_exec_legacy_pickle": "parent", "encoder_os_system": "round", "encoder_exec": "angular",
+    "encoder_string_keys": "angular", "encoder_is_folder": "round", "encoder_truncated": "round",
+    "model_empty_file": "round", "model_random_bytes": "round", "model_is_folder": "round",
+    "model_plain_but_malformed": "round", "head_weights_wrong_shape": "angular", "head_weights_not_tensors": "angular",
+    "no_hierarchy_fingerprint": "round", "huge_image_size": "round", "unknown_resize_policy": "round",
+    "unknown_backbone": "parent", "model_wrong_version": "round", "model_not_ours": "round",
+    "model_of_other_backbone": "parent",
+}
+
+
+def assert_names_node(line: str, name: str) -> None:
+    """The error line names the damaged node's folder (``.../round/...`` or ``-d round``), or hierarchy.json."""
+    import re
+
+    node = NODE_OF.get(name)
+    if node is None:
+        assert "hierarchy.json" in line, line
+    else:
+        assert re.search(rf"/{node}(?![\w.-])|-d {node}\b", line), (node, line)
+
+
 #: The damage cases whose predict.py run is part of the fast default run (all of DAMAGE run as
 #: processes in the slow tests, on really trained models, and all run in-process by default).
 DEFAULT_PROCESS_CASES = ("model_pth_os_system", "encoder_exec")
@@ -249,6 +275,8 @@ def _check_damaged(r: dict, name: str) -> None:
     line = assert_one_error_line(r["rc"], r["stderr"], DAMAGE[name][1])
     assert r["stdout"] == ""  # no partial predictions from a half-loaded tree
     assert "train" in line.lower()  # says what to do: retrain / train this node / train_lcpn.sh
+    if name != "other_hierarchy":  # the tree changed under every node: any node may be named
+        assert_names_node(line, name)
     assert not r["marker"].exists(), "a payload ran"
 
 
@@ -297,7 +325,7 @@ MORE_DAMAGE = {
                                      (m / "round" / "bin" / "encoder.pickle").mkdir()), "cannot be read"),
     "encoder_truncated": (lambda m, mk: _truncate(m / "round" / "bin" / "encoder.pickle", 0.5), "refused"),
     "model_empty_file": (lambda m, mk: (m / "round" / "model.pth").write_bytes(b""), "damaged or truncated"),
-    "model_random_bytes": (lambda m, mk: (m / "round" / "model.pth").write_bytes(os.urandom(4096)), "refused"),
+    "model_random_bytes": (lambda m, mk: (m / "round" / "model.pth").write_bytes(__import__("random").Random(0).randbytes(4096)), "refused"),
     "model_is_folder": (lambda m, mk: ((m / "round" / "model.pth").unlink(), (m / "round" / "model.pth").mkdir()), "missing"),
     "model_plain_but_malformed": (lambda m, mk: __import__("torch").save(
         {"format": "fashion-hiernet-node", "version": 1, "config": {"node": {"classes": 3, "class_nodes": []},
@@ -318,6 +346,9 @@ MORE_DAMAGE = {
     "unknown_backbone": (lambda m, mk: _edit_checkpoint(
         m / "parent" / "model.pth", lambda ck: ck["config"]["backbone"].update(name="efficientnet-b99")),
         "unknown to this version"),
+    "model_of_other_backbone": (lambda m, mk: _edit_checkpoint(  # Lite1 has Lite0's feature size: only the
+        m / "parent" / "model.pth", lambda ck: ck["config"]["backbone"].update(name="efficientnet-lite1")),  # weights tell
+        "differ from those it was trained on"),
     "model_wrong_version": (lambda m, mk: __import__("torch").save({"format": "fashion-hiernet-node", "version": 99},
                                                                m / "round" / "model.pth"), "format version"),
     "model_not_ours": (lambda m, mk: __import__("torch").save({"weights": __import__("torch").zeros(3)},
@@ -335,6 +366,8 @@ def test_damage_refused_in_process(synthetic, models, tmp_path, capsys, name):
     assert code == 2 and out == ""
     line = assert_one_error_line(code, err, expect)
     assert "train" in line.lower()  # says what to do: retrain / train this node / train_lcpn.sh
+    if name != "other_hierarchy":  # the tree changed under every node: any node may be named
+        assert_names_node(line, name)
     assert not marker.exists(), "a payload ran"
 
 
@@ -367,13 +400,14 @@ def test_predict_mix_of_good_and_bad_images_and_unread_pickles(synthetic, models
     rows = {r["path"]: r for r in csv.DictReader(io.StringIO(proc.stdout))}
     good += [str(folder / "ok.PNG")]
     bad_paths += [str(folder / "broken.jpg")]
-    assert set(rows) == set(good) | set(bad_paths)  # the missing path is warned about, not predicted
+    bad_paths += [missing]  # a missing file gets its row, with the error, like an unreadable one
+    assert set(rows) == set(good) | set(bad_paths)
     for g in good:
         assert not rows[g]["error"] and rows[g]["labels"].count("/") == 1  # a full 2-level path
     for b in bad_paths:
         assert rows[b]["error"] and not rows[b]["labels"]
-    assert "does_not_exist.jpg: file not found" in proc.stderr
-    assert f"{len(bad_paths)} of {len(rows)} images could not be read" in proc.stderr
+    assert rows[missing]["error"] == "file not found"
+    assert f"{len(bad_paths)} of {len(rows)} inputs could not be read" in proc.stderr
     assert not any(m.exists() for m in markers)
 
 
@@ -389,12 +423,17 @@ def test_predict_only_bad_images_fails(synthetic, tmp_path):
 
 def test_predict_nothing_to_predict_is_one_line(synthetic, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code, out, err = _predict_inprocess(["-p", str(tmp_path / "empty"), str(tmp_path / "nope.jpg"),
-                                         "--models-dir", str(synthetic["models"])], capsys)
+    code, out, err = _predict_inprocess(["-p", str(tmp_path / "empty"), "--models-dir", str(synthetic["models"])],
+                                        capsys)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: no images to predict") and "Traceback" not in err
-    assert any("folder holds no images" in ln for ln in lines) and any("file not found" in ln for ln in lines)
+    assert any("folder holds no images" in ln for ln in lines)
+    # a missing file is an input: its row says why, and alone it fails with one line naming it
+    code, out, err = _predict_inprocess(["-p", str(tmp_path / "empty"), str(tmp_path / "nope.jpg"),
+                                         "--models-dir", str(synthetic["models"]), "--format", "jsonl"], capsys)
+    assert code == 1 and json.loads(out)["error"] == "file not found"
+    assert "none of the 1 inputs could be read" in err and "nope.jpg: file not found" in err
 
 
 def test_prepare_dataset_missing_or_file_path(tmp_path):
@@ -474,3 +513,41 @@ def test_predict_output_file_with_non_utf8_image_name(synthetic, tmp_path, capsy
     assert code == 0 and "Traceback" not in err
     (pred,) = json.loads(out.read_bytes().decode("utf-8"))
     assert os.fsencode(pred["path"]) == raw and len(pred["labels"]) == 2
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_and_restart_starts_over(trained, trained_models):
+    """kill -9 after a few epochs; a rerun continues from the checkpoint, ``--restart`` begins again.
+
+    The work folder's ``log.csv`` is rewritten whole after every epoch, so the first one a run writes
+    tells whether it resumed (all earlier epochs in it) or started over (one row).
+    """
+    models = trained_models
+    log = models / ".parent.work" / "log.csv"
+    long = train_args(trained, "parent", models, ["--epochs", "1000000", "--patience", "1000000"])
+
+    def run_until(args, rows_at_least, timeout=120):
+        """Start ``args``, wait until the work folder's log has that many epoch rows, kill -9; the rows."""
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "training made no progress"
+                rows = log.read_text().splitlines()[1:] if log.exists() else []
+                if len(rows) >= rows_at_least:
+                    return [int(r.split(",")[0]) for r in rows]
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+    first = run_until(long, 4)
+    assert first == list(range(1, len(first) + 1))
+    # the log is rewritten whole after every epoch: the first one a rerun writes shows where it started
+    log.unlink()
+    resumed = run_until(long, 1)
+    assert len(resumed) >= len(first) and resumed == list(range(1, len(resumed) + 1))  # continued, not restarted
+    log.unlink()
+    restarted = run_until([*long, "--restart"], 1)
+    assert len(restarted) < len(first) - 1  # --restart discarded the checkpoint: it began at epoch 1 again

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Payload
+from conftest import REPO, Payload, readline_within
 from hiernet.safeio import (
     LockHeld,
     RestrictedUnpickler,
@@ -163,7 +163,7 @@ def test_kill_9_during_atomic_write_keeps_old_file(tmp_path):
                 time.sleep(60)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "writing"
+    assert readline_within(proc).strip() == "writing"
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     assert target.read_bytes() == b"old complete file"
@@ -281,6 +281,29 @@ def test_lock_excludes_a_second_holder_and_is_released(tmp_path):
         assert lock.read_text() == str(os.getpid())
 
 
+def test_lock_on_a_filesystem_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with caplog.at_level("WARNING"):
+        with exclusive_lock(tmp_path / ".parent.lock", "training of node 'parent'"):
+            ran.append(1)
+    assert ran == [1] and "HIERNET_NO_LOCK" in caplog.text and "without a lock" in caplog.text
+
+
+def test_no_lock_env_skips_locking(tmp_path, monkeypatch):
+    monkeypatch.setenv("HIERNET_NO_LOCK", "1")
+    with exclusive_lock(tmp_path / ".parent.lock", "x"):
+        with exclusive_lock(tmp_path / ".parent.lock", "x"):  # no LockHeld: no lock at all
+            pass
+    assert not (tmp_path / ".parent.lock").exists()
+
+
 def test_lock_held_by_another_process_and_freed_when_it_is_killed(tmp_path):
     lock = tmp_path / ".x.lock"
     script = textwrap.dedent(f"""
@@ -294,7 +317,7 @@ def test_lock_held_by_another_process_and_freed_when_it_is_killed(tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip() == "held"
+        assert readline_within(proc).strip() == "held"
         with pytest.raises(LockHeld):
             with exclusive_lock(lock, "x"):
                 pass
@@ -352,3 +375,74 @@ def test_text_with_undecodable_file_names_is_written_as_valid_utf8(tmp_path):
     assert back == name and os.fsencode(back) == b"caf\xe9.jpg"  # and it round-trips to the real file
     write_text_atomic(tmp_path / "p.csv", f"{name},x\n")
     assert (tmp_path / "p.csv").read_bytes() == b"caf\\udce9.jpg,x\n"
+
+
+# ------------------------------------------------------------------------------------ open_output
+def test_open_output_replaces_a_regular_file_only_when_complete(tmp_path):
+    from hiernet.safeio import open_output
+
+    out = tmp_path / "p.csv"
+    out.write_text("old\n")
+    with pytest.raises(RuntimeError):
+        with open_output(out) as fh:
+            fh.write("half")
+            raise RuntimeError("killed")
+    assert out.read_text() == "old\n" and not list(tmp_path.glob(".p.csv.tmp-*"))
+    with open_output(out) as fh:
+        fh.write("new\n")
+    assert out.read_text() == "new\n"
+
+
+def test_open_output_writes_through_a_symlink_to_the_file_it_names(tmp_path):
+    from hiernet.safeio import open_output
+
+    real, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    real.write_text("old\n")
+    link.symlink_to(real)
+    with open_output(link) as fh:
+        fh.write("new\n")
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_text() == "new\n"
+
+
+def test_open_output_writes_into_a_device_without_replacing_it(tmp_path):
+    from hiernet.safeio import open_output, output_kind
+
+    dev = tmp_path / "null"
+    try:
+        os.mknod(dev, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a copy of /dev/null
+    except PermissionError:
+        pytest.skip("mknod needs root")
+    assert output_kind(dev) == "stream"
+    with open_output(dev) as fh:
+        fh.write("x" * 100)
+    assert stat.S_ISCHR(os.stat(dev).st_mode) and not list(tmp_path.glob(".null.tmp-*"))
+
+
+def test_open_output_writes_into_a_fifo(tmp_path):
+    import threading
+
+    from hiernet.safeio import open_output
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
+    reader.start()
+    with open_output(fifo) as fh:
+        fh.write("through\n")
+    reader.join(10)
+    assert got == ["through\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_open_output_dash_is_stdout_and_a_folder_is_refused(tmp_path, capsys):
+    from hiernet.safeio import UserError, check_output_path, open_output
+
+    with open_output("-") as fh:
+        fh.write("to stdout\n")
+    assert capsys.readouterr().out == "to stdout\n"
+    with pytest.raises(UserError, match="is a folder"):
+        check_output_path(tmp_path)
+    with pytest.raises(UserError, match="is a folder"):
+        with open_output(tmp_path):
+            pass

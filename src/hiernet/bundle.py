@@ -222,9 +222,18 @@ def onnx_problem(models_dir: Path, hier: Hierarchy, with_flat: bool = False) -> 
 
 
 # ---------------------------------------------------------------------- loading
+def choose_runtime(runtime: str, device: str) -> str:
+    """The runtime ``auto`` means on ``device``: ``"torch"`` on a GPU (``cuda``, ``cuda:N``, ``mps``; the
+    ONNX export runs on the CPU), else ``"auto"`` (ONNX when exported and current, else torch). Other
+    runtimes are returned unchanged."""
+    if runtime == "auto" and str(device) != "cpu":
+        return "torch"
+    return runtime
+
+
 def load_bundle(models_dir: str | Path, runtime: str = "auto", device: str = "cpu", with_flat: bool = False) -> ModelBundle:
-    """Load every node of ``models_dir`` with ``runtime`` ``auto`` (ONNX when exported and current, else
-    torch), ``torch`` or ``onnx``; ``with_flat`` also loads the flat baseline.
+    """Load every node of ``models_dir`` with ``runtime`` ``auto`` (on a GPU ``device``: torch there; else
+    ONNX when exported and current, else torch), ``torch`` or ``onnx``; ``with_flat`` also loads the flat baseline.
 
     Raises
     ------
@@ -235,13 +244,17 @@ def load_bundle(models_dir: str | Path, runtime: str = "auto", device: str = "cp
     hier, _ = read_models_hierarchy(models_dir)
     if runtime not in RUNTIMES:
         raise UserError(f"unknown runtime {runtime!r}; use auto, torch or onnx")
+    runtime = choose_runtime(runtime, device)
     if runtime in ("auto", "onnx"):
         problem = onnx_problem(models_dir, hier, with_flat)
         if problem is None:
             return load_onnx_bundle(models_dir, hier, with_flat)
         if runtime == "onnx":
             raise UserError(f"{problem}; run: python3 src/export.py --models-dir {models_dir}")
-        log.info("using the torch runtime (%s)", problem)
+        bundle = load_torch_bundle(models_dir, hier, device, with_flat)  # said only once it loaded
+        log.warning("note: predicting with PyTorch, several times slower than onnxruntime (%s); "
+                    "run: python3 src/export.py --models-dir %s", problem, models_dir.resolve())
+        return bundle
     return load_torch_bundle(models_dir, hier, device, with_flat)
 
 

@@ -210,3 +210,12 @@ def preset_with_flags(preset: str, flags: dict) -> TrainConfig:
     if "image_size" not in given and given.get("backbone", base.backbone) != base.backbone:
         given["image_size"] = None
     return base.override(given)
+
+
+def default_workers(mode: str, device: str, cpus: int, procs_per_host: int = 1) -> int:
+    """``--workers`` when not given: fine-tuning on CUDA decodes images in ``min(8, cpus / procs_per_host)``
+    DataLoader worker processes (decoding B4's inputs in the training process starves a GPU); else 0
+    (frozen mode reads cached features; on a CPU the cores are busy training)."""
+    if mode != "finetune" or not str(device).startswith("cuda"):
+        return 0
+    return max(1, min(8, cpus // max(1, procs_per_host)))

@@ -71,6 +71,94 @@ def all_reduce_sum(values: list[float], device: str) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks in place (no-op without torchrun); Gloo gets a CPU copy."""
+    if not is_distributed():
+        return t
+    if t.device.type == "cuda":
+        dist.all_reduce(t)
+        return t
+    cpu = t.detach().cpu()
+    dist.all_reduce(cpu)
+    t.copy_(cpu)
+    return t
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (other ranks' ``obj`` is ignored). For small pickles between the
+    processes of one job (resume metadata, a run token)."""
+    if not is_distributed():
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank; ``[obj]`` without torchrun."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank0_first():
+    """Context manager: rank 0 runs the block first (e.g. a download into a shared cache), the other
+    ranks wait at a barrier and then run it (finding the files rank 0 wrote)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def _cm():
+        if not is_main():
+            barrier()
+        try:
+            yield
+        finally:
+            if is_main():
+                barrier()
+
+    return _cm()
+
+
+SHARED_MARKER = ".hiernet-shared-check"
+
+
+def check_shared_storage(folders: list) -> None:
+    """Under torchrun: fail (one line, on every rank) unless every rank sees files rank 0 writes in ``folders``.
+
+    Several hosts must share the feature cache and the output folder (rank 0 alone writes the node
+    folder; every rank reads the cache). Rank 0 writes a marker with a fresh token in each folder; after
+    a barrier the other ranks look for it.
+    """
+    import socket
+    import uuid
+    from pathlib import Path
+
+    from .safeio import UserError
+
+    if not is_distributed():
+        return
+    token = broadcast_object(uuid.uuid4().hex)
+    folders = [Path(f) for f in folders if f is not None]
+    if is_main():
+        for f in folders:
+            f.mkdir(parents=True, exist_ok=True)
+            (f / f"{SHARED_MARKER}-{token}").write_text(token)
+    barrier()
+    missing = [str(f) for f in folders if not (f / f"{SHARED_MARKER}-{token}").is_file()]
+    report = all_gather_object((rank(), socket.gethostname(), missing))
+    barrier()
+    if is_main():
+        for f in folders:
+            (f / f"{SHARED_MARKER}-{token}").unlink(missing_ok=True)
+    bad = [(r, host, m) for r, host, m in report if m]
+    if bad:
+        r, host, m = bad[0]
+        raise UserError(f"{', '.join(m)} is not shared storage: rank {r} on {host} cannot see the files rank 0 wrote; "
+                        "put --output-dir and --cache-dir on a filesystem every host mounts")
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

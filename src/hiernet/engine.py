@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset, WeightedRandomSampler
 
 from . import distributed as dist_utils
 from .config import FitConfig
 
 __all__ = ["FitConfig", "FitResult", "class_weights", "logit_adjustment", "LogitAdjustedLoss", "predict_logits", "fit", "train_one_epoch", "evaluate",
-           "EarlyStopping", "save_resume_checkpoint", "restore_resume_checkpoint", "write_csv"]
+           "EarlyStopping", "save_resume_checkpoint", "restore_resume_checkpoint", "write_csv", "train_batching",
+           "EpochSampler", "shard", "predict_logits_sharded", "scaled_lr"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class LogitAdjustedLoss(nn.Module):
     def __init__(self, loss: nn.Module, shift: torch.Tensor):
         super().__init__()
         self.loss = loss
+        self.weight = getattr(loss, "weight", None)
         self.register_buffer("shift", shift)
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -95,12 +97,45 @@ def predict_logits(model: nn.Module, loader: DataLoader, device: str, amp: bool 
     outs, ys = [], []
     for x, y in loader:
         with _autocast(device, amp):
-            out = model(x.to(device, non_blocking=True))
+            out = model(_to_device(x, device))
         outs.append(out.float().cpu())
         ys.append(y)
     if not outs:
         return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
     return torch.cat(outs).numpy(), torch.cat(ys).numpy()
+
+
+def _to_device(x: torch.Tensor, device: str) -> torch.Tensor:
+    """``x`` on ``device``; image batches ``(B, 3, H, W)`` in channels-last layout on CUDA (faster convolutions)."""
+    if device.startswith("cuda") and x.dim() == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
+
+
+def shard(dataset: Dataset) -> Dataset:
+    """This rank's disjoint share of ``dataset`` (items ``rank, rank + W, ...``; no padding), or ``dataset``."""
+    if not dist_utils.is_distributed():
+        return dataset
+    return Subset(dataset, range(dist_utils.rank(), len(dataset), dist_utils.world_size()))
+
+
+def predict_logits_sharded(model: nn.Module, dataset: Dataset, batch_size: int, workers: int, device: str,
+                           amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predict_logits` of ``dataset`` with each rank predicting its :func:`shard`; every rank gets
+    all ``(N, C)`` logits and ``(N,)`` labels, in dataset order."""
+    loader = DataLoader(shard(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.startswith("cuda"))
+    logits, labels = predict_logits(model, loader, device, amp)
+    if not dist_utils.is_distributed():
+        return logits, labels
+    parts = dist_utils.all_gather_object((logits, labels))
+    w, n = dist_utils.world_size(), len(dataset)
+    dim = max((p[0].shape[1] for p in parts if len(p[1])), default=0)
+    out_l, out_y = np.zeros((n, dim), np.float32), np.zeros((n,), np.int64)
+    for r, (lg, y) in enumerate(parts):
+        if len(y):
+            out_l[r::w], out_y[r::w] = lg, y
+    return out_l, out_y
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int):
@@ -144,6 +179,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer, 
                     amp: bool, desc: str = "", progress: bool = False) -> tuple[float, float]:
     """One pass over ``loader`` in train mode, stepping the scheduler per batch.
 
+    Sums stay on the device (no host sync per step) and are reduced once at the end.
+
     Returns
     -------
     (float, float)
@@ -152,9 +189,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer, 
     from tqdm import tqdm
 
     model.train()
-    tot_loss, tot_correct, tot_n = 0.0, 0, 0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = _to_device(x, device), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, amp):
             out = model(x)
@@ -163,18 +200,34 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer, 
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        tot_loss += loss.item() * len(y)
-        tot_correct += (out.argmax(1) == y).sum().item()
-        tot_n += len(y)
-    tot = dist_utils.all_reduce_sum([tot_loss, tot_correct, tot_n], device)
+        sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
+                             torch.full((), float(len(y)), dtype=torch.float64, device=device)])
+    tot = dist_utils.all_reduce_tensor(sums).tolist()
     return tot[0] / max(1, tot[2]), tot[1] / max(1, tot[2])
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, criterion, device: str, amp: bool) -> tuple[float, float]:
-    """Loss (``criterion``, no label smoothing) and accuracy of ``model`` on ``loader`` in eval mode."""
-    logits, labels = predict_logits(model, loader, device, amp)
-    loss = float(criterion(torch.from_numpy(logits).to(device), torch.from_numpy(labels).to(device)).item())
-    return loss, float((logits.argmax(1) == labels).mean())
+    """Loss (``criterion``, no label smoothing) and accuracy of ``model`` on ``loader`` in eval mode.
+
+    Under torchrun each rank passes its shard of the data (:func:`shard`); the sums
+    Σ w·loss, Σ w, correct and n are reduced over the ranks, so every rank gets the same numbers
+    (and takes the same early-stopping decision).
+    """
+    model.eval()
+    weight, shift = getattr(criterion, "weight", None), getattr(criterion, "shift", None)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # Σ w·loss, Σ w, correct, n
+    for x, y in loader:
+        x, y = _to_device(x, device), y.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            out = model(x)
+        out = out.float()
+        w = weight[y] if weight is not None else torch.ones_like(y, dtype=torch.float32)
+        losses = nn.functional.cross_entropy(out if shift is None else out + shift, y, reduction="none")
+        sums += torch.stack([(w * losses).sum().double(), w.sum().double(), (out.argmax(1) == y).sum().double(),
+                             torch.full((), float(len(y)), dtype=torch.float64, device=device)])
+    tot = dist_utils.all_reduce_tensor(sums).tolist()
+    return tot[0] / tot[1] if tot[1] > 0 else math.inf, tot[2] / max(1.0, tot[3])
 
 
 def save_resume_checkpoint(path: Path, config_hash: str, epoch: int, model, optimizer, scheduler, scaler,
@@ -192,68 +245,190 @@ def save_resume_checkpoint(path: Path, config_hash: str, epoch: int, model, opti
         torch.save(ck, tmp)
 
 
+_CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "scaler", "best_state", "history", "best_epoch",
+                    "best_val_loss", "bad_epochs")
+
+
+def _read_checkpoint(path: Path, config_hash: str, log_it: bool) -> dict | None:
+    """The checkpoint at ``path`` if it exists, is complete and was written with ``config_hash``."""
+    if not path.exists():
+        return None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: start over
+        if log_it:
+            log.warning("cannot resume from %s (%s); starting over", path, type(exc).__name__)
+        return None
+    if not isinstance(ck, dict) or ck.get("config_hash") != config_hash:
+        if log_it:
+            log.info("ignoring checkpoint %s written with other settings", path)
+        return None
+    missing = [k for k in _CHECKPOINT_KEYS if k not in ck]
+    if missing:
+        if log_it:
+            log.warning("cannot resume from %s (it lacks %s); starting over", path, ", ".join(missing))
+        return None
+    return ck
+
+
+def _apply_checkpoint(ck: dict, model, optimizer, scheduler, scaler, stopper: EarlyStopping) -> str:
+    """Load ``ck`` into the objects (raises on the first part that does not fit); returns a note or ``""``."""
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    note = ""
+    if scaler.is_enabled() and not ck["scaler"]:
+        note = " with a fresh AMP loss scale (the checkpoint was written without AMP)"
+    elif scaler.is_enabled():
+        scaler.load_state_dict(ck["scaler"])
+    stopper.best_state, stopper.best_epoch, stopper.best_val_loss = ck["best_state"], ck["best_epoch"], ck["best_val_loss"]
+    stopper.bad_epochs = ck["bad_epochs"]
+    return note
+
+
 def restore_resume_checkpoint(path: Path, config_hash: str, model, optimizer, scheduler, scaler,
                               stopper: EarlyStopping, log_it: bool = True) -> tuple[list, int]:
-    """Load ``path`` into the objects if it was written with ``config_hash``.
+    """Load ``path`` into the objects if it was written with ``config_hash``; all of it or nothing.
+
+    Under torchrun rank 0 alone reads ``path`` (other hosts may not see it) and broadcasts it. A part
+    that does not fit (another model or optimiser) rolls every object back to its state before the
+    call. A checkpoint written without AMP resumes with a fresh loss scale.
 
     Returns
     -------
     (list, int)
         The history so far and the (0-based) epoch to start at; ``([], 0)`` when nothing was resumed.
     """
-    if not path.exists():
+    ck = dist_utils.broadcast_object(_read_checkpoint(path, config_hash, log_it) if dist_utils.is_main() else None)
+    if ck is None:
         return [], 0
+    before = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
+              copy.deepcopy(scheduler.state_dict()), copy.deepcopy(scaler.state_dict()),
+              (stopper.best_state, stopper.best_epoch, stopper.best_val_loss, stopper.bad_epochs))
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        if ck.get("config_hash") != config_hash:
-            if log_it:
-                log.info("ignoring checkpoint %s written with other settings", path)
-            return [], 0
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        stopper.best_state, stopper.best_epoch, stopper.best_val_loss = ck["best_state"], ck["best_epoch"], ck["best_val_loss"]
-        stopper.bad_epochs = ck["bad_epochs"]
+        note = _apply_checkpoint(ck, model, optimizer, scheduler, scaler, stopper)
+    except Exception as exc:  # noqa: BLE001 - roll back whatever was applied, then start over
+        model.load_state_dict(before[0])
+        optimizer.load_state_dict(before[1])
+        scheduler.load_state_dict(before[2])
+        if before[3]:
+            scaler.load_state_dict(before[3])
+        stopper.best_state, stopper.best_epoch, stopper.best_val_loss, stopper.bad_epochs = before[4]
         if log_it:
-            log.info("resuming from epoch %d (checkpoint %s)", ck["epoch"] + 1, path)
-        return ck["history"], ck["epoch"] + 1
-    except Exception as exc:  # a torn or foreign checkpoint: start over
-        if log_it:
-            log.warning("cannot resume from %s (%s); starting over", path, type(exc).__name__)
+            log.warning("cannot resume from %s (%s: %s); starting over from epoch 1", path, type(exc).__name__,
+                        str(exc).splitlines()[0][:120] if str(exc) else "")
         return [], 0
+    if log_it:
+        log.info("resuming from epoch %d (checkpoint %s)%s", ck["epoch"] + 1, path, note)
+    return ck["history"], ck["epoch"] + 1
+
+
+def train_batching(n: int, world: int, batch_size: int) -> tuple[int, bool]:
+    """Batch size and ``drop_last`` for ``n`` training samples split over ``world`` ranks.
+
+    Each rank sees ``ceil(n / world)`` samples (DistributedSampler pads). A rank with fewer samples than
+    ``batch_size`` gets one smaller batch (the batch shrinks to its share); otherwise the incomplete last
+    batch is dropped when there are more than two full batches, or when it would hold a single sample
+    (BatchNorm cannot train on one). Every rank thus makes at least one step per epoch.
+    """
+    per_rank = -(-n // max(1, world))
+    if per_rank < 1:
+        raise ValueError("no training samples")
+    if per_rank <= batch_size:
+        return per_rank, False
+    return batch_size, per_rank > 2 * batch_size or per_rank % batch_size == 1
+
+
+class EpochSampler(Sampler):
+    """Wraps a sampler so each index carries the epoch: yields ``(index, epoch)``.
+
+    DataLoader worker processes (persistent ones above all) hold their own copy of the dataset, so a
+    ``dataset.set_epoch`` in the main process never reaches them; the epoch travels with the indices
+    instead (for datasets whose ``__getitem__`` accepts such pairs, like the fine-tuning image dataset).
+    """
+
+    def __init__(self, base: Sampler):
+        self.base, self.epoch = base, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((int(i), epoch) for i in self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def _seed_epoch(sampler: Sampler, seed: int, epoch: int) -> None:
+    """Seed shuffling (shared by all ranks) and dropout (per rank) from the epoch, so a resumed run sees
+    the batches and masks an uninterrupted one would."""
+    base = getattr(sampler, "base", sampler)
+    if isinstance(getattr(base, "generator", None), torch.Generator):
+        base.generator.manual_seed(seed + epoch)
+    torch.manual_seed(seed + 1009 * epoch + dist_utils.rank())
 
 
 def _loaders(train_set: Dataset, val_set: Dataset | None, cfg: FitConfig, device: str, train_labels=None):
     """Training loader (shuffled, seeded; DistributedSampler under torchrun; class-aware sampling with
-    ``cfg.sample_power``: a sample of class c is drawn with weight ``count_c ** -power``), validation loader or None."""
-    sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed) if dist_utils.is_distributed() else None
+    ``cfg.sample_power``: a sample of class c drawn with weight ``count_c ** -power``, single process), this
+    rank's validation loader (its :func:`shard`) or None, and the sampler to call ``set_epoch`` on.
+
+    A dataset whose ``indices_carry_epoch`` is true receives ``(index, epoch)`` pairs (:class:`EpochSampler`).
+    """
     g = torch.Generator().manual_seed(cfg.seed)
-    if sampler is None and cfg.sample_power and train_labels is not None:
+    if dist_utils.is_distributed():
+        base = DistributedSampler(train_set, shuffle=True, seed=cfg.seed)
+    elif cfg.sample_power and train_labels is not None:
         counts = np.bincount(train_labels).astype(np.float64)
-        sampler = torch.utils.data.WeightedRandomSampler(counts[train_labels] ** -cfg.sample_power, len(train_labels), generator=g)
-    pin = device.startswith("cuda")
-    train_loader = DataLoader(
-        train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=g,
-        num_workers=cfg.workers, pin_memory=pin, drop_last=len(train_set) > cfg.batch_size * 2,
-        persistent_workers=cfg.workers > 0,
-    )
-    val_loader = (
-        DataLoader(val_set, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.workers, pin_memory=pin)
-        if val_set is not None and len(val_set) > 0
-        else None
-    )
+        base = WeightedRandomSampler(counts[train_labels] ** -cfg.sample_power, len(train_labels), generator=g)
+    else:
+        base = RandomSampler(train_set, generator=g)
+    sampler = EpochSampler(base) if getattr(train_set, "indices_carry_epoch", False) else base
+    batch, drop_last = train_batching(len(train_set), dist_utils.world_size(), cfg.batch_size)
+    if batch < cfg.batch_size and dist_utils.is_main():
+        log.info("batch size %d per process for %d training samples over %d process(es)", batch, len(train_set),
+                 dist_utils.world_size())
+    pin, persistent = device.startswith("cuda"), cfg.workers > 0
+    train_loader = DataLoader(train_set, batch_size=batch, sampler=sampler, generator=g, num_workers=cfg.workers,
+                              pin_memory=pin, drop_last=drop_last, persistent_workers=persistent)
+    val_loader = None
+    if val_set is not None and len(val_set) > 0:
+        val_loader = DataLoader(shard(val_set), batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.workers,
+                                pin_memory=pin, persistent_workers=persistent and len(shard(val_set)) > 0)
     return train_loader, val_loader, sampler
+
+
+def scaled_lr(lr: float, world: int) -> float:
+    """Linear scaling rule (Goyal et al., 2017): ``world`` processes each with ``--batch-size`` samples make a
+    ``world``× larger global batch, trained at ``world``× the learning rate (after the same warm-up)."""
+    return lr * world
 
 
 def _optimisation(model: nn.Module, cfg: FitConfig, steps_per_epoch: int, device: str):
     """AdamW over the trainable parameters, warm-up + cosine schedule per step, AMP grad scaler."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr = scaled_lr(cfg.lr, dist_utils.world_size())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
     )
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.startswith("cuda"))
     return optimizer, scheduler, scaler
+
+
+def _prepare(model: nn.Module, cfg: FitConfig, device: str) -> nn.Module:
+    """Seed (data order: ``cfg.seed`` on every rank; dropout and other model randomness: ``seed + rank``),
+    move ``model`` to ``device`` (channels-last, cuDNN autotuning on CUDA) and wrap it for DDP."""
+    torch.manual_seed(cfg.seed + dist_utils.rank())
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+        model.to(device, memory_format=torch.channels_last)
+    else:
+        model.to(device)
+    return dist_utils.wrap_ddp(model, device)
 
 
 def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, train_labels: np.ndarray, n_classes: int,
@@ -271,12 +446,11 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, train_lab
     work_dir : Path
         Holds ``last.pth`` (resume checkpoint) and ``log.csv`` while training.
     config_hash : str
-        A checkpoint is resumed only if it was written with the same hash.
+        A checkpoint is resumed only if it was written with the same hash and the same number of processes.
     """
     rank0 = dist_utils.is_main()
-    torch.manual_seed(cfg.seed)
-    model.to(device)
-    ddp_model = dist_utils.wrap_ddp(model, device)
+    config_hash = f"{config_hash}-w{dist_utils.world_size()}"
+    ddp_model = _prepare(model, cfg, device)
     train_loader, val_loader, sampler = _loaders(train_set, val_set, cfg, device, train_labels)
     criterion, val_criterion = _criteria(train_labels, n_classes, cfg, device)
     optimizer, scheduler, scaler = _optimisation(model, cfg, max(1, len(train_loader)), device)
@@ -287,9 +461,10 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, train_lab
         if stopper.stopped:
             break
         t0 = time.time()
-        if isinstance(sampler, DistributedSampler):
+        _seed_epoch(sampler, cfg.seed, epoch)
+        if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        if hasattr(train_set, "set_epoch"):
+        if hasattr(train_set, "set_epoch"):  # reaches the main process's copy only (see EpochSampler)
             train_set.set_epoch(epoch)
         train_loss, train_acc = train_one_epoch(ddp_model, train_loader, criterion, optimizer, scheduler, scaler, device,
                                                 cfg.amp, f"epoch {epoch + 1}/{cfg.epochs}", progress and rank0)

@@ -20,16 +20,17 @@ of the metrics (partial predictions, the stopped column, ``None`` for undefined 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .hierarchy import FLAT_DATASET, Hierarchy
-from .metrics import json_ready, leaf_correct, paired_comparison, score
+from .hierarchy import FLAT_DATASET, Hierarchy, HierarchyError, load_hierarchy_json
+from .metrics import json_ready, leaf_correct, node_vs_flat, paired_comparison, score
 from .report import verdict
-from .safeio import UserError
+from .safeio import UserError, sha256_file
 from .testsets import TestSet, check_known_leaves, load_prepared_test_set, scan_test_tree
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,84 @@ FLAT_FIELDS = ("leaf_accuracy", "macro_f1", "hierarchical_f1", "level_accuracy",
 
 
 # ------------------------------------------------------------------------------------- prediction
+#: Key under which the flat head is scored beside the classifier nodes (never a node id: ids are paths).
+_FLAT_KEY = "\0flat"
+
+
+def lcpn_leaf_probs(hier: Hierarchy, node_probs: dict[str, np.ndarray], leaves: Sequence[str],
+                    n: int | None = None) -> np.ndarray:
+    """The LCPN probability of every leaf: the product of the node probabilities along its path.
+
+    Parameters
+    ----------
+    node_probs : dict
+        Classifier node id → ``(N, C)`` probabilities of its children (``hier.nodes[id].children`` order)
+        on all ``N`` images; one-child parents need none (probability 1).
+    leaves : sequence of str, shape (L,)
+        The leaf order of the result's columns.
+    n : int, optional
+        Number of images (needed only when no node has a classifier).
+
+    Returns
+    -------
+    ndarray, shape (N, L)
+    """
+    if n is None:
+        n = len(next(iter(node_probs.values()))) if node_probs else 0
+    out = np.ones((n, len(leaves)))
+    for j, leaf in enumerate(leaves):
+        parent = ""
+        for child in hier.path(leaf):
+            children = hier.nodes[parent].children
+            if len(children) > 1:
+                out[:, j] *= node_probs[parent][:, children.index(child)]
+            parent = child
+    return out
+
+
+def combined_leaves(hier: Hierarchy, node_probs: dict[str, np.ndarray], flat_probs: np.ndarray,
+                    flat_leaves: Sequence[str]) -> list[str]:
+    """The combined decision: per image, the leaf maximising flat probability × LCPN path probability.
+
+    Parameters
+    ----------
+    node_probs : dict
+        As for :func:`lcpn_leaf_probs`, on all ``N`` images.
+    flat_probs : ndarray, shape (N, L)
+        The flat head's probabilities; columns follow ``flat_leaves``.
+
+    Returns
+    -------
+    list of str, shape (N,)
+    """
+    flat_probs = np.asarray(flat_probs, dtype=float)
+    joint = lcpn_leaf_probs(hier, node_probs, flat_leaves, n=len(flat_probs)) * flat_probs
+    return [str(flat_leaves[j]) for j in joint.argmax(axis=1)]
+
+
+def _scoring_view(predictor):
+    """(predictor to score with, whether the combined decision is computed).
+
+    The combined decision needs every node's and the flat head's probabilities on every image: cheap when
+    all nodes are heads on shared backbones (one extra small matrix product each), so only then; the
+    view scores the flat head under :data:`_FLAT_KEY` (its labels are never read here).
+    """
+    import dataclasses
+
+    combine = predictor.flat is not None and all(nm.head is not None for nm in predictor.nodes.values())
+    if not combine:
+        return predictor, False
+    bundle = dataclasses.replace(predictor.bundle, nodes={**predictor.nodes, _FLAT_KEY: predictor.flat})
+    return type(predictor)(bundle, predictor.options), True
+
+
 def predict_test_set(predictor, test: TestSet, batch_size: int = 32, workers: int = 2,
-                     progress: bool = False) -> tuple[list, dict[str, list]]:
+                     progress: bool = False) -> tuple[list, dict[str, list], list | None]:
     """Predict every test image and each classifier node's own choice on the images below it.
 
-    One backbone pass per batch serves the chain, the flat head (if loaded) and the local scores
-    (:meth:`hiernet.predictor.HierarchicalPredictor.predict_and_score`).
+    One backbone pass per batch serves the chain, the flat head (if loaded), the local scores
+    (:meth:`hiernet.predictor.HierarchicalPredictor.predict_and_score`) and, when the flat head is
+    loaded and every node is a head on a shared backbone, the combined decision (:func:`combined_leaves`).
 
     Parameters
     ----------
@@ -56,10 +129,11 @@ def predict_test_set(predictor, test: TestSet, batch_size: int = 32, workers: in
 
     Returns
     -------
-    (list of Prediction, dict)
-        ``N`` predictions in ``test.paths`` order (``error`` set for unreadable images), and
+    (list of Prediction, dict, list or None)
+        ``N`` predictions in ``test.paths`` order (``error`` set for unreadable images);
         classifier node id → list of ``N`` predicted child ids of that node's classifier, ``None``
-        for images not truly below the node (or unreadable).
+        for images not truly below the node (or unreadable); the combined decision's ``N`` leaves
+        (``None`` for unreadable images), or ``None`` when it is not computed.
     """
     from .predictor import Prediction
 
@@ -69,30 +143,41 @@ def predict_test_set(predictor, test: TestSet, batch_size: int = 32, workers: in
     below = {nid: set(hier.subtree_leaves(nid)) for nid in classifiers}
     local: dict[str, list] = {nid: [None] * n for nid in classifiers}
     preds: list = [None] * n
+    view, combine = _scoring_view(predictor)
+    combined: list | None = [None] * n if combine else None
     # the predictor's own decoding/resizing, so evaluation sees exactly what predict.py sees
     for prepared in predictor.prepared_batches(test.paths, max(1, batch_size), workers, progress, desc="evaluate"):
         good = [(i, x) for i, x, _ in prepared if x is not None]
         for i, _, err in prepared:
             if err is not None:
                 preds[i] = Prediction(test.paths[i], complete=False, error=err)
-        if good:
-            score = {nid: [k for k, (i, _) in enumerate(good) if test.leaves[i] in below[nid]] for nid in classifiers}
-            batch_preds, scores = predictor.predict_and_score([x for _, x in good], [test.paths[i] for i, _ in good],
-                                                              score)
-            for (i, _), pr in zip(good, batch_preds):
-                preds[i] = pr
-            for nid, probs in scores.items():
-                child_ids = predictor.nodes[nid].class_nodes
-                for k, row in zip(score[nid], probs):
-                    local[nid][good[k][0]] = child_ids[int(np.argmax(row))]
-    return preds, local
+        if not good:
+            continue
+        rows = {nid: [k for k, (i, _) in enumerate(good) if test.leaves[i] in below[nid]] for nid in classifiers}
+        every = list(range(len(good)))
+        ask = {**{nid: every for nid in classifiers}, _FLAT_KEY: every} if combine else rows
+        batch_preds, scores = view.predict_and_score([x for _, x in good], [test.paths[i] for i, _ in good], ask)
+        for (i, _), pr in zip(good, batch_preds):
+            preds[i] = pr
+        for nid in classifiers:
+            child_ids = predictor.nodes[nid].class_nodes
+            probs = scores[nid][rows[nid]] if combine else scores[nid]
+            for k, row in zip(rows[nid], probs):
+                local[nid][good[k][0]] = child_ids[int(np.argmax(row))]
+        if combine:
+            leaves = combined_leaves(hier, {nid: scores[nid] for nid in classifiers}, scores[_FLAT_KEY],
+                                     predictor.flat.class_nodes)
+            for (i, _), leaf in zip(good, leaves):
+                combined[i] = leaf
+    return preds, local, combined
 
 
 # ------------------------------------------------------------------------------------- results
 def assemble_results(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Sequence[Sequence[str]],
                      local_children: dict[str, Sequence[str | None]] | None = None,
                      flat_leaves: Sequence[str] | None = None, n_boot: int = 2000, seed: int = 0,
-                     confidences: Sequence[float] | None = None) -> dict:
+                     confidences: Sequence[float] | None = None,
+                     combined_leaves: Sequence[str] | None = None) -> dict:
     """Every number of ``results.json`` from predictions (pure: no models, no files).
 
     Parameters
@@ -112,6 +197,9 @@ def assemble_results(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Se
         Bootstrap draws and seed of the paired comparison.
     confidences : sequence of float, shape (N,), optional
         The chain's confidence per image (``Prediction.confidence``).
+    combined_leaves : sequence of str, shape (N,), optional
+        The combined decision's leaf per image (:func:`combined_leaves`); adds ``combined`` (its score,
+        :data:`FLAT_FIELDS`, and its paired comparison with the chain: ``vs_lcpn``). Reported only.
 
     Returns
     -------
@@ -132,6 +220,13 @@ def assemble_results(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Se
         comp["lcpn_accuracy"], comp["flat_accuracy"] = res["leaf_accuracy"], flat["leaf_accuracy"]
         res["comparison"] = comp
         res["verdict"] = verdict(comp)
+        res["nodes_vs_flat"] = node_vs_flat(hier, true_leaves, local_children or {}, [str(f) for f in flat_leaves])
+    if combined_leaves is not None:
+        comb_paths = [hier.path(str(c)) for c in combined_leaves]
+        comb = score(hier, true_leaves, comb_paths)
+        res["combined"] = {k: comb[k] for k in FLAT_FIELDS}
+        res["combined"]["vs_lcpn"] = json_ready(paired_comparison(
+            leaf_correct(true_leaves, comb_paths), leaf_correct(true_leaves, pred_paths), n_boot=n_boot, seed=seed))
     return res
 
 
@@ -174,6 +269,68 @@ def _readable(test: TestSet, preds: list) -> tuple[list[int], list[tuple[str, st
     return ok, unreadable
 
 
+def models_fingerprint(models_dir: str | Path, hier: Hierarchy) -> str:
+    """16 hex digits naming one model bundle: the tree and the content of every ``model.pth`` in it.
+
+    Two evaluations with the same fingerprint scored the same models (the ONNX export is checked
+    against these files by hash before it is used, so it is covered too).
+    """
+    from .bundle import node_list
+
+    h = hashlib.sha256(hier.fingerprint().encode())
+    for ds, _ in node_list(hier, with_flat=True):
+        f = Path(models_dir) / ds / "model.pth"
+        if f.is_file():
+            h.update(f"{ds}:{sha256_file(f)};".encode())
+    return h.hexdigest()[:16]
+
+
+def seen_in_training(paths: Sequence[str], data_dir: str | Path | None) -> dict[str, int]:
+    """How many of ``paths`` have the content of an image of the train or val split of ``data_dir``.
+
+    Matched by SHA-256 of the file bytes (``hierarchy.json`` records each image's split; the files
+    are ``data_dir/flat/<split>/<leaf folder>/<file>``), so renamed or moved copies are found too.
+
+    Returns
+    -------
+    dict
+        ``{"train": count, "val": count}``; empty when ``data_dir`` holds no readable prepared split.
+    """
+    if data_dir is None:
+        return {}
+    try:
+        _, doc = load_hierarchy_json(Path(data_dir) / "hierarchy.json")
+        folder = dict(zip(doc["flat"]["class_nodes"], doc["flat"]["classes"], strict=True))
+        known = {}
+        for im in doc["images"]:
+            if im["split"] in ("train", "val"):
+                f = Path(data_dir) / FLAT_DATASET / im["split"] / folder[im["leaf"]] / im["file"]
+                if f.is_file():
+                    known[sha256_file(f)] = im["split"]
+    except (OSError, HierarchyError, KeyError, TypeError, ValueError) as exc:
+        log.info("cannot check the test images against the training split of %s: %s", data_dir, exc)
+        return {}
+    counts = {"train": 0, "val": 0}
+    for p in paths:
+        try:
+            split = known.get(sha256_file(p))
+        except OSError:
+            continue
+        if split:
+            counts[split] += 1
+    return counts
+
+
+def _warn_seen(test: TestSet, data_dir: Path | None, data_tree: Path) -> dict[str, int]:
+    """Warn (one line) when images of the folder tree were training or validation images."""
+    seen = seen_in_training(test.paths, data_dir)
+    if sum(seen.values()):
+        log.warning("warning: %d of the %d images of %s were in the training data of %s (%d train, %d val; same "
+                    "file content): their scores are optimistic", sum(seen.values()), len(test.paths), data_tree,
+                    data_dir, seen["train"], seen["val"])
+    return seen
+
+
 def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tree: str | Path | None = None,
              runtime: str = "auto", device: str = "cpu", min_confidence: float = 0.0, batch_size: int = 32,
              with_flat: bool | None = None, workers: int | None = None, progress: bool = False,
@@ -187,7 +344,8 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     data_dir : path, optional
         Prepared ``split_datasets/``: its recorded test split is evaluated (unless ``data_tree``).
     data_tree : path, optional
-        Any folder tree of the same hierarchy, evaluated instead.
+        Any folder tree of the same hierarchy, evaluated instead; its images are then checked by content
+        against the train and val images of ``data_dir`` (a warning and ``seen_in_training``).
     with_flat : bool or None
         Evaluate the flat baseline; ``None`` = when ``models_dir/flat/model.pth`` exists.
 
@@ -195,7 +353,9 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     -------
     (dict, Hierarchy)
         The results document (see :func:`assemble_results`, plus ``n_unreadable``, ``unreadable``,
-        ``runtime``, ``source``, ``models_dir``, ``min_confidence``, ``created``) and the trained tree.
+        ``runtime``, ``source``, ``models_dir``, ``models_fingerprint`` (:func:`models_fingerprint`),
+        ``min_confidence``, ``seen_in_training`` (:func:`seen_in_training`, with ``data_tree``),
+        ``images`` (one record per evaluated image), ``created``) and the trained tree.
 
     Raises
     ------
@@ -205,9 +365,11 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     """
     from .predictor import HierarchicalPredictor, default_workers, read_models_hierarchy
 
-    models_dir = Path(models_dir)
+    # messages and results name absolute paths
+    models_dir, data_dir, data_tree = (None if p is None else Path(p).resolve() for p in (models_dir, data_dir, data_tree))
     hier, models_doc = read_models_hierarchy(models_dir)
     test = _load_test_set(hier, models_doc, models_dir, data_dir, data_tree)
+    seen = _warn_seen(test, data_dir, data_tree) if data_tree is not None else {}
     if with_flat is None:
         with_flat = (models_dir / FLAT_DATASET / "model.pth").exists()
         if not with_flat:
@@ -215,17 +377,26 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     predictor = HierarchicalPredictor.load(models_dir, runtime=runtime, device=device, min_confidence=min_confidence,
                                            with_flat=with_flat, tta_below=tta_below)
     log.info("runtime: %s; %d test images", predictor.runtime, len(test.paths))
-    preds, local = predict_test_set(predictor, test, batch_size=batch_size,
-                                    workers=workers or default_workers(), progress=progress)
+    preds, local, combined = predict_test_set(predictor, test, batch_size=batch_size,
+                                              workers=workers or default_workers(), progress=progress)
     ok, unreadable = _readable(test, preds)
     res = assemble_results(
         hier, [test.leaves[i] for i in ok], [preds[i].node_ids for i in ok],
         {nid: [ch[i] for i in ok] for nid, ch in local.items()},
         [preds[i].flat_leaf for i in ok] if with_flat else None,
         confidences=[preds[i].confidence for i in ok],
+        combined_leaves=[combined[i] for i in ok] if combined is not None else None,
     )
     head = {"n_images": res.pop("n_images"), "n_unreadable": len(unreadable), "runtime": predictor.runtime}
-    tail = {"source": test.source, "models_dir": str(models_dir), "min_confidence": float(min_confidence),
+    tail = {"source": test.source, "models_dir": str(models_dir), "models_fingerprint": models_fingerprint(models_dir, hier),
+            "min_confidence": float(min_confidence), "seen_in_training": seen, "images": _image_records(test, preds, ok),
             "unreadable": [{"path": p, "reason": r} for p, r in unreadable],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     return {**head, **res, **tail}, hier
+
+
+def _image_records(test: TestSet, preds: list, ok: Sequence[int]) -> list[dict]:
+    """``results.json`` → ``images``: per evaluated image its path, true leaf, predicted path (node ids),
+    the chain's confidence and the flat leaf (``None`` without the flat baseline)."""
+    return [{"path": preds[i].path, "true": test.leaves[i], "pred": list(preds[i].node_ids),
+             "confidence": float(preds[i].confidence), "flat": preds[i].flat_leaf} for i in ok]

@@ -46,6 +46,9 @@ def export_models(models_dir: Path, with_flat: bool | None = None, check_batch: 
         man = OnnxManifest(hier.fingerprint())
         worst = _export_bundle(bundle, models_dir, stage, man, np.random.default_rng(0), check_batch)
         if worst >= tolerance:
+            import shutil
+
+            shutil.rmtree(stage, ignore_errors=True)
             raise UserError(f"ONNX export differs from PyTorch by {worst:.2e} (limit {tolerance}); not published")
         man.max_abs_diff, man.torch_version = worst, torch.__version__
         write_json_atomic(stage / MANIFEST, man.to_dict())

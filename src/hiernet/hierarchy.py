@@ -557,4 +557,5 @@ def require_hierarchy_json(path: str | os.PathLike, missing: str, fix: str) -> t
     try:
         return load_hierarchy_json(path)
     except HierarchyError as exc:
-        raise UserError(f"{exc}; run: {fix}") from None
+        where = "" if str(path) in str(exc) else f"{path}: "  # name the file whatever part of it is wrong
+        raise UserError(f"{where}{exc}; run: {fix}") from None

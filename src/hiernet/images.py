@@ -7,6 +7,7 @@ an image over ``Image.MAX_IMAGE_PIXELS`` is refused instead of decoded. No torch
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import threading
@@ -58,7 +59,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 _OPEN_LOCK = threading.Lock()
 
 
-def _open_first_frame(path: str | os.PathLike) -> Image.Image:
+def _open_first_frame(path) -> Image.Image:
     """``Image.open`` on frame 0 with the decompression-bomb guard on, raising instead of warning.
 
     Only headers are read here. It runs under a lock because the warnings filter that turns
@@ -106,11 +107,28 @@ def load_rgb(path: str | os.PathLike, min_size: int | None = None) -> Image.Imag
     """
     try:
         mode = os.stat(path).st_mode
-        if stat.S_ISDIR(mode):
-            raise ImageDecodeError("is a folder, not a file")
-        if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
-            raise ImageDecodeError("not a regular file (a pipe or device)")
-        with _open_first_frame(path) as im:
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except PermissionError:
+        raise ImageDecodeError("permission denied") from None
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ImageDecodeError("is a folder, not a file")
+    if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
+        raise ImageDecodeError("not a regular file (a pipe or device)")
+    return _decode(path, min_size)
+
+
+def decode_rgb(data: bytes, min_size: int | None = None) -> Image.Image:
+    """:func:`load_rgb` on an image's bytes held in memory (an upload): same checks, same result."""
+    return _decode(io.BytesIO(data), min_size)
+
+
+def _decode(source, min_size: int | None) -> Image.Image:
+    """Decode a path or binary file object (see :func:`load_rgb`); every failure is an ImageDecodeError."""
+    try:
+        with _open_first_frame(source) as im:
             if min_size and im.format == "JPEG":
                 w, h = im.size
                 scale = min(w, h) / float(min_size)
@@ -119,8 +137,6 @@ def load_rgb(path: str | os.PathLike, min_size: int | None = None) -> Image.Imag
             im.load()
             im = ImageOps.exif_transpose(im)
             rgb = _to_rgb(im)
-    except ImageDecodeError:
-        raise
     except FileNotFoundError:
         raise ImageDecodeError("file not found") from None
     except PermissionError:

@@ -309,13 +309,61 @@ def node_accuracies(hier: Hierarchy, true_leaves: Sequence[str], pred_paths: Seq
         right_true, n_true, right_routed, n_routed = _node_counts(hier, nid, true_leaves, pred_paths, chosen)
         have = chosen is not None
         out[hier.nodes[nid].dataset] = {
-            "node": nid,
+            "node": node_label(nid),
             "local_accuracy": ratio(right_true, n_true) if have else None,
             "routed_accuracy": ratio(right_routed, n_routed) if have else None,
             "n_true": n_true,
             "n_routed": n_routed,
         }
     return out
+
+
+def node_label(nid: str) -> str:
+    """How messages and results name a node: its id, ``root`` for the root (whose id is ``""``)."""
+    return "root" if nid == ROOT_ID else nid
+
+
+def node_vs_flat(hier: Hierarchy, true_leaves: Sequence[str], local_children: dict[str, Sequence[str | None]],
+                 flat_leaves: Sequence[str]) -> dict[str, dict]:
+    """Does the hierarchy pay, node by node? Each classifier node's decision, LCPN vs flat.
+
+    On the images truly below a node, the LCPN side is the node's own classifier (its choice in
+    ``local_children``); the flat side is the flat model's leaf mapped to the child of that node it
+    lies under (wrong when the flat leaf is outside the node's subtree). Both are paired on the same
+    images, so the exact McNemar test of :func:`paired_comparison` applies.
+
+    Parameters
+    ----------
+    true_leaves : sequence of str, shape (N,)
+    local_children : dict
+        Classifier node id → ``N`` child ids its classifier chose (``None`` where not below it).
+    flat_leaves : sequence of str, shape (N,)
+        The flat baseline's leaf per image.
+
+    Returns
+    -------
+    dict
+        Node dataset name → ``{node, n, lcpn_accuracy, flat_accuracy, difference, lcpn_only, flat_only,
+        p_value, winner}``; ``winner`` is ``lcpn``, ``flat`` or ``tie`` (equal accuracy), ``None`` values
+        where the node has no image or no local predictions.
+    """
+    out = {}
+    for nid in hier.classifier_nodes():
+        chosen = local_children.get(nid)
+        rows = [i for i, t in enumerate(true_leaves) if hier.child_towards(nid, t) is not None]
+        entry = {"node": node_label(nid), "n": len(rows), "lcpn_accuracy": None, "flat_accuracy": None,
+                 "difference": None, "lcpn_only": 0, "flat_only": 0, "p_value": None, "winner": None}
+        if rows and chosen is not None:
+            want = [hier.child_towards(nid, true_leaves[i]) for i in rows]
+            lcpn = np.array([chosen[i] == w for i, w in zip(rows, want)], dtype=bool)
+            flat = np.array([hier.child_towards(nid, flat_leaves[i]) == w for i, w in zip(rows, want)], dtype=bool)
+            comp = paired_comparison(lcpn, flat, n_boot=1)  # the test only; no interval per node
+            d = comp["difference"]
+            entry.update(lcpn_accuracy=float(lcpn.mean()), flat_accuracy=float(flat.mean()), difference=d,
+                         lcpn_only=comp["a_only"], flat_only=comp["b_only"], p_value=comp["p_value"],
+                         winner="lcpn" if d > 0 else "flat" if d < 0 else "tie")
+        out[hier.nodes[nid].dataset] = entry
+    return json_ready(out)
 
 
 def leaf_scores(hier: Hierarchy, true_leaves: Sequence[str], pred_leaf: Sequence[str | None]) -> dict:

@@ -45,6 +45,18 @@ class FeatureExtractor(nn.Module):
                 hook(net)
 
 
+def _no_autocast(device_type: str):
+    """A context that turns autocast off when it is on for ``device_type`` (else a no-op, so ONNX export
+    and plain float32 runs see no autocast node)."""
+    import contextlib
+
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        on = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
+
+
 class Head(nn.Module):
     """Standardise features, then a linear layer or a one-hidden-layer MLP.
 
@@ -89,10 +101,12 @@ class Head(nn.Module):
         self.std.copy_(feats.std(0).clamp_min(1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.net((x - self.mean) / self.std) / self.temperature
-        if self.group is not None and self.aggregate:
-            return self._children_logp(z)
-        return z
+        # in float32 even under autocast: fp16 softmax sums underflow to 0 in log(... @ group) (-inf logits)
+        with _no_autocast(x.device.type):
+            z = self.net((x.float() - self.mean) / self.std) / self.temperature
+            if self.group is not None and self.aggregate:
+                return self._children_logp(z)
+            return z
 
     @torch.no_grad()
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,14 @@ and ``error`` (only for unreadable images). Every writer prints every field of :
 - ``csv``: one row per record, columns :data:`FIELDS`; lists are flattened: ``labels`` joined by
   ``/``, ``probs`` by ``;``, ``topk`` as ``label:prob`` joined by ``;`` within a level and `` | ``
   between levels; floats with 6 decimals, ``complete`` as 1/0, a missing field as an empty cell;
-- ``text``: the original research script's layout (encoder, prediction per level, path).
+- ``text``: the original research script's layout (encoder, prediction per level, path); each
+  encoder is printed once, before the first image that needs it, and several images end with a
+  summary (counts per predicted top-level class, walks stopped early, unreadable images).
+
+Records may carry an ``id`` (a catalogue's own identifier): json/jsonl print it as a field, csv as a
+first column when ``OutputContext.with_id`` is set. A walk stopped by ``--min-confidence`` has
+``complete`` false, ``node`` the node where it stopped (``root`` above the top level) and, as the
+last ``topk`` level, the candidates of the level it could not decide.
 
 A writer is used as ``w = open_writer(fmt, stream, context)``, ``w.write(record)`` per image (it
 writes at once), ``w.close()`` (writes the end; does not close ``stream``).
@@ -35,6 +42,13 @@ class OutputContext:
 
     encoders: dict = field(default_factory=dict)
     min_confidence: float = 0.0
+    with_id: bool = False
+    header: bool = True  # csv: write the header row (False when appending to a file that has one)
+
+    @property
+    def fields(self) -> tuple:
+        """The csv columns: :data:`FIELDS`, after ``id`` when records carry one."""
+        return ("id",) + FIELDS if self.with_id else FIELDS
 
 
 def rounded(record: dict, digits: int = DIGITS) -> dict:
@@ -92,9 +106,10 @@ def _f(x: float) -> str:
     return f"{x:.{DIGITS}f}"
 
 
-def csv_row(record: dict) -> list[str]:
-    """``record`` flattened into :data:`FIELDS` cells (see the module docstring)."""
+def csv_row(record: dict, fields: tuple = FIELDS) -> list[str]:
+    """``record`` flattened into ``fields`` cells (:data:`FIELDS` by default; see the module docstring)."""
     cells = {
+        "id": str(record.get("id", "")),
         "path": record["path"],
         "labels": "/".join(record["labels"]),
         "probs": ";".join(_f(p) for p in record["probs"]),
@@ -104,7 +119,7 @@ def csv_row(record: dict) -> list[str]:
         "topk": " | ".join(";".join(f"{t['label']}:{_f(t['prob'])}" for t in level) for level in record.get("topk", [])),
         "error": record.get("error") or "",
     }
-    return [cells[k] for k in FIELDS]
+    return [cells[k] for k in fields]
 
 
 class CsvWriter(Writer):
@@ -112,10 +127,11 @@ class CsvWriter(Writer):
 
     def begin(self) -> None:
         self.csv = csv.writer(self.stream)
-        self.csv.writerow(FIELDS)
+        if self.context.header:
+            self.csv.writerow(self.context.fields)
 
     def write_one(self, record: dict) -> None:
-        self.csv.writerow(csv_row(record))
+        self.csv.writerow(csv_row(record, self.context.fields))
 
 
 LEVEL_NAMES = {1: "Parent class prediction"}
@@ -128,36 +144,62 @@ def level_title(level: int, n_levels: int, complete: bool = True) -> str:
     return LEVEL_NAMES.get(level, f"Level {level} prediction")
 
 
-def text_lines(record: dict, context: OutputContext) -> list[str]:
-    """The text format's lines for one record."""
-    lines = [f"== {record['path']}"]
+def text_lines(record: dict, context: OutputContext, seen: set | None = None) -> list[str]:
+    """The text format's lines for one record (encoders already in ``seen`` are not printed again;
+    the ones printed are added to it)."""
+    lines = [f"== {record['path']}" + (f"  (id {record['id']})" if record.get("id") not in (None, "") else "")]
     if record.get("error"):
         return lines + [f"error: cannot read image: {record['error']}"]
     labels, probs, topk = record["labels"], record["probs"], record.get("topk", [])
     ids = record["node"].split("/") if labels else []  # node ids are paths: the level-L parent is ids[:L-1]
     for level, (label, prob) in enumerate(zip(labels, probs), start=1):
         parent = "/".join(ids[:level - 1])
-        if parent in context.encoders:
+        if parent in context.encoders and (seen is None or parent not in seen):
             lines.append(f"Encoder: {context.encoders[parent]}")
+            if seen is not None:
+                seen.add(parent)
         lines.append(f"{level_title(level, len(labels), record['complete'])}:  {label}  (p={prob:.4f})")
         if len(topk[level - 1]) > 1:
             lines.append("  top-k: " + ", ".join(f"{t['label']} {t['prob']:.4f}" for t in topk[level - 1]))
     if not record["complete"]:
-        lines.append(f"Final Prediction:  {labels[-1] if labels else '(none)'}  "
-                     f"(stopped: the next level would fall below --min-confidence {context.min_confidence})")
-    lines.append(f"Path: {' > '.join(labels)}  (confidence {record['confidence']:.4f})")
+        lines.append(f"Stopped at:  {labels[-1] if labels else 'root'}  "
+                     f"(the next level would fall below --min-confidence {context.min_confidence})")
+        if len(topk) > len(labels):
+            lines.append("  candidates: " + ", ".join(f"{t['label']} {t['prob']:.4f}" for t in topk[len(labels)]))
+    lines.append(f"Path: {' > '.join(labels) if labels else 'root'}  (confidence {record['confidence']:.4f})")
     return lines
 
 
+def summary_lines(n: int, top: dict, stopped: int, unreadable: int) -> list[str]:
+    """The text format's closing summary: ``top`` is top-level label → count."""
+    ranked = sorted(top.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [f"== summary: {n} images",
+            "top level: " + (", ".join(f"{k} {v}" for k, v in ranked) or "-"),
+            f"stopped early: {stopped}, unreadable: {unreadable}"]
+
+
 class TextWriter(Writer):
-    """The original script's layout, per image (see the README)."""
+    """The original script's layout, per image (see the README); encoders once; a summary at the end."""
+
+    def begin(self) -> None:
+        self.seen: set = set()
+        self.top: dict = {}
+        self.stopped = self.unreadable = 0
 
     def write_one(self, record: dict) -> None:
-        self.stream.write("\n".join(text_lines(record, self.context)) + "\n")
+        self.stream.write("\n".join(text_lines(record, self.context, self.seen)) + "\n")
+        if record.get("error"):
+            self.unreadable += 1
+            return
+        if record["labels"]:
+            self.top[record["labels"][0]] = self.top.get(record["labels"][0], 0) + 1
+        self.stopped += not record["complete"]
 
     def close(self) -> None:
         if self.count == 0:
             self.stream.write("\n")
+        elif self.count > 1:
+            self.stream.write("\n".join(summary_lines(self.count, self.top, self.stopped, self.unreadable)) + "\n")
 
 
 #: Format name → writer class.

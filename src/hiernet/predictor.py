@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -29,7 +30,9 @@ from .safeio import UserError
 log = logging.getLogger(__name__)
 
 #: Kept for callers written before :func:`hiernet.routing.softmax` was public.
-_softmax = softmax
+
+#: How the root node is named in records and messages (its id is ``""``).
+ROOT_NAME = "root"
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,9 @@ class Prediction:
     ``labels``/``node_ids``/``probs`` run from the top level down to the deepest predicted node;
     ``confidence`` is the product of ``probs``; ``topk`` holds, per level, ``(label, prob)`` of the K
     most likely classes of the node the image was routed to; ``complete`` is False when
-    ``min_confidence`` stopped the walk above a leaf; ``error`` is set (and the rest empty) when the
-    image could not be read.
+    ``min_confidence`` stopped the walk above a leaf, and ``candidates`` then holds ``(label, prob)``
+    of the most likely children of the node where it stopped (the level it could not decide);
+    ``error`` is set (and the rest empty) when the image could not be read.
     """
 
     path: str
@@ -107,6 +111,7 @@ class Prediction:
     error: str | None = None
     flat_leaf: str | None = None
     flat_prob: float | None = None
+    candidates: list = field(default_factory=list)
 
     @property
     def node(self) -> str:
@@ -114,14 +119,20 @@ class Prediction:
         return self.node_ids[-1] if self.node_ids else ROOT_ID
 
     def record(self) -> dict:
-        """The one output record every writer of :mod:`hiernet.outputs` prints (floats unrounded)."""
+        """The one output record every writer of :mod:`hiernet.outputs` prints (floats unrounded).
+
+        ``node`` is the deepest predicted node id, ``root`` when the walk stopped before the top
+        level (``""`` for an unreadable image). A stopped walk's ``topk`` ends with one more level:
+        the candidates of the node where it stopped.
+        """
         if self.error:
             return {"path": self.path, "labels": [], "probs": [], "confidence": 0.0, "node": "", "complete": False,
                     "error": self.error}
         d = {"path": self.path, "labels": list(self.labels), "probs": list(self.probs), "confidence": self.confidence,
-             "node": self.node, "complete": self.complete}
-        if self.topk:
-            d["topk"] = [[{"label": n, "prob": p} for n, p in level] for level in self.topk]
+             "node": self.node or ROOT_NAME, "complete": self.complete}
+        levels = list(self.topk) + ([self.candidates] if self.candidates and not self.complete else [])
+        if levels:
+            d["topk"] = [[{"label": n, "prob": p} for n, p in level] for level in levels]
         return d
 
 
@@ -254,9 +265,13 @@ class HierarchicalPredictor:
             return None, str(exc)
         return {spec: to_array(resize_for_model(img, spec[0], spec[1])) for spec in specs}, None
 
-    def prepared_batches(self, paths: Sequence[str], batch_size: int = 32, workers: int = 2, progress: bool = False,
-                         desc: str | None = None):
+    def prepared_batches(self, paths: Iterable[str], batch_size: int = 32, workers: int = 2, progress: bool = False,
+                         desc: str | None = None, total: int | None = None):
         """Decode and resize ``paths`` in a thread pool, batch by batch (``prefetch_batches`` ahead).
+
+        ``paths`` may be any iterable (a generator over a huge folder): it is read one batch at a
+        time, so at most ``prefetch_batches + 1`` batches of decoded images exist at once.
+        ``total`` (default ``len(paths)`` when it has one) sizes the progress bar.
 
         Yields
         ------
@@ -268,15 +283,18 @@ class HierarchicalPredictor:
 
         from .data import bounded_map
 
-        paths, specs = [str(p) for p in paths], self.input_specs()
-        chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
-        bar = tqdm(total=len(paths), unit="img", disable=not progress, leave=False, desc=desc)
+        specs = self.input_specs()
+        if total is None and hasattr(paths, "__len__"):
+            total = len(paths)
+        numbered = enumerate(str(p) for p in paths)
+        chunks = iter(lambda: list(itertools.islice(numbered, batch_size)), [])
+        prepare = lambda ch: [(i, *self._prepare(p, specs)) for i, p in ch]  # noqa: E731
+        bar = tqdm(total=total, unit="img", disable=not progress, leave=False, desc=desc, dynamic_ncols=True)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             if self.prefetch_batches:
-                batches = bounded_map(pool, lambda ch: [(i, *self._prepare(paths[i], specs)) for i in ch], chunks,
-                                      ahead=self.prefetch_batches)
+                batches = bounded_map(pool, prepare, chunks, ahead=self.prefetch_batches)
             else:
-                batches = ([(i, *r) for i, r in zip(ch, pool.map(lambda i: self._prepare(paths[i], specs), ch))]
+                batches = ([(i, *r) for (i, _), r in zip(ch, pool.map(lambda ip: self._prepare(ip[1], specs), ch))]
                            for ch in chunks)
             for prepared in batches:
                 yield prepared
@@ -288,36 +306,71 @@ class HierarchicalPredictor:
                       progress: bool = False) -> list[Prediction]:
         """Predict every path (decoding in a thread pool, batches of ``batch_size``); never raises for a bad image.
 
+        The list of :meth:`predict_iter`'s predictions (use that for many images).
+        """
+        return list(self.predict_iter(paths, batch_size, workers, progress))
+
+    def predict_iter(self, paths: Iterable[str], batch_size: int = 32, workers: int = 2, progress: bool = False,
+                     total: int | None = None, max_lag: int = 4) -> Iterator[Prediction]:
+        """Predict ``paths`` (any iterable, read lazily), yielding one :class:`Prediction` per path, in order.
+
         Selective mirror averaging is batched across batches: each batch is routed without the mirror
         first; the few images some node was unsure about are set aside with their features, and once a
-        full batch of them has gathered (or at the end) their mirrors run in one pass and they are routed
-        again with averaging. The results equal routing each batch with the mirror inline, at a fraction
-        of the cost of many tiny mirror passes.
+        full batch of them has gathered, or the oldest has waited ``max_lag`` batches (or at the end),
+        their mirrors run in one pass and they are routed again with averaging. The results equal
+        routing each batch with the mirror inline, at a fraction of the cost of many tiny mirror
+        passes. Predictions are yielded as soon as every earlier one is done, so at most about
+        ``max_lag + 1`` batches of predictions (and one batch of set-aside images) are held at once.
         """
-        paths = [str(p) for p in paths]
-        out: dict[int, Prediction] = {}
+        done: dict[int, Prediction] = {}
+        names: dict[int, str] = {}  # index -> path, for the images not yielded yet
         waiting: list[tuple[int, dict, dict]] = []  # (index, inputs, {group: features (D,)})
-        for prepared in self.prepared_batches(paths, batch_size, workers, progress):
+        nxt, n_batch, oldest = 0, 0, None  # next index to yield; batches seen; batch of the oldest waiting
+        for prepared, batch_paths in self._numbered_batches(paths, batch_size, workers, progress, total):
+            names.update(batch_paths)
             for i, x, err in prepared:
                 if x is None:
-                    out[i] = Prediction(paths[i], complete=False, error=err)
+                    done[i] = Prediction(names[i], complete=False, error=err)
             good = [(i, x) for i, x, _ in prepared if x is not None]
-            preds, _, batch = self._run([x for _, x in good], [paths[i] for i, _ in good], MirrorMode.DEFER)
+            preds, _, batch = self._run([x for _, x in good], [names[i] for i, _ in good], MirrorMode.DEFER)
             for row, ((i, x), pr) in enumerate(zip(good, preds)):
                 if batch is not None and batch.unsure[row]:
                     waiting.append((i, x, {g: f[row] for g, f in batch.feats.items()}))
+                    oldest = n_batch if oldest is None else oldest
                 else:
-                    out[i] = pr
-            if len(waiting) >= batch_size:
-                self._flush_mirrors(waiting, paths, out)
-        self._flush_mirrors(waiting, paths, out)
-        return [out[i] for i in range(len(paths))]
+                    done[i] = pr
+            n_batch += 1
+            if waiting and (len(waiting) >= batch_size or n_batch - oldest >= max_lag):
+                self._flush_mirrors(waiting, names, done)
+                oldest = None
+            while nxt in done:
+                names.pop(nxt, None)
+                yield done.pop(nxt)
+                nxt += 1
+        self._flush_mirrors(waiting, names, done)
+        while nxt in done:
+            yield done.pop(nxt)
+            nxt += 1
 
-    def _flush_mirrors(self, waiting: list, paths: list, out: dict) -> None:
+    def _numbered_batches(self, paths, batch_size, workers, progress, total):
+        """:meth:`prepared_batches`, each batch with its ``{index: path}``."""
+        kept: dict[int, str] = {}
+
+        def remember(it):
+            for i, p in enumerate(it):
+                kept[i] = str(p)
+                yield p
+
+        if total is None and hasattr(paths, "__len__"):
+            total = len(paths)
+        for prepared in self.prepared_batches(remember(paths), batch_size, workers, progress, total=total):
+            yield prepared, {i: kept.pop(i) for i, _, _ in prepared}
+
+    def _flush_mirrors(self, waiting: list, names: dict, out: dict) -> None:
         """Route the set-aside images again, their mirrors all computed in one pass; empties ``waiting``."""
         if waiting:
             feats = {g: np.stack([f[g] for _, _, f in waiting]) for g in waiting[0][2]}
-            preds, _, _ = self._run([x for _, x, _ in waiting], [paths[i] for i, _, _ in waiting], MirrorMode.ALL,
+            preds, _, _ = self._run([x for _, x, _ in waiting], [names[i] for i, _, _ in waiting], MirrorMode.ALL,
                                     feats=feats)
             out.update(zip([i for i, _, _ in waiting], preds))
             waiting.clear()
@@ -385,7 +438,8 @@ class HierarchicalPredictor:
     def _prediction(self, name: str, r) -> Prediction:
         lab = self._labels
         return Prediction(name, [lab[c] for c in r.node_ids], list(r.node_ids), list(r.probs), r.confidence,
-                          [[(lab[c], p) for c, p in level] for level in r.topk], r.complete)
+                          [[(lab[c], p) for c, p in level] for level in r.topk], r.complete,
+                          candidates=[(lab[c], p) for c, p in getattr(r, "candidates", [])])
 
 
 def iter_image_paths(inputs: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:

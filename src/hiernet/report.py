@@ -11,29 +11,57 @@ from pathlib import Path
 
 import numpy as np
 
-from .hierarchy import ROOT_ID, Hierarchy
+from .hierarchy import ROOT_DATASET, Hierarchy
 from .safeio import UserError
 
 #: Significance level of the verdict.
 ALPHA = 0.05
 #: The files :func:`write_outputs` writes into the output folder.
-OUTPUT_FILES = ("results.json", "results.md", "graph.png", "matrix.png")
+OUTPUT_FILES = ("results.json", "results.md", "report.html", "graph.png", "matrix.png")
+
+
+def _p_text(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _min_p(k: int) -> float:
+    """The smallest two-sided exact McNemar p-value ``k`` discordant pairs can give (all one way)."""
+    return min(1.0, 2 * 0.5 ** k) if k else 1.0
 
 
 def verdict(comparison: dict, alpha: float = ALPHA) -> str:
-    """One sentence on the paired comparison (``metrics.paired_comparison`` of LCPN vs flat)."""
-    d, p, (lo, hi) = comparison["difference"], comparison["p_value"], comparison["ci95"]
-    if d is None or not comparison.get("n"):
-        return "No images to compare the hierarchy with the flat baseline."
-    p_text = f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
-    detail = (f"leaf accuracy {d * 100:+.1f} points (95% CI {lo * 100:+.1f} to {hi * 100:+.1f}), "
-              f"McNemar p = {p_text}")
-    if p < alpha and d > 0:
-        return f"The hierarchy is better than the flat baseline at p<{alpha:g}: {detail}."
-    if p < alpha and d < 0:
-        return f"The hierarchy is worse than the flat baseline at p<{alpha:g}: {detail}."
-    return f"No significant difference between the hierarchy and the flat baseline at p<{alpha:g}: {detail}."
+    """The verdict on the paired comparison (``metrics.paired_comparison`` of LCPN vs flat), said once.
 
+    McNemar's exact test decides; the paired-bootstrap interval is reported as the size of the
+    difference, and when it disagrees with the test (it excludes 0 while the test does not reject, or
+    the reverse) the text says so and why (few images, few disagreements).
+    """
+    d, p, (lo, hi) = comparison["difference"], comparison["p_value"], comparison["ci95"]
+    n = comparison.get("n") or 0
+    if d is None or not n:
+        return "No images to compare the hierarchy with the flat baseline."
+    a, b = int(comparison.get("a_only", 0)), int(comparison.get("b_only", 0))
+    k = a + b
+    significant = p < alpha
+    if significant:
+        head = f"The hierarchy is {'better' if d > 0 else 'worse'} than the flat baseline"
+    else:
+        head = "No significant difference between the hierarchy and the flat baseline"
+    text = (f"{head} at p<{alpha:g} (McNemar p = {_p_text(p)}, the exact test that decides, on the {k} of {n} images "
+            f"only one model got right: {a} LCPN, {b} flat). Leaf accuracy LCPN - flat: {d * 100:+.1f} points, "
+            f"95% paired-bootstrap interval {lo * 100:+.1f} to {hi * 100:+.1f}.")
+    if lo is None or hi is None:
+        return text
+    excludes_zero = lo > 0 or hi < 0
+    if excludes_zero and not significant:
+        why = (f"with only {k} disagreement{'s' if k != 1 else ''} no split of them could reach p<{alpha:g}"
+               if _min_p(k) >= alpha else f"{k} disagreements are too few for the interval to be reliable")
+        text += (f" The interval excludes 0 but the test does not reject: on {n} images the bootstrap interval is "
+                 f"too narrow, and {why}; collect more test images before trusting the difference.")
+    elif significant and not excludes_zero:
+        text += (" The test rejects but the interval touches 0: the difference is borderline; "
+                 "collect more test images before trusting it.")
+    return text
 
 
 def _f(v, digits: int = 4) -> str:
@@ -66,52 +94,70 @@ def summary_lines(res: dict) -> list[str]:
     if res.get("n_stopped"):
         lines.append(f"{res['n_stopped']} predictions stopped above a leaf (--min-confidence)")
     if "flat" in res:
-        fl, c = res["flat"], res["comparison"]
+        fl = res["flat"]
         lines.append(f"flat baseline: leaf accuracy {_f(fl['leaf_accuracy'])}, macro F1 {_f(fl['macro_f1'])}, "
                      f"hierarchical F1 {_f(fl['hierarchical_f1'])}")
-        lines.append(f"LCPN - flat: {_f(c['difference'])} (95% CI {_f(c['ci95'][0])} to {_f(c['ci95'][1])}), "
-                     f"McNemar p = {_f(c['p_value'])} ({c['a_only']} only LCPN right, {c['b_only']} only flat right)")
         lines.append(res["verdict"])
+        per_node = [f"{ds} {_f(r['lcpn_accuracy'], 3)} vs {_f(r['flat_accuracy'], 3)}"
+                    for ds, r in res.get("nodes_vs_flat", {}).items() if r["n"]]
+        if per_node:
+            lines.append("each node's decision, LCPN vs flat: " + ", ".join(per_node)
+                         + " (node accuracies as predict routes images, mirror only where unsure; each node's "
+                         "performance.txt mirror-averages every image)")
+    if "combined" in res:
+        cb, vs = res["combined"], res["combined"]["vs_lcpn"]
+        lines.append(f"combined decision (reported only; predict.py does not use it: flat leaf probability x LCPN path "
+                     f"probability): leaf accuracy {_f(cb['leaf_accuracy'])}, macro F1 {_f(cb['macro_f1'])}; "
+                     f"vs LCPN {vs['a_only']} only combined right, {vs['b_only']} only LCPN right, "
+                     f"McNemar p = {_f(vs['p_value'], 3)}")
     return lines
 
 
 def _md_headline(res: dict) -> list[str]:
-    """Intro and the headline table of ``results.md``."""
-    has_flat = "flat" in res
-    fl = res.get("flat", {})
+    """Intro and the headline table of ``results.md``: LCPN, then flat and the combined decision if present."""
+    cols = [("LCPN (chained)", res)] + [(name, res[key]) for key, name in
+                                        (("flat", "flat baseline"), ("combined", "combined (reported only)")) if key in res]
     L = [
         "# Evaluation of the hierarchical classifier",
         "",
         f"{res['n_images']} images evaluated ({res.get('n_unreadable', 0)} unreadable, left out) from "
-        f"{res.get('source', 'the test set')}; models: `{res.get('models_dir', '')}`; runtime: {res.get('runtime', '?')}"
+        f"{res.get('source', 'the test set')}; models: `{res.get('models_dir', '')}`"
+        + (f" (fingerprint `{res['models_fingerprint']}`)" if res.get("models_fingerprint") else "")
+        + f"; runtime: {res.get('runtime', '?')}"
         + (f"; `--min-confidence {res['min_confidence']}`" if res.get("min_confidence") else "") + ".",
         "",
         "## Headline numbers",
         "",
-        "| metric | LCPN (chained) |" + (" flat baseline |" if has_flat else ""),
-        "|---|---|" + ("---|" if has_flat else ""),
+        "| metric |" + "".join(f" {name} |" for name, _ in cols),
+        "|---|" + "---|" * len(cols),
     ]
 
-    def row(name, a, b=None, fmt=_f):
-        L.append(f"| {name} | {fmt(a)} |" + (f" {fmt(b)} |" if has_flat else ""))
+    def row(name, key, fmt=_f):
+        L.append(f"| {name} |" + "".join(f" {fmt(d.get(key))} |" for _, d in cols))
 
-    row("leaf accuracy", res["leaf_accuracy"], fl.get("leaf_accuracy"))
-    row("top-1 error", res["leaf_error"], None if not has_flat or fl.get("leaf_accuracy") is None else 1 - fl["leaf_accuracy"])
-    row("macro F1 (leaves)", res["macro_f1"], fl.get("macro_f1"))
-    row("hierarchical precision", res["hierarchical_precision"], fl.get("hierarchical_precision"))
-    row("hierarchical recall", res["hierarchical_recall"], fl.get("hierarchical_recall"))
-    row("hierarchical F1", res["hierarchical_f1"], fl.get("hierarchical_f1"))
-    row("mistake severity (edges to common ancestor)", res["mistake_severity"], fl.get("mistake_severity"),
-        fmt=lambda v: _f(v, 2))
+    row("leaf accuracy", "leaf_accuracy")
+    L.append("| top-1 error |" + "".join(f" {_f(None if d.get('leaf_accuracy') is None else 1 - d['leaf_accuracy'])} |"
+                                         for _, d in cols))
+    row("macro F1 (leaves)", "macro_f1")
+    row("hierarchical precision", "hierarchical_precision")
+    row("hierarchical recall", "hierarchical_recall")
+    row("hierarchical F1", "hierarchical_f1")
+    row("mistake severity (edges to common ancestor)", "mistake_severity", fmt=lambda v: _f(v, 2))
     if res.get("confidence_ece") is not None:
         L.append(f"| mean confidence / its calibration error (ECE) | {_f(res['mean_confidence'])} / "
-                 f"{_f(res['confidence_ece'])} |" + (" |" if has_flat else ""))
+                 f"{_f(res['confidence_ece'])} |" + " |" * (len(cols) - 1))
     L += [
         "",
         "Leaf accuracy counts an image only when every level is right and the walk reaches the true leaf. "
         "Mistake severity is the mean number of edges from the true leaf up to its lowest common ancestor "
         "with the prediction, over mistakes (1 = a sibling).",
     ]
+    if "combined" in res:
+        vs = res["combined"]["vs_lcpn"]
+        L += ["", "Combined: per image, the leaf maximising the flat model's probability times the LCPN path "
+                  "probability (the product of the node probabilities along the path). Reported only: predict.py "
+                  f"returns the LCPN path. Against LCPN: {vs['a_only']} images only the combined decision got right, "
+                  f"{vs['b_only']} only LCPN, McNemar p = {_f(vs['p_value'], 3)}."]
     if res.get("n_stopped"):
         L += ["", f"{res['n_stopped']} predictions stopped above a leaf; they count as wrong for leaf accuracy "
                   "and get partial credit in the hierarchical scores."]
@@ -133,30 +179,53 @@ def _md_levels(res: dict) -> list[str]:
     return L
 
 
+#: What the node accuracies of evaluate.py are, beside each node's ``performance.txt`` (issue: two numbers).
+NODE_ACCURACY_NOTE = (
+    "Node accuracies here are as `predict.py` routes images: mirror averaging only where a node is unsure "
+    "(`--tta-below`, default 0.6). Each node's `performance.txt` (written by training) averages every test image "
+    "with its mirror image, so on the same images the two can differ by an image or two.")
+
+
 def _md_nodes(res: dict) -> list[str]:
     """The per-node table of ``results.md``."""
     L = ["", "## Per node", "",
          "Local: the node's classifier on every test image of its classes. "
-         "Routed: on those the chain actually sent it (all earlier levels right).", "",
-         "| node | classifies | local accuracy | images | routed accuracy | images routed |",
+         "Routed: on those the chain actually sent it (all earlier levels right). " + NODE_ACCURACY_NOTE, "",
+         "| node | classifies | local accuracy (as predict routes it, selective mirror) | images "
+         "| routed accuracy | images routed |",
          "|---|---|---|---|---|---|"]
     for ds, nd in res["nodes"].items():
-        where = "top level" if nd["node"] == ROOT_ID else f"below `{nd['node']}`"
+        where = "top level" if ds == ROOT_DATASET else f"below `{nd['node']}`"
         L.append(f"| {_md(ds)} | {_md(where)} | {_f(nd['local_accuracy'])} | {nd['n_true']} | {_f(nd['routed_accuracy'])} | "
                  f"{nd['n_routed']} |")
     return L
 
 
+def _md_nodes_vs_flat(res: dict) -> list[str]:
+    """Per node, the node's own decision vs the flat model's (``nodes_vs_flat``); empty without flat."""
+    rows = res.get("nodes_vs_flat")
+    if not rows:
+        return []
+    L = ["", "## Does the hierarchy pay, node by node?", "",
+         "On the test images of each node's subtree: the node's classifier (LCPN) against the flat model's leaf "
+         "mapped to the child of that node it lies under (wrong when the flat leaf is outside the subtree). "
+         "McNemar's exact p on the images only one got right.", "",
+         "| node | images | LCPN | flat | LCPN - flat | only LCPN right | only flat right | McNemar p | better |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for ds, r in rows.items():
+        better = {"lcpn": "LCPN", "flat": "flat", "tie": "tie"}.get(r["winner"], "n/a")
+        if r["p_value"] is not None and r["winner"] in ("lcpn", "flat") and r["p_value"] >= ALPHA:
+            better += " (not significant)"
+        L.append(f"| {_md(ds)} | {r['n']} | {_f(r['lcpn_accuracy'])} | {_f(r['flat_accuracy'])} | "
+                 f"{_f(r['difference'])} | {r['lcpn_only']} | {r['flat_only']} | {_f(r['p_value'], 3)} | {better} |")
+    return L
+
+
 def _md_comparison(res: dict) -> list[str]:
-    """The hierarchy-vs-flat paragraph of ``results.md`` (empty without a flat baseline)."""
+    """The hierarchy-vs-flat section of ``results.md`` (empty without a flat baseline): the verdict, once."""
     if "flat" not in res:
         return []
-    c = res["comparison"]
-    return ["", "## Hierarchy vs flat baseline", "",
-            f"Paired on the same {c['n']} images: difference in leaf accuracy (LCPN - flat) **{_f(c['difference'])}**, "
-            f"95% paired-bootstrap interval [{_f(c['ci95'][0])}, {_f(c['ci95'][1])}]; "
-            f"{c['a_only']} images only the hierarchy got right, {c['b_only']} only the flat model; "
-            f"exact McNemar p = {_f(c['p_value'])}.", "", f"**Verdict:** {res['verdict']}"]
+    return ["", "## Hierarchy vs flat baseline", "", f"**Verdict:** {res['verdict']}"]
 
 
 def _md_leaves(res: dict) -> list[str]:
@@ -169,7 +238,7 @@ def _md_leaves(res: dict) -> list[str]:
 
 def render_markdown(res: dict) -> str:
     """The ``results.md`` report: headline numbers, per level, per node, flat comparison, figures."""
-    sections = (_md_headline, _md_levels, _md_nodes, _md_comparison, _md_leaves)
+    sections = (_md_headline, _md_levels, _md_nodes, _md_comparison, _md_nodes_vs_flat, _md_leaves)
     return "\n".join(line for section in sections for line in section(res))
 
 
@@ -179,7 +248,7 @@ def _accuracy_bars(res: dict) -> tuple[list[str], list[float], list[int]]:
     for ds, nd in res["nodes"].items():
         if nd["local_accuracy"] is None:
             continue
-        what = f"{ds}: top level" if nd["node"] == ROOT_ID else ds
+        what = f"{ds}: top level" if ds == ROOT_DATASET else ds
         labels.append(f"{what}  (local, n={nd['n_true']})")
         values.append(nd["local_accuracy"])
     highlight = []
@@ -215,6 +284,7 @@ def write_figures(hier: Hierarchy, res: dict, out_dir: str | Path) -> None:
 
 def write_outputs(hier: Hierarchy, res: dict, out_dir: str | Path) -> list[Path]:
     """Write :data:`OUTPUT_FILES` into ``out_dir``, each atomically; returns their paths."""
+    from .htmlreport import render_html
     from .safeio import write_json_atomic, write_text_atomic
 
     out_dir = Path(out_dir)
@@ -223,5 +293,6 @@ def write_outputs(hier: Hierarchy, res: dict, out_dir: str | Path) -> list[Path]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_figures(hier, res, out_dir)
     write_text_atomic(out_dir / "results.md", render_markdown(res))
+    write_text_atomic(out_dir / "report.html", render_html(hier, res))
     write_json_atomic(out_dir / "results.json", res)  # last: its presence means the set is complete
     return [out_dir / f for f in OUTPUT_FILES]

@@ -40,7 +40,9 @@ class Route:
     ``node_ids``/``probs`` run from the top level down to the deepest chosen node; ``confidence`` is
     the product of ``probs`` (1.0 for an empty walk); ``topk`` holds, per level, ``(child id, prob)``
     of the K most likely children of the node the image was at, most likely first; ``complete`` is
-    False when ``min_confidence`` stopped the walk above a leaf.
+    False when ``min_confidence`` stopped the walk above a leaf; ``candidates`` then lists
+    ``(child id, prob)`` of the most likely children (at least 2) of the node where it stopped: the
+    level it could not decide.
     """
 
     node_ids: list = field(default_factory=list)
@@ -48,6 +50,7 @@ class Route:
     confidence: float = 1.0
     topk: list = field(default_factory=list)
     complete: bool = True
+    candidates: list = field(default_factory=list)
 
     @property
     def node(self) -> str:
@@ -83,7 +86,8 @@ def route(hier: Hierarchy, probs: NodeProbs, n: int, topk: int = 1, min_confiden
         How many children to list per level in :attr:`Route.topk` (at most the node's ``C``).
     min_confidence : float
         Stop an image at the deepest node whose path probability stays ``>= min_confidence``
-        (0: always go to a leaf).
+        (0: always go to a leaf); a stopped route keeps its path's confidence and lists the
+        candidates of the level it could not decide (:attr:`Route.candidates`).
 
     Returns
     -------
@@ -108,6 +112,7 @@ def route(hier: Hierarchy, probs: NodeProbs, n: int, topk: int = 1, min_confiden
                 r, pb = routes[i], float(p[row, best])
                 if min_confidence and r.confidence * pb < min_confidence:
                     r.complete, active[i] = False, False
+                    r.candidates = [(children[j], float(p[row, j])) for j in order[row, :max(k, 2)]]
                     continue
                 r.node_ids.append(children[best])
                 r.probs.append(pb)

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -198,13 +199,26 @@ class LockHeld(UserError):
     """Another process holds the lock."""
 
 
+#: Set to 1 to skip the ``flock`` locks (filesystems without working locks; then never start two
+#: trainings of one node at once).
+NO_LOCK_ENV = "HIERNET_NO_LOCK"
+#: ``flock`` errors that mean "this filesystem cannot lock" (some NFS / Lustre / GPFS mounts), not "held".
+_NO_LOCK_ERRNOS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, getattr(errno, "ENOTSUP", -1)}
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_file: Path, what: str) -> Iterator[None]:
     """Hold an exclusive, non-blocking ``flock`` on ``lock_file`` for the ``with`` block.
 
     The kernel drops the lock when the process dies (even by ``kill -9``), so a crash never leaves a
-    stale lock. Raises :class:`LockHeld` if another process holds it.
+    stale lock. Raises :class:`LockHeld` if another process holds it. Where the filesystem cannot lock
+    (or with ``HIERNET_NO_LOCK=1``) the block runs unlocked, with a warning.
     """
+    import logging
+
+    if os.environ.get(NO_LOCK_ENV, "") not in ("", "0"):
+        yield
+        return
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     fh = open(lock_file, "a+")
     try:
@@ -216,11 +230,16 @@ def exclusive_lock(lock_file: Path, what: str) -> Iterator[None]:
                     f"{what} is already running in another process (lock {lock_file}); "
                     "wait for it to finish, then run again"
                 ) from None
-            raise
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
+            if exc.errno not in _NO_LOCK_ERRNOS:
+                raise
+            logging.getLogger(__name__).warning(
+                "%s cannot be locked on this filesystem (%s); running %s without a lock (set %s=1 to skip locking)",
+                lock_file, os.strerror(exc.errno), what, NO_LOCK_ENV)
+        else:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
         yield
     finally:
         fh.close()
@@ -304,3 +323,72 @@ def run_cli(main: Callable[[], Any]) -> None:
         print("interrupted: earlier results are left as they were", file=sys.stderr)
         sys.exit(130)
     sys.exit(rc or 0)
+
+
+# --------------------------------------------------------------------------------------------- outputs
+def output_kind(path: str | os.PathLike | None) -> str:
+    """How :func:`open_output` would write ``path``: ``stdout``, ``file`` (a regular file or a new
+    name: temporary file and rename), ``stream`` (a device, FIFO or socket: written through) or ``dir``.
+
+    Symlinks are followed: the kind is the kind of the file they name.
+    """
+    if path is None or os.fspath(path) == "-":
+        return "stdout"
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks
+    except FileNotFoundError:
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "file" if stat.S_ISREG(mode) else "stream"
+
+
+def check_output_path(path: str | os.PathLike | None, flag: str = "-o") -> None:
+    """Refuse an output path that names a folder (call it before any long work).
+
+    Raises
+    ------
+    UserError
+        ``path`` (or the file a symlink names) is a folder.
+    """
+    if output_kind(path) == "dir":
+        raise UserError(f"{flag} {Path(path).resolve()} is a folder; give a file name (e.g. {Path(path) / 'predictions.csv'})")
+
+
+@contextlib.contextmanager
+def open_output(path: str | os.PathLike | None, append: bool = False, encoding: str = "utf-8") -> Iterator[Any]:
+    """Open what an ``-o/--output`` flag names for writing text; closes it (never standard output).
+
+    - ``None`` or ``"-"``: standard output;
+    - a symlink: the file it names (the link stays a link);
+    - a device, FIFO or socket: written through, never replaced;
+    - a regular file or a new name: written to a temporary file beside it, renamed over it on success
+      (an earlier file is kept as it was if the block fails); with ``append`` the file itself is
+      opened for appending (created if missing), for resumable outputs that sync as they go.
+
+    Text is written with ``errors="backslashreplace"`` (file names that are not UTF-8 stay readable)
+    and no newline translation.
+
+    Raises
+    ------
+    UserError
+        ``path`` is a folder.
+    """
+    import sys
+
+    kind = output_kind(path)
+    if kind == "stdout":
+        yield sys.stdout
+        return
+    if kind == "dir":
+        check_output_path(path)
+    target = Path(os.path.realpath(path))
+    opts = dict(encoding=encoding, errors="backslashreplace", newline="")
+    if kind == "stream" or append:
+        if append:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a" if append else "w", **opts) as fh:
+            yield fh
+        return
+    with atomic_path(target) as tmp, open(tmp, "w", **opts) as fh:
+        yield fh

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from . import distributed as dist_utils
 from .artifacts import publish, save_checkpoint, staging_dir
 from .backbones import create_backbone
 from .config import AugmentConfig, FitConfig, HeadConfig, TrainConfig
 from .data import TRANSFORM_VERSION, FeatureCache, aug_views, eval_views, extract_features, read_split
-from .engine import FitResult, fit, predict_logits, write_csv
+from .engine import FitResult, fit, predict_logits_sharded, write_csv
 from .hierarchy import FLAT_DATASET, Hierarchy, require_hierarchy_json
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
 from .metrics import classification_summary, expected_calibration_error, text_report
@@ -50,6 +50,9 @@ class ImageDataset(Dataset):
     the next one (with a warning) so a file damaged after prepare_dataset.py cannot stop a run.
     """
 
+    #: :func:`hiernet.engine.fit` passes ``(index, epoch)`` pairs (the epoch reaches worker processes).
+    indices_carry_epoch = True
+
     def __init__(self, items: list[tuple[Path, int]], size: int, policy: str, train: bool, seed: int = 0):
         self.items, self.size, self.policy, self.train, self.seed, self.epoch = items, size, policy, train, seed, 0
 
@@ -59,7 +62,10 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item):
+        """``item``: an index, or ``(index, epoch)`` from :class:`hiernet.engine.EpochSampler` (worker
+        processes do not see :meth:`set_epoch`)."""
+        i, epoch = item if isinstance(item, tuple) else (item, self.epoch)
         for k in range(len(self.items)):
             path, label = self.items[(i + k) % len(self.items)]
             try:
@@ -70,7 +76,7 @@ class ImageDataset(Dataset):
         else:  # pragma: no cover - every image broken
             raise UserError("no image of this dataset can be decoded")
         if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
+            rng = np.random.default_rng([self.seed, epoch, i])
             from .data import augment
 
             img = augment(img, self.size, rng)
@@ -93,6 +99,24 @@ def _feature_runner(backbone, device: str, cache_dir: Path, cache_key: str, use_
     return TorchRunner(backbone, device)
 
 
+def feature_precision(device: str) -> str:
+    """The arithmetic the frozen backbone runs in on ``device``: ``"fp16"`` (autocast on CUDA) or ``"fp32"``."""
+    return "fp16" if str(device).startswith("cuda") else "fp32"
+
+
+def feature_cache_key(backbone: FeatureExtractor, resize: str, kind: str, device: str) -> dict:
+    """The feature-cache key of ``kind`` ("eval"/"aug") features; a ``precision`` other than ``"fp32"``
+    is part of it (fp16 GPU features never mix with fp32 CPU ones; fp32 keys are those of earlier versions)."""
+    key = {
+        "backbone": backbone.spec.name, "image_size": backbone.image_size, "weights": backbone.weights_fingerprint,
+        "resize": resize, "transform_version": TRANSFORM_VERSION, "kind": kind,
+    }
+    precision = feature_precision(device)
+    if precision != "fp32":
+        key["precision"] = precision
+    return key
+
+
 def cached_features(paths: list, backbone: FeatureExtractor, resize: str, device: str, cache_dir: Path | None,
                     kind: str, n_aug: int, seed: int, progress: bool, onnx: bool = True,
                     augment: AugmentConfig = AugmentConfig()) -> tuple[np.ndarray, np.ndarray]:
@@ -111,10 +135,7 @@ def cached_features(paths: list, backbone: FeatureExtractor, resize: str, device
         ``(N, V, D)`` float32 features and a bool mask ``(N,)`` of images that decoded.
     """
     size = backbone.image_size
-    key = {
-        "backbone": backbone.spec.name, "image_size": size, "weights": backbone.weights_fingerprint,
-        "resize": resize, "transform_version": TRANSFORM_VERSION, "kind": kind,
-    }
+    key = feature_cache_key(backbone, resize, kind, device)
     if kind == "aug":
         key.update({"augment": augment.key(), "seed": seed, "n": n_aug})
         n_views = n_aug
@@ -211,9 +232,7 @@ def load_node_data(data_dir: Path, ds: str, fine_labels: bool = True) -> NodeDat
     present = sorted({classes[y] for _, y in splits["train"]})
     if len(present) < 2:
         raise UserError(f"node {ds!r} has training images for only {present}; a classifier needs two classes")
-    fine = hier.fine_label_matrix(node_id, class_nodes) if fine_labels and node_id is not None else None
-    if fine is not None and _has_partial_below(doc, node_id):
-        fine = None  # partial labels below this node have no leaf to train on: use the children as targets
+    fine = fine_label_targets(hier, doc, node_id, class_nodes) if fine_labels else None
     if fine is None:
         targets = {s: np.array([y for _, y in items], dtype=np.int64) for s, items in splits.items()}
         return NodeData(ds, node_id, classes, class_nodes, splits, None, None, targets, hier, doc)
@@ -223,9 +242,15 @@ def load_node_data(data_dir: Path, ds: str, fine_labels: bool = True) -> NodeDat
     return NodeData(ds, node_id, classes, class_nodes, splits, fine[0], fine[1], targets, hier, doc)
 
 
-def _has_partial_below(doc: dict, node_id: str) -> bool:
-    """Whether any partial-label image of ``doc`` lies strictly below ``node_id`` (the root is ``""``)."""
-    return any(node_id == "" or im["node"].startswith(f"{node_id}/") for im in doc.get("partial_images", []))
+def fine_label_targets(hier: Hierarchy, doc: dict, node_id: str | None, class_nodes: list[str]):
+    """The leaves and ``(K leaves, C children)`` matrix a fine-label node trains on, or ``None`` to train
+    on its children: for the flat dataset, nodes whose children are all leaves, and nodes with partial-label
+    images below them (a partial label has no leaf to be a fine target)."""
+    if node_id is None:
+        return None
+    if any(node_id == "" or im["node"].startswith(f"{node_id}/") for im in doc.get("partial_images", [])):
+        return None
+    return hier.fine_label_matrix(node_id, class_nodes)
 
 
 def make_head(cfg: HeadConfig, in_dim: int, n_classes: int, group=None) -> Head:
@@ -357,15 +382,18 @@ def calibrate_head(head: Head, val_x: np.ndarray, val_children: np.ndarray, devi
 
 def evaluate_node(model: torch.nn.Module, head: Head, inputs: NodeInputs, n_classes: int, cfg: FitConfig,
                   device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities ``(N, C)`` on the node's test split (mirror-averaged when ``inputs.test_mirror``) and labels ``(N,)``."""
-    loader = DataLoader(inputs.test_set, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.workers)
-    logits, y_test = predict_logits(model, loader, device, cfg.amp)
+    """Probabilities ``(N, C)`` on the node's test split (mirror-averaged when ``inputs.test_mirror``) and labels ``(N,)``.
+
+    Under torchrun each rank predicts its share of the test images; every rank gets all of them.
+    """
+    logits, y_test = predict_logits_sharded(model, inputs.test_set, cfg.batch_size * 2, cfg.workers, device, cfg.amp)
     if not len(y_test):
         return np.zeros((0, n_classes)), y_test
     probs = softmax(logits)
     if inputs.test_mirror is not None:
-        flip_logits = head.eval()(torch.from_numpy(inputs.test_mirror).to(device)).detach().float().cpu().numpy()
-        probs = (probs + _softmax(flip_logits)) / 2
+        with torch.no_grad():
+            flip_logits = head.eval()(torch.from_numpy(inputs.test_mirror).to(device)).float().cpu().numpy()
+        probs = (probs + softmax(flip_logits)) / 2
     return probs, y_test
 
 
@@ -390,7 +418,8 @@ def train_node(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path, devi
     """
     data_dir, models_dir = Path(data_dir), Path(models_dir)
     data = load_node_data(data_dir, ds, cfg.head.fine_labels)
-    backbone = create_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size)
+    with dist_utils.rank0_first():  # rank 0 downloads missing ImageNet weights; the others then read them
+        backbone = create_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size)
     torch.manual_seed(cfg.fit.seed)
     np.random.seed(cfg.fit.seed)
     head = make_head(cfg.head, backbone.spec.feature_dim, len(data.classes), data.group)
