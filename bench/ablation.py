@@ -68,9 +68,10 @@ def features(paths, backbone_name, size, views, cache_dir):
     return ev, aug, ok
 
 
-def train_head(x_views, y, n_classes, hidden, seed, class_weight_power, group=None):
+def train_head(x_views, y, n_classes, hidden, seed, class_weight_power, group=None, changes=None):
     """Train a head with train.py's steps (frozen mode) and an inner 10% validation split for early stopping.
 
+    ``x_views`` ``(N, V, D)``, ``y`` ``(N,)``; ``changes``: more train.py flag values (e.g. ``{"logit_adjust": 1.0}``).
     With ``group`` (``(K leaves, C children)``, :meth:`Hierarchy.fine_label_matrix`, as train.py's
     ``--fine-labels``), ``y`` holds leaf indices and the returned head outputs log P(child).
     """
@@ -79,7 +80,7 @@ def train_head(x_views, y, n_classes, hidden, seed, class_weight_power, group=No
     from hiernet.config import PRESETS
     from hiernet.training import feature_sets, fit_head, make_head
 
-    cfg = PRESETS["cpu"].override({"hidden": hidden, "class_weights": class_weight_power, "seed": seed})
+    cfg = PRESETS["cpu"].override({"hidden": hidden, "class_weights": class_weight_power, "seed": seed, **(changes or {})})
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(y))
     n_val = max(1, len(y) // 10)
@@ -101,6 +102,48 @@ def probs(head, ev, tta):
     return p
 
 
+def train_lcpn(hier, x_views, leaves, hidden, seed, class_weight_power, fine_labels=True, changes=None):
+    """``{node id: head}`` for every parent with two or more children, trained on the images below it.
+
+    ``x_views`` ``(N, V, D)``, ``leaves`` ``(N,)`` leaf ids; ``changes`` as :func:`train_head`.
+    """
+    heads = {}
+    for nid in hier.classifier_nodes():
+        children = hier.nodes[nid].children
+        lab = np.array([hier.child_towards(nid, leaf) for leaf in leaves], dtype=object)
+        m = np.array([c is not None for c in lab])
+        fine = hier.fine_label_matrix(nid) if fine_labels else None  # as train.py --fine-labels
+        group = None if fine is None else fine[1]
+        if fine is not None:
+            y = np.array([fine[0].index(leaf) for leaf in leaves[m]])
+        else:
+            y = np.array([children.index(c) for c in lab[m]])
+        heads[nid] = train_head(x_views[m], y, len(children), hidden, seed, class_weight_power, group, changes)
+    return heads
+
+
+def route(hier, heads, ev, tta):
+    """Leaf ids ``(N,)`` of images with eval features ``ev`` ``(N, 2, D)``, routed level by level by ``heads``
+    (``{node id: head}``; a one-child node passes through). A local loop until prediction offers a pure
+    routing function."""
+    current = np.array([""] * len(ev), dtype=object)
+    while True:
+        moved = False
+        for nid in sorted(set(current)):
+            node = hier.nodes[nid]
+            if not node.children:
+                continue
+            sel = np.where(current == nid)[0]
+            if len(node.children) == 1:
+                current[sel] = node.children[0]
+            else:
+                p = probs(heads[nid], ev[sel], tta)
+                current[sel] = np.array(node.children, dtype=object)[p.argmax(1)]
+            moved = True
+        if not moved:
+            return current
+
+
 def run_variant(hier, doc, paths, leaves, spec, folds, seed, cache_dir, fine_labels=True):
     from sklearn.model_selection import StratifiedKFold
 
@@ -111,35 +154,8 @@ def run_variant(hier, doc, paths, leaves, spec, folds, seed, cache_dir, fine_lab
     accs, flat_accs, path_accs = [], [], []
     for fold, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(paths, leaves)):
         tr, te = tr[ok[tr]], te[ok[te]]
-        current = np.array([""] * len(te), dtype=object)
-        heads = {}
-        for nid in hier.classifier_nodes():
-            children = hier.nodes[nid].children
-            lab = np.array([hier.child_towards(nid, leaf) for leaf in leaves[tr]], dtype=object)
-            m = np.array([c is not None for c in lab])
-            fine = hier.fine_label_matrix(nid) if fine_labels else None  # as train.py --fine-labels
-            group = None if fine is None else fine[1]
-            if fine is not None:
-                y = np.array([fine[0].index(leaf) for leaf in leaves[tr][m]])
-            else:
-                y = np.array([children.index(c) for c in lab[m]])
-            heads[nid] = train_head(allv[tr][m], y, len(children), hidden, seed + fold, cw, group)
-        # route the held-out fold down the tree (a local loop until prediction offers a pure routing function)
-        while True:
-            moved = False
-            for nid in sorted(set(current)):
-                node = hier.nodes[nid]
-                if not node.children:
-                    continue
-                sel = np.where(current == nid)[0]
-                if len(node.children) == 1:
-                    current[sel] = node.children[0]
-                else:
-                    p = probs(heads[nid], ev[te][sel], tta)
-                    current[sel] = np.array(node.children, dtype=object)[p.argmax(1)]
-                moved = True
-            if not moved:
-                break
+        heads = train_lcpn(hier, allv[tr], leaves[tr], hidden, seed + fold, cw, fine_labels)
+        current = route(hier, heads, ev[te], tta)
         accs.append(float(np.mean(current == leaves[te])))
         # path decoding: every head on every image, the leaf with the largest product of probabilities
         node_p = {nid: probs(heads[nid], ev[te], tta) for nid in heads}

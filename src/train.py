@@ -76,6 +76,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, help="early stopping: epochs without a better validation loss")
     g.add_argument("--class-weights", type=float, metavar="POWER",
                    help="class-imbalance handling: loss weight (n / (C * count)) ** POWER; 1 = balanced, 0 = none (presets: cpu 0, original 0.5)")
+    g.add_argument("--logit-adjust", type=float, metavar="TAU",
+                   help="long tail: train on logits + TAU * log(class prior) (logit adjustment; 1 = balanced softmax, 0 = off)")
+    g.add_argument("--class-sampling", dest="sample_power", type=float, metavar="POWER",
+                   help="long tail: draw training samples of class c with weight count_c ** -POWER (1 = class-balanced, 0 = off)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     g.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
@@ -123,6 +127,9 @@ def main(args: argparse.Namespace) -> int:
         minimum = 0 if flag in ("views", "hidden") else 1
         if value is not None and value < minimum:
             raise UserError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
+    for flag, name in (("logit_adjust", "--logit-adjust"), ("sample_power", "--class-sampling")):
+        if getattr(args, flag) is not None and not 0 <= getattr(args, flag) <= 2:
+            raise UserError(f"{name} must be between 0 and 2, got {getattr(args, flag)}")
     if args.image_size is not None and not 32 <= args.image_size <= 2048:
         raise UserError(f"--image-size must be between 32 and 2048 pixels, got {args.image_size}")
     from hiernet.incremental import node_is_current

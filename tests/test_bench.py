@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,3 +149,57 @@ def test_predict_speed_sample_is_every_kth_sorted(tmp_path):
     assert [Path(p).name for p in paths] == ["img_00.png", "img_03.png", "img_06.png"]
     with pytest.raises(ps.BenchError, match="fewer than"):
         ps.sample_images(tmp_path, 11)
+
+
+@pytest.fixture(scope="module")
+def tail():
+    return _load("tail")
+
+
+def test_tail_scores_by_hand(tail):
+    y_true = np.array(["a", "a", "b", "c"], dtype=object)
+    y_pred = np.array(["a", "b", "b", "b"], dtype=object)
+    s = tail.scores(y_true, y_pred, ["a", "c"])
+    assert s["leaf_accuracy"] == 0.5
+    assert s["recall"] == {"a": 0.5, "b": 1.0, "c": 0.0} and s["tail_recall"] == 0.25
+    assert abs(s["macro_f1"] - (2 / 3 + 0.5 + 0.0) / 3) < 1e-9  # F1 a: P 1, R .5; b: P 1/3, R 1; c: 0
+
+
+def test_tail_bench_runs_both_peers_and_the_suite_on_tiny_features(tail, monkeypatch):
+    from hiernet.hierarchy import Hierarchy
+
+    # leaves at depths 2 and 3: a two-class root trained on leaves, a mixed parent, a plain parent
+    leaf_ids = ["a/x", "a/y", "b/u/p", "b/u/q", "b/v"]
+    hier = Hierarchy.from_leaf_paths(leaf_ids)
+    assert [list(r) for r in tail.level_labels(hier, np.array(["a/x", "b/u/q"], dtype=object))] == \
+        [["a", "a/x", ""], ["b", "b/u", "b/u/q"]]
+    rng = np.random.default_rng(0)
+    leaves = np.array([leaf for leaf in leaf_ids for _ in range(10)], dtype=object)
+    centres = {leaf: rng.normal(0, 4, 6) for leaf in leaf_ids}
+    base = np.stack([centres[leaf] + rng.normal(0, 0.5, 6) for leaf in leaves]).astype(np.float32)
+    ev = np.stack([base, base + rng.normal(0, 0.1, base.shape).astype(np.float32)], axis=1)
+    monkeypatch.setitem(tail.VARIANTS, "tiny suite", {"logit_adjust": 1.0, "hidden": 16, "epochs": 40, "lr": 0.03, "patience": 40})
+    todo = tail.methods(["tiny suite"], no_peers=False)
+    assert list(todo) == [*tail.PEERS, "tiny suite"]
+    preds, seconds = tail.cross_validate(hier, ev, ev, leaves, todo, folds=2, seed=0)
+    for name, pred in preds.items():
+        assert set(pred) <= set(leaf_ids)
+        assert tail.scores(leaves, pred, [])["leaf_accuracy"] > 0.9, name
+    rows = {n: {**tail.scores(leaves, p, ["b/v"]), "seconds": seconds[n]} for n, p in preds.items()}
+    md = tail.markdown(rows, ["b/v"], {leaf: 10 for leaf in leaf_ids}, "# t", "python3 bench/tail.py")
+    assert "| peer: flat LR |" in md and "| b/v (10) |" in md
+
+
+def test_tail_max_folds_predicts_only_the_first_folds(tail):
+    from hiernet.hierarchy import Hierarchy
+
+    hier = Hierarchy.from_leaf_paths(["a/x", "a/y", "b"])
+    leaves = np.array(["a/x", "a/y", "b"] * 6, dtype=object)
+    x = np.stack([np.eye(3)[["a/x", "a/y", "b"].index(leaf)] for leaf in leaves]).astype(np.float32)
+    ev = np.stack([x, x], axis=1)
+    todo = {"lr": lambda h, v, l, e, s: tail.flat_lr(v[:, 0], l, e[:, 0])}
+    preds, _ = tail.cross_validate(hier, ev, ev, leaves, todo, folds=3, seed=0, max_folds=1)
+    done = np.array([p is not None for p in preds["lr"]])
+    assert done.sum() == 6 and (preds["lr"][done] == leaves[done]).all()
+    preds, _ = tail.cross_validate(hier, ev, ev, leaves, todo, folds=3, seed=0)
+    assert (preds["lr"] == leaves).all()

@@ -94,6 +94,26 @@ def test_a_node_artifact_gives_back_its_train_config(tmp_path):
     assert NodeArtifact(tmp_path, {"config": {}}).train_config() == TrainConfig()
 
 
+def test_long_tail_options_come_from_train_py_flags_and_round_trip():
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "src"))
+    import train
+
+    args = train.get_args_parser().parse_args(["-d", "parent", "--logit-adjust", "0.75", "--class-sampling", "0.5"])
+    cfg = train.build_config(args)
+    assert (cfg.fit.logit_adjust, cfg.fit.sample_power) == (0.75, 0.5)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    # a model.pth written before these options existed reads back with them off
+    old = cfg.to_dict()
+    del old["fit"]["logit_adjust"], old["fit"]["sample_power"]
+    assert (TrainConfig.from_dict(old).fit.logit_adjust, TrainConfig.from_dict(old).fit.sample_power) == (0.0, 0.0)
+    unset = train.build_config(train.get_args_parser().parse_args(["-d", "parent"]))
+    assert (unset.fit.logit_adjust, unset.fit.sample_power) == (PRESETS["cpu"].fit.logit_adjust, PRESETS["cpu"].fit.sample_power)
+
+
 def test_workers_default_to_decoding_processes_when_fine_tuning_on_cuda():
     from hiernet.config import default_workers
 

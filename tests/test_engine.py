@@ -210,6 +210,62 @@ def test_head_with_leaf_group_returns_child_log_probabilities():
     assert torch.allclose(rebuilt.eval()(x), head(x))
 
 
+def test_logit_adjustment_is_tau_times_log_prior():
+    from hiernet.engine import logit_adjustment
+
+    labels = np.array([0, 0, 0, 1])  # class 2 has no sample: counted once
+    assert np.allclose(logit_adjustment(labels, 3, 0.5).numpy(), 0.5 * np.log([3 / 5, 1 / 5, 1 / 5]))
+    assert np.allclose(logit_adjustment(labels, 3, 0.0).numpy(), 0.0)
+
+
+def test_logit_adjusted_loss_shifts_logits_exactly_and_tau_1_is_the_balanced_softmax():
+    from hiernet.engine import LogitAdjustedLoss, logit_adjustment
+
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([0, 1])
+    labels = np.array([0, 0, 0, 1])  # counts 3 and 1
+    shift = logit_adjustment(labels, 2, 0.7)
+    got = LogitAdjustedLoss(nn.CrossEntropyLoss(), shift)(z, y)
+    assert torch.allclose(got, nn.functional.cross_entropy(z + 0.7 * torch.log(torch.tensor([0.75, 0.25])), y))
+    # balanced softmax (Ren et al.): -log(n_y e^z_y / sum_j n_j e^z_j), by hand
+    e = np.e
+    by_hand = -(np.log(3 * e / (3 * e + 1)) + np.log(e ** 2 / (3 + e ** 2))) / 2
+    bal = LogitAdjustedLoss(nn.CrossEntropyLoss(), logit_adjustment(labels, 2, 1.0))(z, y)
+    assert abs(bal.item() - by_hand) < 1e-6
+
+
+def test_fit_trains_on_adjusted_logits_so_the_raw_ones_favour_the_rare_class(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0] * 90 + [1] * 10)
+    x = torch.randn(100, 1, generator=g) + y[:, None] * 1.0  # overlapping classes, 9:1
+    train = TensorDataset(x, y)
+    grid = torch.linspace(-3, 4, 200)[:, None]
+    rare_share = {}
+    for tau in (0.0, 1.0):
+        torch.manual_seed(0)
+        m = nn.Linear(1, 2)
+        cfg = FitConfig(epochs=40, batch_size=20, lr=0.1, patience=100, label_smoothing=0.0, logit_adjust=tau)
+        fit(m, train, None, y.numpy(), 2, cfg, "cpu", tmp_path / str(tau), "h", progress=False)
+        with torch.no_grad():
+            rare_share[tau] = float((m(grid).argmax(1) == 1).float().mean())
+    # plain CE puts the boundary far into the rare class; the balanced one near the midpoint 0.5
+    assert rare_share[1.0] > rare_share[0.0] + 0.1
+
+
+def test_class_aware_sampling_draws_classes_equally_often():
+    from hiernet.engine import _loaders
+
+    labels = np.array([0] * 90 + [1] * 10)
+    ds = TensorDataset(torch.zeros(100, 1), torch.from_numpy(labels))
+    drawn = {}
+    for power in (0.0, 1.0):
+        loader = _loaders(ds, None, FitConfig(batch_size=10, sample_power=power, seed=1), "cpu", labels)[0]
+        ys = torch.cat([torch.cat([b[1] for b in loader]) for _ in range(20)])
+        drawn[power] = float((ys == 1).float().mean())
+    assert abs(drawn[0.0] - 0.1) < 1e-6  # plain shuffling: every sample once per epoch
+    assert 0.4 < drawn[1.0] < 0.6
+
+
 def test_train_batching_gives_every_rank_a_step():
     from hiernet.engine import train_batching
 

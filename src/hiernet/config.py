@@ -60,6 +60,10 @@ class FitConfig:
     """Hyper-parameters of one optimisation run (:func:`hiernet.engine.fit`).
 
     ``class_weight_power``: loss weight ``(n / (C * count)) ** power`` (1 balanced, 0 unweighted).
+    ``logit_adjust``: ``tau`` of the logit-adjusted loss, CE on ``logits + tau * log(prior)`` (Menon et al.;
+    1 = balanced softmax, 0 = plain CE); the head's raw logits then score classes as if balanced.
+    ``sample_power``: class-aware sampling, a training sample of class c drawn with weight
+    ``count_c ** -power`` (1 = every class equally often, 0 = uniform shuffling).
     """
 
     epochs: int = 60
@@ -70,6 +74,8 @@ class FitConfig:
     patience: int = 10
     warmup_epochs: float = 1.0
     class_weight_power: float = 0.0  # weighting cost leaf accuracy in cross-validation (bench/ablation.py)
+    logit_adjust: float = 0.0
+    sample_power: float = 0.0
     amp: bool = True
     workers: int = 0
     seed: int = 0
@@ -175,6 +181,7 @@ FLAG_FIELDS: dict[str, str] = {
     "hidden": "head.hidden", "dropout": "head.dropout", "fine_labels": "head.fine_labels",
     "epochs": "fit.epochs", "batch_size": "fit.batch_size", "lr": "fit.lr", "weight_decay": "fit.weight_decay",
     "label_smoothing": "fit.label_smoothing", "patience": "fit.patience", "class_weights": "fit.class_weight_power",
+    "logit_adjust": "fit.logit_adjust", "sample_power": "fit.sample_power",
     "amp": "fit.amp", "workers": "fit.workers", "seed": "fit.seed",
 }
 

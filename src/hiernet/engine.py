@@ -2,7 +2,7 @@
 
 One loop serves both: ``model.train()`` for training batches and ``model.eval()`` for validation,
 one AdamW optimiser and one warm-up + cosine schedule per run, class-weighted cross-entropy with
-label smoothing, early stopping on validation loss that restores the best weights, AMP on CUDA,
+label smoothing (optionally on logit-adjusted logits, and with class-aware sampling), early stopping on validation loss that restores the best weights, AMP on CUDA,
 a per-epoch CSV log, a resumable checkpoint after every epoch, and DistributedDataParallel when
 launched by torchrun.
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset, WeightedRandomSampler
 
 from . import distributed as dist_utils
 from .config import FitConfig
 
-__all__ = ["FitConfig", "FitResult", "class_weights", "predict_logits", "fit", "train_one_epoch", "evaluate",
+__all__ = ["FitConfig", "FitResult", "class_weights", "logit_adjustment", "LogitAdjustedLoss", "predict_logits", "fit", "train_one_epoch", "evaluate",
            "EarlyStopping", "save_resume_checkpoint", "restore_resume_checkpoint", "write_csv", "train_batching",
            "EpochSampler", "shard", "predict_logits_sharded", "scaled_lr"]
 
@@ -50,6 +50,40 @@ def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> tor
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     w = np.where(counts > 0, (len(labels) / (n_classes * np.maximum(counts, 1))) ** power, 0.0)
     return torch.tensor(w, dtype=torch.float32)
+
+
+def logit_adjustment(labels: np.ndarray, n_classes: int, tau: float) -> torch.Tensor:
+    """``tau * log(prior)`` ``(C,)`` of the training labels ``(N,)`` (Menon et al., 2021, logit adjustment).
+
+    A class without samples counts as one (a finite shift). Added to the logits in the training loss,
+    it makes the raw logits estimate class-balanced scores; ``tau`` 1 is the balanced softmax (Ren et al., 2020).
+    """
+    counts = np.maximum(np.bincount(labels, minlength=n_classes).astype(np.float64), 1.0)
+    return torch.tensor(tau * np.log(counts / counts.sum()), dtype=torch.float32)
+
+
+class LogitAdjustedLoss(nn.Module):
+    """``loss(logits + shift, y)``: a loss on logits ``(B, C)`` shifted by a fixed ``(C,)`` vector."""
+
+    def __init__(self, loss: nn.Module, shift: torch.Tensor):
+        super().__init__()
+        self.loss = loss
+        self.weight = getattr(loss, "weight", None)
+        self.register_buffer("shift", shift)
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits + self.shift, y)
+
+
+def _criteria(train_labels: np.ndarray, n_classes: int, cfg: FitConfig, device: str):
+    """Training loss (label smoothing) and validation loss: class-weighted CE, on adjusted logits if asked."""
+    weight = class_weights(train_labels, n_classes, cfg.class_weight_power).to(device) if cfg.class_weight_power else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    val_criterion = nn.CrossEntropyLoss(weight=weight)
+    if cfg.logit_adjust:
+        shift = logit_adjustment(train_labels, n_classes, cfg.logit_adjust)
+        criterion, val_criterion = LogitAdjustedLoss(criterion, shift).to(device), LogitAdjustedLoss(val_criterion, shift).to(device)
+    return criterion, val_criterion
 
 
 def _autocast(device: str, enabled: bool):
@@ -181,7 +215,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion, device: str, amp: 
     (and takes the same early-stopping decision).
     """
     model.eval()
-    weight = getattr(criterion, "weight", None)
+    weight, shift = getattr(criterion, "weight", None), getattr(criterion, "shift", None)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # Σ w·loss, Σ w, correct, n
     for x, y in loader:
         x, y = _to_device(x, device), y.to(device, non_blocking=True)
@@ -189,7 +223,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion, device: str, amp: 
             out = model(x)
         out = out.float()
         w = weight[y] if weight is not None else torch.ones_like(y, dtype=torch.float32)
-        losses = nn.functional.cross_entropy(out, y, reduction="none")
+        losses = nn.functional.cross_entropy(out if shift is None else out + shift, y, reduction="none")
         sums += torch.stack([(w * losses).sum().double(), w.sum().double(), (out.argmax(1) == y).sum().double(),
                              torch.full((), float(len(y)), dtype=torch.float64, device=device)])
     tot = dist_utils.all_reduce_tensor(sums).tolist()
@@ -338,15 +372,19 @@ def _seed_epoch(sampler: Sampler, seed: int, epoch: int) -> None:
     torch.manual_seed(seed + 1009 * epoch + dist_utils.rank())
 
 
-def _loaders(train_set: Dataset, val_set: Dataset | None, cfg: FitConfig, device: str):
-    """Training loader (shuffled, seeded; DistributedSampler under torchrun), this rank's validation
-    loader (its :func:`shard`) or None, and the sampler to call ``set_epoch`` on.
+def _loaders(train_set: Dataset, val_set: Dataset | None, cfg: FitConfig, device: str, train_labels=None):
+    """Training loader (shuffled, seeded; DistributedSampler under torchrun; class-aware sampling with
+    ``cfg.sample_power``: a sample of class c drawn with weight ``count_c ** -power``, single process), this
+    rank's validation loader (its :func:`shard`) or None, and the sampler to call ``set_epoch`` on.
 
     A dataset whose ``indices_carry_epoch`` is true receives ``(index, epoch)`` pairs (:class:`EpochSampler`).
     """
     g = torch.Generator().manual_seed(cfg.seed)
     if dist_utils.is_distributed():
         base = DistributedSampler(train_set, shuffle=True, seed=cfg.seed)
+    elif cfg.sample_power and train_labels is not None:
+        counts = np.bincount(train_labels).astype(np.float64)
+        base = WeightedRandomSampler(counts[train_labels] ** -cfg.sample_power, len(train_labels), generator=g)
     else:
         base = RandomSampler(train_set, generator=g)
     sampler = EpochSampler(base) if getattr(train_set, "indices_carry_epoch", False) else base
@@ -413,10 +451,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, train_lab
     rank0 = dist_utils.is_main()
     config_hash = f"{config_hash}-w{dist_utils.world_size()}"
     ddp_model = _prepare(model, cfg, device)
-    train_loader, val_loader, sampler = _loaders(train_set, val_set, cfg, device)
-    weight = class_weights(train_labels, n_classes, cfg.class_weight_power).to(device) if cfg.class_weight_power else None
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    val_criterion = nn.CrossEntropyLoss(weight=weight)
+    train_loader, val_loader, sampler = _loaders(train_set, val_set, cfg, device, train_labels)
+    criterion, val_criterion = _criteria(train_labels, n_classes, cfg, device)
     optimizer, scheduler, scaler = _optimisation(model, cfg, max(1, len(train_loader)), device)
     stopper = EarlyStopping(cfg.patience, copy.deepcopy(model.state_dict()))
     ckpt_path = work_dir / "last.pth"

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Long-tailed catalogues: the suite's tail options against two peers, by k-fold cross-validation on train+val.
+
+The test split is never read. Every image of train+val is predicted once, by the fold that held it out
+(out-of-fold predictions), and scored on the leaves: accuracy, macro F1 over the leaves, and the recall
+of each tail leaf (at most ``--tail-max`` images). Side by side on the same frozen features:
+
+* **peer: flat LR** — scikit-learn ``LogisticRegression`` over all leaves on the standardised features of
+  one view per image (what a user would try first);
+* **peer: HiClass LCPN + LR** — HiClass ``LocalClassifierPerParentNode`` with the same logistic regression;
+* **suite** — the LCPN heads trained as ``train.py`` trains them (:mod:`bench.ablation` helpers), for the
+  current default and each candidate of :data:`VARIANTS` (train.py flag values on top of the default).
+
+Example::
+
+    python3 bench/tail.py --data-dir /tmp/fp/split --cache-dir /tmp/fp/cache --out bench/results/ablation-catalogue.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+#: Suite candidates: name -> train.py flag values (FLAG_FIELDS names) on top of the ``cpu`` preset.
+VARIANTS = {
+    "suite: default (plain CE)": {},
+    "suite: class weights ^0.5": {"class_weights": 0.5},
+    "suite: class weights ^1 (balanced)": {"class_weights": 1.0},
+    "suite: logit adjustment tau 0.5": {"logit_adjust": 0.5},
+    "suite: logit adjustment tau 1 (balanced softmax)": {"logit_adjust": 1.0},
+    "suite: class-aware sampling ^0.5": {"sample_power": 0.5},
+    "suite: class-aware sampling ^1": {"sample_power": 1.0},
+    "suite: no label smoothing": {"label_smoothing": 0.0},
+    "suite: no label smoothing + class-aware sampling ^0.5": {"label_smoothing": 0.0, "sample_power": 0.5},
+    "suite: no label smoothing, patience 30": {"label_smoothing": 0.0, "patience": 30},
+    "suite: no label smoothing, no dropout, patience 30": {"label_smoothing": 0.0, "dropout": 0.0, "patience": 30},
+    "suite: same + class-aware sampling ^0.5": {"label_smoothing": 0.0, "dropout": 0.0, "patience": 30, "sample_power": 0.5},
+    "suite: no label smoothing, no dropout, 150 epochs without early stop":
+        {"label_smoothing": 0.0, "dropout": 0.0, "epochs": 150, "patience": 150},
+}
+PEERS = ("peer: flat LR", "peer: HiClass LCPN + LR")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=REPO / "split_datasets", help="prepared datasets")
+    p.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "hiernet", help="feature cache")
+    p.add_argument("--backbone", default="efficientnet-lite1+efficientnet-lite0", help="backbone (train.py's default)")
+    p.add_argument("--image-size", type=int, default=280)
+    p.add_argument("--hidden", type=int, default=1024, help="hidden units of the suite's heads (the recipe's 1024; 0 = linear)")
+    p.add_argument("--views", type=int, default=0, help="cached augmented views per image for the suite (default recipe: 4)")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds over train+val")
+    p.add_argument("--variants", nargs="*", help="suite variant names (default: all; the flag alone: none, peers only)")
+    p.add_argument("--max-folds", type=int, help="hold out only the first N folds (a cheaper estimate; scored on their images)")
+    p.add_argument("--no-peers", action="store_true", help="skip the two peers")
+    p.add_argument("--tail-max", type=int, default=100, help="a leaf with at most this many images is a tail leaf")
+    p.add_argument("--seed", type=int, default=0, help="fold and training seed")
+    p.add_argument("--out", type=Path, help="markdown report (and a .json twin)")
+    p.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                   help="train nothing: write --out from the .json twins of earlier runs (rows in the given order)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    return p
+
+
+def trainval_images(data_dir: Path):
+    """Paths and leaf ids ``(N,)`` of the train and val splits (never test), the tree and its document."""
+    from hiernet.hierarchy import load_hierarchy_json
+
+    hier, doc = load_hierarchy_json(data_dir / "hierarchy.json")
+    paths, leaves = [], []
+    for split in ("train", "val"):
+        for folder, leaf in zip(doc["flat"]["classes"], doc["flat"]["class_nodes"]):
+            for p in sorted((data_dir / "flat" / split / folder).iterdir()):
+                paths.append(p)
+                leaves.append(leaf)
+    return paths, np.array(leaves, dtype=object), hier
+
+
+def flat_lr(x_tr: np.ndarray, leaves_tr: np.ndarray, x_te: np.ndarray) -> np.ndarray:
+    """Peer 1: standardise, then one multinomial logistic regression over all leaves. ``(N, D)`` → ``(M,)`` leaves."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    return model.fit(x_tr, leaves_tr).predict(x_te)
+
+
+def level_labels(hier, leaves: np.ndarray) -> np.ndarray:
+    """``(N, depth)`` node ids along each leaf's path, padded with "" for shallower leaves (HiClass's format)."""
+    depth = max(len(hier.path(leaf)) for leaf in hier.leaves())
+    return np.array([hier.path(leaf) + [""] * (depth - len(hier.path(leaf))) for leaf in leaves], dtype=object)
+
+
+def hiclass_lcpn(hier, x_tr: np.ndarray, leaves_tr: np.ndarray, x_te: np.ndarray) -> np.ndarray:
+    """Peer 2: HiClass ``LocalClassifierPerParentNode`` with a logistic regression per parent, on standardised features."""
+    from hiclass import LocalClassifierPerParentNode
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x_tr)
+    model = LocalClassifierPerParentNode(local_classifier=LogisticRegression(max_iter=1000), n_jobs=1)
+    model.fit(scaler.transform(x_tr), level_labels(hier, leaves_tr))
+    pred = np.asarray(model.predict(scaler.transform(x_te)), dtype=object)
+    return np.array([next(c for c in row[::-1] if c) for row in pred], dtype=object)
+
+
+def suite_lcpn(hier, views_tr: np.ndarray, leaves_tr: np.ndarray, ev_te: np.ndarray, changes: dict, seed: int,
+               hidden: int = 1024) -> np.ndarray:
+    """The suite: LCPN heads as train.py trains them (with ``changes``), routed with mirror averaging."""
+    import ablation
+
+    heads = ablation.train_lcpn(hier, views_tr, leaves_tr, hidden, seed, 0.0, True, changes)
+    return ablation.route(hier, heads, ev_te, True)
+
+
+def scores(y_true: np.ndarray, y_pred: np.ndarray, tail: list) -> dict:
+    """Leaf accuracy, macro F1 over the leaves in ``y_true``, recall per leaf and mean recall over ``tail``."""
+    from sklearn.metrics import f1_score, recall_score
+
+    labels = sorted(set(y_true))
+    rec = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    recall = {str(k): float(r) for k, r in zip(labels, rec)}
+    return {"leaf_accuracy": float(np.mean(y_true == y_pred)),
+            "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+            "tail_recall": float(np.mean([recall[t] for t in tail])) if tail else float("nan"), "recall": recall}
+
+
+def methods(names: list, no_peers: bool, hidden: int = 1024) -> dict:
+    """``{name: predict(hier, views_tr, leaves_tr, ev_te, seed)}`` for the peers and the chosen suite variants."""
+    out = {}
+    if not no_peers:
+        out[PEERS[0]] = lambda h, v, l, e, s: flat_lr(v[:, 0], l, e[:, 0])
+        out[PEERS[1]] = lambda h, v, l, e, s: hiclass_lcpn(h, v[:, 0], l, e[:, 0])
+    for name in names:
+        out[name] = lambda h, v, l, e, s, ch=VARIANTS[name]: suite_lcpn(h, v, l, e, ch, s, hidden)
+    return out
+
+
+def cross_validate(hier, ev: np.ndarray, views: np.ndarray, leaves: np.ndarray, todo: dict, folds: int, seed: int,
+                   max_folds: int | None = None):
+    """Out-of-fold leaf predictions ``{method: (N,)}`` (None for images of folds beyond ``max_folds``) and
+    training seconds per method.
+
+    ``ev`` ``(N, 2, D)``: eval view and mirror; ``views`` ``(N, V, D)``: every training view (``ev`` first).
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    preds = {name: np.empty(len(leaves), dtype=object) for name in todo}
+    seconds = dict.fromkeys(todo, 0.0)
+    for fold, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(ev[:, 0], leaves)):
+        if max_folds is not None and fold >= max_folds:
+            break
+        for name, predict in todo.items():
+            t0 = time.time()
+            preds[name][te] = predict(hier, views[tr], leaves[tr], ev[te], seed + fold)
+            seconds[name] += time.time() - t0
+            logging.getLogger("tail").info("fold %d: %s %.1f s", fold, name, time.time() - t0)
+    return preds, seconds
+
+
+def markdown(rows: dict, tail: list, support: dict, header: str, command: str) -> str:
+    lines = [header, "", "| method | leaf accuracy | macro F1 (leaves) | mean recall of tail leaves | seconds (all folds) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['leaf_accuracy']:.4f} | {v['macro_f1']:.4f} | {v['tail_recall']:.4f} | {v['seconds']:.0f} |"
+              for k, v in rows.items()]
+    names = list(rows)
+    lines += ["", f"Recall of each tail leaf (at most {max(support[t] for t in tail) if tail else 0} images), "
+              "columns in the order of the table above:", "",
+              "| leaf (images) | " + " | ".join(f"({i + 1})" for i in range(len(names))) + " |",
+              "|---|" + "---|" * len(names)]
+    lines += [f"| {t} ({support[t]}) | " + " | ".join(f"{rows[n]['recall'].get(t, float('nan')):.2f}" for n in names) + " |"
+              for t in tail]
+    lines += ["", "(" + "; ".join(f"({i + 1}) {n}" for i, n in enumerate(names)) + ")", "", f"Command: `{command}`"]
+    return "\n".join(lines) + "\n"
+
+
+def combine(files: list, out: Path) -> None:
+    """One report from the .json twins of several runs on the same data (split runs in parallel)."""
+    docs = [json.loads(Path(f).read_text()) for f in files]
+    rows = {k: v for d in docs for k, v in d["rows"].items()}
+    write_report(out, rows, docs[0]["tail"], docs[0]["support"], docs[0]["header"],
+                 " && ".join(d["command"] for d in docs) + f" && python3 bench/tail.py --combine {shlex.join(map(str, files))} --out {out}")
+
+
+def write_report(out: Path, rows: dict, tail: list, support: dict, header: str, command: str) -> None:
+    from hiernet.safeio import write_json_atomic, write_text_atomic
+
+    write_text_atomic(out, markdown(rows, tail, support, header, command))
+    write_json_atomic(out.with_suffix(".json"), {"rows": rows, "support": support, "tail": tail, "header": header,
+                                                 "command": command})
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.combine:
+        if not args.out:
+            raise SystemExit("--combine needs --out")
+        combine(args.combine, args.out)
+        return 0
+    import ablation
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+    names = list(VARIANTS) if args.variants is None else args.variants
+    if set(names) - set(VARIANTS):
+        raise SystemExit(f"unknown variants {sorted(set(names) - set(VARIANTS))}; choose from {list(VARIANTS)}")
+    paths, leaves, hier = trainval_images(args.data_dir)
+    ev, aug, ok = ablation.features(paths, args.backbone, args.image_size, args.views, args.cache_dir)
+    views = ev if aug is None else np.concatenate([ev, aug], axis=1)
+    ev, views, leaves = ev[ok], views[ok], leaves[ok]
+    support = {str(k): int(v) for k, v in zip(*np.unique(leaves, return_counts=True))}
+    tail = sorted((t for t, n in support.items() if n <= args.tail_max and n >= args.folds), key=lambda t: support[t])
+    preds, seconds = cross_validate(hier, ev, views, leaves, methods(names, args.no_peers, args.hidden), args.folds, args.seed,
+                                    args.max_folds)
+    done = np.array([p is not None for p in next(iter(preds.values()))]) if preds else np.ones(len(leaves), bool)
+    rows = {}
+    for name, pred in preds.items():
+        rows[name] = {**scores(leaves[done], pred[done], tail), "seconds": round(seconds[name], 1), "n_scored": int(done.sum())}
+        print(f"{name}: leaf {rows[name]['leaf_accuracy']:.4f}  macro F1 {rows[name]['macro_f1']:.4f}  "
+              f"tail recall {rows[name]['tail_recall']:.4f}", flush=True)
+    if args.out:
+        header = (f"# Long tail: {args.folds}-fold CV on train+val of {args.data_dir} ({len(leaves)} images, "
+                  f"{len(support)} leaves; test split unused{f'; only the first {args.max_folds} fold(s) held out' if args.max_folds else ''}); features {args.backbone} @ {args.image_size} px, "
+                  f"eval view + mirror{f' + {args.views} augmented views' if args.views else ''}; suite heads: "
+                  f"{f'MLP {args.hidden}' if args.hidden else 'linear'}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_report(args.out, rows, tail, support, header, f"python3 bench/tail.py {shlex.join(sys.argv[1:])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
