@@ -124,24 +124,11 @@ def train_lcpn(hier, x_views, leaves, hidden, seed, class_weight_power, fine_lab
 
 def route(hier, heads, ev, tta):
     """Leaf ids ``(N,)`` of images with eval features ``ev`` ``(N, 2, D)``, routed level by level by ``heads``
-    (``{node id: head}``; a one-child node passes through). A local loop until prediction offers a pure
-    routing function."""
-    current = np.array([""] * len(ev), dtype=object)
-    while True:
-        moved = False
-        for nid in sorted(set(current)):
-            node = hier.nodes[nid]
-            if not node.children:
-                continue
-            sel = np.where(current == nid)[0]
-            if len(node.children) == 1:
-                current[sel] = node.children[0]
-            else:
-                p = probs(heads[nid], ev[sel], tta)
-                current[sel] = np.array(node.children, dtype=object)[p.argmax(1)]
-            moved = True
-        if not moved:
-            return current
+    (``{node id: head}``) with the suite's own :func:`hiernet.routing.route`, as predict.py walks."""
+    from hiernet.routing import route as walk
+
+    routes = walk(hier, lambda nid, idx: probs(heads[nid], ev[idx], tta), len(ev))
+    return np.array([r.node for r in routes], dtype=object)
 
 
 def run_variant(hier, doc, paths, leaves, spec, folds, seed, cache_dir, fine_labels=True):
