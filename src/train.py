@@ -109,6 +109,9 @@ def list_nodes(data_dir: Path) -> int:
     hier, doc = load_prepared(data_dir)
     for nid in hier.classifier_nodes():
         print(hier.nodes[nid].dataset)
+    # on stderr, so scripts reading the node list (train_lcpn.sh) get node datasets only
+    print("(also 'flat': the flat baseline over all leaves, trained last by train_lcpn.sh; "
+          "train it alone with: train.py -d flat)", file=sys.stderr)
     return 0
 
 

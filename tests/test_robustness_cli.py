@@ -551,3 +551,10 @@ def test_interrupted_training_resumes_and_restart_starts_over(trained, trained_m
     log.unlink()
     restarted = run_until([*long, "--restart"], 1)
     assert len(restarted) < len(first) - 1  # --restart discarded the checkpoint: it began at epoch 1 again
+
+
+def test_list_nodes_prints_node_datasets_and_names_flat_apart(tmp_path):
+    t = _prepared(tmp_path)
+    proc = run([PY, TRAIN, "--list-nodes", "--data-dir", str(t["split"])])
+    assert proc.stdout.split() == t["nodes"]  # what train_lcpn.sh reads: node datasets only
+    assert "'flat'" in proc.stderr and "train.py -d flat" in proc.stderr
