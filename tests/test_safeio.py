@@ -279,6 +279,30 @@ def test_lock_excludes_a_second_holder_and_is_released(tmp_path):
         assert isinstance(ei.value, UserError)
     with exclusive_lock(lock, "again"):  # released at the end of the block
         assert lock.read_text() == str(os.getpid())
+    assert not lock.exists() and os.listdir(lock.parent) == []  # no lock file left in the user's folder
+
+
+def test_lock_taken_on_a_removed_lock_file_moves_to_the_current_one(tmp_path):
+    """A waiter that opened the lock file before its holder removed it must not lock the orphan: two
+    processes would then both hold 'the' lock (one on the orphan, one on the new file)."""
+    import fcntl
+
+    from hiernet.safeio import _flock_current
+
+    lock = tmp_path / ".node.lock"
+    lock.write_text("")
+    stale = open(lock, "a+")  # opened before the holder finished ...
+    lock.unlink()  # ... and removed the file
+    lock.write_text("")  # a new holder's file
+    fh = _flock_current(stale, lock)
+    try:
+        assert os.fstat(fh.fileno()).st_ino == os.stat(lock).st_ino
+        other = open(lock, "a+")
+        with pytest.raises(BlockingIOError):  # the current file is the one held
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.close()
+    finally:
+        fh.close()
 
 
 def test_lock_on_a_filesystem_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):

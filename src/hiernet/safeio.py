@@ -220,10 +220,11 @@ def exclusive_lock(lock_file: Path, what: str) -> Iterator[None]:
         yield
         return
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(lock_file, "a+")
+    fh, locked = open(lock_file, "a+"), False
     try:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fh = _flock_current(fh, lock_file)
+            locked = True
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise LockHeld(
@@ -242,7 +243,26 @@ def exclusive_lock(lock_file: Path, what: str) -> Iterator[None]:
             fh.flush()
         yield
     finally:
+        if locked:  # removed while still held: no lock file is left behind in the user's folders
+            with contextlib.suppress(OSError):
+                os.unlink(lock_file)
         fh.close()
+
+
+def _flock_current(fh, lock_file: Path):
+    """``flock`` ``fh`` (non-blocking) and make sure it is still the file at ``lock_file``: a holder that
+    finished may have removed it after we opened it, then we lock the file now there instead."""
+    while True:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        mine = os.fstat(fh.fileno())
+        try:
+            now = os.stat(lock_file)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_ino, now.st_dev) == (mine.st_ino, mine.st_dev):
+            return fh
+        fh.close()
+        fh = open(lock_file, "a+")
 
 
 # --------------------------------------------------------------------------------------------- pickles
