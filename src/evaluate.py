@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
             res, hier = evaluate(args.models_dir, data_dir=args.data_dir, data_tree=args.data, runtime=args.runtime,
                                  device=device, min_confidence=args.min_confidence, batch_size=args.batch_size,
                                  with_flat=False if args.no_flat else None, progress=not args.quiet,
-                                 tta_below=args.tta_below)
+                                 tta_below=args.tta_below, precision=args.precision)
             files = write_outputs(hier, res, out)
         except UserError as exc:
             raise _flag_error(exc) from None

@@ -48,8 +48,9 @@ def main(args: argparse.Namespace) -> int:
     if not paths:
         raise UserError("no images to predict; pass image files or folders with -p")
     predictor = HierarchicalPredictor.load(args.models_dir, runtime=args.runtime, device=device,
-                                           min_confidence=args.min_confidence, topk=args.topk, tta_below=args.tta_below)
-    logging.getLogger("predict").info("runtime: %s", predictor.runtime)
+                                           min_confidence=args.min_confidence, topk=args.topk, tta_below=args.tta_below,
+                                           precision=args.precision)
+    logging.getLogger("predict").info("runtime: %s, precision: %s", predictor.runtime, predictor.bundle.precision)
     preds = predictor.predict_paths(paths, batch_size=args.batch_size)
     context = OutputContext(predictor.encoders(), predictor.min_confidence)
     write_records(args.format, [pr.record() for pr in preds], context, args.output)

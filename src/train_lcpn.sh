@@ -80,7 +80,14 @@ echo "== trained ${#node_list[@]} model(s) in $((SECONDS - start)) s"
 
 if [[ -z "${NO_EXPORT:-}" ]]; then
   echo "== exporting ONNX for fast CPU prediction"
-  if ! "$PYTHON" "$here/export.py" --models-dir "$MODELS_DIR" -q; then
+  export_args=(--models-dir "$MODELS_DIR" --data-dir "$DATA_DIR" -q)
+  prev=""
+  for a in "$@"; do  # the training's feature cache holds its int8 backbone
+    if [[ "$prev" == "--cache-dir" ]]; then export_args+=(--cache-dir "$a"); fi
+    if [[ "$a" == --cache-dir=* ]]; then export_args+=(--cache-dir "${a#--cache-dir=}"); fi
+    prev="$a"
+  done
+  if ! "$PYTHON" "$here/export.py" "${export_args[@]}"; then
     echo "train_lcpn.sh: ONNX export failed; predict.py still works with --runtime torch" >&2
     exit 1
   fi

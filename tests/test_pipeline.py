@@ -157,7 +157,7 @@ def test_onnx_and_torch_agree(pipeline):
     from hiernet.predictor import HierarchicalPredictor
 
     imgs = [str(p) for p in sorted(pipeline["data"].rglob("*.jpg"))[:12]]
-    a = HierarchicalPredictor.load(pipeline["models"], runtime="onnx", with_flat=True)
+    a = HierarchicalPredictor.load(pipeline["models"], runtime="onnx", with_flat=True, precision="fp32")
     b = HierarchicalPredictor.load(pipeline["models"], runtime="torch", with_flat=True)
     assert a.runtime == "onnx" and b.runtime == "torch"
     pa, pb = a.predict_paths(imgs), b.predict_paths(imgs)

@@ -177,7 +177,7 @@ def _readable(test: TestSet, preds: list) -> tuple[list[int], list[tuple[str, st
 def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tree: str | Path | None = None,
              runtime: str = "auto", device: str = "cpu", min_confidence: float = 0.0, batch_size: int = 32,
              with_flat: bool | None = None, workers: int | None = None, progress: bool = False,
-             tta_below: float | None = None) -> tuple[dict, Hierarchy]:
+             tta_below: float | None = None, precision: str = "auto") -> tuple[dict, Hierarchy]:
     """Load the models once, predict the test set and assemble the results.
 
     Parameters
@@ -190,6 +190,8 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
         Any folder tree of the same hierarchy, evaluated instead.
     with_flat : bool or None
         Evaluate the flat baseline; ``None`` = when ``models_dir/flat/model.pth`` exists.
+    precision : {"auto", "fp32", "int8"}
+        The shared backbones' precision (see :func:`hiernet.bundle.load_bundle`).
 
     Returns
     -------
@@ -213,7 +215,7 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
         if not with_flat:
             log.info("no flat baseline in %s; evaluating the hierarchy only", models_dir)
     predictor = HierarchicalPredictor.load(models_dir, runtime=runtime, device=device, min_confidence=min_confidence,
-                                           with_flat=with_flat, tta_below=tta_below)
+                                           with_flat=with_flat, tta_below=tta_below, precision=precision)
     log.info("runtime: %s; %d test images", predictor.runtime, len(test.paths))
     preds, local = predict_test_set(predictor, test, batch_size=batch_size,
                                     workers=workers or default_workers(), progress=progress)
@@ -224,7 +226,8 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
         [preds[i].flat_leaf for i in ok] if with_flat else None,
         confidences=[preds[i].confidence for i in ok],
     )
-    head = {"n_images": res.pop("n_images"), "n_unreadable": len(unreadable), "runtime": predictor.runtime}
+    head = {"n_images": res.pop("n_images"), "n_unreadable": len(unreadable), "runtime": predictor.runtime,
+            "precision": predictor.bundle.precision}
     tail = {"source": test.source, "models_dir": str(models_dir), "min_confidence": float(min_confidence),
             "unreadable": [{"path": p, "reason": r} for p, r in unreadable],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
