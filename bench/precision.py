@@ -50,6 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, help="work folder (default: a fresh /tmp/hiernet-precision-<time>)")
     p.add_argument("--seed", type=int, default=1337, help="split seed (default 1337)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "precision.md", help="report (default: bench/results/precision.md)")
+    p.add_argument("--reuse-trained", action="store_true",
+                   help="keep the models and training times of the earlier run in --work (its report is --out): "
+                        "rerun evaluate and predict only")
     p.add_argument("train_args", nargs="*", help="extra train.py flags (after --)")
     return p
 
@@ -91,18 +94,24 @@ def prepare_cmd(name: str, spec: dict, work: Path, limit: int | None, seed: int)
             spec["label_columns"], "--id-column", spec["id_column"], "-o", split, "--seed", seed, "-q"]
 
 
-def run_precision(work: Path, precision: str, train_args: list) -> dict:
-    """Train (empty cache), evaluate and predict with one precision; the figures of one table row."""
+def run_precision(work: Path, precision: str, train_args: list, trained: dict | None = None) -> dict:
+    """Train (empty cache), evaluate and predict with one precision; the figures of one table row.
+
+    ``trained``: this precision's row of an earlier run in the same work folder; its models are reused
+    (training is not rerun) and its training time and guard line kept.
+    """
     py, split, base = sys.executable, work / "split", work / precision
     models, cache, logs = base / "models", base / "cache", base / "logs"
     env = dict(os.environ, DATA_DIR=str(split), MODELS_DIR=str(models), PYTHON=py, NO_FLAT="1", PYTHONUNBUFFERED="1")
     row = {"precision": precision}
+    if trained is not None:
+        row.update({k: trained.get(k) for k in ("train_s", "guard")}, train_reused=True)
     stages = [("train", ["bash", REPO / "src" / "train_lcpn.sh", "--cache-dir", cache, "--precision", precision, *train_args]),
               ("evaluate", [py, REPO / "src" / "evaluate.py", "--data-dir", split, "--models-dir", models,
                             "--output", base / "results", "--no-flat", "-q"]),
               ("predict", [py, REPO / "src" / "predict.py", "-p", split / "flat" / "test", "--format", "csv",
-                           "-o", base / "pred.csv", "--models-dir", models, "-q"])]
-    for name, cmd in stages:
+                           "-o", base / "pred.csv", "--models-dir", models])]
+    for name, cmd in stages[1:] if trained is not None else stages:
         log(f"{precision} {name}: {' '.join(str(c) for c in cmd)}")
         r = run_timed(cmd, log_dir=logs, name=name, env=env)
         row[f"{name}_s"] = r.wall_s
@@ -143,13 +152,23 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: unknown dataset(s) {unknown}; choose from {sorted(DATASETS)}", file=sys.stderr)
         return 2
+    if args.reuse_trained and not (args.work and args.out.with_suffix(".json").exists()):
+        print("error: --reuse-trained needs the --work folder and the --out report of an earlier run", file=sys.stderr)
+        return 2
     work = args.work or Path(tempfile.mkdtemp(prefix=f"hiernet-precision-{dt.datetime.now():%Y%m%d-%H%M%S}-"))
     rep = {"command": command_line(), "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "limit": args.limit, "train_args": args.train_args, "machine": machine_info(), "work": str(work),
            "datasets": {}, "prepare_s": {}}
+    earlier = json.loads(args.out.with_suffix(".json").read_text(encoding="utf-8")) if args.reuse_trained else None
     for ds in names:
         dw = work / ds
         dw.mkdir(parents=True, exist_ok=True)
+        if earlier:
+            rep["prepare_s"][ds] = earlier["prepare_s"][ds]
+            rows = {r["precision"]: r for r in earlier["datasets"][ds]}
+            rep["datasets"][ds] = [run_precision(dw, p, args.train_args, rows[p]) for p in PRECISIONS]
+            write_report(render(rep), rep, args.out)
+            continue
         r = run_timed(prepare_cmd(ds, DATASETS[ds], dw, args.limit, args.seed), log_dir=dw / "logs", name="prepare")
         rep["prepare_s"][ds] = r.wall_s
         if r.returncode != 0:
