@@ -98,20 +98,23 @@ def run_precision(work: Path, precision: str, train_args: list, trained: dict | 
     """Train (empty cache), evaluate and predict with one precision; the figures of one table row.
 
     ``trained``: this precision's row of an earlier run in the same work folder; its models are reused
-    (training is not rerun) and its training time and guard line kept.
+    (training is not rerun; nor evaluation when its results are there) and its times and guard line kept.
     """
     py, split, base = sys.executable, work / "split", work / precision
     models, cache, logs = base / "models", base / "cache", base / "logs"
     env = dict(os.environ, DATA_DIR=str(split), MODELS_DIR=str(models), PYTHON=py, NO_FLAT="1", PYTHONUNBUFFERED="1")
     row = {"precision": precision}
     if trained is not None:
-        row.update({k: trained.get(k) for k in ("train_s", "guard")}, train_reused=True)
+        row.update({k: trained.get(k) for k in ("train_s", "evaluate_s", "guard")}, train_reused=True)
     stages = [("train", ["bash", REPO / "src" / "train_lcpn.sh", "--cache-dir", cache, "--precision", precision, *train_args]),
               ("evaluate", [py, REPO / "src" / "evaluate.py", "--data-dir", split, "--models-dir", models,
                             "--output", base / "results", "--no-flat", "-q"]),
               ("predict", [py, REPO / "src" / "predict.py", "-p", split / "flat" / "test", "--format", "csv",
                            "-o", base / "pred.csv", "--models-dir", models])]
-    for name, cmd in stages[1:] if trained is not None else stages:
+    if trained is not None:
+        done = {"train"} | ({"evaluate"} if (base / "results" / "results.json").exists() else set())
+        stages = [s for s in stages if s[0] not in done]
+    for name, cmd in stages:
         log(f"{precision} {name}: {' '.join(str(c) for c in cmd)}")
         r = run_timed(cmd, log_dir=logs, name=name, env=env)
         row[f"{name}_s"] = r.wall_s
@@ -131,6 +134,8 @@ def run_precision(work: Path, precision: str, train_args: list, trained: dict | 
 
 def render(rep: dict) -> str:
     lines = ["# fp32 vs int8 backbone", "", f"`{rep['command']}` — {rep['created']}", ""]
+    if rep.get("trained_by"):
+        lines += [f"Models and training times from the earlier run `{rep['trained_by']}`; evaluate/predict as above.", ""]
     if rep["limit"]:
         lines += [f"**Subset run: at most {rep['limit']} images per leaf class** (not the full datasets).", ""]
     note = busy_note(rep["machine"])
@@ -160,6 +165,8 @@ def main(args: argparse.Namespace) -> int:
            "limit": args.limit, "train_args": args.train_args, "machine": machine_info(), "work": str(work),
            "datasets": {}, "prepare_s": {}}
     earlier = json.loads(args.out.with_suffix(".json").read_text(encoding="utf-8")) if args.reuse_trained else None
+    if earlier:
+        rep["trained_by"] = earlier.get("trained_by") or earlier["command"]
     for ds in names:
         dw = work / ds
         dw.mkdir(parents=True, exist_ok=True)
