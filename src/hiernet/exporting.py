@@ -139,7 +139,7 @@ def _add_int8_backbones(bundle: ModelBundle, models_dir: Path, stage: Path, man:
             bb = load_node(models_dir / nm.dataset).config["backbone"]
             records.setdefault(nm.backbone, set()).add((bb.get("int8_model"), bb.get("int8_sha256")))
     for group, recs in records.items():
-        (name, digest), = recs if len(recs) == 1 else [(None, None)]
+        name, digest = next(iter(recs)) if len(recs) == 1 else (None, None)
         if name is None:
             log.info("backbone %s: nodes not all trained on one int8 backbone; fp32 only", group)
             continue
