@@ -194,7 +194,7 @@ def test_precision_is_resolved_where_it_can_run():
 def test_int8_with_the_torch_runtime_is_one_clear_line(trained):
     proc = run([sys.executable, REPO / "src" / "predict.py", "--models-dir", trained["models"], "--runtime", "torch",
                 "--precision", "int8", "-p", _images(trained, 1)[0]], check=False)
-    assert proc.returncode == 2 and "onnxruntime only" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "onnxruntime on the CPU only" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_calibration_choice_is_seeded_and_bounded(tmp_path):
