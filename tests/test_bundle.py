@@ -158,9 +158,11 @@ def test_auto_runtime_on_a_gpu_device_runs_torch_there_not_the_cpu_export(tmp_pa
 
     monkeypatch.setattr(bundle, "read_models_hierarchy", lambda m: (HIER, {}))
     monkeypatch.setattr(bundle, "onnx_problem", lambda m, h, f: None)  # a current export exists
-    monkeypatch.setattr(bundle, "load_onnx_bundle", lambda m, h, f: ("onnx", "cpu"))
+    monkeypatch.setattr(bundle, "load_onnx_bundle", lambda m, h, f, p="auto": ("onnx", "cpu"))
     monkeypatch.setattr(bundle, "load_torch_bundle", lambda m, h, d, f: ("torch", d))
     assert bundle.load_bundle(tmp_path, "auto", "cuda") == ("torch", "cuda")
+    with pytest.raises(UserError, match="on the CPU only"):  # int8 cannot follow auto onto the GPU's torch runtime
+        bundle.load_bundle(tmp_path, "auto", "cuda", precision="int8")
     assert bundle.load_bundle(tmp_path, "auto", "cuda:1") == ("torch", "cuda:1")
     assert bundle.load_bundle(tmp_path, "auto", "cpu") == ("onnx", "cpu")
     assert bundle.load_bundle(tmp_path, "onnx", "cuda") == ("onnx", "cpu")  # asked for explicitly
