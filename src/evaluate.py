@@ -86,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
         res, hier = evaluate(args.models_dir, data_dir=args.data_dir, data_tree=args.data, runtime=args.runtime,
                              device=device, min_confidence=args.min_confidence, batch_size=args.batch_size,
                              with_flat=False if args.no_flat else None, progress=not args.quiet,
-                             tta_below=args.tta_below)
+                             tta_below=args.tta_below, precision=args.precision)
         out = (args.output or default_output(res["models_fingerprint"])).resolve()
         out.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(out / ".evaluate.lock", f"evaluate.py into {out}"):

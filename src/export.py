@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hiernet.paths import DEFAULT_MODELS_DIR  # noqa: E402
+from hiernet.paths import DEFAULT_DATA_DIR, DEFAULT_MODELS_DIR, default_cache_dir  # noqa: E402
 from hiernet.safeio import run_cli  # noqa: E402
 
 
@@ -24,6 +24,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flat", action="store_true", help="do not export the flat baseline even if it is trained")
     p.add_argument("--if-stale", action="store_true",
                    help="export only when the export is missing or older than a model.pth (train_lcpn.sh uses this)")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                   help="the training's feature cache, where an int8 backbone is taken from (default: <repo>/.cache/hiernet or $HIERNET_CACHE)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help="prepared datasets whose validation split the int8 guard predicts (default: <repo>/split_datasets)")
+    p.add_argument("--int8-max-drop", type=float, default=0.5, metavar="POINTS",
+                   help="keep fp32 for prediction when int8 loses more than POINTS of validation leaf accuracy (default 0.5)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
     return p
 
@@ -43,10 +49,25 @@ def main(args: argparse.Namespace) -> int:
             print(f"ONNX export in {args.models_dir / 'onnx'}/ is current, kept")
             return 0
         logging.getLogger(__name__).info("exporting: %s", problem)
-    man = export_models(args.models_dir, with_flat=with_flat)
+    man = export_models(args.models_dir, with_flat=with_flat, cache_dir=args.cache_dir, data_dir=args.data_dir,
+                        max_drop=args.int8_max_drop / 100)
     print(f"exported {len(man['backbones'])} backbone(s) and {len(man['nodes'])} node model(s) to "
-          f"{args.models_dir / 'onnx'}/ (max |torch - onnx| = {man['max_abs_diff']:.1e})")
+          f"{args.models_dir / 'onnx'}/ (max |torch - onnx| = {man['max_abs_diff']:.1e}); prediction precision: "
+          f"{man['precision']}")
+    line = guard_line(man.get("guard"))
+    if line:
+        print(line)
     return 0
+
+
+def guard_line(guard: dict | None) -> str | None:
+    """The one line that reports the int8 guard (``None`` when it did not run)."""
+    if not guard:
+        return None
+    f32, i8 = 100 * guard["fp32_leaf_accuracy"], 100 * guard["int8_leaf_accuracy"]
+    what = (f"int8 loses {f32 - i8:.2f} points (more than {100 * guard['max_drop']:.2f}): prediction keeps fp32"
+            if guard["kept"] == "fp32" else "prediction uses int8")
+    return f"int8 guard: validation leaf accuracy fp32 {f32:.2f} %, int8 {i8:.2f} % on {guard['n_images']} images; {what}"
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("no images to predict in the inputs given")
     models_dir = args.models_dir.resolve()
     predictor = HierarchicalPredictor.load(models_dir, runtime=args.runtime, device=device,
-                                           min_confidence=args.min_confidence, topk=args.topk, tta_below=args.tta_below)
+                                           min_confidence=args.min_confidence, topk=args.topk, tta_below=args.tta_below,
+                                           precision=args.precision)
     if args.verbose and rank == 0:
         describe_models(models_dir, predictor)
     context = OutputContext(predictor.encoders(), predictor.min_confidence, with_id=args.id_column is not None,
@@ -205,7 +206,7 @@ def describe_models(models_dir: Path, predictor) -> None:
     except (OSError, ValueError):
         source = None
     log.info("models: %s", models_dir)
-    log.info("runtime: %s%s", b.runtime, f" on {b.device}" if b.runtime == "torch" else "")
+    log.info("runtime: %s%s, precision: %s", b.runtime, f" on {b.device}" if b.runtime == "torch" else "", b.precision)
     log.info("hierarchy source: %s", source or "(not recorded)")
     for nid, nm in b.nodes.items():
         perf = models_dir / nm.dataset / "performance.txt"

@@ -119,9 +119,15 @@ echo "== trained ${#node_list[@]} model(s) in $((SECONDS - start)) s (unchanged 
 
 if [[ -z "${NO_EXPORT:-}" ]]; then
   echo "== exporting ONNX for fast CPU prediction"
-  export_flags=(--if-stale)  # re-export only when a model.pth changed (or the export is missing)
-  if [[ -n "$force" ]]; then export_flags=(); fi
-  if ! "$PYTHON" "$here/export.py" --models-dir "$MODELS_DIR" -q "${export_flags[@]+"${export_flags[@]}"}"; then
+  export_args=(--models-dir "$MODELS_DIR" --data-dir "$DATA_DIR" -q)
+  if [[ -z "$force" ]]; then export_args+=(--if-stale); fi  # re-export only when a model.pth changed (or the export is missing)
+  prev=""
+  for a in "$@"; do  # the training's feature cache holds its int8 backbone
+    if [[ "$prev" == "--cache-dir" ]]; then export_args+=(--cache-dir "$a"); fi
+    if [[ "$a" == --cache-dir=* ]]; then export_args+=(--cache-dir "${a#--cache-dir=}"); fi
+    prev="$a"
+  done
+  if ! "$PYTHON" "$here/export.py" "${export_args[@]}"; then
     echo "train_lcpn.sh: ONNX export failed; predict.py still works with --runtime torch" >&2
     exit 1
   fi

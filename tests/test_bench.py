@@ -203,3 +203,26 @@ def test_tail_max_folds_predicts_only_the_first_folds(tail):
     assert done.sum() == 6 and (preds["lr"][done] == leaves[done]).all()
     preds, _ = tail.cross_validate(hier, ev, ev, leaves, todo, folds=3, seed=0)
     assert (preds["lr"] == leaves).all()
+
+
+def test_precision_bench_subsets_keep_k_images_per_class(tmp_path):
+    precision = _load("precision")
+    src = tmp_path / "tree"
+    for leaf, n in (("a/x", 5), ("a/y", 2), ("b/z", 4)):
+        (src / leaf).mkdir(parents=True)
+        for i in range(n):
+            (src / leaf / f"{i}.jpg").write_bytes(b"x")
+    out = precision.subset_tree(src, tmp_path / "sub", 3)
+    assert {str(p.relative_to(out)) for p in out.rglob("*.jpg")} == {
+        "a/x/0.jpg", "a/x/1.jpg", "a/x/2.jpg", "a/y/0.jpg", "a/y/1.jpg", "b/z/0.jpg", "b/z/1.jpg", "b/z/2.jpg"}
+    assert all(p.is_symlink() for p in out.rglob("*.jpg"))
+    csv_in = tmp_path / "cat" / "styles.csv"
+    csv_in.parent.mkdir()
+    rows = ["id,top,leaf,image"] + [f"{i},A,{'x' if i % 3 else 'y'},images/{i}.jpg" for i in range(10)]
+    csv_in.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    sub = precision.subset_csv(csv_in, tmp_path / "sub.csv", "top,leaf", "image", 2)
+    import csv
+
+    kept = list(csv.DictReader(open(sub, encoding="utf-8")))
+    assert [r["id"] for r in kept] == ["0", "1", "2", "3"]  # two of y (0, 3), two of x (1, 2)
+    assert all(Path(r["image"]).is_absolute() and Path(r["image"]).parent == csv_in.parent / "images" for r in kept)

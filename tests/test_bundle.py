@@ -38,10 +38,28 @@ def test_manifest_round_trips_through_its_document(tmp_path):
     _, man = exported(tmp_path)
     man.max_abs_diff, man.torch_version = 1e-6, "2.x"
     doc = json.loads(json.dumps(man.to_dict()))
-    assert list(doc) == ["version", "hierarchy_fingerprint", "backbones", "nodes", "max_abs_diff", "torch_version"]
+    assert list(doc) == ["version", "hierarchy_fingerprint", "precision", "backbones", "nodes", "max_abs_diff",
+                         "torch_version"]
     assert list(doc["nodes"]["round"]) == ["file", "backbone", "classes", "class_nodes", "image_size", "resize", "tta",
                                            "model_sha256"]
+    assert OnnxManifest.from_dict(doc) == man and doc["precision"] == "fp32"
+    man.precision, man.backbones["bb0"].int8_file = "int8", "bb0.int8.onnx"
+    man.guard = {"n_images": 3, "fp32_leaf_accuracy": 1.0, "int8_leaf_accuracy": 1.0, "max_drop": 0.005, "kept": "int8"}
+    doc = json.loads(json.dumps(man.to_dict()))
+    assert doc["guard"] == man.guard and doc["backbones"]["bb0"]["int8_file"] == "bb0.int8.onnx"
     assert OnnxManifest.from_dict(doc) == man
+    with pytest.raises(ValueError):
+        OnnxManifest.from_dict({**doc, "precision": "int4"})
+
+
+def test_a_missing_int8_backbone_makes_the_export_unusable(tmp_path):
+    models, man = exported(tmp_path)
+    man.backbones["bb0"].int8_file = "bb0.int8.onnx"
+    assert "bb0.int8.onnx is missing" in man.problem(models, HIER, with_flat=False)
+    (models / ONNX_DIR / "bb0.int8.onnx").write_bytes(b"int8")
+    assert man.problem(models, HIER, with_flat=False) is None
+    man.backbones["bb0"].int8_file = "../bb0.int8.onnx"
+    assert "malformed" in man.problem(models, HIER, with_flat=False)
 
 
 def test_a_current_export_has_no_problem(tmp_path):
@@ -140,9 +158,11 @@ def test_auto_runtime_on_a_gpu_device_runs_torch_there_not_the_cpu_export(tmp_pa
 
     monkeypatch.setattr(bundle, "read_models_hierarchy", lambda m: (HIER, {}))
     monkeypatch.setattr(bundle, "onnx_problem", lambda m, h, f: None)  # a current export exists
-    monkeypatch.setattr(bundle, "load_onnx_bundle", lambda m, h, f: ("onnx", "cpu"))
+    monkeypatch.setattr(bundle, "load_onnx_bundle", lambda m, h, f, p="auto": ("onnx", "cpu"))
     monkeypatch.setattr(bundle, "load_torch_bundle", lambda m, h, d, f: ("torch", d))
     assert bundle.load_bundle(tmp_path, "auto", "cuda") == ("torch", "cuda")
+    with pytest.raises(UserError, match="on the CPU only"):  # int8 cannot follow auto onto the GPU's torch runtime
+        bundle.load_bundle(tmp_path, "auto", "cuda", precision="int8")
     assert bundle.load_bundle(tmp_path, "auto", "cuda:1") == ("torch", "cuda:1")
     assert bundle.load_bundle(tmp_path, "auto", "cpu") == ("onnx", "cpu")
     assert bundle.load_bundle(tmp_path, "onnx", "cuda") == ("onnx", "cpu")  # asked for explicitly

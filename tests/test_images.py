@@ -335,3 +335,31 @@ def test_fifo_with_image_name_is_refused_not_waited_on(tmp_path):
     assert not t.is_alive(), "load_rgb blocked on a FIFO"
     assert result == ["not a regular file (a pipe or device)"]
     assert check_image("/dev/null") == "not a regular file (a pipe or device)"
+
+
+def _photo_like(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A smooth, textured picture (gradients, a garment-like blob, mild noise): what JPEG photos look like."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    arr = np.stack([200 + 40 * np.sin(xx / w * 3 + c) * np.cos(yy / h * 2 - c) for c in range(3)], axis=-1)
+    blob = ((xx - w / 2) / (w / 3)) ** 2 + ((yy - h / 2) / (h / 2.5)) ** 2 < 1
+    arr[blob] = arr[blob] * 0.3 + np.array([40, 60, 140]) * (1 + 0.2 * np.sin(xx[blob] / 9))[:, None]
+    arr += rng.normal(0, 4, arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("policy", ["crop", "squash", "pad"])
+def test_large_jpeg_is_draft_decoded_to_nearly_the_same_model_input(tmp_path, policy):
+    path = save(tmp_path / "large.jpg", _photo_like(1200, 900), quality=90)
+    drafted = load_rgb(path, min_size=128)
+    assert drafted.size == (300, 225)  # the decoder's 1/4 scale: the smallest one still >= 128 px per side
+    with_draft = load_for_model(path, 128, policy)
+    without = to_array(resize_for_model(load_rgb(path), 128, policy))
+    assert with_draft.shape == without.shape == (3, 128, 128)
+    assert np.abs(with_draft - without).mean() < 0.01  # of a [0, 1] range
+
+
+def test_draft_is_not_used_below_twice_the_input_size(tmp_path):
+    path = save(tmp_path / "small.jpg", _photo_like(250, 250), quality=90)
+    assert load_rgb(path, min_size=128).size == (250, 250)
+    assert np.array_equal(load_for_model(path, 128, "crop"), to_array(resize_for_model(load_rgb(path), 128, "crop")))

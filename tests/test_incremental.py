@@ -107,6 +107,22 @@ def test_a_changed_recipe_changes_every_node(grown):
     assert fingerprints(grown["after"], TrainConfig().override({"preset": "renamed"})) == a
 
 
+def test_fp32_precision_keeps_the_fingerprints_of_models_trained_before_it_existed(grown, monkeypatch):
+    a = fingerprints(grown["after"])  # default recipe: precision "auto", which trains fp32
+    assert fingerprints(grown["after"], TrainConfig().override({"precision": "fp32"})) == a  # what train_node records
+    b = fingerprints(grown["after"], TrainConfig().override({"precision": "int8"}))
+    assert all(a[ds] != b[ds] for ds in a)
+    to_dict = TrainConfig.to_dict  # a TrainConfig of the versions before --precision: no such field
+
+    def older(self):
+        d = to_dict(self)
+        del d["precision"]
+        return d
+
+    monkeypatch.setattr(TrainConfig, "to_dict", older)
+    assert fingerprints(grown["after"]) == a
+
+
 def test_partial_labels_count_for_the_nodes_above_them_only(grown, tmp_path):
     tree = tmp_path / "tree"
     shutil.copytree(grown["tree"], tree)

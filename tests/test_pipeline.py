@@ -232,7 +232,8 @@ def test_onnx_and_torch_agree(pipeline):
     from hiernet.predictor import HierarchicalPredictor
 
     imgs = every_leaf(pipeline, 2)
-    a = HierarchicalPredictor.load(pipeline["models"], runtime="onnx", with_flat=True, topk=5, tta_below=1.0)
+    a = HierarchicalPredictor.load(pipeline["models"], runtime="onnx", with_flat=True, topk=5, tta_below=1.0,
+                                   precision="fp32")
     b = HierarchicalPredictor.load(pipeline["models"], runtime="torch", with_flat=True, topk=5, tta_below=1.0)
     assert a.runtime == "onnx" and b.runtime == "torch"
     pa, pb = a.predict_paths(imgs), b.predict_paths(imgs)

@@ -25,6 +25,7 @@ ONNX_DIR = "onnx"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 RUNTIMES = ("auto", "torch", "onnx")
+PRECISIONS = ("auto", "fp32", "int8")
 
 
 @dataclass
@@ -73,6 +74,8 @@ class ModelBundle:
         The flat baseline (all leaves at once), when loaded.
     device : str
         Where the torch runtime runs (``cpu`` for onnx).
+    precision : str
+        ``fp32`` or ``int8``: the shared backbones that run.
     """
 
     hier: Hierarchy
@@ -81,6 +84,7 @@ class ModelBundle:
     runtime: str
     flat: NodeModel | None = None
     device: str = "cpu"
+    precision: str = "fp32"
 
     def all_nodes(self) -> list[NodeModel]:
         """The classifier nodes, then the flat baseline if loaded."""
@@ -134,14 +138,20 @@ class OnnxNode:
 
 @dataclass
 class OnnxBackbone:
-    """One shared backbone's entry in the ONNX manifest."""
+    """One shared backbone's entry in the ONNX manifest; ``int8_file``: its int8 version (the one its
+    heads were trained on), when they were trained with int8 features."""
 
     file: str
     image_size: int
     resize: str
+    int8_file: str | None = None
 
     def valid(self) -> bool:
-        return is_safe_folder_name(self.file) and self.resize in RESIZE_POLICIES and int(self.image_size) >= 8
+        return (is_safe_folder_name(self.file) and self.resize in RESIZE_POLICIES and int(self.image_size) >= 8
+                and (self.int8_file is None or is_safe_folder_name(self.int8_file)))
+
+    def files(self) -> list[str]:
+        return [self.file] + ([self.int8_file] if self.int8_file else [])
 
 
 @dataclass
@@ -150,7 +160,9 @@ class OnnxManifest:
 
     ``nodes`` maps a node's dataset folder to its :class:`OnnxNode`, ``backbones`` a group name to its
     :class:`OnnxBackbone`; ``max_abs_diff`` is the largest torch/onnxruntime probability difference
-    measured at export time.
+    measured at export time. ``precision`` (``fp32`` or ``int8``) is the backbone prediction uses by
+    default: int8 when the heads were trained on int8 features and the export's guard (``guard``: the
+    validation split's leaf accuracy with each backbone) kept it.
     """
 
     hierarchy_fingerprint: str
@@ -159,23 +171,27 @@ class OnnxManifest:
     max_abs_diff: float | None = None
     torch_version: str | None = None
     version: int = MANIFEST_VERSION
+    precision: str = "fp32"
+    guard: dict | None = None
 
     def to_dict(self) -> dict:
-        d = {"version": self.version, "hierarchy_fingerprint": self.hierarchy_fingerprint,
+        d = {"version": self.version, "hierarchy_fingerprint": self.hierarchy_fingerprint, "precision": self.precision,
              "backbones": {g: vars(b) for g, b in self.backbones.items()},
              "nodes": {ds: vars(e) for ds, e in self.nodes.items()}}
-        if self.max_abs_diff is not None:
-            d["max_abs_diff"] = self.max_abs_diff
-        if self.torch_version is not None:
-            d["torch_version"] = self.torch_version
+        for name in ("max_abs_diff", "torch_version", "guard"):
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "OnnxManifest":
         """Parse a manifest document; raises KeyError/TypeError/ValueError when it is malformed."""
+        precision = d.get("precision", "fp32")
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"unknown precision {precision!r}")
         return cls(d["hierarchy_fingerprint"], {g: OnnxBackbone(**b) for g, b in d["backbones"].items()},
                    {ds: OnnxNode(**e) for ds, e in d["nodes"].items()}, d.get("max_abs_diff"), d.get("torch_version"),
-                   d.get("version", MANIFEST_VERSION))
+                   d.get("version", MANIFEST_VERSION), precision, d.get("guard"))
 
     @classmethod
     def read(cls, models_dir: Path) -> "OnnxManifest":
@@ -199,8 +215,9 @@ class OnnxManifest:
         for b in self.backbones.values():
             if not b.valid():
                 return "the ONNX manifest is malformed"
-            if not (models_dir / ONNX_DIR / b.file).exists():
-                return f"{b.file} is missing from the ONNX export"
+            for f in b.files():
+                if not (models_dir / ONNX_DIR / f).exists():
+                    return f"{f} is missing from the ONNX export"
         return None
 
 
@@ -231,9 +248,14 @@ def choose_runtime(runtime: str, device: str) -> str:
     return runtime
 
 
-def load_bundle(models_dir: str | Path, runtime: str = "auto", device: str = "cpu", with_flat: bool = False) -> ModelBundle:
+def load_bundle(models_dir: str | Path, runtime: str = "auto", device: str = "cpu", with_flat: bool = False,
+                precision: str = "auto") -> ModelBundle:
     """Load every node of ``models_dir`` with ``runtime`` ``auto`` (on a GPU ``device``: torch there; else
     ONNX when exported and current, else torch), ``torch`` or ``onnx``; ``with_flat`` also loads the flat baseline.
+
+    ``precision`` picks the shared backbones: ``auto`` = the export's (int8 when the heads were trained
+    on int8 features and the export's guard kept it) on a CPU, fp32 on another device or in torch;
+    ``int8`` needs the ONNX export of int8-trained models; ``fp32`` always works.
 
     Raises
     ------
@@ -244,12 +266,19 @@ def load_bundle(models_dir: str | Path, runtime: str = "auto", device: str = "cp
     hier, _ = read_models_hierarchy(models_dir)
     if runtime not in RUNTIMES:
         raise UserError(f"unknown runtime {runtime!r}; use auto, torch or onnx")
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use auto, fp32 or int8")
     runtime = choose_runtime(runtime, device)
+    if precision == "int8" and runtime == "torch":
+        raise UserError("--precision int8 runs in onnxruntime on the CPU only; use --runtime onnx (or auto) "
+                        "with --device cpu, or --precision fp32")
+    if precision == "auto" and str(device) != "cpu":
+        precision = "fp32"
     if runtime in ("auto", "onnx"):
         problem = onnx_problem(models_dir, hier, with_flat)
         if problem is None:
-            return load_onnx_bundle(models_dir, hier, with_flat)
-        if runtime == "onnx":
+            return load_onnx_bundle(models_dir, hier, with_flat, precision)
+        if runtime == "onnx" or precision == "int8":
             raise UserError(f"{problem}; run: python3 src/export.py --models-dir {models_dir}")
         bundle = load_torch_bundle(models_dir, hier, device, with_flat)  # said only once it loaded
         log.warning("note: predicting with PyTorch, several times slower than onnxruntime (%s); "
@@ -338,12 +367,22 @@ def check_one_split(models_dir: Path, split_ids: dict) -> None:
                     "cannot check they share the other nodes' split", ", ".join(unknown), models_dir)
 
 
-def load_onnx_bundle(models_dir: Path, hier: Hierarchy, with_flat: bool = False) -> ModelBundle:
+def load_onnx_bundle(models_dir: Path, hier: Hierarchy, with_flat: bool = False, precision: str = "auto") -> ModelBundle:
     """The onnxruntime bundle from ``models_dir/onnx`` (check it first with :func:`onnx_problem`)."""
+    return onnx_bundle(Path(models_dir) / ONNX_DIR, OnnxManifest.read(models_dir), hier, with_flat, precision)
+
+
+def onnx_bundle(onnx_dir: Path, man: OnnxManifest, hier: Hierarchy, with_flat: bool = False,
+                precision: str = "auto") -> ModelBundle:
+    """The onnxruntime bundle of the export in ``onnx_dir`` described by ``man``, with the ``precision``
+    backbones (``auto``: ``man.precision``)."""
     from .runtime import OrtRunner
 
-    onnx_dir = models_dir / ONNX_DIR
-    man = OnnxManifest.read(models_dir)
+    models_dir = onnx_dir.parent
+    precision = man.precision if precision == "auto" else precision
+    if precision == "int8" and not all(b.int8_file for b in man.backbones.values()):
+        raise UserError(f"the models in {models_dir} were not trained with int8 features (no int8 backbone); "
+                        "use --precision fp32 or auto, or retrain with --precision int8")
 
     def session(file: str, threads: int | None = None):
         try:
@@ -353,8 +392,9 @@ def load_onnx_bundle(models_dir: Path, hier: Hierarchy, with_flat: bool = False)
                 f"{onnx_dir / file} is damaged ({type(exc).__name__}); run: python3 src/export.py --models-dir {models_dir}"
             ) from None
 
-    bundle = ModelBundle(hier, {}, {}, "onnx", None, "cpu")
-    bundle.backbones = {g: Backbone(session(b.file), int(b.image_size), b.resize) for g, b in man.backbones.items()}
+    bundle = ModelBundle(hier, {}, {}, "onnx", None, "cpu", precision)
+    bundle.backbones = {g: Backbone(session(b.int8_file if precision == "int8" else b.file), int(b.image_size), b.resize)
+                        for g, b in man.backbones.items()}
     for ds, nid in node_list(hier, with_flat):
         e = man.nodes[ds]
         nm = NodeModel(ds, nid, e.classes, e.class_nodes, int(e.image_size), e.resize, bool(e.tta))

@@ -104,6 +104,10 @@ class TrainConfig:
         Compute cached features with onnxruntime on CPU (else PyTorch).
     weights : str or None
         A backbone state_dict file instead of the packaged/downloaded ImageNet weights.
+    precision : {"auto", "fp32", "int8"}
+        The backbone that computes the cached features: ``int8`` = onnxruntime's statically quantised
+        backbone (CPU, opt-in), ``auto`` = fp32. A trained node records the resolved value (``fp32`` or
+        ``int8``); prediction uses the same by default.
     """
 
     preset: str = "cpu"
@@ -116,6 +120,7 @@ class TrainConfig:
     calibrate: bool = True
     onnx: bool = True
     weights: str | None = None
+    precision: str = "auto"
     head: HeadConfig = field(default_factory=HeadConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -177,7 +182,7 @@ def _known(cls, data: dict, skip: tuple = ()) -> dict:
 #: that older ``model.pth`` files hold.
 FLAG_FIELDS: dict[str, str] = {
     "backbone": "backbone", "image_size": "image_size", "mode": "mode", "resize": "resize", "views": "views",
-    "tta": "tta", "calibrate": "calibrate", "onnx": "onnx", "weights": "weights",
+    "tta": "tta", "calibrate": "calibrate", "onnx": "onnx", "weights": "weights", "precision": "precision",
     "hidden": "head.hidden", "dropout": "head.dropout", "fine_labels": "head.fine_labels",
     "epochs": "fit.epochs", "batch_size": "fit.batch_size", "lr": "fit.lr", "weight_decay": "fit.weight_decay",
     "label_smoothing": "fit.label_smoothing", "patience": "fit.patience", "class_weights": "fit.class_weight_power",

@@ -267,7 +267,7 @@ def score_partial(predictor, data_dir: Path, batch_size: int, workers: int) -> d
     if not keep:
         return None
     test = TestSet([test.paths[i] for i in keep], [test.leaves[i] for i in keep], test.source)
-    preds, _ = predict_test_set(predictor, test, batch_size=batch_size, workers=workers)
+    preds, _, _ = predict_test_set(predictor, test, batch_size=batch_size, workers=workers)
     ok = [i for i, pr in enumerate(preds) if not pr.error]
     res = partial_label_score([test.leaves[i] for i in ok], [preds[i].node_ids for i in ok])
     log.info("partial-label test images: %d, accuracy at their own depth %s", res["n_images"], res["accuracy"])
@@ -352,7 +352,7 @@ def _warn_seen(test: TestSet, data_dir: Path | None, data_tree: Path) -> dict[st
 def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tree: str | Path | None = None,
              runtime: str = "auto", device: str = "cpu", min_confidence: float = 0.0, batch_size: int = 32,
              with_flat: bool | None = None, workers: int | None = None, progress: bool = False,
-             tta_below: float | None = None) -> tuple[dict, Hierarchy]:
+             tta_below: float | None = None, precision: str = "auto") -> tuple[dict, Hierarchy]:
     """Load the models once, predict the test set and assemble the results.
 
     Parameters
@@ -366,6 +366,8 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
         against the train and val images of ``data_dir`` (a warning and ``seen_in_training``).
     with_flat : bool or None
         Evaluate the flat baseline; ``None`` = when ``models_dir/flat/model.pth`` exists.
+    precision : {"auto", "fp32", "int8"}
+        The shared backbones' precision (see :func:`hiernet.bundle.load_bundle`).
 
     Returns
     -------
@@ -393,7 +395,7 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
         if not with_flat:
             log.info("no flat baseline in %s; evaluating the hierarchy only", models_dir)
     predictor = HierarchicalPredictor.load(models_dir, runtime=runtime, device=device, min_confidence=min_confidence,
-                                           with_flat=with_flat, tta_below=tta_below)
+                                           with_flat=with_flat, tta_below=tta_below, precision=precision)
     log.info("runtime: %s; %d test images", predictor.runtime, len(test.paths))
     preds, local, combined = predict_test_set(predictor, test, batch_size=batch_size,
                                               workers=workers or default_workers(), progress=progress)
@@ -407,7 +409,8 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     )
     if data_tree is None:
         res["partial"] = score_partial(predictor, Path(data_dir), batch_size, workers or default_workers())
-    head = {"n_images": res.pop("n_images"), "n_unreadable": len(unreadable), "runtime": predictor.runtime}
+    head = {"n_images": res.pop("n_images"), "n_unreadable": len(unreadable), "runtime": predictor.runtime,
+            "precision": predictor.bundle.precision}
     tail = {"source": test.source, "models_dir": str(models_dir), "models_fingerprint": models_fingerprint(models_dir, hier),
             "min_confidence": float(min_confidence), "seen_in_training": seen, "images": _image_records(test, preds, ok),
             "unreadable": [{"path": p, "reason": r} for p, r in unreadable],

@@ -3,6 +3,11 @@
 The export goes to ``trained_models/onnx/`` through a staging folder and a swap. ``manifest.json``
 records the SHA-256 of every ``model.pth`` so the predictor can tell a stale export from a current one,
 and the export is checked against PyTorch on a random batch before it is published.
+
+Nodes trained on int8 features (``--precision int8``) bring their int8 backbone along: it is copied
+from the feature cache (the very file the features came from, checked by SHA-256) beside the fp32 one.
+A guard (:func:`int8_guard`) then predicts the validation split with each and keeps fp32 as the
+default precision when int8 loses more than :data:`hiernet.quantize.GUARD_MAX_DROP` of leaf accuracy.
 """
 
 from __future__ import annotations
@@ -13,14 +18,25 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import MANIFEST, ONNX_DIR, ModelBundle, OnnxBackbone, OnnxManifest, OnnxNode, load_torch_bundle, read_models_hierarchy
+from .quantize import GUARD_MAX_DROP
 from .routing import softmax
 from .safeio import UserError, exclusive_lock, remove_stale, replace_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 
-def export_models(models_dir: Path, with_flat: bool | None = None, check_batch: int = 4, tolerance: float = 1e-4) -> dict:
+def export_models(models_dir: Path, with_flat: bool | None = None, check_batch: int = 4, tolerance: float = 1e-4,
+                  cache_dir: Path | None = None, data_dir: Path | None = None, max_drop: float | None = None) -> dict:
     """Export every node of ``models_dir`` (and the flat baseline if trained) to ONNX.
+
+    Parameters
+    ----------
+    cache_dir : Path, optional
+        The feature cache the models were trained with: where their int8 backbone is (if any).
+    data_dir : Path, optional
+        The prepared datasets: their validation split is what the int8 guard predicts.
+    max_drop : float, optional
+        The largest leaf-accuracy drop (a fraction) int8 may cost; default :data:`hiernet.quantize.GUARD_MAX_DROP`.
 
     Returns
     -------
@@ -51,6 +67,11 @@ def export_models(models_dir: Path, with_flat: bool | None = None, check_batch: 
             shutil.rmtree(stage, ignore_errors=True)
             raise UserError(f"ONNX export differs from PyTorch by {worst:.2e} (limit {tolerance}); not published")
         man.max_abs_diff, man.torch_version = worst, torch.__version__
+        if _add_int8_backbones(bundle, models_dir, stage, man, cache_dir):
+            man.precision = "int8"
+            man.guard = int8_guard(stage, man, hier, data_dir, GUARD_MAX_DROP if max_drop is None else max_drop)
+            if man.guard and man.guard["kept"] == "fp32":
+                man.precision = "fp32"
         write_json_atomic(stage / MANIFEST, man.to_dict())
         replace_dir(stage, models_dir / ONNX_DIR)
     return man.to_dict()
@@ -104,3 +125,79 @@ def _check(torch_runner, ort_runner, x: np.ndarray, probs: bool, scale: bool = F
         return float(np.abs(softmax(a) - softmax(b)).max())
     diff = float(np.abs(a - b).max())
     return diff / max(1.0, float(np.abs(a).max())) if scale else diff
+
+
+def _add_int8_backbones(bundle: ModelBundle, models_dir: Path, stage: Path, man: OnnxManifest, cache_dir: Path | None) -> bool:
+    """Copy the int8 backbone of each shared-backbone group whose nodes were all trained on int8 features
+    into ``stage`` (as ``<group>.int8.onnx``); True when every group has one."""
+    import shutil
+
+    from .artifacts import load_node
+    from .paths import default_cache_dir
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    records: dict = {}
+    for nm in bundle.all_nodes():
+        if nm.backbone is not None:
+            bb = load_node(models_dir / nm.dataset).config["backbone"]
+            records.setdefault(nm.backbone, set()).add((bb.get("int8_model"), bb.get("int8_sha256")))
+    for group, recs in records.items():
+        name, digest = next(iter(recs)) if len(recs) == 1 else (None, None)
+        if name is None:
+            log.info("backbone %s: nodes not all trained on one int8 backbone; fp32 only", group)
+            continue
+        src = cache / "int8" / name
+        if not src.exists() or sha256_file(src) != digest:
+            log.warning("the int8 backbone %s the models were trained with is not in %s; prediction will use "
+                        "fp32 (export with the training's --cache-dir, or retrain)", name, cache / "int8")
+            continue
+        shutil.copyfile(src, stage / f"{group}.int8.onnx")
+        man.backbones[group].int8_file = f"{group}.int8.onnx"
+    return bool(man.backbones) and all(b.int8_file for b in man.backbones.values())
+
+
+def int8_guard(onnx_dir: Path, man: OnnxManifest, hier, data_dir: Path | None, max_drop: float) -> dict | None:
+    """Leaf accuracy of the chain on the validation split with the int8 and the fp32 backbones (same heads).
+
+    Returns
+    -------
+    dict or None
+        ``{"n_images", "fp32_leaf_accuracy", "int8_leaf_accuracy", "max_drop", "kept"}`` where ``kept``
+        is ``"fp32"`` when int8 loses more than ``max_drop``, else ``"int8"``; ``None`` when there is no
+        prepared validation split of this tree in ``data_dir`` to check on.
+    """
+    from .bundle import onnx_bundle
+    from .predictor import HierarchicalPredictor
+
+    paths, leaves = validation_split(data_dir, hier)
+    if not paths:
+        log.info("int8 guard skipped: no validation split of this tree in %s", data_dir)
+        return None
+    acc = {}
+    for precision in ("fp32", "int8"):
+        preds = HierarchicalPredictor(onnx_bundle(onnx_dir, man, hier, False, precision)).predict_paths(paths)
+        acc[precision] = float(np.mean([p.error is None and p.node == leaf for p, leaf in zip(preds, leaves)]))
+    kept = "fp32" if acc["fp32"] - acc["int8"] > max_drop else "int8"
+    return {"n_images": len(paths), "fp32_leaf_accuracy": acc["fp32"], "int8_leaf_accuracy": acc["int8"],
+            "max_drop": max_drop, "kept": kept}
+
+
+def validation_split(data_dir: Path | None, hier) -> tuple[list[str], list[str]]:
+    """Validation images of the prepared tree ``hier`` in ``data_dir`` and their true leaves (empty
+    lists when ``data_dir`` holds no prepared datasets of this tree)."""
+    import json
+
+    from .hierarchy import FLAT_DATASET
+
+    if data_dir is None or not (Path(data_dir) / "hierarchy.json").exists():
+        return [], []
+    try:
+        doc = json.loads((Path(data_dir) / "hierarchy.json").read_text(encoding="utf-8"))
+        if doc.get("fingerprint") != hier.fingerprint():
+            return [], []
+        folder = dict(zip(doc["flat"]["class_nodes"], doc["flat"]["classes"]))
+        val = [im for im in doc["images"] if im.get("split") == "val" and im.get("leaf") in folder]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], []
+    return [str(Path(data_dir) / FLAT_DATASET / "val" / folder[im["leaf"]] / im["file"]) for im in val], \
+        [str(im["leaf"]) for im in val]

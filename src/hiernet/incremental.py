@@ -29,7 +29,8 @@ def node_fingerprint(doc: dict, ds: str, cfg: TrainConfig) -> str:
     The class list (with the leaves below the node when ``cfg`` trains it on fine labels), every image
     strictly below the node (partial labels included) as sorted ``(sha256, split, label)`` — the label
     is the child towards the image's node, or its leaf/node id with fine labels — the split identity
-    (:func:`hiernet.splits.split_identity`) and the recipe (``cfg`` without its preset name, the
+    (:func:`hiernet.splits.split_identity`) and the recipe (``cfg`` without its preset name, and without
+    its precision when fp32 or auto, so models trained before ``--precision`` existed stay current; the
     backbone weights file's hash, the feature transform version). Two equal fingerprints mean that
     retraining would repeat the same run.
 
@@ -56,6 +57,8 @@ def node_fingerprint(doc: dict, ds: str, cfg: TrainConfig) -> str:
     else:
         raise UserError(f"no dataset {ds!r} in the prepared hierarchy; see: python3 src/train.py --list-nodes")
     recipe = {k: v for k, v in cfg.to_dict().items() if k != "preset"}
+    if recipe.get("precision") in ("auto", "fp32"):  # fp32 (the default) hashes as before precision existed
+        del recipe["precision"]
     weights = Path(cfg.weights) if cfg.weights else None
     src = {"version": FINGERPRINT_VERSION, "transform": TRANSFORM_VERSION, "recipe": recipe,
            "weights_sha256": sha256_file(weights) if weights and weights.is_file() else None,

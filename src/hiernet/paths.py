@@ -24,6 +24,10 @@ def add_inference_args(p) -> None:
     """The prediction flags predict.py and evaluate.py share (runtime, device, batching, confidence)."""
     p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
                    help="auto: onnxruntime when src/export.py has exported the current models, else PyTorch")
+    p.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto",
+                   help="backbone precision: auto = what the models were trained with (fp32 unless trained with the "
+                        "opt-in --precision int8 and the export's int8 guard kept it) on a CPU, fp32 on a GPU; "
+                        "int8 needs the ONNX runtime")
     p.add_argument("--device", default="cpu", help="torch runtime device: cpu, cuda, mps, auto (default: cpu)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     p.add_argument("--min-confidence", type=float, default=0.0,

@@ -221,7 +221,7 @@ class HierarchicalPredictor:
     @classmethod
     def load(cls, models_dir: str | Path, runtime: str = "auto", device: str = "cpu", min_confidence: float = 0.0,
              topk: int = 1, with_flat: bool = False, tta_below: float | None = None,
-             options: PredictOptions | None = None) -> "HierarchicalPredictor":
+             options: PredictOptions | None = None, precision: str = "auto") -> "HierarchicalPredictor":
         """:func:`hiernet.bundle.load_bundle`, predicting with ``options`` (or the ones the other
         arguments give: ``tta_below`` None keeps :class:`MirrorPolicy`'s default).
 
@@ -233,7 +233,7 @@ class HierarchicalPredictor:
         if options is None:
             mirror = MirrorPolicy() if tta_below is None else MirrorPolicy(float(tta_below))
             options = PredictOptions(float(min_confidence), int(topk), mirror)
-        return cls(load_bundle(models_dir, runtime, device, with_flat), options)
+        return cls(load_bundle(models_dir, runtime, device, with_flat, precision), options)
 
     def with_options(self, **changes) -> "HierarchicalPredictor":
         """A predictor on the same loaded models with some :class:`PredictOptions` fields changed."""

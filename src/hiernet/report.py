@@ -81,7 +81,7 @@ def summary_lines(res: dict) -> list[str]:
     """The short text summary evaluate.py prints."""
     lines = [
         f"evaluated {res['n_images']} images ({res.get('n_unreadable', 0)} unreadable) "
-        f"with the {res.get('runtime', '?')} runtime: {res.get('source', '')}",
+        f"with the {res.get('runtime', '?')} runtime ({res.get('precision', 'fp32')} backbone): {res.get('source', '')}",
         f"leaf accuracy (end-to-end): {_f(res['leaf_accuracy'])}   top-1 error {_f(res['leaf_error'])}, "
         + (f"mean mistake severity {_f(res['mistake_severity'], 2)} edges" if res["mistake_severity"] is not None
            else "mistake severity n/a (no prediction left the true path)"),

@@ -87,17 +87,31 @@ class ImageDataset(Dataset):
         return torch.from_numpy(to_array(img)), label
 
 
-def _feature_runner(backbone, device: str, cache_dir: Path, cache_key: str, use_onnx: bool):
-    """The fastest way to run the frozen backbone here: onnxruntime on CPU, else PyTorch."""
-    if device == "cpu" and use_onnx and onnx_available():
-        onnx_path = cache_dir / "onnx" / f"backbone-{cache_key}.onnx"
-        if not onnx_path.exists():
-            import copy
+def _runner_key(backbone: FeatureExtractor) -> str:
+    """The cache name of the backbone's fp32 ONNX export."""
+    doc = ["onnx-v2", backbone.spec.name, backbone.image_size, backbone.weights_fingerprint]
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
 
-            export_copy = copy.deepcopy(backbone)
-            export_copy.set_export_mode()
-            export_onnx(export_copy, np.zeros((1, 3, backbone.image_size, backbone.image_size), np.float32), onnx_path)
-        return OrtRunner(onnx_path)
+
+def fp32_onnx_backbone(backbone: FeatureExtractor, cache_dir: Path) -> Path:
+    """The backbone exported to ONNX (fp32) in ``cache_dir/onnx/``, exported on first use."""
+    onnx_path = Path(cache_dir) / "onnx" / f"backbone-{_runner_key(backbone)}.onnx"
+    if not onnx_path.exists():
+        import copy
+
+        export_copy = copy.deepcopy(backbone)
+        export_copy.set_export_mode()
+        export_onnx(export_copy, np.zeros((1, 3, backbone.image_size, backbone.image_size), np.float32), onnx_path)
+    return onnx_path
+
+
+def _feature_runner(backbone, device: str, cache_dir: Path, use_onnx: bool, int8_model: Path | None = None):
+    """The fastest way to run the frozen backbone here: onnxruntime on CPU (the int8 model when
+    given), else PyTorch."""
+    if int8_model is not None:
+        return OrtRunner(int8_model)
+    if device == "cpu" and use_onnx and onnx_available():
+        return OrtRunner(fp32_onnx_backbone(backbone, cache_dir))
     return TorchRunner(backbone, device)
 
 
@@ -119,9 +133,31 @@ def feature_cache_key(backbone: FeatureExtractor, resize: str, kind: str, device
     return key
 
 
+def tree_training_images(data_dir: Path, doc: dict) -> list[Path]:
+    """Every training image of the prepared tree (``data_dir/flat/train/<class folder>/<file>``)."""
+    folder = dict(zip(doc["flat"]["class_nodes"], doc["flat"]["classes"]))
+    return [Path(data_dir) / FLAT_DATASET / "train" / folder[im["leaf"]] / im["file"]
+            for im in doc["images"] if im.get("split") == "train" and im.get("leaf") in folder]
+
+
+def int8_feature_backbone(backbone: FeatureExtractor, resize: str, cache_dir: Path, images: list, seed: int) -> Path:
+    """The int8 backbone of ``backbone`` calibrated on a seeded choice of ``images`` (the tree's training
+    images), from the cache or built now (:func:`hiernet.quantize.int8_backbone`)."""
+    from .quantize import calibration_images, int8_backbone, int8_key
+
+    if cache_dir is None:
+        raise UserError("int8 features need a feature cache folder (--cache-dir); or use --precision fp32")
+    calibration = calibration_images(images, seed=seed)
+    fp32_key = {"backbone": backbone.spec.name, "image_size": backbone.image_size, "resize": resize,
+                "weights": backbone.weights_fingerprint, "transform_version": TRANSFORM_VERSION}
+    return int8_backbone(lambda: fp32_onnx_backbone(backbone, cache_dir), cache_dir, int8_key(fp32_key, calibration),
+                         calibration, backbone.image_size, resize)
+
+
 def cached_features(paths: list, backbone: FeatureExtractor, resize: str, device: str, cache_dir: Path | None,
                     kind: str, n_aug: int, seed: int, progress: bool, onnx: bool = True,
-                    augment: AugmentConfig = AugmentConfig()) -> tuple[np.ndarray, np.ndarray]:
+                    augment: AugmentConfig = AugmentConfig(), precision: str = "fp32",
+                    int8_model: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Features of ``paths`` from the feature cache, computing what it lacks.
 
     Parameters
@@ -130,6 +166,9 @@ def cached_features(paths: list, backbone: FeatureExtractor, resize: str, device
         "eval": 2 views (the evaluation input and its mirror); "aug": ``n_aug`` augmented views.
     seed : int
         Seeds the augmented views (part of the cache key for "aug").
+    precision : {"fp32", "int8"}
+        "int8": computed by ``int8_model`` (:func:`int8_feature_backbone`); the cache key records the
+        precision (and the int8 model), so int8 and fp32 features never share entries.
 
     Returns
     -------
@@ -138,6 +177,10 @@ def cached_features(paths: list, backbone: FeatureExtractor, resize: str, device
     """
     size = backbone.image_size
     key = feature_cache_key(backbone, resize, kind, device)
+    if precision != "fp32":  # fp32 keys stay those of earlier versions
+        if int8_model is None:
+            raise ValueError(f"precision {precision!r} needs the int8 model")
+        key.update({"precision": precision, "int8_model": Path(int8_model).stem})
     if kind == "aug":
         key.update({"augment": augment.key(), "seed": seed, "n": n_aug})
         n_views = n_aug
@@ -151,13 +194,12 @@ def cached_features(paths: list, backbone: FeatureExtractor, resize: str, device
             return eval_views(img, size, resize)
 
     cache = FeatureCache(cache_dir, key, n_views, backbone.spec.feature_dim)
-    runner_key = hashlib.sha256(json.dumps(["onnx-v2", key["backbone"], size, key["weights"]]).encode()).hexdigest()[:16]
     runner = None
 
     def run(batch):
         nonlocal runner
         if runner is None:
-            runner = _feature_runner(backbone, device, cache_dir, runner_key, onnx)
+            runner = _feature_runner(backbone, device, cache_dir, onnx, int8_model)
         return runner(batch)
 
     if dist_utils.is_distributed():  # each rank fills its share of the cache, then all read it
@@ -197,6 +239,7 @@ class NodeData:
     targets: dict
     hier: Hierarchy
     doc: dict
+    data_dir: Path | None = None
 
     def labels(self, split: str) -> np.ndarray:
         """``(N,)`` class (child) indices of a split."""
@@ -237,11 +280,11 @@ def load_node_data(data_dir: Path, ds: str, fine_labels: bool = True) -> NodeDat
     fine = fine_label_targets(hier, doc, node_id, class_nodes) if fine_labels else None
     if fine is None:
         targets = {s: np.array([y for _, y in items], dtype=np.int64) for s, items in splits.items()}
-        return NodeData(ds, node_id, classes, class_nodes, splits, None, None, targets, hier, doc)
+        return NodeData(ds, node_id, classes, class_nodes, splits, None, None, targets, hier, doc, data_dir)
     leaf_of_file = {im["file"]: im["leaf"] for im in doc["images"]}
     targets = {s: np.array([fine[0].index(leaf_of_file[p.name]) for p, _ in items], dtype=np.int64)
                for s, items in splits.items()}
-    return NodeData(ds, node_id, classes, class_nodes, splits, fine[0], fine[1], targets, hier, doc)
+    return NodeData(ds, node_id, classes, class_nodes, splits, fine[0], fine[1], targets, hier, doc, data_dir)
 
 
 def fine_label_targets(hier: Hierarchy, doc: dict, node_id: str | None, class_nodes: list[str]):
@@ -281,6 +324,7 @@ class NodeInputs:
     test_mirror: np.ndarray | None = None
     val_x: np.ndarray | None = None
     val_children: np.ndarray | None = None
+    int8_model: Path | None = None
 
 
 def node_features(cfg: TrainConfig, backbone: FeatureExtractor, data: NodeData, device: str,
@@ -292,15 +336,22 @@ def node_features(cfg: TrainConfig, backbone: FeatureExtractor, data: NodeData, 
     dict
         ``{split: (features (N', 2, D), ok mask (N,))}`` for train/val/test (view 1 is the mirror), and
         ``"aug"``: ``(N', views, D)`` augmented training views and their mask when ``cfg.views > 0``.
+        With ``cfg.precision == "int8"`` the features come from the int8 backbone (built first if it is
+        not cached yet), whose file is ``out["int8_model"]``.
     """
     out = {}
+    int8 = None
+    if cfg.precision == "int8":
+        int8 = int8_feature_backbone(backbone, cfg.resize, cache_dir, tree_training_images(data.data_dir, data.doc),
+                                     cfg.fit.seed)
+        out["int8_model"] = int8
     for s in ("train", "val", "test"):
         f, ok = cached_features(data.paths(s), backbone, cfg.resize, device, cache_dir, "eval", 0, cfg.fit.seed,
-                                progress, cfg.onnx, cfg.augment)
+                                progress, cfg.onnx, cfg.augment, cfg.precision, int8)
         out[s] = (f[ok], ok)
     if cfg.views > 0:
         f, ok = cached_features(data.paths("train"), backbone, cfg.resize, device, cache_dir, "aug", cfg.views,
-                                cfg.fit.seed, progress, cfg.onnx, cfg.augment)
+                                cfg.fit.seed, progress, cfg.onnx, cfg.augment, cfg.precision, int8)
         out["aug"] = (f[ok], ok)
     return out
 
@@ -338,7 +389,8 @@ def frozen_inputs(cfg: TrainConfig, backbone: FeatureExtractor, head: Head, data
     test_set = TensorDataset(torch.from_numpy(xt[:, 0]), torch.from_numpy(data.labels("test")[ok_t]))
     return NodeInputs(head, train_set, val_set, test_set, train_labels,
                       [p for p, k in zip(data.paths("test"), ok_t) if k], False,
-                      test_mirror=xt[:, 1] if cfg.tta else None, val_x=xv[:, 0], val_children=data.labels("val")[ok_v])
+                      test_mirror=xt[:, 1] if cfg.tta else None, val_x=xv[:, 0], val_children=data.labels("val")[ok_v],
+                      int8_model=feats.get("int8_model"))
 
 
 def finetune_inputs(cfg: TrainConfig, backbone: FeatureExtractor, head: Head, data: NodeData, device: str,
@@ -418,7 +470,10 @@ def train_node(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path, devi
     dict
         The node's test metrics (also written as ``metrics.json``).
     """
+    from .quantize import resolve_train_precision
+
     data_dir, models_dir = Path(data_dir), Path(models_dir)
+    cfg = cfg.override({"precision": resolve_train_precision(cfg.precision, device, cfg.mode, cfg.onnx)})
     data = load_node_data(data_dir, ds, cfg.head.fine_labels)
     with dist_utils.rank0_first():  # rank 0 downloads missing ImageNet weights; the others then read them
         backbone = create_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size)
@@ -474,7 +529,7 @@ def checkpoint_config(run: NodeRun) -> dict:
         "hierarchy_fingerprint": data.hier.fingerprint(),
         "backbone": {"name": backbone.spec.name, "image_size": backbone.image_size, "resize": cfg.resize,
                      "weights_fingerprint": backbone.weights_fingerprint, "weights_file": cfg.weights,
-                     "trainable": run.inputs.trains_backbone},
+                     "trainable": run.inputs.trains_backbone, "precision": cfg.precision, **_int8_record(run.inputs)},
         "head": {"in_dim": backbone.spec.feature_dim, "n_classes": len(data.classes), "hidden": cfg.head.hidden,
                  "dropout": cfg.head.dropout, **fine},
         "tta": run.summary["tta"],
@@ -483,6 +538,15 @@ def checkpoint_config(run: NodeRun) -> dict:
         "split": {"id": run.summary["split_id"], "seed": data.doc.get("seed"), "ratios": data.doc.get("ratios")},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _int8_record(inputs: NodeInputs) -> dict:
+    """The int8 backbone the node's features came from (its cache file name and SHA-256), if any."""
+    if inputs.int8_model is None:
+        return {}
+    from .safeio import sha256_file
+
+    return {"int8_model": Path(inputs.int8_model).name, "int8_sha256": sha256_file(inputs.int8_model)}
 
 
 def write_models_hierarchy(models_dir: Path, doc: dict) -> None:
