@@ -267,7 +267,7 @@ def score_partial(predictor, data_dir: Path, batch_size: int, workers: int) -> d
     if not keep:
         return None
     test = TestSet([test.paths[i] for i in keep], [test.leaves[i] for i in keep], test.source)
-    preds, _ = predict_test_set(predictor, test, batch_size=batch_size, workers=workers)
+    preds = predict_test_set(predictor, test, batch_size=batch_size, workers=workers)[0]
     ok = [i for i, pr in enumerate(preds) if not pr.error]
     res = partial_label_score([test.leaves[i] for i in ok], [preds[i].node_ids for i in ok])
     log.info("partial-label test images: %d, accuracy at their own depth %s", res["n_images"], res["accuracy"])
