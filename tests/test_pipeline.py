@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -188,9 +189,13 @@ def test_predict_text_prints_every_level_like_the_original(pipeline, reference):
         if len(want) == 3:
             deep += 1
             assert any(line.startswith(f"Level 2 prediction:  {want[1]}  (p=") for line in lines)
-            assert "Encoder: {0: 'lower', 1: 'upper'}" in blocks[img] or "Encoder: {0: 'shirt', 1: 'tee'}" in blocks[img]
+            upto = out[:out.index(blocks[img]) + len(blocks[img])]  # each encoder once, before its first use
+            assert "Encoder: {0: 'lower', 1: 'upper'}" in upto
+            assert want[1] != "upper" or "Encoder: {0: 'shirt', 1: 'tee'}" in upto
         assert lines[-1].startswith(f"Path: {' > '.join(want)}  (confidence ")
     assert deep, "no image reached the third level: the Level 2 line was not checked"
+    encoders = [line for line in out.splitlines() if line.startswith("Encoder: ")]
+    assert len(encoders) == len(set(encoders)) >= 3  # printed once each (the README's text format)
 
 
 def test_predict_csv_folder_recursive_topk_and_output_file(pipeline, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -316,6 +317,17 @@ def test_a_failing_batch_is_retried_image_by_image(trained):
     assert isinstance(out[1], Exception) and out[0].path == "a" and out[2].path == "c" and out[0].labels
 
 
+def same_records(a, b) -> bool:
+    """Equal nested records, floats compared to a relative 1e-5 (float32 rounding of different batch sizes)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_records(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_records(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
 def test_mixed_options_in_one_batch_match_separate_batches(trained):
     from hiernet.serving import ServeConfig, _Item, load_model, predict_items, prepare_upload
 
@@ -325,7 +337,9 @@ def test_mixed_options_in_one_batch_match_separate_batches(trained):
     items = [_Item(model, x, str(i), o, None, 0.0) for i, (x, o) in enumerate(zip(xs, opts))]
     mixed = [p.record() for p in predict_items(model, items)]
     alone = [predict_items(model, [it])[0].record() for it in items]
-    assert mixed == alone
+    # same labels, nodes, stops and topk lengths; probabilities equal up to the last float32 bits, which
+    # onnxruntime's kernels round differently for a batch of 1 and a batch of several
+    assert same_records(mixed, alone)
     assert len(mixed[1]["topk"][0]) == 2 and len(mixed[0]["topk"][0]) == 1  # the root has 2 classes
 
 
