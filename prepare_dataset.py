@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Split a ``ROOT/<parent>/<child>/images`` tree, or a catalogue CSV, into one dataset per classifier node.
+"""Split a ROOT/<parent>/<child>/images tree, or a catalogue CSV, into one dataset per classifier node.
 
-Example::
+Examples:
 
     python3 prepare_dataset.py -p ./dataset_example
     python3 prepare_dataset.py -p ../shared/datasets/clothing -o split_datasets --seed 1337

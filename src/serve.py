@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Serve the trained models over HTTP: micro-batched predictions, the taxonomy, metrics and a page to try it.
 
-Examples::
+Examples:
 
     python3 src/serve.py                       # http://127.0.0.1:8000/ (page), /v1/predict (API)
     curl -F file=@sample_images/tops_t-shirt_0.jpg 'http://127.0.0.1:8000/v1/predict?topk=3'

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train one local classifier of the hierarchy (one node), or the flat baseline.
 
-Examples::
+Examples:
 
     python3 src/train.py -d parent                  # the top-level classifier
     python3 src/train.py -d tops                    # the classifier below 'tops'

@@ -558,3 +558,12 @@ def test_list_nodes_prints_node_datasets_and_names_flat_apart(tmp_path):
     proc = run([PY, TRAIN, "--list-nodes", "--data-dir", str(t["split"])])
     assert proc.stdout.split() == t["nodes"]  # what train_lcpn.sh reads: node datasets only
     assert "'flat'" in proc.stderr and "train.py -d flat" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["prepare_dataset.py", "src/train.py", "src/predict.py", "src/evaluate.py",
+                                    "src/export.py", "src/serve.py"])
+def test_help_text_is_plain_text(script):
+    """--help is read in a terminal: no reStructuredText leftovers (``Examples::``, double back-ticks)."""
+    proc = run([PY, str(REPO / script), "--help"])
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+    assert "::" not in proc.stdout and "``" not in proc.stdout
