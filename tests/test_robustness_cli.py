@@ -493,8 +493,9 @@ def test_kill_9_mid_training_keeps_previous_model(trained, trained_models):
     assert {p.relative_to(node): sha256(p) for p in node.rglob("*") if p.is_file()} == snapshot
     art = load_node(node)
     assert art.classes == ["angular", "round"]
-    # the rerun replaces the model cleanly and leaves no staging folders behind
-    run(train_args(trained, "parent", models))
+    # the rerun replaces the model cleanly and leaves no staging folders behind (--force: the node's data and
+    # recipe are unchanged, so without it train.py would keep the model)
+    run(train_args(trained, "parent", models, ["--force"]))
     assert sha256(node / "model.pth") != before
     load_node(node)
     assert not list(models.glob(".parent.tmp-*")) and not list(models.glob(".parent.old-*"))
