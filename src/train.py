@@ -85,9 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     g.add_argument("--no-onnx", action="store_true", help="compute cached features with PyTorch instead of onnxruntime")
     g.add_argument("--precision", choices=["auto", "fp32", "int8"],
-                   help="backbone for the cached features: int8 = statically quantised in onnxruntime (about twice "
-                        "as fast on a CPU; heads are trained on the features prediction will see), fp32 = full "
-                        "precision (default); auto = fp32 (int8 is opt-in)")
+                   help="backbone for the cached features: int8 = statically quantised in onnxruntime (1.6x as "
+                        "fast on a CPU; heads are trained on the features prediction will see), fp32 = full "
+                        "precision; auto (default) = int8 for frozen features on a CPU, else fp32")
     g.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes decoding images (default: min(8, CPUs per process) when fine-tuning on CUDA, else 0)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
@@ -167,9 +167,11 @@ def main(args: argparse.Namespace) -> int:
                     import shutil
 
                     shutil.rmtree(args.output_dir / f".{args.dataset}.work", ignore_errors=True)
-                summary = train_node(cfg, args.dataset, args.data_dir, args.output_dir, device, args.cache_dir, not args.quiet)
+                summary = train_node(cfg, args.dataset, args.data_dir, args.output_dir, device, args.cache_dir, not args.quiet,
+                                     recalibrate=args.force)
         else:
-            summary = train_node(cfg, args.dataset, args.data_dir, args.output_dir, device, args.cache_dir, not args.quiet)
+            summary = train_node(cfg, args.dataset, args.data_dir, args.output_dir, device, args.cache_dir, not args.quiet,
+                                 recalibrate=args.force)
         if dist_utils.is_main():
             print(f"node '{args.dataset}': test accuracy {summary['accuracy']:.4f} on {summary['n_images']} images, "
                   f"macro F1 {summary['macro_f1']:.4f} -> {args.output_dir / args.dataset}/")

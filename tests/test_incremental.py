@@ -228,6 +228,12 @@ def test_a_new_leaf_retrains_its_ancestors_flat_and_export_only(chain):
     for ds in ("parent", "angular", "flat"):
         assert t1[ds] != t0[ds] and f"node '{ds}': unchanged" not in out
     assert (chain["models"] / "onnx" / "manifest.json").stat().st_mtime_ns != chain["manifest_first"]
+    # the default int8 features: new images do not recalibrate the int8 backbone (that would change the
+    # kept node's features), so the kept and the retrained nodes share it and the export carries it
+    pin = json.loads((chain["models"] / "int8.json").read_text())["models"]
+    assert len(pin) == 1 and len(list((chain["cache"] / "int8").glob("backbone-*.onnx"))) == 1
+    man = json.loads((chain["models"] / "onnx" / "manifest.json").read_text())
+    assert all(b.get("int8_file") for b in man["backbones"].values())
     # the kept node and the retrained ones form one bundle for the new tree
     r = run([sys.executable, REPO / "src" / "predict.py", "--models-dir", chain["models"], "-p",
              chain["base"] / "tree" / "angular" / "hex" / "new_000.jpg"])

@@ -180,8 +180,9 @@ def test_precision_is_resolved_where_it_can_run():
     from hiernet.quantize import resolve_train_precision
     from hiernet.safeio import UserError
 
-    for device, mode, onnx in (("cpu", "frozen", True), ("cuda", "frozen", True), ("cpu", "finetune", True),
-                               ("cpu", "frozen", False)):  # int8 is opt-in: auto is fp32 everywhere
+    assert resolve_train_precision("auto", "cpu", "frozen", True) == "int8"  # the default where it runs
+    assert resolve_train_precision("auto", "cpu", "frozen", True, cache=False) == "fp32"  # int8 is cached
+    for device, mode, onnx in (("cuda", "frozen", True), ("cpu", "finetune", True), ("cpu", "frozen", False)):
         assert resolve_train_precision("auto", device, mode, onnx) == "fp32"
     assert resolve_train_precision("int8", "cpu", "frozen", True) == "int8"
     assert resolve_train_precision("fp32", "cpu", "frozen", True) == "fp32"

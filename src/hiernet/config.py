@@ -106,7 +106,7 @@ class TrainConfig:
         A backbone state_dict file instead of the packaged/downloaded ImageNet weights.
     precision : {"auto", "fp32", "int8"}
         The backbone that computes the cached features: ``int8`` = onnxruntime's statically quantised
-        backbone (CPU, opt-in), ``auto`` = fp32. A trained node records the resolved value (``fp32`` or
+        backbone (CPU), ``auto`` = int8 where it runs (frozen features on a CPU), else fp32. A trained node records the resolved value (``fp32`` or
         ``int8``); prediction uses the same by default.
     """
 

@@ -93,4 +93,7 @@ def node_is_current(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path)
         return False
     _, doc = require_hierarchy_json(Path(data_dir) / "hierarchy.json", f"no prepared datasets in {data_dir}",
                                     f"python3 prepare_dataset.py -p YOUR_DATASET -o {data_dir}")
-    return stored == node_fingerprint(doc, ds, cfg)
+    # "auto" is decided by the device (int8 on a CPU, fp32 on a GPU), which is not known before torch is
+    # imported: a node trained with either is what "auto" would have trained
+    variants = ("fp32", "int8") if cfg.precision == "auto" else (cfg.precision,)
+    return any(stored == node_fingerprint(doc, ds, cfg.override({"precision": p})) for p in variants)

@@ -25,8 +25,8 @@ def add_inference_args(p) -> None:
     p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
                    help="auto: onnxruntime when src/export.py has exported the current models, else PyTorch")
     p.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto",
-                   help="backbone precision: auto = what the models were trained with (fp32 unless trained with the "
-                        "opt-in --precision int8 and the export's int8 guard kept it) on a CPU, fp32 on a GPU; "
+                   help="backbone precision: auto = what the models were trained with on a CPU (int8 by default, "
+                        "unless the export's int8 guard kept fp32), fp32 on a GPU; "
                         "int8 needs the ONNX runtime")
     p.add_argument("--device", default="cpu", help="torch runtime device: cpu, cuda, mps, auto (default: cpu)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")

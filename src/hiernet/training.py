@@ -140,18 +140,61 @@ def tree_training_images(data_dir: Path, doc: dict) -> list[Path]:
             for im in doc["images"] if im.get("split") == "train" and im.get("leaf") in folder]
 
 
-def int8_feature_backbone(backbone: FeatureExtractor, resize: str, cache_dir: Path, images: list, seed: int) -> Path:
+def int8_feature_backbone(backbone: FeatureExtractor, resize: str, cache_dir: Path, images: list, seed: int,
+                          pin: Path | None = None) -> Path:
     """The int8 backbone of ``backbone`` calibrated on a seeded choice of ``images`` (the tree's training
-    images), from the cache or built now (:func:`hiernet.quantize.int8_backbone`)."""
+    images), from the cache or built now (:func:`hiernet.quantize.int8_backbone`).
+
+    ``pin``: a models folder's ``int8.json`` (:func:`pin_int8_backbone`). When it names a backbone of the
+    same fp32 model that is still in the cache, that one is used, whatever ``images`` now are: adding
+    images to the tree does not recalibrate (which would change every node's features and retrain
+    them all); ``--force`` (no pin) recalibrates on the current images.
+    """
     from .quantize import calibration_images, int8_backbone, int8_key
 
     if cache_dir is None:
         raise UserError("int8 features need a feature cache folder (--cache-dir); or use --precision fp32")
-    calibration = calibration_images(images, seed=seed)
     fp32_key = {"backbone": backbone.spec.name, "image_size": backbone.image_size, "resize": resize,
                 "weights": backbone.weights_fingerprint, "transform_version": TRANSFORM_VERSION}
+    pinned = _pinned_int8(pin, fp32_key, Path(cache_dir))
+    if pinned is not None:
+        return pinned
+    calibration = calibration_images(images, seed=seed)
     return int8_backbone(lambda: fp32_onnx_backbone(backbone, cache_dir), cache_dir, int8_key(fp32_key, calibration),
                          calibration, backbone.image_size, resize)
+
+
+#: The file in a models folder that names the int8 backbone its nodes were trained with.
+INT8_PIN = "int8.json"
+
+
+def _pinned_int8(pin: Path | None, fp32_key: dict, cache_dir: Path) -> Path | None:
+    """The cached int8 backbone ``pin`` names for ``fp32_key`` (``None``: no pin, another model, or gone)."""
+    if pin is None or not Path(pin).is_file():
+        return None
+    try:
+        doc = json.loads(Path(pin).read_text(encoding="utf-8"))
+        name = doc["models"][_config_hash(fp32_key)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = cache_dir / "int8" / str(name)
+    if not path.is_file() or path.name != str(name):
+        log.info("the int8 backbone %s the earlier nodes were trained with is not in %s: recalibrating", name, cache_dir)
+        return None
+    return path
+
+
+def pin_int8_backbone(pin: Path, backbone: FeatureExtractor, resize: str, model: Path) -> None:
+    """Record in ``pin`` (a models folder's :data:`INT8_PIN`) that ``model`` is the int8 version of ``backbone``."""
+    fp32_key = {"backbone": backbone.spec.name, "image_size": backbone.image_size, "resize": resize,
+                "weights": backbone.weights_fingerprint, "transform_version": TRANSFORM_VERSION}
+    try:
+        doc = json.loads(Path(pin).read_text(encoding="utf-8"))
+        models = dict(doc["models"])
+    except (OSError, ValueError, KeyError, TypeError):
+        models = {}
+    models[_config_hash(fp32_key)] = Path(model).name
+    write_json_atomic(pin, {"version": 1, "models": models})
 
 
 def cached_features(paths: list, backbone: FeatureExtractor, resize: str, device: str, cache_dir: Path | None,
@@ -328,7 +371,7 @@ class NodeInputs:
 
 
 def node_features(cfg: TrainConfig, backbone: FeatureExtractor, data: NodeData, device: str,
-                  cache_dir: Path | None, progress: bool) -> dict:
+                  cache_dir: Path | None, progress: bool, int8_pin: Path | None = None) -> dict:
     """Cached features of a node's splits.
 
     Returns
@@ -337,13 +380,13 @@ def node_features(cfg: TrainConfig, backbone: FeatureExtractor, data: NodeData, 
         ``{split: (features (N', 2, D), ok mask (N,))}`` for train/val/test (view 1 is the mirror), and
         ``"aug"``: ``(N', views, D)`` augmented training views and their mask when ``cfg.views > 0``.
         With ``cfg.precision == "int8"`` the features come from the int8 backbone (built first if it is
-        not cached yet), whose file is ``out["int8_model"]``.
+        not cached yet, or the one ``int8_pin`` names), whose file is ``out["int8_model"]``.
     """
     out = {}
     int8 = None
     if cfg.precision == "int8":
         int8 = int8_feature_backbone(backbone, cfg.resize, cache_dir, tree_training_images(data.data_dir, data.doc),
-                                     cfg.fit.seed)
+                                     cfg.fit.seed, int8_pin)
         out["int8_model"] = int8
     for s in ("train", "val", "test"):
         f, ok = cached_features(data.paths(s), backbone, cfg.resize, device, cache_dir, "eval", 0, cfg.fit.seed,
@@ -378,10 +421,10 @@ def feature_sets(head: Head, train_views: np.ndarray, train_y: np.ndarray, val_x
 
 
 def frozen_inputs(cfg: TrainConfig, backbone: FeatureExtractor, head: Head, data: NodeData, device: str,
-                  cache_dir: Path | None, progress: bool) -> NodeInputs:
-    """The head alone, trained on cached features of the frozen backbone."""
+                  cache_dir: Path | None, progress: bool, int8_pin: Path | None = None) -> NodeInputs:
+    """The head alone, trained on cached features of the frozen backbone (``int8_pin``: see :func:`node_features`)."""
     backbone.requires_grad_(False)
-    feats = node_features(cfg, backbone, data, device, cache_dir, progress)
+    feats = node_features(cfg, backbone, data, device, cache_dir, progress, int8_pin)
     (xs, ok_tr), (xv, ok_v), (xt, ok_t) = feats["train"], feats["val"], feats["test"]
     if "aug" in feats:
         xs = np.concatenate([xs, feats["aug"][0]], axis=1)
@@ -394,7 +437,7 @@ def frozen_inputs(cfg: TrainConfig, backbone: FeatureExtractor, head: Head, data
 
 
 def finetune_inputs(cfg: TrainConfig, backbone: FeatureExtractor, head: Head, data: NodeData, device: str,
-                    cache_dir: Path | None, progress: bool) -> NodeInputs:
+                    cache_dir: Path | None, progress: bool, int8_pin: Path | None = None) -> NodeInputs:
     """Backbone and head trained together on (augmented) images."""
     size, seed = backbone.image_size, cfg.fit.seed
     relabel = {s: [(p, int(y)) for (p, _), y in zip(data.splits[s], data.targets[s])] for s in ("train", "val")}
@@ -462,8 +505,11 @@ def node_summary(probs: np.ndarray, y_test: np.ndarray, classes: list, extra: di
 
 # ----------------------------------------------------------------------------------- the composition
 def train_node(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path, device: str = "cpu",
-               cache_dir: Path | None = None, progress: bool = True) -> dict:
+               cache_dir: Path | None = None, progress: bool = True, recalibrate: bool = False) -> dict:
     """Train node dataset ``ds`` of ``data_dir`` with recipe ``cfg`` and write ``models_dir/<ds>/``.
+
+    With int8 features the node uses the int8 backbone the models folder's other nodes were trained
+    with (its :data:`INT8_PIN`), unless ``recalibrate`` (``--force``) or there is none yet.
 
     Returns
     -------
@@ -473,14 +519,16 @@ def train_node(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path, devi
     from .quantize import resolve_train_precision
 
     data_dir, models_dir = Path(data_dir), Path(models_dir)
-    cfg = cfg.override({"precision": resolve_train_precision(cfg.precision, device, cfg.mode, cfg.onnx)})
+    cfg = cfg.override({"precision": resolve_train_precision(cfg.precision, device, cfg.mode, cfg.onnx,
+                                                             cache_dir is not None)})
     data = load_node_data(data_dir, ds, cfg.head.fine_labels)
     with dist_utils.rank0_first():  # rank 0 downloads missing ImageNet weights; the others then read them
         backbone = create_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size)
     torch.manual_seed(cfg.fit.seed)
     np.random.seed(cfg.fit.seed)
     head = make_head(cfg.head, backbone.spec.feature_dim, len(data.classes), data.group)
-    inputs = STRATEGIES[cfg.mode](cfg, backbone, head, data, device, cache_dir, progress)
+    pin = models_dir / INT8_PIN
+    inputs = STRATEGIES[cfg.mode](cfg, backbone, head, data, device, cache_dir, progress, None if recalibrate else pin)
     work = models_dir / f".{ds}.work"
     work.mkdir(parents=True, exist_ok=True)
     hash_src = {"config": cfg.to_dict(), "classes": data.classes, "n_train": len(inputs.train_set),
@@ -497,6 +545,8 @@ def train_node(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path, devi
         write_node_folder(models_dir, NodeRun(cfg, data, backbone, head, inputs, result, summary, y_test,
                                               probs.argmax(1) if len(y_test) else np.zeros((0,), int)))
         write_models_hierarchy(models_dir, data.doc)
+        if inputs.int8_model is not None:
+            pin_int8_backbone(pin, backbone, cfg.resize, inputs.int8_model)
         shutil.rmtree(work, ignore_errors=True)
     dist_utils.barrier()
     return summary
