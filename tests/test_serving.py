@@ -390,3 +390,21 @@ def test_page_in_a_real_browser_shows_the_predicted_path(server, trained):
             browser.save_screenshot(os.environ["SERVE_SCREENSHOT"])
     finally:
         browser.quit()
+
+
+def test_models_are_warmed_up_at_every_power_of_two_batch_size_up_to_max_batch(trained, monkeypatch):
+    from hiernet import serving
+    from hiernet.predictor import HierarchicalPredictor
+
+    assert serving.warm_up_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert serving.warm_up_sizes(12) == [1, 2, 4, 8, 12] and serving.warm_up_sizes(1) == [1]
+    seen = []
+    real = HierarchicalPredictor.predict_arrays
+
+    def counting(self, inputs, names):
+        seen.append(len(inputs))
+        return real(self, inputs, names)
+
+    monkeypatch.setattr(HierarchicalPredictor, "predict_arrays", counting)
+    model = serving.load_model(serving.ServeConfig(trained["models"], max_batch=6))
+    assert seen == [1, 2, 4, 6] and model.predictor is not None
