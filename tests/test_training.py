@@ -66,3 +66,17 @@ def test_a_node_with_partial_labels_below_it_trains_its_leaf_outputs(prepared, t
     assert ck["state_dict"]["head"]["group"].shape == (4, 2)
     log = (tmp_path / "models" / "parent" / "log.csv").read_text().splitlines()
     assert len(log) == 3 and "nan" not in log[1]
+
+
+def test_models_hierarchy_carries_the_display_names_of_a_catalogue(prepared, tmp_path):
+    from hiernet.training import load_prepared, write_models_hierarchy
+
+    _, doc = load_prepared(prepared)
+    for name in ("folder", "shop"):
+        (tmp_path / name).mkdir()
+    write_models_hierarchy(tmp_path / "folder", doc)  # a tree from folders: no display map
+    assert "display" not in json.loads((tmp_path / "folder" / "hierarchy.json").read_text())
+    shop = {**doc, "display": {"round": "Round & co", "round/plus": "Plus / Cross"}}
+    write_models_hierarchy(tmp_path / "shop", shop)
+    out = json.loads((tmp_path / "shop" / "hierarchy.json").read_text())
+    assert out["display"] == {"round": "Round & co", "round/plus": "Plus / Cross"}

@@ -32,7 +32,7 @@ from .backbones import create_backbone
 from .config import AugmentConfig, FitConfig, HeadConfig, TrainConfig
 from .data import TRANSFORM_VERSION, FeatureCache, aug_views, eval_views, extract_features, read_split
 from .engine import FitResult, fit, predict_logits_sharded, write_csv
-from .hierarchy import FLAT_DATASET, Hierarchy, require_hierarchy_json
+from .hierarchy import FLAT_DATASET, Hierarchy, display_names, require_hierarchy_json
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
 from .metrics import classification_summary, expected_calibration_error, text_report
 from .models import FeatureExtractor, Head, NodeNet
@@ -640,10 +640,13 @@ def _int8_record(inputs: NodeInputs) -> dict:
 
 
 def write_models_hierarchy(models_dir: Path, doc: dict) -> None:
-    """``trained_models/hierarchy.json``: the tree the models were trained for (predict needs no split_datasets)."""
+    """``trained_models/hierarchy.json``: the tree the models were trained for (predict needs no split_datasets),
+    with the prepared tree's display names when it has any."""
     out = {"version": 1, "tree": doc["tree"], "fingerprint": doc["fingerprint"], "flat": {
         "classes": doc["flat"]["classes"], "class_nodes": doc["flat"]["class_nodes"]},
         "source": doc.get("source"), "split_seed": doc.get("seed"), "split_id": split_identity(doc)}
+    if display_names(doc):  # a catalogue's original category names (predict and evaluate show them)
+        out["display"] = display_names(doc)
     write_json_atomic(models_dir / "hierarchy.json", out)
 
 
