@@ -301,7 +301,9 @@ def load_bundle(models_dir: str | Path, runtime: str = "auto", device: str = "cp
                     "run: python3 src/export.py --models-dir %s", problem, models_dir.resolve())
     else:
         bundle = load_torch_bundle(models_dir, hier, device, with_flat)
-    bundle.display = display_names(doc, hier)
+    display = display_names(doc, hier)
+    if display:  # a catalogue's original names (the bundle's default: none)
+        bundle.display = display
     return bundle
 
 
