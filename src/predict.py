@@ -83,6 +83,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     device, fmt, shard = check_args(args)
     from hiernet import batchpredict as bp
+    from hiernet.bundle import models_display
     from hiernet.outputs import OutputContext
     from hiernet.predictor import HierarchicalPredictor
 
@@ -91,7 +92,8 @@ def main(args: argparse.Namespace) -> int:
         from hiernet.distributed import broadcast_object, init_from_env
 
         device = init_from_env(device)
-    fields = OutputContext(with_id=args.id_column is not None).fields
+    with_display = bool(models_display(args.models_dir.resolve()))
+    fields = OutputContext(with_id=args.id_column is not None, with_display=with_display).fields
     state = bp.resume_state(args.output, fmt, fields) if args.resume and rank == 0 else bp.ResumeState()
     if world > 1:  # every rank skips the same inputs
         state = broadcast_object(state)
@@ -111,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
     if args.verbose and rank == 0:
         describe_models(models_dir, predictor)
     context = OutputContext(predictor.encoders(), predictor.min_confidence, with_id=args.id_column is not None,
-                            header=not state.has_header)
+                            header=not state.has_header, with_display=bool(predictor.display))
     want_bar = rank == 0 and not args.quiet and (args.progress or sys.stderr.isatty())
     total = sum(1 for _ in items.iter(warn=False)) if want_bar else None
     show_bar = want_bar and (args.progress or total > 1)  # no bar for a single image on a terminal

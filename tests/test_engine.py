@@ -386,3 +386,89 @@ def test_resume_needs_the_same_number_of_processes(tmp_path, monkeypatch):
     res = fit(model, train, None, y, 2, FitConfig(epochs=2, batch_size=16, lr=0.0, patience=10), "cpu", tmp_path,
               "same", progress=False)
     assert torch.equal(model.weight, fresh) and len(res.history) == 2  # trained afresh (lr 0), not resumed
+
+
+# ------------------------------------------------------------------------------ set targets (partial labels)
+def test_set_target_loss_is_minus_log_of_the_set_probability_by_hand():
+    from hiernet.engine import SetTargetLoss
+
+    z = torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.0, 2.0]])
+    y = torch.tensor([0, -1])  # class 0; the set {0, 1} (row 0 of sets)
+    got = SetTargetLoss([[1, 1, 0]])(z, y).item()
+    e = np.exp
+    first = np.log(e(1) + e(2) + e(0)) - 1.0
+    second = np.log(e(0.5) + e(0) + e(2)) - np.log(e(0.5) + e(0))  # logsumexp(z) - logsumexp(z[set])
+    assert abs(got - (first + second) / 2) < 1e-6
+    assert abs(got - 1.36994) < 1e-5  # (1.40761 + 1.33228) / 2
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_set_target_loss_is_cross_entropy_for_class_targets(weighted, smoothing, shifted):
+    from hiernet.engine import SetTargetLoss
+
+    g = torch.Generator().manual_seed(3)
+    z, y = torch.randn(7, 4, generator=g), torch.tensor([0, 1, 2, 3, 1, 1, 0])
+    w = torch.tensor([0.5, 1.0, 2.0, 0.3]) if weighted else None
+    shift = torch.randn(4, generator=g) if shifted else None
+    got = SetTargetLoss([[1, 1, 0, 0]], w, w, smoothing, shift)(z, y)
+    want = nn.CrossEntropyLoss(weight=w, label_smoothing=smoothing)(z if shift is None else z + shift, y)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_set_targets_count_towards_their_classes_for_weights_priors_and_sampling():
+    from hiernet.engine import logit_adjustment, sample_weights, target_distribution
+
+    labels = np.array([0, 0, 1, 2, -1, -1, 3])  # two set targets {0, 1}: class 0 has 2 samples, class 1 one
+    sets = [[1, 1, 0, 0]]
+    dist = target_distribution(labels, sets, 4)
+    assert np.allclose(dist[4], [2 / 3, 1 / 3, 0, 0]) and np.allclose(dist[:4], np.eye(4))
+    counts = np.array([2 + 4 / 3, 1 + 2 / 3, 1, 1])  # 7 samples
+    assert np.allclose(class_weights(labels, 4, 1.0, sets).numpy(), 7 / (4 * counts))
+    assert np.allclose(logit_adjustment(labels, 4, 1.0, sets).numpy(), np.log(counts / 7))
+    w = sample_weights(labels, 1.0, sets)
+    assert np.allclose(w, [0.3, 0.3, 0.6, 1, 0.4, 0.4, 1])  # a set: 2/3 * 1/count_0 + 1/3 * 1/count_1
+    # a set none of whose classes has a class target is spread evenly
+    assert np.allclose(target_distribution(np.array([0, -1]), [[0, 1, 1]], 3)[3], [0, 0.5, 0.5])
+    # without sets, the same numbers as before
+    assert np.allclose(sample_weights(np.array([0, 0, 1]), 1.0), [0.5, 0.5, 1.0])
+
+
+def test_evaluate_scores_a_prediction_in_the_set_as_right():
+    from hiernet.engine import _criteria, evaluate
+
+    lin = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(3))
+    x = torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.0, 2.0], [0.0, 3.0, 0.0]])
+    y = torch.tensor([0, -1, -1])  # wrong; the set {0, 1} but predicted 2; the set and predicted 1
+    loader = torch.utils.data.DataLoader(TensorDataset(x, y), batch_size=2)
+    _, val_criterion = _criteria(np.array([0, 1, 2, -1]), 3, FitConfig(label_smoothing=0.1), "cpu", [[1, 1, 0]])
+    loss, acc = evaluate(lin, loader, val_criterion, "cpu", amp=False)
+    want = torch.stack([nn.functional.cross_entropy(x[:1], y[:1]),
+                        torch.logsumexp(x[1], 0) - torch.logsumexp(x[1, :2], 0),
+                        torch.logsumexp(x[2], 0) - torch.logsumexp(x[2, :2], 0)]).mean()
+    assert abs(loss - want.item()) < 1e-6 and abs(acc - 1 / 3) < 1e-9
+
+
+@pytest.mark.parametrize("recipe", [{}, {"class_weight_power": 0.5}, {"logit_adjust": 1.0}, {"sample_power": 1.0}])
+def test_fit_learns_from_set_targets(tmp_path, recipe):
+    """Blob A is class 0; blob B holds classes 1 and 2, mostly labelled only as the set {1, 2}: the model
+    learns to put blob B in the set (val accuracy counts the set as right), with every long-tail option."""
+    g = torch.Generator().manual_seed(0)
+    n = 90
+    side = torch.arange(n) % 2
+    x = torch.randn(n, 2, generator=g) + side[:, None] * 6.0
+    y = torch.where(side == 0, 0, -1)
+    y[1], y[3] = 1, 2  # a few class targets in blob B
+    cfg = FitConfig(epochs=15, batch_size=16, lr=0.1, patience=30, **recipe)
+    torch.manual_seed(0)
+    m = nn.Linear(2, 3)
+    res = fit(m, TensorDataset(x, y), TensorDataset(x, y), y.numpy(), 3, cfg, "cpu", tmp_path, "h", progress=False,
+              target_sets=[[0, 1, 1]])
+    assert all(np.isfinite(r["val_loss"]) and np.isfinite(r["train_loss"]) for r in res.history)
+    assert res.history[-1]["val_acc"] > 0.95
+    with torch.no_grad():
+        pred = m(x).argmax(1)
+    assert ((pred == 0) == (side == 0)).float().mean() > 0.95

@@ -639,3 +639,39 @@ def test_help_has_no_restructuredtext_leftovers(script):
     r = subprocess.run([PY, str(REPO / "src" / script), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "Example" in r.stdout
     assert "::" not in r.stdout and "``" not in r.stdout
+
+
+def test_markdown_shows_display_names_of_a_catalogue_tree(res):
+    display = {"a": "Alpha & co", "b/z": "Zed | Z"}
+    md = render_markdown({**res, "n_unreadable": 0, "runtime": "onnx", "display": display})
+    assert "| Alpha & co / x |" in md and "| b / Zed \\| Z |" in md  # per leaf, escaped for the table
+    assert "| a | below Alpha & co |" in md  # per node: what the classifier sorts
+    assert "| parent (top level) |" in md and "| a (Alpha & co) |" in md  # node by node vs flat
+    plain = render_markdown({**res, "n_unreadable": 0, "runtime": "onnx"})
+    assert "| a/x |" in plain and "| a | below `a` |" in plain and "Alpha" not in plain
+
+
+def test_evaluate_shows_the_display_names_of_the_models_tree(pipeline, tmp_path):
+    """evaluate.py on models whose hierarchy.json has display names (as a catalogue CSV's has): results.json
+    records them, results.md and report.html show them; numbers and ids are those of the plain models."""
+    import json
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(pipeline["models"], models)
+    doc = json.loads((models / "hierarchy.json").read_text())
+    doc["display"] = {"apparel": "Apparel & Co", "apparel/upper/tee": "T-Shirts / Tops"}
+    (models / "hierarchy.json").write_text(json.dumps(doc))
+    outs = {}
+    for name, folder in (("plain", pipeline["models"]), ("shop", models)):
+        r = subprocess.run([PY, str(REPO / "src" / "evaluate.py"), "--models-dir", str(folder), "--data-dir",
+                            str(pipeline["split"]), "--output", str(tmp_path / name), "-q"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        outs[name] = {f: (tmp_path / name / f).read_text(encoding="utf-8") for f in ("results.json", "results.md", "report.html")}
+    plain, shop = json.loads(outs["plain"]["results.json"]), json.loads(outs["shop"]["results.json"])
+    assert "display" not in plain and shop["display"] == doc["display"]
+    assert shop["leaf_accuracy"] == plain["leaf_accuracy"] and list(shop["per_leaf"]) == list(plain["per_leaf"])
+    assert "| Apparel & Co / upper / T-Shirts / Tops |" in outs["shop"]["results.md"]
+    assert "| apparel/upper/tee |" in outs["plain"]["results.md"] and "Apparel & Co" not in outs["plain"]["results.md"]
+    assert "<b>Apparel &amp; Co</b>" in outs["shop"]["report.html"] and "T-Shirts / Tops" in outs["shop"]["report.html"]

@@ -163,3 +163,47 @@ def test_writers_write_each_record_at_once():
 def test_unknown_format_is_refused():
     with pytest.raises(ValueError, match="json"):
         open_writer("xml", io.StringIO())
+
+
+# ------------------------------------------------------------------------------ display names (catalogue trees)
+def shown_predictions() -> list[Prediction]:
+    """Records of a tree with display names: ``display`` is the path in the catalogue's original names."""
+    full = Prediction("a.jpg", ["tops", "T-Shirts__Tops"], ["tops", "tops/T-Shirts__Tops"], [0.9, 0.8], 0.72,
+                      [[("tops", 0.9)], [("T-Shirts__Tops", 0.8)]], display=["Tops & co", "T-Shirts / Tops"])
+    bad = Prediction("broken.jpg", complete=False, error="cannot identify image file", display=[])
+    return [full, bad]
+
+
+def test_display_names_are_one_more_field_that_leaves_the_others_unchanged():
+    with_display, plain = shown_predictions(), predictions()
+    rec = with_display[0].record()
+    assert rec["display"] == ["Tops & co", "T-Shirts / Tops"] and rec["labels"] == ["tops", "T-Shirts__Tops"]
+    assert list(rec) == ["path", "labels", "display", "probs", "confidence", "node", "complete", "topk"]
+    assert with_display[1].record()["display"] == []
+    assert all("display" not in p.record() for p in plain)  # trees from folders: no display field
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_json_formats_print_the_display_names(fmt):
+    records = [p.record() for p in shown_predictions()]
+    got = parse(fmt, render(fmt, records, OutputContext(with_display=True)))
+    assert [r["display"] for r in got] == [["Tops & co", "T-Shirts / Tops"], []]
+    assert [r["labels"] for r in got] == [["tops", "T-Shirts__Tops"], []]
+
+
+def test_csv_has_a_last_display_column_only_when_the_tree_has_display_names():
+    context = OutputContext(with_id=True, with_display=True)
+    assert context.fields == ("id",) + FIELDS + ("display",)
+    rows = list(csv.reader(io.StringIO(render("csv", [p.record() for p in shown_predictions()], context))))
+    assert rows[0] == ["id", *FIELDS, "display"]
+    assert rows[1][-1] == "Tops & co > T-Shirts / Tops" and rows[1][2] == "tops/T-Shirts__Tops"
+    assert rows[2][-1] == ""
+    assert OutputContext().fields == FIELDS
+
+
+def test_text_adds_a_display_line_after_the_path():
+    text = render("text", [p.record() for p in shown_predictions()], OutputContext(with_display=True))
+    lines = text.splitlines()
+    at = lines.index("Path: tops > T-Shirts__Tops  (confidence 0.7200)")
+    assert lines[at + 1] == "Display: Tops & co > T-Shirts / Tops"
+    assert "Display:" not in render("text", [p.record() for p in predictions()], CONTEXT)

@@ -218,3 +218,51 @@ def test_torchrun_two_cpu_processes_write_one_merged_output_in_input_order(pipel
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
     n = len(list(folder.rglob("*.jpg"))) + 1  # every image of the tree and the missing one
     assert proc.stderr.count(f"wrote {n} predictions") == 1  # rank 0 alone writes and reports
+
+
+# ------------------------------------------------------------------------------ display names
+SHOP_DISPLAY = {"apparel": "Apparel & Co", "apparel/upper": "Upper / Tops", "accessories/box": "Boxes, small"}
+
+
+def shop_models(pipeline, folder):
+    """The session's models with the display names a catalogue CSV's hierarchy.json would carry."""
+    models = folder / "shop-models"
+    shutil.copytree(pipeline["models"], models)
+    doc = json.loads((models / "hierarchy.json").read_text())
+    doc["display"] = SHOP_DISPLAY
+    (models / "hierarchy.json").write_text(json.dumps(doc))
+    return models
+
+
+def expected_display(record):
+    parts = record["node"].split("/")
+    return [SHOP_DISPLAY.get("/".join(parts[:k + 1]), label) for k, label in enumerate(record["labels"])]
+
+
+def test_records_show_display_names_when_the_models_tree_has_them(pipeline, tmp_path):
+    models = shop_models(pipeline, tmp_path)
+    folder = pipeline["data"]
+    plain = jsonl(predict(pipeline, folder, "-o", tmp_path / "plain.jsonl") and tmp_path / "plain.jsonl")
+    assert all("display" not in r for r in plain)  # a tree from folders: records as before
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    shop = [*map(str, sorted(folder.rglob("*.jpg"))), str(tmp_path / "broken.jpg")]
+    run_shop = [sys.executable, PREDICT, "--models-dir", str(models), *shop]
+    run([*run_shop, "-o", str(tmp_path / "shop.jsonl")], cwd="/", check=False)
+    rows = jsonl(tmp_path / "shop.jsonl")
+    same = {r["path"]: (r["labels"], r["node"], r["complete"], list(r)) for r in plain}
+    assert {r["path"]: (r["labels"], r["node"], r["complete"], [k for k in r if k != "display"])
+            for r in rows[:-1]} == same  # the other fields unchanged
+    assert all(r["display"] == expected_display(r) for r in rows[:-1])
+    assert any("Apparel & Co" in r["display"] for r in rows) and any("Boxes, small" in r["display"] for r in rows)
+    assert rows[-1]["display"] == [] and rows[-1]["error"]
+    run([*run_shop, "-o", str(tmp_path / "shop.csv")], cwd="/", check=False)
+    table = list(csv.DictReader(open(tmp_path / "shop.csv", encoding="utf-8")))
+    assert list(table[0])[-1] == "display"
+    assert [r["display"] for r in table[:-1]] == [" > ".join(expected_display(r)) for r in rows[:-1]]
+    # --resume into a csv with the display column completes it
+    data = (tmp_path / "shop.csv").read_bytes()
+    (tmp_path / "torn.csv").write_bytes(data[:data.index(b"\n", len(data) // 2) + 9])
+    run([*run_shop, "-o", str(tmp_path / "torn.csv"), "--resume"], cwd="/", check=False)
+    assert (tmp_path / "torn.csv").read_bytes() == data
+    text = run([*run_shop[:-1], "--format", "text"], cwd="/").stdout
+    assert "Display: Apparel & Co > Upper / Tops > " in text

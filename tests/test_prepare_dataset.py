@@ -551,14 +551,17 @@ def test_csv_split_column_used_as_is(tmp_path):
         f"{i}.jpg": ["train", "val", "test"][i % 3] for i in range(6)}
 
 
-def test_zoo_partial_labels_make_training_use_child_targets(zoo):
-    """Stopgap until training learns from partial labels: a node with partial images below it trains on
-    its children (a partial image has no leaf to be a fine target), the others keep fine (leaf) targets."""
+def test_zoo_partial_label_is_a_set_target_of_the_leaves_below_its_node(zoo):
+    """A fine-label node with a partial label below it still trains on its leaves; the partial image's
+    target is the set of leaves below its node (training.leaf_targets)."""
     from hiernet.hierarchy import Hierarchy
-    from hiernet.training import fine_label_targets
+    from hiernet.training import fine_label_targets, leaf_targets
 
     doc = zoo["doc"]
     hier = Hierarchy.from_dict(doc["tree"])
-    children = hier.nodes[""].children
-    assert fine_label_targets(hier, doc, "", children) is None
-    assert fine_label_targets(hier, {**doc, "partial_images": []}, "", children) is not None
+    leaves, _ = fine_label_targets(hier, doc, "", hier.nodes[""].children)
+    (entry,) = doc["partial_images"]
+    split = {entry["split"]: [(Path(entry["file"]), 0)]}
+    targets, sets = leaf_targets(hier, doc, leaves, split)
+    assert targets[entry["split"]].tolist() == [-1]
+    assert sets == [[1.0 if leaf.startswith("tops/") else 0.0 for leaf in leaves]] and 0 < sum(sets[0]) < len(leaves)

@@ -127,3 +127,15 @@ def test_chromium_renders_the_galleries(case, tmp_path):
     assert dom.count('<div class="gallery"') == 3 and 'id="unsure"' in dom
     # the escaped names come back as text, not as elements
     assert "&lt;i&gt;x" in dom and "<i>x" not in dom
+
+
+def test_display_names_are_shown_where_nodes_are_shown_to_people(case):
+    """A catalogue tree's display names (results.json → display) replace the ids in the tree, the
+    confusion matrix and the galleries; without them (above) the page shows the node names."""
+    display = {"a": "Apparel & Co", "a/y": "Y / Tops", "b&c/z": "Zed"}
+    page = render_html(HIER, {**case, "display": display})
+    assert "<b>Apparel &amp; Co</b>" in page and "Y / Tops <span class='muted'>leaf: recall" in page
+    assert "title='Apparel &amp; Co / &lt;i&gt;x → Apparel &amp; Co / Y / Tops: 3'" in page  # confusion cell
+    assert "<th class='l'>b&amp;c / Zed</th>" in page
+    assert "true: Apparel &amp; Co / &lt;i&gt;x<br>predicted: Apparel &amp; Co / Y / Tops" in page  # gallery
+    assert "Apparel" not in render_html(HIER, case)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from .hierarchy import FLAT_DATASET, Hierarchy, is_safe_folder_name, require_hierarchy_json
+from .hierarchy import FLAT_DATASET, Hierarchy, display_names, is_safe_folder_name, require_hierarchy_json
 from .images import RESIZE_POLICIES
 from .safeio import UserError, sha256_file
 
@@ -76,6 +76,9 @@ class ModelBundle:
         Where the torch runtime runs (``cpu`` for onnx).
     precision : str
         ``fp32`` or ``int8``: the shared backbones that run.
+    display : dict
+        Node id → the name shown to people (``hierarchy.json`` → ``display``; empty for trees prepared
+        from folders, whose node names are shown).
     """
 
     hier: Hierarchy
@@ -85,6 +88,7 @@ class ModelBundle:
     flat: NodeModel | None = None
     device: str = "cpu"
     precision: str = "fp32"
+    display: dict = field(default_factory=dict)
 
     def all_nodes(self) -> list[NodeModel]:
         """The classifier nodes, then the flat baseline if loaded."""
@@ -100,6 +104,18 @@ class ModelBundle:
 def read_models_hierarchy(models_dir: Path) -> tuple[Hierarchy, dict]:
     """``trained_models/hierarchy.json`` → (tree, document), or one clear line saying what to run."""
     return require_hierarchy_json(models_dir / "hierarchy.json", f"no trained models in {models_dir}", "cd src && ./train_lcpn.sh")
+
+
+def models_display(models_dir: Path) -> dict:
+    """The display names of ``models_dir``'s ``hierarchy.json`` (:func:`hiernet.hierarchy.display_names`),
+    ``{}`` when it is missing or unreadable (loading the models then says why)."""
+    from .safeio import UserError
+
+    try:
+        hier, doc = read_models_hierarchy(Path(models_dir))
+    except UserError:
+        return {}
+    return display_names(doc, hier)
 
 
 def node_list(hier: Hierarchy, with_flat: bool) -> list[tuple[str, str | None]]:
@@ -263,7 +279,7 @@ def load_bundle(models_dir: str | Path, runtime: str = "auto", device: str = "cp
         Missing or inconsistent models, with the command that fixes it.
     """
     models_dir = Path(models_dir)
-    hier, _ = read_models_hierarchy(models_dir)
+    hier, doc = read_models_hierarchy(models_dir)
     if runtime not in RUNTIMES:
         raise UserError(f"unknown runtime {runtime!r}; use auto, torch or onnx")
     if precision not in PRECISIONS:
@@ -274,17 +290,21 @@ def load_bundle(models_dir: str | Path, runtime: str = "auto", device: str = "cp
                         "with --device cpu, or --precision fp32")
     if precision == "auto" and str(device) != "cpu":
         precision = "fp32"
-    if runtime in ("auto", "onnx"):
-        problem = onnx_problem(models_dir, hier, with_flat)
-        if problem is None:
-            return load_onnx_bundle(models_dir, hier, with_flat, precision)
+    problem = onnx_problem(models_dir, hier, with_flat) if runtime in ("auto", "onnx") else "torch asked for"
+    if problem is None:
+        bundle = load_onnx_bundle(models_dir, hier, with_flat, precision)
+    elif runtime in ("auto", "onnx"):
         if runtime == "onnx" or precision == "int8":
             raise UserError(f"{problem}; run: python3 src/export.py --models-dir {models_dir}")
         bundle = load_torch_bundle(models_dir, hier, device, with_flat)  # said only once it loaded
         log.warning("note: predicting with PyTorch, several times slower than onnxruntime (%s); "
                     "run: python3 src/export.py --models-dir %s", problem, models_dir.resolve())
-        return bundle
-    return load_torch_bundle(models_dir, hier, device, with_flat)
+    else:
+        bundle = load_torch_bundle(models_dir, hier, device, with_flat)
+    display = display_names(doc, hier)
+    if display:  # a catalogue's original names (the bundle's default: none)
+        bundle.display = display
+    return bundle
 
 
 def _load_artifact(folder: Path, hier: Hierarchy, ds: str, nid: str | None):

@@ -2,7 +2,8 @@
 
 One loop serves both: ``model.train()`` for training batches and ``model.eval()`` for validation,
 one AdamW optimiser and one warm-up + cosine schedule per run, class-weighted cross-entropy with
-label smoothing (optionally on logit-adjusted logits, and with class-aware sampling), early stopping on validation loss that restores the best weights, AMP on CUDA,
+label smoothing (optionally on logit-adjusted logits, and with class-aware sampling; targets may be sets of classes,
+partial labels: :class:`SetTargetLoss`), early stopping on validation loss that restores the best weights, AMP on CUDA,
 a per-epoch CSV log, a resumable checkpoint after every epoch, and DistributedDataParallel when
 launched by torchrun.
 """
@@ -25,7 +26,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from . import distributed as dist_utils
 from .config import FitConfig
 
-__all__ = ["FitConfig", "FitResult", "class_weights", "logit_adjustment", "LogitAdjustedLoss", "predict_logits", "fit", "train_one_epoch", "evaluate",
+__all__ = ["FitConfig", "FitResult", "class_weights", "logit_adjustment", "LogitAdjustedLoss", "SetTargetLoss",
+           "target_rows", "target_distribution", "label_counts", "sample_weights", "predict_logits", "fit",
+           "train_one_epoch", "evaluate",
            "EarlyStopping", "save_resume_checkpoint", "restore_resume_checkpoint", "write_csv", "train_batching",
            "EpochSampler", "shard", "predict_logits_sharded", "scaled_lr"]
 
@@ -41,25 +44,77 @@ class FitResult:
     best_val_loss: float = math.inf
 
 
-def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> torch.Tensor:
+def target_rows(labels, n_classes: int):
+    """Row of each target in a ``(C + S, C)`` target matrix (:func:`target_distribution`,
+    :class:`SetTargetLoss`): class ``y >= 0`` is row ``y``, set target ``-1 - s`` is row ``C + s``.
+    ``labels`` may be a numpy array or a torch tensor."""
+    if isinstance(labels, torch.Tensor):
+        return torch.where(labels >= 0, labels, n_classes - 1 - labels)
+    labels = np.asarray(labels)
+    return np.where(labels >= 0, labels, n_classes - 1 - labels)
+
+
+def target_distribution(labels: np.ndarray, sets, n_classes: int) -> np.ndarray:
+    """``(C + S, C)``: for each target row (:func:`target_rows`), how it counts towards the ``C`` classes.
+
+    A class target counts as one sample of its class; a set target (row ``s`` of the 0/1 ``sets``
+    ``(S, C)``) as one sample spread over its classes in proportion to their class-target counts in
+    ``labels`` (evenly when none of them has any): what class weights, logit adjustment and class-aware
+    sampling count for a partial label.
+    """
+    labels = np.asarray(labels)
+    sets = np.asarray(sets, dtype=np.float64).reshape(-1, n_classes)
+    hard = np.bincount(labels[labels >= 0], minlength=n_classes).astype(np.float64)
+    spread = sets * hard
+    empty = spread.sum(1) == 0
+    spread[empty] = sets[empty]
+    spread /= np.maximum(spread.sum(1, keepdims=True), 1e-12)
+    return np.concatenate([np.eye(n_classes), spread])
+
+
+def label_counts(labels: np.ndarray, n_classes: int, sets=None) -> np.ndarray:
+    """Samples per class ``(C,)`` float; set targets (``labels < 0``, rows of ``sets``) count fractionally
+    (:func:`target_distribution`)."""
+    labels = np.asarray(labels)
+    if sets is None or not len(sets):
+        return np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return target_distribution(labels, sets, n_classes)[target_rows(labels, n_classes)].sum(0)
+
+
+def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0, sets=None) -> torch.Tensor:
     """Inverse-frequency loss weights ``(n / (C * count_c)) ** power``; classes with no samples get 0.
 
     ``power`` 1 fully balances the classes, 0 leaves the loss unweighted (the ``cpu`` recipe: weighting
-    cost leaf accuracy in cross-validation); the ``original`` recipe uses 0.5.
+    cost leaf accuracy in cross-validation); the ``original`` recipe uses 0.5. Set targets count as in
+    :func:`label_counts`.
     """
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    w = np.where(counts > 0, (len(labels) / (n_classes * np.maximum(counts, 1))) ** power, 0.0)
+    counts = label_counts(labels, n_classes, sets)
+    w = np.where(counts > 0, (counts.sum() / (n_classes * np.where(counts > 0, counts, 1.0))) ** power, 0.0)
     return torch.tensor(w, dtype=torch.float32)
 
 
-def logit_adjustment(labels: np.ndarray, n_classes: int, tau: float) -> torch.Tensor:
+def logit_adjustment(labels: np.ndarray, n_classes: int, tau: float, sets=None) -> torch.Tensor:
     """``tau * log(prior)`` ``(C,)`` of the training labels ``(N,)`` (Menon et al., 2021, logit adjustment).
 
-    A class without samples counts as one (a finite shift). Added to the logits in the training loss,
-    it makes the raw logits estimate class-balanced scores; ``tau`` 1 is the balanced softmax (Ren et al., 2020).
+    A class without samples counts as one (a finite shift); set targets count as in :func:`label_counts`.
+    Added to the logits in the training loss, it makes the raw logits estimate class-balanced scores;
+    ``tau`` 1 is the balanced softmax (Ren et al., 2020).
     """
-    counts = np.maximum(np.bincount(labels, minlength=n_classes).astype(np.float64), 1.0)
+    counts = label_counts(labels, n_classes, sets)
+    counts = np.where(counts > 0, counts, 1.0)
     return torch.tensor(tau * np.log(counts / counts.sum()), dtype=torch.float32)
+
+
+def sample_weights(labels: np.ndarray, power: float, sets=None) -> np.ndarray:
+    """Class-aware sampling weights ``(N,)``: ``count_c ** -power`` for a sample of class ``c``; a set
+    target gets that weight averaged over its classes as it counts towards them (:func:`target_distribution`)."""
+    labels = np.asarray(labels)
+    if sets is None or not len(sets):
+        return np.bincount(labels).astype(np.float64)[labels] ** -power
+    n_classes = np.asarray(sets).shape[1]
+    counts = label_counts(labels, n_classes, sets)
+    inv = np.where(counts > 0, np.where(counts > 0, counts, 1.0) ** -power, 0.0)
+    return (target_distribution(labels, sets, n_classes) @ inv)[target_rows(labels, n_classes)]
 
 
 class LogitAdjustedLoss(nn.Module):
@@ -75,8 +130,64 @@ class LogitAdjustedLoss(nn.Module):
         return self.loss(logits + self.shift, y)
 
 
-def _criteria(train_labels: np.ndarray, n_classes: int, cfg: FitConfig, device: str):
-    """Training loss (label smoothing) and validation loss: class-weighted CE, on adjusted logits if asked."""
+class SetTargetLoss(nn.Module):
+    """Cross-entropy whose target is a class or a set of classes (a partial label: the leaves below its node).
+
+    A target ``y >= 0`` is class ``y``; ``y = -1 - s`` is the set of classes in row ``s`` of ``sets``
+    ``(S, C)`` (0/1), whose loss is ``-log Σ_{k in set} softmax(z)_k = logsumexp(z) - logsumexp(z[set])``.
+    Logits are shifted by ``shift`` ``(C,)`` first (logit adjustment) when given. Each sample's loss is
+    weighted by ``row_weight[row]`` ``(C + S,)`` (:func:`target_rows`; class weights, and for a set their
+    mean as the set counts towards its classes) and the sum divided by the sum of the weights. Label
+    smoothing ``eps`` mixes in ``eps/C Σ_k weight_k · (-log p_k)`` as ``nn.CrossEntropyLoss`` does: for class
+    targets the loss equals ``nn.CrossEntropyLoss(weight, label_smoothing=eps)(z + shift, y)``.
+    """
+
+    def __init__(self, sets, weight: torch.Tensor | None = None, row_weight: torch.Tensor | None = None,
+                 label_smoothing: float = 0.0, shift: torch.Tensor | None = None):
+        super().__init__()
+        sets = torch.as_tensor(np.asarray(sets, dtype=np.float32)) > 0
+        if sets.dim() != 2 or not bool(sets.any(1).all()):
+            raise ValueError("set targets must be a (S, C) 0/1 matrix with at least one class per set")
+        self.n_classes, self.label_smoothing = int(sets.shape[1]), float(label_smoothing)
+        self.register_buffer("member", torch.cat([torch.eye(self.n_classes, dtype=torch.bool), sets]))
+        self.register_buffer("weight", weight)
+        self.register_buffer("row_weight", row_weight)
+        self.register_buffer("shift", shift)
+
+    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(logits if self.shift is None else logits + self.shift, dim=1)
+
+    def nll(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` unweighted, unsmoothed ``-log P(target)`` (the probability of the set for set targets)."""
+        member = self.member[target_rows(y, self.n_classes)]
+        return -self._log_probs(logits).masked_fill(~member, float("-inf")).logsumexp(1)
+
+    def sample_weight(self, y: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` loss weight of each target (ones without class weights)."""
+        if self.row_weight is None:
+            return torch.ones(len(y), dtype=torch.float32, device=y.device)
+        return self.row_weight[target_rows(y, self.n_classes)]
+
+    def hits(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool: the most likely class is the target class, or one of the target set."""
+        return self.member[target_rows(y, self.n_classes), logits.argmax(1)]
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logp = self._log_probs(logits)
+        nll = -logp.masked_fill(~self.member[target_rows(y, self.n_classes)], float("-inf")).logsumexp(1)
+        w = self.sample_weight(y)
+        loss = (1 - self.label_smoothing) * w * nll
+        if self.label_smoothing:
+            smooth = -(logp * self.weight).sum(1) if self.weight is not None else -logp.sum(1)
+            loss = loss + self.label_smoothing / self.n_classes * smooth
+        return loss.sum() / w.sum()
+
+
+def _criteria(train_labels: np.ndarray, n_classes: int, cfg: FitConfig, device: str, sets=None):
+    """Training loss (label smoothing) and validation loss: class-weighted CE, on adjusted logits if asked;
+    a :class:`SetTargetLoss` pair when there are set targets (``sets`` ``(S, C)``)."""
+    if sets is not None and len(sets):
+        return _set_criteria(train_labels, n_classes, cfg, device, sets)
     weight = class_weights(train_labels, n_classes, cfg.class_weight_power).to(device) if cfg.class_weight_power else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     val_criterion = nn.CrossEntropyLoss(weight=weight)
@@ -84,6 +195,20 @@ def _criteria(train_labels: np.ndarray, n_classes: int, cfg: FitConfig, device: 
         shift = logit_adjustment(train_labels, n_classes, cfg.logit_adjust)
         criterion, val_criterion = LogitAdjustedLoss(criterion, shift).to(device), LogitAdjustedLoss(val_criterion, shift).to(device)
     return criterion, val_criterion
+
+
+def _set_criteria(train_labels: np.ndarray, n_classes: int, cfg: FitConfig, device: str, sets):
+    """:func:`_criteria` with set targets: class weights, logit adjustment and label smoothing as for class
+    targets, a set target counting towards its classes as in :func:`target_distribution`."""
+    weight = row_weight = shift = None
+    if cfg.class_weight_power:
+        weight = class_weights(train_labels, n_classes, cfg.class_weight_power, sets)
+        dist = target_distribution(train_labels, sets, n_classes)
+        row_weight = torch.tensor(dist @ weight.numpy().astype(np.float64), dtype=torch.float32)
+    if cfg.logit_adjust:
+        shift = logit_adjustment(train_labels, n_classes, cfg.logit_adjust, sets)
+    return (SetTargetLoss(sets, weight, row_weight, cfg.label_smoothing, shift).to(device),
+            SetTargetLoss(sets, weight, row_weight, 0.0, shift).to(device))
 
 
 def _autocast(device: str, enabled: bool):
@@ -200,15 +325,21 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer, 
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
+        sums += torch.stack([loss.detach().double() * len(y), _hits(criterion, out, y).sum().double(),
                              torch.full((), float(len(y)), dtype=torch.float64, device=device)])
     tot = dist_utils.all_reduce_tensor(sums).tolist()
     return tot[0] / max(1, tot[2]), tot[1] / max(1, tot[2])
 
 
+def _hits(criterion, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: right predictions (a set target is hit by any class of its set)."""
+    return criterion.hits(out, y) if isinstance(criterion, SetTargetLoss) else out.argmax(1) == y
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, criterion, device: str, amp: bool) -> tuple[float, float]:
-    """Loss (``criterion``, no label smoothing) and accuracy of ``model`` on ``loader`` in eval mode.
+    """Loss (``criterion``, no label smoothing) and accuracy of ``model`` on ``loader`` in eval mode (a set
+    target, see :class:`SetTargetLoss`, is right when the prediction is in its set).
 
     Under torchrun each rank passes its shard of the data (:func:`shard`); the sums
     Σ w·loss, Σ w, correct and n are reduced over the ranks, so every rank gets the same numbers
@@ -222,9 +353,12 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion, device: str, amp: 
         with _autocast(device, amp):
             out = model(x)
         out = out.float()
-        w = weight[y] if weight is not None else torch.ones_like(y, dtype=torch.float32)
-        losses = nn.functional.cross_entropy(out if shift is None else out + shift, y, reduction="none")
-        sums += torch.stack([(w * losses).sum().double(), w.sum().double(), (out.argmax(1) == y).sum().double(),
+        if isinstance(criterion, SetTargetLoss):
+            w, losses = criterion.sample_weight(y), criterion.nll(out, y)
+        else:
+            w = weight[y] if weight is not None else torch.ones_like(y, dtype=torch.float32)
+            losses = nn.functional.cross_entropy(out if shift is None else out + shift, y, reduction="none")
+        sums += torch.stack([(w * losses).sum().double(), w.sum().double(), _hits(criterion, out, y).sum().double(),
                              torch.full((), float(len(y)), dtype=torch.float64, device=device)])
     tot = dist_utils.all_reduce_tensor(sums).tolist()
     return tot[0] / tot[1] if tot[1] > 0 else math.inf, tot[2] / max(1.0, tot[3])
@@ -372,9 +506,11 @@ def _seed_epoch(sampler: Sampler, seed: int, epoch: int) -> None:
     torch.manual_seed(seed + 1009 * epoch + dist_utils.rank())
 
 
-def _loaders(train_set: Dataset, val_set: Dataset | None, cfg: FitConfig, device: str, train_labels=None):
+def _loaders(train_set: Dataset, val_set: Dataset | None, cfg: FitConfig, device: str, train_labels=None,
+             sets=None):
     """Training loader (shuffled, seeded; DistributedSampler under torchrun; class-aware sampling with
-    ``cfg.sample_power``: a sample of class c drawn with weight ``count_c ** -power``, single process), this
+    ``cfg.sample_power``: a sample of class c drawn with weight ``count_c ** -power``, single process;
+    :func:`sample_weights`, set targets ``sets`` included), this
     rank's validation loader (its :func:`shard`) or None, and the sampler to call ``set_epoch`` on.
 
     A dataset whose ``indices_carry_epoch`` is true receives ``(index, epoch)`` pairs (:class:`EpochSampler`).
@@ -383,8 +519,7 @@ def _loaders(train_set: Dataset, val_set: Dataset | None, cfg: FitConfig, device
     if dist_utils.is_distributed():
         base = DistributedSampler(train_set, shuffle=True, seed=cfg.seed)
     elif cfg.sample_power and train_labels is not None:
-        counts = np.bincount(train_labels).astype(np.float64)
-        base = WeightedRandomSampler(counts[train_labels] ** -cfg.sample_power, len(train_labels), generator=g)
+        base = WeightedRandomSampler(sample_weights(train_labels, cfg.sample_power, sets), len(train_labels), generator=g)
     else:
         base = RandomSampler(train_set, generator=g)
     sampler = EpochSampler(base) if getattr(train_set, "indices_carry_epoch", False) else base
@@ -432,7 +567,8 @@ def _prepare(model: nn.Module, cfg: FitConfig, device: str) -> nn.Module:
 
 
 def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, train_labels: np.ndarray, n_classes: int,
-        cfg: FitConfig, device: str, work_dir: Path, config_hash: str, progress: bool = True) -> FitResult:
+        cfg: FitConfig, device: str, work_dir: Path, config_hash: str, progress: bool = True,
+        target_sets=None) -> FitResult:
     """Train ``model`` in place and leave it holding the best weights (lowest validation loss).
 
     Parameters
@@ -442,17 +578,19 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, train_lab
     train_set, val_set : Dataset
         Yield ``(x, label)``. Without a validation set the last epoch is kept.
     train_labels : numpy.ndarray
-        ``(N,)`` labels of ``train_set`` (for class weights).
+        ``(N,)`` labels of ``train_set`` (for class weights); ``-1 - s`` is set target ``s``.
     work_dir : Path
         Holds ``last.pth`` (resume checkpoint) and ``log.csv`` while training.
     config_hash : str
         A checkpoint is resumed only if it was written with the same hash and the same number of processes.
+    target_sets : array-like, optional
+        ``(S, C)`` 0/1: the class sets of set targets (partial labels), trained with :class:`SetTargetLoss`.
     """
     rank0 = dist_utils.is_main()
     config_hash = f"{config_hash}-w{dist_utils.world_size()}"
     ddp_model = _prepare(model, cfg, device)
-    train_loader, val_loader, sampler = _loaders(train_set, val_set, cfg, device, train_labels)
-    criterion, val_criterion = _criteria(train_labels, n_classes, cfg, device)
+    train_loader, val_loader, sampler = _loaders(train_set, val_set, cfg, device, train_labels, target_sets)
+    criterion, val_criterion = _criteria(train_labels, n_classes, cfg, device, target_sets)
     optimizer, scheduler, scaler = _optimisation(model, cfg, max(1, len(train_loader)), device)
     stopper = EarlyStopping(cfg.patience, copy.deepcopy(model.state_dict()))
     ckpt_path = work_dir / "last.pth"

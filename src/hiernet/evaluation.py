@@ -375,7 +375,8 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
         The results document (see :func:`assemble_results`, plus ``n_unreadable``, ``unreadable``,
         ``runtime``, ``source``, ``models_dir``, ``models_fingerprint`` (:func:`models_fingerprint`),
         ``min_confidence``, ``seen_in_training`` (:func:`seen_in_training`, with ``data_tree``),
-        ``images`` (one record per evaluated image), ``created``) and the trained tree.
+        ``images`` (one record per evaluated image), ``created``, and ``display`` when the tree has display
+        names: node id → the name results.md and report.html show) and the trained tree.
 
     Raises
     ------
@@ -390,10 +391,7 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     hier, models_doc = read_models_hierarchy(models_dir)
     test = _load_test_set(hier, models_doc, models_dir, data_dir, data_tree)
     seen = _warn_seen(test, data_dir, data_tree) if data_tree is not None else {}
-    if with_flat is None:
-        with_flat = (models_dir / FLAT_DATASET / "model.pth").exists()
-        if not with_flat:
-            log.info("no flat baseline in %s; evaluating the hierarchy only", models_dir)
+    with_flat = _want_flat(models_dir, with_flat)
     predictor = HierarchicalPredictor.load(models_dir, runtime=runtime, device=device, min_confidence=min_confidence,
                                            with_flat=with_flat, tta_below=tta_below, precision=precision)
     log.info("runtime: %s; %d test images", predictor.runtime, len(test.paths))
@@ -414,8 +412,18 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     tail = {"source": test.source, "models_dir": str(models_dir), "models_fingerprint": models_fingerprint(models_dir, hier),
             "min_confidence": float(min_confidence), "seen_in_training": seen, "images": _image_records(test, preds, ok),
             "unreadable": [{"path": p, "reason": r} for p, r in unreadable],
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **({"display": dict(predictor.display)} if predictor.display else {})}
     return {**head, **res, **tail}, hier
+
+
+def _want_flat(models_dir: Path, with_flat: bool | None) -> bool:
+    """``with_flat``, or (``None``) whether ``models_dir`` holds a flat baseline (said when it does not)."""
+    if with_flat is None:
+        with_flat = (models_dir / FLAT_DATASET / "model.pth").exists()
+        if not with_flat:
+            log.info("no flat baseline in %s; evaluating the hierarchy only", models_dir)
+    return with_flat
 
 
 def _image_records(test: TestSet, preds: list, ok: Sequence[int]) -> list[dict]:

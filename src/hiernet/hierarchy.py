@@ -539,6 +539,27 @@ def load_hierarchy_json(path: str | os.PathLike) -> tuple[Hierarchy, dict]:
     return Hierarchy.from_dict(doc["tree"]), doc
 
 
+def display_names(doc: dict, hier: "Hierarchy | None" = None) -> dict[str, str]:
+    """``hierarchy.json`` → ``display``: node id → the name shown to people (a catalogue's original
+    category name, for the nodes whose safe id differs from it; see :mod:`hiernet.catalogue`).
+
+    Returns ``{}`` when the document has none (trees prepared from folders) or it is not a mapping;
+    keys and values as strings, only node ids of ``hier`` when given.
+    """
+    raw = doc.get("display") if isinstance(doc, dict) else None
+    if not isinstance(raw, dict):
+        return {}
+    out = {str(k): str(v) for k, v in raw.items()}
+    return {k: v for k, v in out.items() if k in hier.nodes} if hier is not None else out
+
+
+def display_path(node_id: str, display: dict[str, str], sep: str = " / ") -> str:
+    """A node id (a path of safe names, ``a/b/c``) in display names: each prefix's ``display`` name, else
+    its own last part, joined by ``sep``."""
+    parts = node_id.split("/") if node_id else []
+    return sep.join(display.get("/".join(parts[:k + 1]), part) for k, part in enumerate(parts))
+
+
 def require_hierarchy_json(path: str | os.PathLike, missing: str, fix: str) -> tuple[Hierarchy, dict]:
     """:func:`load_hierarchy_json`, turning every failure into one :class:`~hiernet.safeio.UserError` line.
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .hierarchy import ROOT_ID, Hierarchy
-from .report import ALPHA
+from .report import ALPHA, dataset_text, shown
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
@@ -79,9 +79,12 @@ def _n(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def _path_text(hier: Hierarchy, ids) -> str:
-    """Node ids → ``name / name`` (``(stopped at the top)`` for an empty path)."""
-    return " / ".join(hier.nodes[i].name if i in hier.nodes else str(i) for i in ids) or "(stopped at the top)"
+def _path_text(hier: Hierarchy, ids, display: dict | None = None) -> str:
+    """Node ids → ``name / name`` in display names where the tree has them (``(stopped at the top)`` for an
+    empty path)."""
+    display = display or {}
+    return (" / ".join(display.get(i, hier.nodes[i].name) if i in hier.nodes else str(i) for i in ids)
+            or "(stopped at the top)")
 
 
 # ------------------------------------------------------------------------------------- sections
@@ -92,7 +95,7 @@ def _tree(hier: Hierarchy, res: dict) -> list[str]:
 
     def item(nid: str) -> list[str]:
         node = hier.nodes[nid]
-        name = "root" if nid == ROOT_ID else node.name
+        name = "root" if nid == ROOT_ID else res.get("display", {}).get(nid, node.name)
         if not node.children:
             s = per_leaf.get(nid, {})
             text = (f"{_e(name)} <span class='muted'>leaf: recall <span class='acc'>{_f(s.get('recall'))}</span>, "
@@ -129,7 +132,7 @@ def _nodes_vs_flat(res: dict) -> list[str]:
         better = {"lcpn": "LCPN", "flat": "flat", "tie": "tie"}.get(r["winner"], "n/a")
         if r["winner"] in ("lcpn", "flat") and (r["p_value"] or 0) >= ALPHA:
             better += " (not significant)"
-        out.append(f"<tr><td class='l'>{_e(ds)}</td><td>{r['n']}</td><td>{_f(r['lcpn_accuracy'])}</td>"
+        out.append(f"<tr><td class='l'>{_e(dataset_text(res, ds, r['node']))}</td><td>{r['n']}</td><td>{_f(r['lcpn_accuracy'])}</td>"
                    f"<td>{_f(r['flat_accuracy'])}</td><td>{r['lcpn_only']}</td><td>{r['flat_only']}</td>"
                    f"<td>{_f(r['p_value'])}</td><td class='l {cls}'>{better}</td></tr>")
     return out + ["</table>", f"<p>{_e(res.get('verdict', ''))}</p>"]
@@ -141,7 +144,7 @@ def _confusion(res: dict) -> list[str]:
     rows, cols, counts = conf.get("rows", []), conf.get("columns", []), conf.get("counts", [])
     out = ["<h2>Leaf confusion matrix</h2>", "<p class='muted'>Rows: true leaf; columns: predicted leaf.</p>",
            "<table class='cm'><tr><th class='l'>true \\ predicted</th>"
-           + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>"]
+           + "".join(f"<th>{_e(shown(res, c))}</th>" for c in cols) + "</tr>"]
     for r, row in zip(rows, counts):
         total = sum(row) or 1
         cells = []
@@ -149,24 +152,25 @@ def _confusion(res: dict) -> list[str]:
             share = v / total
             rgb = "26,127,55" if c == r else "198,40,40"
             style = f" style='background:rgba({rgb},{0.12 + 0.78 * share:.2f})'" if v else ""
-            cells.append(f"<td{style} title='{_e(r)} → {_e(c)}: {v}'>{v if v else ''}</td>")
-        out.append(f"<tr><th class='l'>{_e(r)}</th>{''.join(cells)}</tr>")
+            cells.append(f"<td{style} title='{_e(shown(res, r))} → {_e(shown(res, c))}: {v}'>{v if v else ''}</td>")
+        out.append(f"<tr><th class='l'>{_e(shown(res, r))}</th>{''.join(cells)}</tr>")
     return out + ["</table>"]
 
 
-def _figure(hier: Hierarchy, im: dict, size: int) -> str:
+def _figure(hier: Hierarchy, im: dict, size: int, display: dict | None = None) -> str:
     uri = thumbnail_uri(im["path"], size)
     img = (f"<img src='{uri}' alt='{_e(Path(im['path']).name)}'>" if uri
            else "<span class='muted'>(unreadable now)</span>")
     return (f"<figure class='photo' data-path='{_e(im['path'])}'>{img}<figcaption>"
-            f"true: {_e(_path_text(hier, hier.path(im['true'])))}<br>predicted: {_e(_path_text(hier, im['pred']))}"
+            f"true: {_e(_path_text(hier, hier.path(im['true']), display))}<br>"
+            f"predicted: {_e(_path_text(hier, im['pred'], display))}"
             f"<br>confidence {_f(im['confidence'])}<br><span class='muted'>{_e(Path(im['path']).name)}</span>"
             "</figcaption></figure>")
 
 
 def _galleries(hier: Hierarchy, res: dict, lim: HtmlLimits) -> list[str]:
     """Confused pairs by count, photos by confidence (highest first); then the least-confident correct."""
-    images = res.get("images")
+    images, display = res.get("images"), res.get("display")
     if images is None:
         return ["<h2>Mistakes</h2><p>No per-image records in these results.</p>"]
     pairs: dict = defaultdict(list)
@@ -183,15 +187,15 @@ def _galleries(hier: Hierarchy, res: dict, lim: HtmlLimits) -> list[str]:
     for (true, pred), ims in order[: lim.pairs]:
         ims = sorted(ims, key=lambda im: -im["confidence"])
         more = f" ({len(ims) - lim.per_pair} more not shown)" if len(ims) > lim.per_pair else ""
-        out += [f"<h3 class='pair'>{_e(_path_text(hier, hier.path(true)))} → {_e(_path_text(hier, pred))}: "
-                f"{_n(len(ims), 'image')}{more}</h3>", "<div class='gallery'>",
-                *(_figure(hier, im, lim.thumb) for im in ims[: lim.per_pair]), "</div>"]
+        out += [f"<h3 class='pair'>{_e(_path_text(hier, hier.path(true), display))} → "
+                f"{_e(_path_text(hier, pred, display))}: {_n(len(ims), 'image')}{more}</h3>", "<div class='gallery'>",
+                *(_figure(hier, im, lim.thumb, display) for im in ims[: lim.per_pair]), "</div>"]
     if len(order) > lim.pairs:
         out.append(f"<p class='muted'>{len(order) - lim.pairs} more pairs not shown.</p>")
     unsure = sorted(correct, key=lambda im: im["confidence"])[: lim.unsure]
     out += [f"<h2>Least-confident correct predictions</h2><p>The {len(unsure)} right predictions with the lowest "
             f"confidence (of {len(correct)} right): what to relabel or collect more of next.</p>",
-            "<div class='gallery' id='unsure'>", *(_figure(hier, im, lim.thumb) for im in unsure), "</div>"]
+            "<div class='gallery' id='unsure'>", *(_figure(hier, im, lim.thumb, display) for im in unsure), "</div>"]
     return out
 
 

@@ -31,7 +31,9 @@ def node_fingerprint(doc: dict, ds: str, cfg: TrainConfig) -> str:
     is the child towards the image's node, or its leaf/node id with fine labels — the split identity
     (:func:`hiernet.splits.split_identity`) and the recipe (``cfg`` without its preset name, and without
     its precision when fp32 or auto, so models trained before ``--precision`` existed stay current; the
-    backbone weights file's hash, the feature transform version). Two equal fingerprints mean that
+    backbone weights file's hash, the feature transform version) and, for a fine-label node with partial
+    labels below it, a mark that they are set targets (such nodes trained on their children before, so
+    they are retrained; the others keep their fingerprint). Two equal fingerprints mean that
     retraining would repeat the same run.
 
     Raises
@@ -48,7 +50,7 @@ def node_fingerprint(doc: dict, ds: str, cfg: TrainConfig) -> str:
         info = doc["datasets"][ds]
         nid = info["node"]
         fine = hier.fine_label_matrix(nid, list(info["class_nodes"])) if cfg.head.fine_labels else None
-        items = []
+        items, partial_nodes = [], {im["node"] for im in doc.get("partial_images", [])}
         for im in entries:
             label = im.get("leaf") or im.get("node")
             child = hier.child_towards(nid, label) if label in hier.nodes else None
@@ -64,6 +66,8 @@ def node_fingerprint(doc: dict, ds: str, cfg: TrainConfig) -> str:
            "weights_sha256": sha256_file(weights) if weights and weights.is_file() else None,
            "node": nid, "classes": list(info["classes"]), "class_nodes": list(info["class_nodes"]),
            "fine": fine[0] if fine else None, "split": split_identity(doc), "images": sorted(items)}
+    if fine and any(label in partial_nodes for _, _, label in items):
+        src["set_targets"] = True  # partial labels train its leaf outputs (before: its children instead)
     return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 

@@ -15,7 +15,10 @@ and ``error`` (only for unreadable images). Every writer prints every field of :
   summary (counts per predicted top-level class, walks stopped early, unreadable images).
 
 Records may carry an ``id`` (a catalogue's own identifier): json/jsonl print it as a field, csv as a
-first column when ``OutputContext.with_id`` is set. A walk stopped by ``--min-confidence`` has
+first column when ``OutputContext.with_id`` is set. Records of models whose tree has display names (a
+catalogue's original category names) carry ``display``, ``labels`` in those names: json/jsonl print it
+as a field, csv as a last column joined by `` > `` (names may hold ``/``) when
+``OutputContext.with_display`` is set, text as a ``Display:`` line after ``Path:``. A walk stopped by ``--min-confidence`` has
 ``complete`` false, ``node`` the node where it stopped (``root`` above the top level) and, as the
 last ``topk`` level, the candidates of the level it could not decide.
 
@@ -33,6 +36,8 @@ from typing import TextIO
 #: Every record field, in output order.
 FIELDS = ("path", "labels", "probs", "confidence", "node", "complete", "topk", "error")
 DIGITS = 6
+#: How csv and text join a record's ``display`` names (display names may contain ``/``).
+DISPLAY_SEPARATOR = " > "
 
 
 @dataclass
@@ -44,11 +49,13 @@ class OutputContext:
     min_confidence: float = 0.0
     with_id: bool = False
     header: bool = True  # csv: write the header row (False when appending to a file that has one)
+    with_display: bool = False
 
     @property
     def fields(self) -> tuple:
-        """The csv columns: :data:`FIELDS`, after ``id`` when records carry one."""
-        return ("id",) + FIELDS if self.with_id else FIELDS
+        """The csv columns: :data:`FIELDS`, after ``id`` when records carry one, before ``display`` when
+        the models' tree has display names."""
+        return ("id",) * self.with_id + FIELDS + ("display",) * self.with_display
 
 
 def rounded(record: dict, digits: int = DIGITS) -> dict:
@@ -118,6 +125,7 @@ def csv_row(record: dict, fields: tuple = FIELDS) -> list[str]:
         "complete": str(int(record["complete"])),
         "topk": " | ".join(";".join(f"{t['label']}:{_f(t['prob'])}" for t in level) for level in record.get("topk", [])),
         "error": record.get("error") or "",
+        "display": DISPLAY_SEPARATOR.join(record.get("display", [])),
     }
     return [cells[k] for k in fields]
 
@@ -167,6 +175,8 @@ def text_lines(record: dict, context: OutputContext, seen: set | None = None) ->
         if len(topk) > len(labels):
             lines.append("  candidates: " + ", ".join(f"{t['label']} {t['prob']:.4f}" for t in topk[len(labels)]))
     lines.append(f"Path: {' > '.join(labels) if labels else 'root'}  (confidence {record['confidence']:.4f})")
+    if record.get("display"):
+        lines.append(f"Display: {DISPLAY_SEPARATOR.join(record['display'])}")
     return lines
 
 

@@ -98,7 +98,9 @@ class Prediction:
     most likely classes of the node the image was routed to; ``complete`` is False when
     ``min_confidence`` stopped the walk above a leaf, and ``candidates`` then holds ``(label, prob)``
     of the most likely children of the node where it stopped (the level it could not decide);
-    ``error`` is set (and the rest empty) when the image could not be read.
+    ``error`` is set (and the rest empty) when the image could not be read. ``display``: the path in
+    the names shown to people (a catalogue's original category names), ``None`` when the models' tree
+    has none (then the record has no ``display`` field).
     """
 
     path: str
@@ -112,6 +114,7 @@ class Prediction:
     flat_leaf: str | None = None
     flat_prob: float | None = None
     candidates: list = field(default_factory=list)
+    display: list | None = None
 
     @property
     def node(self) -> str:
@@ -123,13 +126,15 @@ class Prediction:
 
         ``node`` is the deepest predicted node id, ``root`` when the walk stopped before the top
         level (``""`` for an unreadable image). A stopped walk's ``topk`` ends with one more level:
-        the candidates of the node where it stopped.
+        the candidates of the node where it stopped. ``display`` (after ``labels``, only when the
+        models' tree has display names) is ``labels`` in the names shown to people.
         """
+        shown = {} if self.display is None else {"display": list(self.display)}
         if self.error:
-            return {"path": self.path, "labels": [], "probs": [], "confidence": 0.0, "node": "", "complete": False,
-                    "error": self.error}
-        d = {"path": self.path, "labels": list(self.labels), "probs": list(self.probs), "confidence": self.confidence,
-             "node": self.node or ROOT_NAME, "complete": self.complete}
+            return {"path": self.path, "labels": [], **shown, "probs": [], "confidence": 0.0, "node": "",
+                    "complete": False, "error": self.error}
+        d = {"path": self.path, "labels": list(self.labels), **shown, "probs": list(self.probs),
+             "confidence": self.confidence, "node": self.node or ROOT_NAME, "complete": self.complete}
         levels = list(self.topk) + ([self.candidates] if self.candidates and not self.complete else [])
         if levels:
             d["topk"] = [[{"label": n, "prob": p} for n, p in level] for level in levels]
@@ -245,6 +250,7 @@ class HierarchicalPredictor:
     backbones = property(lambda self: self.bundle.backbones)
     runtime = property(lambda self: self.bundle.runtime)
     flat = property(lambda self: self.bundle.flat)
+    display = property(lambda self: self.bundle.display)
     min_confidence = property(lambda self: self.options.min_confidence)
     topk = property(lambda self: self.options.topk)
     tta_below = property(lambda self: self.options.mirror.below)
@@ -330,7 +336,7 @@ class HierarchicalPredictor:
             names.update(batch_paths)
             for i, x, err in prepared:
                 if x is None:
-                    done[i] = Prediction(names[i], complete=False, error=err)
+                    done[i] = Prediction(names[i], complete=False, error=err, display=[] if self.display else None)
             good = [(i, x) for i, x, _ in prepared if x is not None]
             preds, _, batch = self._run([x for _, x in good], [names[i] for i, _ in good], MirrorMode.DEFER)
             for row, ((i, x), pr) in enumerate(zip(good, preds)):
@@ -437,9 +443,10 @@ class HierarchicalPredictor:
 
     def _prediction(self, name: str, r) -> Prediction:
         lab = self._labels
+        shown = [self.display.get(c, lab[c]) for c in r.node_ids] if self.display else None
         return Prediction(name, [lab[c] for c in r.node_ids], list(r.node_ids), list(r.probs), r.confidence,
                           [[(lab[c], p) for c, p in level] for level in r.topk], r.complete,
-                          candidates=[(lab[c], p) for c, p in getattr(r, "candidates", [])])
+                          candidates=[(lab[c], p) for c, p in getattr(r, "candidates", [])], display=shown)
 
 
 def iter_image_paths(inputs: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:

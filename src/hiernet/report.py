@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .hierarchy import ROOT_DATASET, Hierarchy
+from .hierarchy import ROOT_DATASET, Hierarchy, display_path
 from .safeio import UserError
 
 #: Significance level of the verdict.
@@ -71,6 +71,20 @@ def _f(v, digits: int = 4) -> str:
 def _md(text: str) -> str:
     """Text safe inside a markdown table cell."""
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def shown(res: dict, nid: str) -> str:
+    """Node ``nid`` as results.md and report.html show it to people: its path in ``res["display"]`` (a
+    catalogue's original category names, :func:`hiernet.hierarchy.display_path`), else its id."""
+    display = res.get("display")
+    return display_path(nid, display) if display and nid not in ("", "root") else nid
+
+
+def dataset_text(res: dict, ds: str, nid: str) -> str:
+    """A classifier's dataset name, followed by its node's display path when the tree has display names."""
+    if not res.get("display"):
+        return ds
+    return f"{ds} ({'top level' if nid in ('', 'root') else shown(res, nid)})"
 
 
 def _pct(v) -> str:
@@ -195,7 +209,8 @@ def _md_nodes(res: dict) -> list[str]:
          "| routed accuracy | images routed |",
          "|---|---|---|---|---|---|"]
     for ds, nd in res["nodes"].items():
-        where = "top level" if ds == ROOT_DATASET else f"below `{nd['node']}`"
+        where = ("top level" if ds == ROOT_DATASET else f"below {shown(res, nd['node'])}" if res.get("display")
+                 else f"below `{nd['node']}`")
         L.append(f"| {_md(ds)} | {_md(where)} | {_f(nd['local_accuracy'])} | {nd['n_true']} | {_f(nd['routed_accuracy'])} | "
                  f"{nd['n_routed']} |")
     return L
@@ -216,7 +231,7 @@ def _md_nodes_vs_flat(res: dict) -> list[str]:
         better = {"lcpn": "LCPN", "flat": "flat", "tie": "tie"}.get(r["winner"], "n/a")
         if r["p_value"] is not None and r["winner"] in ("lcpn", "flat") and r["p_value"] >= ALPHA:
             better += " (not significant)"
-        L.append(f"| {_md(ds)} | {r['n']} | {_f(r['lcpn_accuracy'])} | {_f(r['flat_accuracy'])} | "
+        L.append(f"| {_md(dataset_text(res, ds, r['node']))} | {r['n']} | {_f(r['lcpn_accuracy'])} | {_f(r['flat_accuracy'])} | "
                  f"{_f(r['difference'])} | {r['lcpn_only']} | {r['flat_only']} | {_f(r['p_value'], 3)} | {better} |")
     return L
 
@@ -232,7 +247,7 @@ def _md_leaves(res: dict) -> list[str]:
     """The per-leaf table and the figure links of ``results.md``."""
     L = ["", "## Per leaf", "", "| leaf | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for leaf, s in res["per_leaf"].items():
-        L.append(f"| {_md(leaf)} | {_f(s['precision'])} | {_f(s['recall'])} | {_f(s['f1'])} | {s['support']} |")
+        L.append(f"| {_md(shown(res, leaf))} | {_f(s['precision'])} | {_f(s['recall'])} | {_f(s['f1'])} | {s['support']} |")
     return L + ["", "## Figures", "", "![graph](graph.png)", "", "![matrix](matrix.png)", ""]
 
 
@@ -275,11 +290,12 @@ def write_figures(hier: Hierarchy, res: dict, out_dir: str | Path) -> None:
                         legend=("node-local classifier", "end-to-end"))
     conf = res["confusion"]
     rows = conf["rows"]
-    groups = [hier.nodes[hier.path(leaf)[0]].name for leaf in rows]  # top-level parent of each leaf
-    plots.confusion(np.array(conf["counts"], dtype=float).reshape(len(rows), len(conf["columns"])), rows,
-                    out_dir / "matrix.png",
+    tops = [hier.path(leaf)[0] for leaf in rows]  # top-level parent of each leaf
+    groups = [shown(res, t) if res.get("display") else hier.nodes[t].name for t in tops]
+    plots.confusion(np.array(conf["counts"], dtype=float).reshape(len(rows), len(conf["columns"])),
+                    [shown(res, r) for r in rows], out_dir / "matrix.png",
                     f"Leaf confusion, end-to-end (n={res['n_images']}, leaf accuracy {_f(res['leaf_accuracy'], 3)})",
-                    groups=groups, columns=conf["columns"])
+                    groups=groups, columns=[shown(res, c) for c in conf["columns"]])
 
 
 def write_outputs(hier: Hierarchy, res: dict, out_dir: str | Path) -> list[Path]:

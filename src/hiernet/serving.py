@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from starlette.requests import Request
 
-from .bundle import MANIFEST, ONNX_DIR, read_models_hierarchy
+from .bundle import MANIFEST, ONNX_DIR
 from .images import ImageDecodeError, decode_rgb, resize_for_model, to_array
 from .predictor import HierarchicalPredictor, MirrorMode, Prediction, PredictOptions, _Batch
 
@@ -107,11 +107,8 @@ def load_model(config: ServeConfig) -> LoadedModel:
     predictor = HierarchicalPredictor.load(config.models_dir, runtime=config.runtime, device=config.device,
                                            options=config.options)
     warm_up(predictor, config.max_batch)
-    _, doc = read_models_hierarchy(config.models_dir)
-    display = doc.get("display") if isinstance(doc.get("display"), dict) else {}
-    display = {str(k): str(v) for k, v in display.items()}
     version = hashlib.sha256(repr(fp).encode()).hexdigest()[:12]
-    return LoadedModel(predictor, version, fp, display, time.time())
+    return LoadedModel(predictor, version, fp, dict(predictor.display), time.time())
 
 
 def warm_up_sizes(max_batch: int) -> list[int]:

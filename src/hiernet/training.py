@@ -32,7 +32,7 @@ from .backbones import create_backbone
 from .config import AugmentConfig, FitConfig, HeadConfig, TrainConfig
 from .data import TRANSFORM_VERSION, FeatureCache, aug_views, eval_views, extract_features, read_split
 from .engine import FitResult, fit, predict_logits_sharded, write_csv
-from .hierarchy import FLAT_DATASET, Hierarchy, require_hierarchy_json
+from .hierarchy import FLAT_DATASET, Hierarchy, display_names, require_hierarchy_json
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
 from .metrics import classification_summary, expected_calibration_error, text_report
 from .models import FeatureExtractor, Head, NodeNet
@@ -269,7 +269,12 @@ class NodeData:
         For a node trained on the leaves below it: the ``K`` leaves and the ``(K, C)`` 0/1 matrix
         (:meth:`hiernet.hierarchy.Hierarchy.fine_label_matrix`); else ``None``.
     targets : dict
-        ``{split: (N,) int64}`` training targets: leaf indices with ``group``, else class indices.
+        ``{split: (N,) int64}`` training targets: leaf indices with ``group``, else class indices. With
+        ``group``, a partial-label image (labelled down to an inner node) has the set target ``-1 - s``:
+        row ``s`` of ``target_sets``.
+    target_sets : list or None
+        ``(S, K)`` 0/1 rows, the leaves below each partial label's node
+        (:class:`hiernet.engine.SetTargetLoss`); ``None`` when there are none.
     """
 
     dataset: str
@@ -283,6 +288,7 @@ class NodeData:
     hier: Hierarchy
     doc: dict
     data_dir: Path | None = None
+    target_sets: list | None = None
 
     def labels(self, split: str) -> np.ndarray:
         """``(N,)`` class (child) indices of a split."""
@@ -324,21 +330,52 @@ def load_node_data(data_dir: Path, ds: str, fine_labels: bool = True) -> NodeDat
     if fine is None:
         targets = {s: np.array([y for _, y in items], dtype=np.int64) for s, items in splits.items()}
         return NodeData(ds, node_id, classes, class_nodes, splits, None, None, targets, hier, doc, data_dir)
-    leaf_of_file = {im["file"]: im["leaf"] for im in doc["images"]}
-    targets = {s: np.array([fine[0].index(leaf_of_file[p.name]) for p, _ in items], dtype=np.int64)
-               for s, items in splits.items()}
-    return NodeData(ds, node_id, classes, class_nodes, splits, fine[0], fine[1], targets, hier, doc, data_dir)
+    targets, sets = leaf_targets(hier, doc, fine[0], splits)
+    return NodeData(ds, node_id, classes, class_nodes, splits, fine[0], fine[1], targets, hier, doc, data_dir,
+                    sets or None)
 
 
 def fine_label_targets(hier: Hierarchy, doc: dict, node_id: str | None, class_nodes: list[str]):
     """The leaves and ``(K leaves, C children)`` matrix a fine-label node trains on, or ``None`` to train
-    on its children: for the flat dataset, nodes whose children are all leaves, and nodes with partial-label
-    images below them (a partial label has no leaf to be a fine target)."""
+    on its children: for the flat dataset and nodes whose children are all leaves. Partial-label images
+    below the node train it with set targets (:func:`leaf_targets`)."""
     if node_id is None:
         return None
-    if any(node_id == "" or im["node"].startswith(f"{node_id}/") for im in doc.get("partial_images", [])):
-        return None
     return hier.fine_label_matrix(node_id, class_nodes)
+
+
+def leaf_targets(hier: Hierarchy, doc: dict, leaves: list[str], splits: dict) -> tuple[dict, list]:
+    """Fine-label targets of a node's ``splits`` over its ``leaves`` (``K``).
+
+    An image with a leaf label gets that leaf's index; a partial-label image (``doc["partial_images"]``,
+    labelled down to inner node B) gets the set target ``-1 - s``, row ``s`` of the returned ``(S, K)``
+    0/1 sets holding the leaves below B (one row per such node).
+
+    Returns
+    -------
+    (dict, list)
+        ``{split: (N,) int64}`` and the sets (``[]`` without partial labels).
+    """
+    leaf_of_file = {im["file"]: im["leaf"] for im in doc["images"]}
+    node_of_file = {im["file"]: im["node"] for im in doc.get("partial_images", [])}
+    index = {leaf: k for k, leaf in enumerate(leaves)}
+    sets, set_index = [], {}
+
+    def target(name: str) -> int:
+        if name in leaf_of_file:
+            return index[leaf_of_file[name]]
+        node = node_of_file[name]
+        if node not in set_index:
+            below = set(hier.subtree_leaves(node))
+            row = [1.0 if leaf in below else 0.0 for leaf in leaves]
+            if not any(row):
+                raise UserError(f"partial label {node!r} has no leaf among {leaves}; rerun prepare_dataset.py")
+            set_index[node] = len(sets)
+            sets.append(row)
+        return -1 - set_index[node]
+
+    targets = {s: np.array([target(p.name) for p, _ in items], dtype=np.int64) for s, items in splits.items()}
+    return targets, sets
 
 
 def make_head(cfg: HeadConfig, in_dim: int, n_classes: int, group=None) -> Head:
@@ -453,14 +490,16 @@ STRATEGIES = {"frozen": frozen_inputs, "finetune": finetune_inputs}
 
 # ----------------------------------------------------------------------------------- 3. fit, 4. evaluate
 def fit_head(model: torch.nn.Module, head: Head, train_set: Dataset, val_set: Dataset, train_labels: np.ndarray,
-             cfg: FitConfig, device: str, work_dir: Path, config_hash: str, progress: bool = True) -> FitResult:
+             cfg: FitConfig, device: str, work_dir: Path, config_hash: str, progress: bool = True,
+             target_sets: list | None = None) -> FitResult:
     """Train ``model`` (the head, or backbone + head) on the head's fine outputs; the head then aggregates.
 
-    ``train_labels`` ``(N,)``: the targets of ``train_set`` (for class weights). See :func:`hiernet.engine.fit`.
+    ``train_labels`` ``(N,)``: the targets of ``train_set`` (for class weights); ``target_sets``: the sets
+    of its set targets (:attr:`NodeData.target_sets`). See :func:`hiernet.engine.fit`.
     """
     head.aggregate = False  # train on the fine (leaf) targets when there are any
     result = fit(model, train_set, val_set, train_labels, head.net[-1].out_features, cfg, device, work_dir,
-                 config_hash, progress=progress)
+                 config_hash, progress=progress, target_sets=target_sets)
     head.aggregate = True
     return result
 
@@ -532,9 +571,10 @@ def train_node(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path, devi
     work = models_dir / f".{ds}.work"
     work.mkdir(parents=True, exist_ok=True)
     hash_src = {"config": cfg.to_dict(), "classes": data.classes, "n_train": len(inputs.train_set),
-                "size": backbone.image_size, "n_outputs": data.n_outputs}
+                "size": backbone.image_size, "n_outputs": data.n_outputs,
+                **({"target_sets": data.target_sets} if data.target_sets else {})}
     result = fit_head(inputs.model, head, inputs.train_set, inputs.val_set, inputs.train_labels, cfg.fit, device, work,
-                      _config_hash(hash_src), progress)
+                      _config_hash(hash_src), progress, data.target_sets)
     calibration = calibrate_head(head, inputs.val_x, inputs.val_children, device, ds) if cfg.calibrate else None
     probs, y_test = evaluate_node(inputs.model, head, inputs, len(data.classes), cfg.fit, device)
     summary = node_summary(probs, y_test, data.classes, {
@@ -600,10 +640,13 @@ def _int8_record(inputs: NodeInputs) -> dict:
 
 
 def write_models_hierarchy(models_dir: Path, doc: dict) -> None:
-    """``trained_models/hierarchy.json``: the tree the models were trained for (predict needs no split_datasets)."""
+    """``trained_models/hierarchy.json``: the tree the models were trained for (predict needs no split_datasets),
+    with the prepared tree's display names when it has any."""
     out = {"version": 1, "tree": doc["tree"], "fingerprint": doc["fingerprint"], "flat": {
         "classes": doc["flat"]["classes"], "class_nodes": doc["flat"]["class_nodes"]},
         "source": doc.get("source"), "split_seed": doc.get("seed"), "split_id": split_identity(doc)}
+    if display_names(doc):  # a catalogue's original category names (predict and evaluate show them)
+        out["display"] = display_names(doc)
     write_json_atomic(models_dir / "hierarchy.json", out)
 
 

@@ -1,0 +1,82 @@
+"""One node's training steps (training.py) on tiny hand-built trees: fine-label targets with partial
+labels (set targets over the leaves below their node), and a real node trained on them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, draw_image, make_tree
+
+from hiernet.config import TrainConfig
+from hiernet.training import load_node_data, train_node
+
+TREE = {"round": {"circle": "ellipse", "plus": "cross"}, "angular": {"box": "rectangle", "tri": "triangle"}}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """The 2-level tree with 6 partial labels at 'round' (images directly in round/), prepared."""
+    base = tmp_path_factory.mktemp("partial")
+    tree = make_tree(base / "tree", TREE, per_leaf=8)
+    for i in range(6):
+        draw_image(tree / "round" / f"stray_{i}.jpg", "ellipse", 500 + i)
+    out = base / "split"
+    subprocess.run([sys.executable, str(REPO / "prepare_dataset.py"), "-p", str(tree), "-o", str(out), "-q"],
+                   check=True, capture_output=True)
+    return out
+
+
+def test_partial_labels_are_set_targets_over_the_leaves_below_their_node(prepared):
+    doc = json.loads((prepared / "hierarchy.json").read_text())
+    assert len(doc["partial_images"]) == 6
+    data = load_node_data(prepared, "parent")
+    assert data.fine_leaves == ["angular/box", "angular/tri", "round/circle", "round/plus"]
+    assert data.target_sets == [[0.0, 0.0, 1.0, 1.0]]  # the leaves below 'round'
+    node_of = {im["file"]: im["node"] for im in doc["partial_images"]}
+    leaf_of = {im["file"]: im["leaf"] for im in doc["images"]}
+    for split in ("train", "val", "test"):
+        for (path, child), y in zip(data.splits[split], data.targets[split]):
+            if path.name in node_of:
+                assert y == -1 and data.classes[child] == "round"
+            else:
+                assert data.fine_leaves[y] == leaf_of[path.name]
+    assert data.targets["train"].dtype == np.int64 and (data.targets["train"] < 0).any()
+    # nodes without partial labels below them have no sets; --no-fine-labels trains children as before
+    assert load_node_data(prepared, "round").target_sets is None
+    plain = load_node_data(prepared, "parent", fine_labels=False)
+    assert plain.fine_leaves is None and plain.target_sets is None and (plain.targets["train"] >= 0).all()
+
+
+def test_a_node_with_partial_labels_below_it_trains_its_leaf_outputs(prepared, tmp_path):
+    cfg = TrainConfig().override({"backbone": "efficientnet-lite0", "image_size": 64, "epochs": 2, "views": 0,
+                                  "precision": "fp32",
+                                  "calibrate": False})
+    summary = train_node(cfg, "parent", prepared, tmp_path / "models", cache_dir=tmp_path / "cache", progress=False)
+    assert np.isfinite(summary["best_val_loss"])
+    ck = torch.load(tmp_path / "models" / "parent" / "model.pth", weights_only=True)
+    head = ck["config"]["head"]
+    assert head["n_fine"] == 4 and head["fine_classes"] == ["angular/box", "angular/tri", "round/circle", "round/plus"]
+    assert ck["state_dict"]["head"]["group"].shape == (4, 2)
+    log = (tmp_path / "models" / "parent" / "log.csv").read_text().splitlines()
+    assert len(log) == 3 and "nan" not in log[1]
+
+
+def test_models_hierarchy_carries_the_display_names_of_a_catalogue(prepared, tmp_path):
+    from hiernet.training import load_prepared, write_models_hierarchy
+
+    _, doc = load_prepared(prepared)
+    for name in ("folder", "shop"):
+        (tmp_path / name).mkdir()
+    write_models_hierarchy(tmp_path / "folder", doc)  # a tree from folders: no display map
+    assert "display" not in json.loads((tmp_path / "folder" / "hierarchy.json").read_text())
+    shop = {**doc, "display": {"round": "Round & co", "round/plus": "Plus / Cross"}}
+    write_models_hierarchy(tmp_path / "shop", shop)
+    out = json.loads((tmp_path / "shop" / "hierarchy.json").read_text())
+    assert out["display"] == {"round": "Round & co", "round/plus": "Plus / Cross"}
