@@ -33,11 +33,14 @@ def test_torchrun_two_processes_gloo(tmp_path, mode_args):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("node 'parent': test accuracy") == 1  # rank 0 alone reports
     names = sorted(p.name for p in models.iterdir())
-    assert [n for n in names if not n.startswith(".")] == ["hierarchy.json", "parent"]  # written once
+    # written once; frozen features on a CPU are int8 by default, pinned by int8.json
+    frozen = "frozen" in mode_args
+    assert [n for n in names if not n.startswith(".")] == ["hierarchy.json"] + ["int8.json"] * frozen + ["parent"]
     assert not [n for n in names if ".tmp-" in n or ".old-" in n or n.endswith(".work")]  # no leftovers
     ck = torch.load(models / "parent" / "model.pth", weights_only=True)
     assert ck["config"]["node"]["classes"] == ["angular", "round"]
     assert ("backbone" in ck["state_dict"]) == ("finetune" in mode_args)
+    assert ck["config"]["backbone"]["precision"] == ("int8" if frozen else "fp32")
     from hiernet.artifacts import build_torch_model, load_node
 
     backbone, head, own = build_torch_model(load_node(models / "parent"))
