@@ -114,6 +114,23 @@ def test_long_tail_options_come_from_train_py_flags_and_round_trip():
     assert (unset.fit.logit_adjust, unset.fit.sample_power) == (PRESETS["cpu"].fit.logit_adjust, PRESETS["cpu"].fit.sample_power)
 
 
+def test_prior_bias_flag_and_old_configs():
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "src"))
+    import train
+
+    assert PRESETS["cpu"].fit.prior_bias is True
+    off = train.build_config(train.get_args_parser().parse_args(["-d", "parent", "--no-prior-bias"]))
+    assert off.fit.prior_bias is False and TrainConfig.from_dict(off.to_dict()) == off
+    assert train.build_config(train.get_args_parser().parse_args(["-d", "parent"])).fit.prior_bias is True
+    old = off.to_dict()
+    del old["fit"]["prior_bias"]
+    assert TrainConfig.from_dict(old).fit.prior_bias is True
+
+
 def test_workers_default_to_decoding_processes_when_fine_tuning_on_cuda():
     from hiernet.config import default_workers
 
