@@ -78,7 +78,7 @@ class FitConfig:
     class_weight_power: float = 0.0  # weighting cost leaf accuracy in cross-validation (bench/ablation.py)
     logit_adjust: float = 0.0
     sample_power: float = 0.0
-    prior_bias: bool = True
+    prior_bias: bool = False
     amp: bool = True
     workers: int = 0
     seed: int = 0
