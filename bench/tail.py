@@ -48,6 +48,18 @@ VARIANTS = {
     "suite: same + class-aware sampling ^0.5": {"label_smoothing": 0.0, "dropout": 0.0, "patience": 30, "sample_power": 0.5},
     "suite: no label smoothing, no dropout, 150 epochs without early stop":
         {"label_smoothing": 0.0, "dropout": 0.0, "epochs": 150, "patience": 150},
+    # the output bias starting at the log prior of the node's training classes (--prior-bias)
+    "suite: prior bias": {"prior_bias": True},
+    "suite: prior bias, flat head": {"prior_bias": True, "decision": "flat"},
+    # "decision": how the suite's heads name a leaf: "lcpn" (level by level, what predict.py returns; the
+    # default), "flat" (the flat head over all leaves alone) or "combined" (evaluate.py's combined decision:
+    # the leaf maximising flat probability × LCPN path probability)
+    "suite: flat head": {"decision": "flat"},
+    "suite: combined decision (flat × LCPN path)": {"decision": "combined"},
+    "suite: no label smoothing, no dropout": {"label_smoothing": 0.0, "dropout": 0.0},
+    "suite: no label smoothing, no dropout, flat head": {"label_smoothing": 0.0, "dropout": 0.0, "decision": "flat"},
+    "suite: no label smoothing, no dropout, combined decision":
+        {"label_smoothing": 0.0, "dropout": 0.0, "decision": "combined"},
 }
 PEERS = ("peer: flat LR", "peer: HiClass LCPN + LR")
 
@@ -118,11 +130,28 @@ def hiclass_lcpn(hier, x_tr: np.ndarray, leaves_tr: np.ndarray, x_te: np.ndarray
 
 def suite_lcpn(hier, views_tr: np.ndarray, leaves_tr: np.ndarray, ev_te: np.ndarray, changes: dict, seed: int,
                hidden: int = 1024) -> np.ndarray:
-    """The suite: LCPN heads as train.py trains them (with ``changes``), routed with mirror averaging."""
+    """The suite: LCPN heads (and the flat head) as train.py trains them (with ``changes``), with mirror
+    averaging; ``changes["decision"]`` (see :data:`VARIANTS`) picks how they name the leaf."""
     import ablation
 
+    changes = dict(changes)
+    decision = changes.pop("decision", "lcpn")
+    if decision not in ("lcpn", "flat", "combined"):
+        raise ValueError(f"unknown decision {decision!r}")
+    if decision in ("flat", "combined"):
+        flat_leaves = hier.leaves()
+        flat = ablation.train_head(views_tr, np.array([flat_leaves.index(leaf) for leaf in leaves_tr]), len(flat_leaves),
+                                   hidden, seed, 0.0, None, changes)
+        flat_p = ablation.probs(flat, ev_te, True)
+        if decision == "flat":
+            return np.array(flat_leaves, dtype=object)[flat_p.argmax(1)]
     heads = ablation.train_lcpn(hier, views_tr, leaves_tr, hidden, seed, 0.0, True, changes)
-    return ablation.route(hier, heads, ev_te, True)
+    if decision == "lcpn":
+        return ablation.route(hier, heads, ev_te, True)
+    from hiernet.evaluation import combined_leaves
+
+    node_p = {nid: ablation.probs(head, ev_te, True) for nid, head in heads.items()}
+    return np.array(combined_leaves(hier, node_p, flat_p, flat_leaves), dtype=object)
 
 
 def scores(y_true: np.ndarray, y_pred: np.ndarray, tail: list) -> dict:

@@ -80,6 +80,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="long tail: train on logits + TAU * log(class prior) (logit adjustment; 1 = balanced softmax, 0 = off)")
     g.add_argument("--class-sampling", dest="sample_power", type=float, metavar="POWER",
                    help="long tail: draw training samples of class c with weight count_c ** -POWER (1 = class-balanced, 0 = off)")
+    g.add_argument("--prior-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="start each head's output bias at the log prior of its training classes instead of at random "
+                        "(preset: off; helps small nodes, which make few optimiser steps: see README, Long-tailed catalogues)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     g.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")

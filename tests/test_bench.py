@@ -190,6 +190,27 @@ def test_tail_bench_runs_both_peers_and_the_suite_on_tiny_features(tail, monkeyp
     assert "| peer: flat LR |" in md and "| b/v (10) |" in md
 
 
+def test_tail_suite_decisions_flat_and_combined(tail, monkeypatch):
+    from hiernet.hierarchy import Hierarchy
+
+    leaf_ids = ["a/x", "a/y", "b/u/p", "b/u/q", "b/v"]
+    hier = Hierarchy.from_leaf_paths(leaf_ids)
+    rng = np.random.default_rng(1)
+    leaves = np.array([leaf for leaf in leaf_ids for _ in range(10)], dtype=object)
+    centres = {leaf: rng.normal(0, 4, 6) for leaf in leaf_ids}
+    base = np.stack([centres[leaf] + rng.normal(0, 0.5, 6) for leaf in leaves]).astype(np.float32)
+    ev = np.stack([base, base], axis=1)
+    tiny = {"hidden": 0, "epochs": 40, "lr": 0.03, "patience": 40}
+    for decision in ("flat", "combined"):
+        monkeypatch.setitem(tail.VARIANTS, decision, {**tiny, "decision": decision})
+    monkeypatch.setitem(tail.VARIANTS, "bad", {**tiny, "decision": "nope"})
+    preds, _ = tail.cross_validate(hier, ev, ev, leaves, tail.methods(["flat", "combined"], no_peers=True), folds=2, seed=0)
+    for name, pred in preds.items():
+        assert tail.scores(leaves, pred, [])["leaf_accuracy"] > 0.9, name
+    with pytest.raises(ValueError, match="decision"):
+        tail.cross_validate(hier, ev, ev, leaves, tail.methods(["bad"], no_peers=True), folds=2, seed=0)
+
+
 def test_tail_max_folds_predicts_only_the_first_folds(tail):
     from hiernet.hierarchy import Hierarchy
 

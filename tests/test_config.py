@@ -114,11 +114,18 @@ def test_long_tail_options_come_from_train_py_flags_and_round_trip():
     assert (unset.fit.logit_adjust, unset.fit.sample_power) == (PRESETS["cpu"].fit.logit_adjust, PRESETS["cpu"].fit.sample_power)
 
 
-def test_workers_default_to_decoding_processes_when_fine_tuning_on_cuda():
-    from hiernet.config import default_workers
+def test_prior_bias_flag_and_old_configs():
+    import sys
 
-    assert default_workers("finetune", "cuda", 32) == 8
-    assert default_workers("finetune", "cuda:3", 32, procs_per_host=8) == 4  # shared by 8 torchrun processes
-    assert default_workers("finetune", "cuda", 1, procs_per_host=8) == 1
-    assert default_workers("finetune", "cpu", 32) == 0
-    assert default_workers("frozen", "cuda", 32) == 0
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "src"))
+    import train
+
+    assert PRESETS["cpu"].fit.prior_bias is False  # opt-in until it is shown not to lose on the clothing photos
+    on = train.build_config(train.get_args_parser().parse_args(["-d", "parent", "--prior-bias"]))
+    assert on.fit.prior_bias is True and TrainConfig.from_dict(on.to_dict()) == on
+    assert train.build_config(train.get_args_parser().parse_args(["-d", "parent"])).fit.prior_bias is False
+    old = on.to_dict()
+    del old["fit"]["prior_bias"]  # a model.pth written before the option existed reads back with it off
+    assert TrainConfig.from_dict(old).fit.prior_bias is False

@@ -76,3 +76,57 @@ def test_head_runs_in_float32_under_autocast():
     assert torch.isfinite(mixed).all()
     assert torch.allclose(mixed, head(x.to(torch.bfloat16).float()), atol=1e-5)
     assert torch.allclose(mixed.argmax(1), plain.argmax(1))
+
+
+def test_standardizer_floors_the_std_of_features_constant_on_the_training_images():
+    # a small node's images can leave a feature (nearly) constant; dividing by ~0 made unseen images'
+    # standardised values explode (1e5) and a random weight on them decided the class
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(50, 16, generator=g)
+    x[:, 3] = 0.25
+    head = Head(16, 2)
+    head.fit_standardizer(x)
+    assert float(head.std[3]) >= Head.STD_FLOOR * float(x.std(0).median()) - 1e-7
+    assert torch.allclose(head.std[:3], x.std(0)[:3])  # ordinary features keep their own std
+    unseen = torch.rand(20, 16, generator=g)
+    z = (unseen - head.mean) / head.std
+    assert float(z.abs().max()) < 100
+
+
+def test_prior_bias_makes_an_untrained_head_predict_the_prior():
+    for group in (None, torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])):
+        head = Head(8, 2, hidden=16, group=group)
+        labels = np.array([0] * 90 + [1] * 9 + [2] * 1) if group is not None else np.array([0] * 3 + [1] * 97)
+        head.init_prior_bias(labels)
+        k = head.net[-1].out_features
+        prior = np.bincount(labels, minlength=k) / len(labels)
+        assert np.allclose(head.net[-1].bias.detach().numpy(), np.log(prior), atol=1e-6)
+        head.init_prior_bias(labels, tau=1.0)  # balanced softmax: the adjusted logits start at the prior
+        assert np.allclose(head.net[-1].bias.detach().numpy(), 0.0)
+    head = Head(4, 3)
+    head.init_prior_bias(np.array([0, 0, 1]))  # a class without samples counts as one
+    assert np.isfinite(head.net[-1].bias.detach().numpy()).all()
+    head.init_prior_bias(np.array([0, 0, 0, 1, -1, -1, -2]))  # set targets (partial labels) leave the prior alone
+    assert np.allclose(head.net[-1].bias.detach().numpy(), np.log(np.array([3, 1, 1]) / 5), atol=1e-6)
+
+
+def test_fit_head_starts_a_small_imbalanced_node_at_its_prior(tmp_path):
+    # 1 image of a class against 100: with a random bias and the few steps a small node makes, the head
+    # used to predict the rare class for a third of unseen images (catalogue: Footwear/Sandal)
+    from hiernet.config import FitConfig
+    from hiernet.training import feature_sets, fit_head
+
+    g = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(101, 1, 64)).astype(np.float32)
+    y = np.array([0] + [1] * 100)
+    shares = {}
+    for prior_bias in (True, False):
+        torch.manual_seed(1)
+        head = Head(64, 2)
+        train_set, val_set, ty = feature_sets(head, x, y, x[:5, 0], y[:5])
+        cfg = FitConfig(epochs=3, lr=1e-3, patience=10, label_smoothing=0.0, prior_bias=prior_bias)
+        fit_head(head, head, train_set, None, ty, cfg, "cpu", tmp_path / str(prior_bias), "t", progress=False)
+        with torch.no_grad():
+            shares[prior_bias] = float((head.eval()(torch.from_numpy(rng.normal(size=(500, 64)).astype(np.float32))).argmax(1) == 0).float().mean())
+    assert shares[True] < 0.05 < shares[False]

@@ -64,6 +64,8 @@ class FitConfig:
     1 = balanced softmax, 0 = plain CE); the head's raw logits then score classes as if balanced.
     ``sample_power``: class-aware sampling, a training sample of class c drawn with weight
     ``count_c ** -power`` (1 = every class equally often, 0 = uniform shuffling).
+    ``prior_bias``: the output bias starts at the (logit-adjusted) log prior of the training targets instead of
+    a random value (a small node makes few optimiser steps and otherwise keeps a nearly random bias).
     """
 
     epochs: int = 60
@@ -76,6 +78,7 @@ class FitConfig:
     class_weight_power: float = 0.0  # weighting cost leaf accuracy in cross-validation (bench/ablation.py)
     logit_adjust: float = 0.0
     sample_power: float = 0.0
+    prior_bias: bool = False
     amp: bool = True
     workers: int = 0
     seed: int = 0
@@ -186,7 +189,7 @@ FLAG_FIELDS: dict[str, str] = {
     "hidden": "head.hidden", "dropout": "head.dropout", "fine_labels": "head.fine_labels",
     "epochs": "fit.epochs", "batch_size": "fit.batch_size", "lr": "fit.lr", "weight_decay": "fit.weight_decay",
     "label_smoothing": "fit.label_smoothing", "patience": "fit.patience", "class_weights": "fit.class_weight_power",
-    "logit_adjust": "fit.logit_adjust", "sample_power": "fit.sample_power",
+    "logit_adjust": "fit.logit_adjust", "sample_power": "fit.sample_power", "prior_bias": "fit.prior_bias",
     "amp": "fit.amp", "workers": "fit.workers", "seed": "fit.seed",
 }
 

@@ -94,11 +94,30 @@ class Head(nn.Module):
         else:
             self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_out))
 
+    #: ``std`` is floored at this fraction of the median feature std: a feature (nearly) constant on a small
+    #: node's training images would otherwise be divided by ~0 and blow up on unseen images.
+    STD_FLOOR = 0.1
+
     @torch.no_grad()
     def fit_standardizer(self, feats: torch.Tensor) -> None:
-        """Set ``mean``/``std`` from training features of shape ``(N, D)``."""
+        """Set ``mean``/``std`` from training features of shape ``(N, D)`` (std floored, see :attr:`STD_FLOOR`)."""
+        std = feats.std(0)
         self.mean.copy_(feats.mean(0))
-        self.std.copy_(feats.std(0).clamp_min(1e-6))
+        self.std.copy_(std.clamp_min(max(1e-6, self.STD_FLOOR * float(std.median()))))
+
+    @torch.no_grad()
+    def init_prior_bias(self, labels, tau: float = 0.0) -> None:
+        """Start the output layer's bias at ``(1 - tau) * log(class prior)`` of the training targets ``(N,)``
+        (a class without samples counts as one), so an untrained head predicts the prior rather than random
+        classes; with logit adjustment ``tau`` the adjusted logits start there. A small node makes few
+        optimiser steps and would otherwise keep a nearly random bias."""
+        import numpy as np
+
+        last = self.net[-1]
+        labels = np.asarray(labels, dtype=np.int64)
+        labels = labels[labels >= 0]  # set targets (partial labels, negative) do not enter the prior
+        counts = np.maximum(np.bincount(labels, minlength=last.out_features), 1.0)
+        last.bias.copy_(torch.as_tensor((1.0 - tau) * np.log(counts / counts.sum()), dtype=last.bias.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in float32 even under autocast: fp16 softmax sums underflow to 0 in log(... @ group) (-inf logits)

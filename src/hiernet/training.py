@@ -494,10 +494,13 @@ def fit_head(model: torch.nn.Module, head: Head, train_set: Dataset, val_set: Da
              target_sets: list | None = None) -> FitResult:
     """Train ``model`` (the head, or backbone + head) on the head's fine outputs; the head then aggregates.
 
-    ``train_labels`` ``(N,)``: the targets of ``train_set`` (for class weights); ``target_sets``: the sets
-    of its set targets (:attr:`NodeData.target_sets`). See :func:`hiernet.engine.fit`.
+    ``train_labels`` ``(N,)``: the targets of ``train_set`` (for class weights, and the output bias's start at
+    their log prior with ``cfg.prior_bias``); ``target_sets``: the sets of its set targets
+    (:attr:`NodeData.target_sets`). See :func:`hiernet.engine.fit`.
     """
     head.aggregate = False  # train on the fine (leaf) targets when there are any
+    if cfg.prior_bias:
+        head.init_prior_bias(train_labels, cfg.logit_adjust)
     result = fit(model, train_set, val_set, train_labels, head.net[-1].out_features, cfg, device, work_dir,
                  config_hash, progress=progress, target_sets=target_sets)
     head.aggregate = True
