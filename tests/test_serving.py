@@ -123,13 +123,24 @@ def test_predict_returns_exactly_predict_py_json_records(server, trained):
     assert r.json() == expected
     assert all(len(level) == 2 for rec in r.json() for level in rec["topk"][:1])
     assert r.headers["X-Model-Version"] == httpx.get(server.url + "/readyz").json()["model_version"]
-    # min_confidence 1 stops an image whose path probability is below 1 above its leaf
-    unsure = []
-    for k in range(0, len(trained["images"]), 4):
-        recs = upload(server, image_files(trained["images"][k:k + 4])).json()
-        unsure += [p for p, rec in zip(trained["images"][k:k + 4], recs) if rec["confidence"] < 0.999]
-    assert unsure, "every image has confidence 1"
-    r = upload(server, image_files(unsure[:1]), {"min_confidence": 1.0})
+    # min_confidence 1 stops an image whose path probability is below 1 above its leaf: the least sure of
+    # the training drawings and a few noise images (the tiny models can be sure of every drawing)
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    noise = []
+    for i in range(4):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+        noise.append((f"noise_{i}.png", buf.getvalue()))
+    candidates = image_files(trained["images"][::4][:8]) + noise
+    confidence = {}
+    for k in range(0, len(candidates), 4):
+        for (name, data), rec in zip(candidates[k:k + 4], upload(server, candidates[k:k + 4]).json()):
+            confidence[name] = (rec["confidence"], data)
+    name, (conf, data) = min(confidence.items(), key=lambda kv: kv[1][0])
+    assert conf < 1.0, "every image has confidence 1"
+    r = upload(server, [(name, data)], {"min_confidence": 1.0})
     assert r.status_code == 200 and r.json()[0]["complete"] is False
 
 

@@ -20,7 +20,7 @@ from .splits import split_identity
 
 
 #: Bumped when the way a node is trained changes in a way the recipe does not show (retrains every node).
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: heads floor the standardiser std (Head.STD_FLOOR)
 
 
 def node_fingerprint(doc: dict, ds: str, cfg: TrainConfig) -> str:
