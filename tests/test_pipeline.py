@@ -534,10 +534,12 @@ node=""
 while (( $# )); do if [[ "$1" == "-d" ]]; then node="$2"; fi; shift; done
 [[ -n "$node" ]] || exit 0
 dur="${DURATIONS_default}"; var="DURATIONS_$node"; dur="${!var:-$dur}"
-echo $$ > "$LOGDIR/$node.pid"
 start=$(date +%s.%N)
-sleep "$dur" & child=$!
 trap 'kill $child 2>/dev/null; exit 143' TERM
+sleep "$dur" & child=$!
+# the pid file last: a TERM after it always finds the trap and the child (else an orphaned sleep would
+# keep the test's pipes open under load)
+echo $$ > "$LOGDIR/$node.pid"
 wait $child
 echo "$node $CUDA_VISIBLE_DEVICES $start $(date +%s.%N)" >> "$LOGDIR/runs.txt"
 """
