@@ -582,8 +582,11 @@ def test_interrupting_train_lcpn_stops_the_running_nodes(tmp_path):
     import time
 
     env, logdir = _fake_env(tmp_path, GPUS="0,1", DURATIONS_default="60")
+    # SIGINT at its default in the child whatever this process ignores (bash cannot trap a signal ignored
+    # on entry; pytest's process may ignore SIGINT after other tests, which made this time out in CI)
     proc = subprocess.Popen(["bash", str(REPO / "src" / "train_lcpn.sh")], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 30
     while len(list(logdir.glob("*.pid"))) < 2 and time.time() < deadline:
         time.sleep(0.1)
