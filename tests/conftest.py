@@ -148,7 +148,7 @@ FAST = ["--backbone", "efficientnet-lite0", "--image-size", "64", "--epochs", "4
 
 
 def run(args, cwd=None, check=True, env=None):
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

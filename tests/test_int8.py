@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import conftest
 from conftest import REPO, make_tree
 
 pytest.importorskip("onnxruntime.quantization")
@@ -20,16 +21,12 @@ TREE = {"round": {"circle": "ellipse", "plus": "cross"}, "angular": {"box": "rec
 FAST = ["--backbone", "efficientnet-lite0", "--image-size", "64", "--epochs", "3", "--views", "1", "-q"]
 
 
-def run(args, env=None, check=True):
-    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, cwd="/")
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+run = functools.partial(conftest.run, cwd="/")  # paths resolve from the arguments, not the working folder
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The tree prepared and trained with the opt-in ``--precision int8``, exported."""
+    """The tree prepared and trained with ``--precision int8`` (what ``auto`` picks on a CPU), exported."""
     base = tmp_path_factory.mktemp("int8")
     data = make_tree(base / "catalogue", TREE, per_leaf=8)
     split, models, cache = base / "split", base / "models", base / "cache"

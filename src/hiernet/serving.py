@@ -127,11 +127,11 @@ def warm_up(predictor: HierarchicalPredictor, max_batch: int) -> None:
     requests without this, the arenas still growing at new batch sizes)."""
     rng = np.random.default_rng(0)
     specs = predictor.input_specs()
-    t = time.perf_counter()
-    for b in warm_up_sizes(max_batch):
+    sizes, t = warm_up_sizes(max_batch), time.perf_counter()
+    for b in sizes:
         inputs = [{spec: rng.random((3, spec[0], spec[0]), dtype=np.float32) for spec in specs} for _ in range(b)]
         predictor.predict_arrays(inputs, [f"warm-up-{i}" for i in range(b)])
-    log.info("warmed up at batch sizes %s in %.1f s", warm_up_sizes(max_batch), time.perf_counter() - t)
+    log.info("warmed up at batch sizes %s in %.1f s", sizes, time.perf_counter() - t)
 
 
 class ModelStore:

@@ -154,8 +154,7 @@ def int8_feature_backbone(backbone: FeatureExtractor, resize: str, cache_dir: Pa
 
     if cache_dir is None:
         raise UserError("int8 features need a feature cache folder (--cache-dir); or use --precision fp32")
-    fp32_key = {"backbone": backbone.spec.name, "image_size": backbone.image_size, "resize": resize,
-                "weights": backbone.weights_fingerprint, "transform_version": TRANSFORM_VERSION}
+    fp32_key = _fp32_backbone_key(backbone, resize)
     pinned = _pinned_int8(pin, fp32_key, Path(cache_dir))
     if pinned is not None:
         return pinned
@@ -168,14 +167,27 @@ def int8_feature_backbone(backbone: FeatureExtractor, resize: str, cache_dir: Pa
 INT8_PIN = "int8.json"
 
 
+def _fp32_backbone_key(backbone: FeatureExtractor, resize: str) -> dict:
+    """What identifies the fp32 backbone and its input (the part of the int8 key that is not calibration)."""
+    return {"backbone": backbone.spec.name, "image_size": backbone.image_size, "resize": resize,
+            "weights": backbone.weights_fingerprint, "transform_version": TRANSFORM_VERSION}
+
+
+def _read_pins(pin: Path | None) -> dict:
+    """``{fp32 key hash: int8 file name}`` of a models folder's :data:`INT8_PIN` (empty: none or unreadable)."""
+    if pin is None:
+        return {}
+    try:
+        models = json.loads(Path(pin).read_text(encoding="utf-8"))["models"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return dict(models) if isinstance(models, dict) else {}
+
+
 def _pinned_int8(pin: Path | None, fp32_key: dict, cache_dir: Path) -> Path | None:
     """The cached int8 backbone ``pin`` names for ``fp32_key`` (``None``: no pin, another model, or gone)."""
-    if pin is None or not Path(pin).is_file():
-        return None
-    try:
-        doc = json.loads(Path(pin).read_text(encoding="utf-8"))
-        name = doc["models"][_config_hash(fp32_key)]
-    except (OSError, ValueError, KeyError, TypeError):
+    name = _read_pins(pin).get(_config_hash(fp32_key))
+    if name is None:
         return None
     path = cache_dir / "int8" / str(name)
     if not path.is_file() or path.name != str(name):
@@ -186,14 +198,8 @@ def _pinned_int8(pin: Path | None, fp32_key: dict, cache_dir: Path) -> Path | No
 
 def pin_int8_backbone(pin: Path, backbone: FeatureExtractor, resize: str, model: Path) -> None:
     """Record in ``pin`` (a models folder's :data:`INT8_PIN`) that ``model`` is the int8 version of ``backbone``."""
-    fp32_key = {"backbone": backbone.spec.name, "image_size": backbone.image_size, "resize": resize,
-                "weights": backbone.weights_fingerprint, "transform_version": TRANSFORM_VERSION}
-    try:
-        doc = json.loads(Path(pin).read_text(encoding="utf-8"))
-        models = dict(doc["models"])
-    except (OSError, ValueError, KeyError, TypeError):
-        models = {}
-    models[_config_hash(fp32_key)] = Path(model).name
+    models = _read_pins(pin)
+    models[_config_hash(_fp32_backbone_key(backbone, resize))] = Path(model).name
     write_json_atomic(pin, {"version": 1, "models": models})
 
 
