@@ -68,12 +68,21 @@ def features(paths, backbone_name, size, views, cache_dir):
     return ev, aug, ok
 
 
-def train_head(x_views, y, n_classes, hidden, seed, class_weight_power, group=None, changes=None):
+def tree_stats(x_views):
+    """The tree's standardisation statistics as train.py computes them (``--standardize tree``): mean and
+    std ``(D,)`` over the eval view and mirror (views 0 and 1 of ``x_views`` ``(N, V, D)``) of every image."""
+    x = x_views[:, :2].reshape(-1, x_views.shape[-1]).astype(np.float64)
+    return x.mean(0).astype(np.float32), x.std(0, ddof=1).astype(np.float32)
+
+
+def train_head(x_views, y, n_classes, hidden, seed, class_weight_power, group=None, changes=None, stats=None):
     """Train a head with train.py's steps (frozen mode) and an inner 10% validation split for early stopping.
 
     ``x_views`` ``(N, V, D)``, ``y`` ``(N,)``; ``changes``: more train.py flag values (e.g. ``{"logit_adjust": 1.0}``).
     With ``group`` (``(K leaves, C children)``, :meth:`Hierarchy.fine_label_matrix`, as train.py's
-    ``--fine-labels``), ``y`` holds leaf indices and the returned head outputs log P(child).
+    ``--fine-labels``), ``y`` holds leaf indices and the returned head outputs log P(child). ``stats``: the
+    tree's :func:`tree_stats` (the training images of the whole tree, not only ``x_views``), used when the
+    recipe standardises by the tree (the default); ``None``: ``x_views``' own.
     """
     import tempfile
 
@@ -86,7 +95,8 @@ def train_head(x_views, y, n_classes, hidden, seed, class_weight_power, group=No
     n_val = max(1, len(y) // 10)
     va, tr = idx[:n_val], idx[n_val:]
     head = make_head(cfg.head, x_views.shape[-1], n_classes, group)
-    train_set, val_set, train_y = feature_sets(head, x_views[tr], y[tr], x_views[va, 0], y[va])
+    stats = (stats if stats is not None else tree_stats(x_views)) if cfg.head.standardize == "tree" else None
+    train_set, val_set, train_y = feature_sets(head, x_views[tr], y[tr], x_views[va, 0], y[va], stats)
     with tempfile.TemporaryDirectory() as work:
         fit_head(head, head, train_set, val_set, train_y, cfg.fit, "cpu", Path(work), "ablation", progress=False)
     return head.eval()
@@ -107,7 +117,7 @@ def train_lcpn(hier, x_views, leaves, hidden, seed, class_weight_power, fine_lab
 
     ``x_views`` ``(N, V, D)``, ``leaves`` ``(N,)`` leaf ids; ``changes`` as :func:`train_head`.
     """
-    heads = {}
+    heads, stats = {}, tree_stats(x_views)
     for nid in hier.classifier_nodes():
         children = hier.nodes[nid].children
         lab = np.array([hier.child_towards(nid, leaf) for leaf in leaves], dtype=object)
@@ -118,7 +128,7 @@ def train_lcpn(hier, x_views, leaves, hidden, seed, class_weight_power, fine_lab
             y = np.array([fine[0].index(leaf) for leaf in leaves[m]])
         else:
             y = np.array([children.index(c) for c in lab[m]])
-        heads[nid] = train_head(x_views[m], y, len(children), hidden, seed, class_weight_power, group, changes)
+        heads[nid] = train_head(x_views[m], y, len(children), hidden, seed, class_weight_power, group, changes, stats)
     return heads
 
 

@@ -35,6 +35,10 @@ sys.path.insert(0, str(REPO / "bench"))
 #: Suite candidates: name -> train.py flag values (FLAG_FIELDS names) on top of the ``cpu`` preset.
 VARIANTS = {
     "suite: default (plain CE)": {},
+    # each head standardised by its own node's training views (before: the default until heads used the tree's)
+    "suite: node standardiser": {"standardize": "node"},
+    "suite: node standardiser, flat head": {"standardize": "node", "decision": "flat"},
+    "suite: node standardiser, combined decision": {"standardize": "node", "decision": "combined"},
     "suite: class weights ^0.5": {"class_weights": 0.5},
     "suite: class weights ^1 (balanced)": {"class_weights": 1.0},
     "suite: logit adjustment tau 0.5": {"logit_adjust": 0.5},
@@ -51,6 +55,7 @@ VARIANTS = {
     # the output bias starting at the log prior of the node's training classes (--prior-bias)
     "suite: prior bias": {"prior_bias": True},
     "suite: prior bias, flat head": {"prior_bias": True, "decision": "flat"},
+    "suite: prior bias, combined decision": {"prior_bias": True, "decision": "combined"},
     # "decision": how the suite's heads name a leaf: "lcpn" (level by level, what predict.py returns; the
     # default), "flat" (the flat head over all leaves alone) or "combined" (evaluate.py's combined decision:
     # the leaf maximising flat probability × LCPN path probability)
@@ -128,10 +133,23 @@ def hiclass_lcpn(hier, x_tr: np.ndarray, leaves_tr: np.ndarray, x_te: np.ndarray
     return np.array([next(c for c in row[::-1] if c) for row in pred], dtype=object)
 
 
+#: Trained heads of this process, keyed by (training changes, seed, hidden, fold size): the lcpn, flat and
+#: combined decisions of one recipe share them instead of training the same heads three times.
+_TRAINED: dict = {}
+
+
+def _trained(kind: str, changes: dict, seed: int, hidden: int, n_train: int, train):
+    key = (kind, tuple(sorted(changes.items())), seed, hidden, n_train)
+    if key not in _TRAINED:
+        _TRAINED[key] = train()
+    return _TRAINED[key]
+
+
 def suite_lcpn(hier, views_tr: np.ndarray, leaves_tr: np.ndarray, ev_te: np.ndarray, changes: dict, seed: int,
                hidden: int = 1024) -> np.ndarray:
     """The suite: LCPN heads (and the flat head) as train.py trains them (with ``changes``), with mirror
-    averaging; ``changes["decision"]`` (see :data:`VARIANTS`) picks how they name the leaf."""
+    averaging; ``changes["decision"]`` (see :data:`VARIANTS`) picks how they name the leaf. Variants that
+    differ only in their decision reuse one training per fold (:func:`_trained`)."""
     import ablation
 
     changes = dict(changes)
@@ -140,12 +158,14 @@ def suite_lcpn(hier, views_tr: np.ndarray, leaves_tr: np.ndarray, ev_te: np.ndar
         raise ValueError(f"unknown decision {decision!r}")
     if decision in ("flat", "combined"):
         flat_leaves = hier.leaves()
-        flat = ablation.train_head(views_tr, np.array([flat_leaves.index(leaf) for leaf in leaves_tr]), len(flat_leaves),
-                                   hidden, seed, 0.0, None, changes)
+        flat = _trained("flat", changes, seed, hidden, len(leaves_tr), lambda: ablation.train_head(
+            views_tr, np.array([flat_leaves.index(leaf) for leaf in leaves_tr]), len(flat_leaves), hidden, seed, 0.0,
+            None, changes))
         flat_p = ablation.probs(flat, ev_te, True)
         if decision == "flat":
             return np.array(flat_leaves, dtype=object)[flat_p.argmax(1)]
-    heads = ablation.train_lcpn(hier, views_tr, leaves_tr, hidden, seed, 0.0, True, changes)
+    heads = _trained("lcpn", changes, seed, hidden, len(leaves_tr),
+                     lambda: ablation.train_lcpn(hier, views_tr, leaves_tr, hidden, seed, 0.0, True, changes))
     if decision == "lcpn":
         return ablation.route(hier, heads, ev_te, True)
     from hiernet.evaluation import combined_leaves

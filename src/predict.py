@@ -42,6 +42,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=list(WRITERS), default=None,
                    help="text, json, jsonl (one object per line) or csv (default: from the -o suffix "
                         ".json/.jsonl/.csv/.txt, else text)")
+    p.add_argument("--decision", choices=["lcpn", "flat", "combined"], default="lcpn",
+                   help="how the leaf is chosen: lcpn = level by level with the node classifiers (default); flat = the "
+                        "flat model's most likely leaf; combined = the leaf maximising flat x LCPN path probability "
+                        "(the last two need the flat model; see the README's long-tail section)")
     p.add_argument("--topk", type=int, default=1, help="also list the K most likely classes at each level (csv/json/text)")
     add_inference_args(p)
     p.add_argument("-o", "--output", help="write here instead of standard output (- = standard output); a file "
@@ -109,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
     models_dir = args.models_dir.resolve()
     predictor = HierarchicalPredictor.load(models_dir, runtime=args.runtime, device=device,
                                            min_confidence=args.min_confidence, topk=args.topk, tta_below=args.tta_below,
-                                           precision=args.precision)
+                                           precision=args.precision, decision=args.decision)
     if args.verbose and rank == 0:
         describe_models(models_dir, predictor)
     context = OutputContext(predictor.encoders(), predictor.min_confidence, with_id=args.id_column is not None,

@@ -29,6 +29,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="trained models (default: <repo>/trained_models)")
+    p.add_argument("--decision", choices=["lcpn", "flat", "combined"], default="lcpn",
+                   help="how the leaf is chosen (as predict.py --decision; default: lcpn)")
     p.add_argument("--topk", type=int, default=1, help="default top-k per level (a request's topk overrides it)")
     add_inference_args(p)
     p.add_argument("--max-batch", type=int, default=None,
@@ -58,7 +60,8 @@ def main(args: argparse.Namespace) -> int:
     from hiernet.serving import ServeConfig, create_app
 
     mirror = MirrorPolicy() if args.tta_below is None else MirrorPolicy(args.tta_below)
-    config = ServeConfig(args.models_dir, args.runtime, device, PredictOptions(args.min_confidence, args.topk, mirror),
+    config = ServeConfig(args.models_dir, args.runtime, device, PredictOptions(args.min_confidence, args.topk, mirror,
+                                                                                 decision=args.decision),
                          max_batch=max_batch, max_wait_ms=args.max_wait_ms,
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_files=args.max_files,
                          reload_interval_s=args.reload_interval)

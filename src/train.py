@@ -61,6 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=["frozen", "finetune"], help="frozen backbone + cached features, or fine-tune the whole network")
     g.add_argument("--hidden", type=int, help="hidden units of the MLP head (0 = linear head)")
     g.add_argument("--dropout", type=float, help="dropout in the head")
+    g.add_argument("--standardize", choices=["tree", "node"],
+                   help="frozen mode: standardise each head's features with the whole tree's training statistics "
+                        "(tree, the default; pinned in the models folder) or with the node's own (node)")
     g.add_argument("--views", type=int, help="augmented views per training image cached as features (frozen mode)")
     g.add_argument("--fine-labels", action=argparse.BooleanOptionalAction, default=None,
                    help="train a node whose children are parents on the leaves below it, predicting their sums per child (preset: on)")

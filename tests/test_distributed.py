@@ -33,9 +33,11 @@ def test_torchrun_two_processes_gloo(tmp_path, mode_args):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("node 'parent': test accuracy") == 1  # rank 0 alone reports
     names = sorted(p.name for p in models.iterdir())
-    # written once; frozen features on a CPU are int8 by default, pinned by int8.json
+    # written once; frozen features on a CPU are int8 by default, pinned by int8.json, and the heads
+    # standardise with the tree's statistics, pinned by tree_stats.json
     frozen = "frozen" in mode_args
-    assert [n for n in names if not n.startswith(".")] == ["hierarchy.json"] + ["int8.json"] * frozen + ["parent"]
+    assert [n for n in names if not n.startswith(".")] == (["hierarchy.json"] + ["int8.json"] * frozen + ["parent"]
+                                                            + ["tree_stats.json"] * frozen)
     assert not [n for n in names if ".tmp-" in n or ".old-" in n or n.endswith(".work")]  # no leftovers
     ck = torch.load(models / "parent" / "model.pth", weights_only=True)
     assert ck["config"]["node"]["classes"] == ["angular", "round"]

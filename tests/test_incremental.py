@@ -197,6 +197,7 @@ def chain(tmp_path_factory):
     out["rerun"] = run(cmd, env=env)
     out["t_rerun"] = mtimes(models)
     out["metrics_round"] = (models / "round" / "metrics.json").read_bytes()
+    out["n_train_first"] = sum(im["split"] == "train" for im in json.loads((split / "hierarchy.json").read_text())["images"])
     add_images(tree / "angular" / "hex", "cross", 6, 800)
     prepare(tree, split)
     out["grown"] = run(cmd, env=env)
@@ -232,6 +233,14 @@ def test_a_new_leaf_retrains_its_ancestors_flat_and_export_only(chain):
     # kept node's features), so the kept and the retrained nodes share it and the export carries it
     pin = json.loads((chain["models"] / "int8.json").read_text())["models"]
     assert len(pin) == 1 and len(list((chain["cache"] / "int8").glob("backbone-*.onnx"))) == 1
+    # nor restandardise: the retrained heads use the tree statistics the kept one was trained with
+    import torch
+
+    (stats,) = json.loads((chain["models"] / "tree_stats.json").read_text())["stats"].values()
+    assert stats["n_images"] == chain["n_train_first"]
+    means = {ds: torch.load(chain["models"] / ds / "model.pth", weights_only=True)["state_dict"]["head"]["mean"]
+             for ds in ("parent", "angular", "round", "flat")}
+    assert all(torch.allclose(m, means["round"]) for m in means.values())
     man = json.loads((chain["models"] / "onnx" / "manifest.json").read_text())
     assert all(b.get("int8_file") for b in man["backbones"].values())
     # the kept node and the retrained ones form one bundle for the new tree

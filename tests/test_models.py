@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from hiernet.models import Head, build_head
@@ -91,6 +92,21 @@ def test_standardizer_floors_the_std_of_features_constant_on_the_training_images
     unseen = torch.rand(20, 16, generator=g)
     z = (unseen - head.mean) / head.std
     assert float(z.abs().max()) < 100
+
+
+def test_standardizer_takes_given_statistics_floored():
+    # --standardize tree: a head standardises with the whole tree's statistics, not its node's images'
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(30, 8, generator=g)
+    mean, std = np.full(8, 0.5, np.float32), np.linspace(0.0, 2.0, 8).astype(np.float32)
+    head = Head(8, 2)
+    head.fit_standardizer(x, (mean, std))
+    floor = Head.STD_FLOOR * float(torch.from_numpy(std).median())  # torch's median: the lower middle value
+    assert torch.allclose(head.mean, torch.full((8,), 0.5))
+    assert torch.allclose(head.std[1:], torch.from_numpy(std[1:]).clamp_min(floor))
+    assert float(head.std[0]) == pytest.approx(floor)  # a zero std is floored too
+    with pytest.raises(ValueError, match="shape"):
+        head.fit_standardizer(x, (mean[:4], std[:4]))
 
 
 def test_prior_bias_makes_an_untrained_head_predict_the_prior():

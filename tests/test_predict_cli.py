@@ -266,3 +266,47 @@ def test_records_show_display_names_when_the_models_tree_has_them(pipeline, tmp_
     assert (tmp_path / "torn.csv").read_bytes() == data
     text = run([*run_shop[:-1], "--format", "text"], cwd="/").stdout
     assert "Display: Apparel & Co > Upper / Tops > " in text
+
+
+def test_flat_and_combined_decisions_name_the_leaf_their_distribution_favours(pipeline):
+    from hiernet.evaluation import _FLAT_KEY, _scoring_view, combined_leaves
+    from hiernet.predictor import HierarchicalPredictor, MirrorPolicy
+    from hiernet.safeio import UserError
+
+    imgs = images(pipeline, 12)
+    base = HierarchicalPredictor.load(pipeline["models"], runtime="onnx", with_flat=True)
+    base = base.with_options(mirror=MirrorPolicy(0.0))
+    flat = base.with_options(decision="flat").predict_paths(imgs)
+    for p in flat:
+        assert p.node == p.flat_leaf and p.complete
+        assert p.confidence == pytest.approx(p.flat_prob, rel=1e-5)  # the path's shares multiply to the leaf's
+    # combined: flat probability x LCPN path probability, as evaluate.py scores it
+    inputs = [x for _, x, _ in next(base.prepared_batches(imgs, len(imgs)))]
+    view, _ = _scoring_view(base)
+    every = list(range(len(imgs)))
+    classifiers = base.hier.classifier_nodes()
+    _, s = view.predict_and_score(inputs, imgs, {**{nid: every for nid in classifiers}, _FLAT_KEY: every})
+    want = combined_leaves(base.hier, {nid: s[nid] for nid in classifiers}, s[_FLAT_KEY], base.flat.class_nodes)
+    got = base.with_options(decision="combined").predict_arrays(inputs, imgs)
+    assert [p.node for p in got] == want
+    lcpn = base.predict_arrays(inputs, imgs)
+    assert [p.node for p in lcpn] != [p.node for p in flat] or [p.probs for p in lcpn] != [p.probs for p in flat]
+    with pytest.raises(UserError, match="flat model"):
+        HierarchicalPredictor.load(pipeline["models"], runtime="onnx").with_options(decision="flat")
+    with pytest.raises(UserError, match="unknown decision"):
+        base.with_options(decision="vote")
+
+
+def test_decision_flag_reaches_the_records(pipeline, tmp_path):
+    out = tmp_path / "p.jsonl"
+    predict(pipeline, *images(pipeline, 6), "--decision", "flat", "-o", out, "-q")
+    recs = jsonl(out)
+    from hiernet.predictor import HierarchicalPredictor
+
+    want = HierarchicalPredictor.load(pipeline["models"], decision="flat").predict_paths(images(pipeline, 6))
+    assert [r["node"] for r in recs] == [p.flat_leaf for p in want]
+    assert [r["confidence"] for r in recs] == pytest.approx([p.flat_prob for p in want], rel=1e-4)
+    assert len(recs) == 6 and all(r["complete"] and r["node"] for r in recs)
+    assert all(r["confidence"] == pytest.approx(__import__("math").prod(r["probs"])) for r in recs)
+    bad = predict(pipeline, images(pipeline, 1)[0], "--decision", "vote", check=False)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

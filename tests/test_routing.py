@@ -117,3 +117,41 @@ def test_softmax_and_mirror_average():
     p = softmax(z)  # stable for large logits
     np.testing.assert_allclose(p, [[0.5, 0.5], [0.25, 0.75]])
     np.testing.assert_allclose(average_views(p, p[::-1]), [[0.375, 0.625], [0.375, 0.625]])
+
+
+# ------------------------------------------------------------------ routes from a leaf distribution
+# root: a (two leaves), b (one leaf): the most likely leaf can sit below the less likely parent
+SMALL = Hierarchy.from_leaf_paths(["a/x", "a/y", "b/z"])
+
+
+def test_route_leaves_takes_the_most_likely_leaf_even_below_the_lighter_parent():
+    from hiernet.routing import route_leaves
+
+    (r,) = route_leaves(SMALL, np.array([[0.3, 0.3, 0.4]]), ["a/x", "a/y", "b/z"], topk=2)
+    assert r.node_ids == ["b", "b/z"] and r.complete  # a greedy walk by mass would go to 'a' (0.6)
+    assert r.probs == pytest.approx([0.4, 1.0]) and r.confidence == pytest.approx(0.4)
+    assert [c for c, _ in r.topk[0]] == ["a", "b"] and r.topk[0][0][1] == pytest.approx(0.6)
+    # a two-class head's level: the chosen child's share of its parent's mass; unnormalised rows and any
+    # column order
+    (r,) = route_leaves(SMALL, np.array([[4.0, 1.0, 5.0]]) / 2, ["b/z", "a/y", "a/x"])
+    assert r.node_ids == ["a", "a/x"] and r.probs == pytest.approx([0.6, 5 / 6])
+    assert r.confidence == pytest.approx(0.5) and r.topk == [[("a", pytest.approx(0.6))], [("a/x", pytest.approx(5 / 6))]]
+
+
+def test_route_leaves_stops_where_the_path_mass_falls_below_the_minimum():
+    from hiernet.routing import route_leaves
+
+    stop, go = route_leaves(SMALL, np.array([[0.3, 0.3, 0.4], [0.1, 0.2, 0.7]]), ["a/x", "a/y", "b/z"],
+                            min_confidence=0.5)
+    assert stop.node_ids == [] and not stop.complete and stop.node == ""
+    assert [c for c, _ in stop.candidates] == ["a", "b"]
+    assert go.node_ids == ["b", "b/z"] and go.complete
+    with pytest.raises(ValueError, match="leaves"):
+        route_leaves(SMALL, np.ones((1, 2)), ["a/x", "a/y"])
+
+
+def test_path_leaf_probs_multiply_along_the_path_and_one_child_parents_pass():
+    from hiernet.routing import path_leaf_probs
+
+    probs = {"": np.array([[0.6, 0.4]]), "a": np.array([[0.25, 0.75]])}
+    assert path_leaf_probs(SMALL, probs, ["a/x", "a/y", "b/z"]) == pytest.approx(np.array([[0.15, 0.45, 0.4]]))

@@ -48,11 +48,18 @@ class HeadConfig:
     dropout : float
     fine_labels : bool
         A node whose children are parents learns the leaves below it and predicts their sums per child.
+    standardize : {"tree", "node"}
+        Frozen mode: the statistics a head standardises its features with. ``tree``: the mean and std of
+        the whole tree's training images (every node and the flat head alike; pinned in the models
+        folder, :data:`hiernet.training.TREE_STATS`); ``node``: those of the node's own training views.
+        A small node's own statistics are noisy and blow up features that barely vary below it
+        (3-fold CV on the catalogue export: +2.0 points of leaf accuracy, +3.0 of macro F1, bench/tail.py).
     """
 
     hidden: int = 1024
     dropout: float = 0.3
     fine_labels: bool = True
+    standardize: str = "tree"
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,7 @@ FLAG_FIELDS: dict[str, str] = {
     "backbone": "backbone", "image_size": "image_size", "mode": "mode", "resize": "resize", "views": "views",
     "tta": "tta", "calibrate": "calibrate", "onnx": "onnx", "weights": "weights", "precision": "precision",
     "hidden": "head.hidden", "dropout": "head.dropout", "fine_labels": "head.fine_labels",
+    "standardize": "head.standardize",
     "epochs": "fit.epochs", "batch_size": "fit.batch_size", "lr": "fit.lr", "weight_decay": "fit.weight_decay",
     "label_smoothing": "fit.label_smoothing", "patience": "fit.patience", "class_weights": "fit.class_weight_power",
     "logit_adjust": "fit.logit_adjust", "sample_power": "fit.sample_power", "prior_bias": "fit.prior_bias",

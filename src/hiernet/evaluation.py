@@ -30,6 +30,7 @@ import numpy as np
 from .hierarchy import FLAT_DATASET, Hierarchy, HierarchyError, load_hierarchy_json
 from .metrics import json_ready, leaf_correct, node_vs_flat, paired_comparison, partial_label_score, score
 from .report import verdict
+from .routing import path_leaf_probs as lcpn_leaf_probs  # noqa: F401 (the LCPN probability of every leaf)
 from .safeio import UserError, sha256_file
 from .testsets import TestSet, check_known_leaves, load_prepared_test_set, partial_test_set, scan_test_tree
 
@@ -44,37 +45,6 @@ FLAT_FIELDS = ("leaf_accuracy", "macro_f1", "hierarchical_f1", "level_accuracy",
 # ------------------------------------------------------------------------------------- prediction
 #: Key under which the flat head is scored beside the classifier nodes (never a node id: ids are paths).
 _FLAT_KEY = "\0flat"
-
-
-def lcpn_leaf_probs(hier: Hierarchy, node_probs: dict[str, np.ndarray], leaves: Sequence[str],
-                    n: int | None = None) -> np.ndarray:
-    """The LCPN probability of every leaf: the product of the node probabilities along its path.
-
-    Parameters
-    ----------
-    node_probs : dict
-        Classifier node id → ``(N, C)`` probabilities of its children (``hier.nodes[id].children`` order)
-        on all ``N`` images; one-child parents need none (probability 1).
-    leaves : sequence of str, shape (L,)
-        The leaf order of the result's columns.
-    n : int, optional
-        Number of images (needed only when no node has a classifier).
-
-    Returns
-    -------
-    ndarray, shape (N, L)
-    """
-    if n is None:
-        n = len(next(iter(node_probs.values()))) if node_probs else 0
-    out = np.ones((n, len(leaves)))
-    for j, leaf in enumerate(leaves):
-        parent = ""
-        for child in hier.path(leaf):
-            children = hier.nodes[parent].children
-            if len(children) > 1:
-                out[:, j] *= node_probs[parent][:, children.index(child)]
-            parent = child
-    return out
 
 
 def combined_leaves(hier: Hierarchy, node_probs: dict[str, np.ndarray], flat_probs: np.ndarray,

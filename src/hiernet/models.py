@@ -3,6 +3,7 @@ trainable backbone."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -99,10 +100,16 @@ class Head(nn.Module):
     STD_FLOOR = 0.1
 
     @torch.no_grad()
-    def fit_standardizer(self, feats: torch.Tensor) -> None:
-        """Set ``mean``/``std`` from training features of shape ``(N, D)`` (std floored, see :attr:`STD_FLOOR`)."""
-        std = feats.std(0)
-        self.mean.copy_(feats.mean(0))
+    def fit_standardizer(self, feats: torch.Tensor, stats: tuple | None = None) -> None:
+        """Set ``mean``/``std`` from training features of shape ``(N, D)``, or to given ``stats``
+        (``(mean (D,), std (D,))``, e.g. the whole tree's); the std is floored (see :attr:`STD_FLOOR`)."""
+        if stats is None:
+            mean, std = feats.mean(0), feats.std(0)
+        else:
+            mean, std = (torch.as_tensor(np.asarray(a), dtype=self.mean.dtype) for a in stats)
+            if mean.shape != self.mean.shape or std.shape != self.std.shape:
+                raise ValueError(f"standardisation statistics of shape {tuple(mean.shape)}, expected {tuple(self.mean.shape)}")
+        self.mean.copy_(mean)
         self.std.copy_(std.clamp_min(max(1e-6, self.STD_FLOOR * float(std.median()))))
 
     @torch.no_grad()
@@ -111,8 +118,6 @@ class Head(nn.Module):
         (a class without samples counts as one), so an untrained head predicts the prior rather than random
         classes; with logit adjustment ``tau`` the adjusted logits start there. A small node makes few
         optimiser steps and would otherwise keep a nearly random bias."""
-        import numpy as np
-
         last = self.net[-1]
         labels = np.asarray(labels, dtype=np.int64)
         labels = labels[labels >= 0]  # set targets (partial labels, negative) do not enter the prior

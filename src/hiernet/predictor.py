@@ -24,7 +24,7 @@ import numpy as np
 from .bundle import MANIFEST, ONNX_DIR, ModelBundle, NodeModel, load_bundle, onnx_problem, read_models_hierarchy  # noqa: F401
 from .hierarchy import ROOT_ID, Hierarchy
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
-from .routing import average_views, route, softmax
+from .routing import average_views, path_leaf_probs, route, route_leaves, softmax
 from .safeio import UserError
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,10 @@ class MirrorPolicy:
         return np.where(probs.max(axis=1) < self.below)[0]
 
 
+#: How a leaf is chosen (:attr:`PredictOptions.decision`).
+DECISIONS = ("lcpn", "flat", "combined")
+
+
 @dataclass(frozen=True)
 class PredictOptions:
     """Everything that shapes predictions, fixed when the predictor is built.
@@ -75,14 +79,22 @@ class PredictOptions:
     prefetch_batches : int or None
         Batches decoded ahead while the network runs. ``None``: 2 for torch on an accelerator, else 0
         (on CPU decoding threads would compete with onnxruntime's for the same cores, measured slower).
+    decision : {"lcpn", "flat", "combined"}
+        How the leaf is chosen: ``lcpn`` walks the tree level by level with the node classifiers;
+        ``flat`` takes the flat head's most likely leaf; ``combined`` the leaf maximising flat probability
+        × LCPN path probability (every node runs on every image). The last two need the flat model and
+        report each level's share of the chosen distribution (:func:`hiernet.routing.route_leaves`).
     """
 
     min_confidence: float = 0.0
     topk: int = 1
     mirror: MirrorPolicy = field(default_factory=MirrorPolicy)
     prefetch_batches: int | None = None
+    decision: str = "lcpn"
 
     def __post_init__(self):
+        if self.decision not in DECISIONS:
+            raise UserError(f"unknown decision {self.decision!r}; use one of {', '.join(DECISIONS)}")
         if not 0.0 <= self.min_confidence <= 1.0:
             raise UserError(f"the minimum confidence must be between 0 and 1, got {self.min_confidence}")
         if self.topk < 1:
@@ -214,6 +226,9 @@ class HierarchicalPredictor:
             bundle, options = ModelBundle(hier, nodes, backbones, runtime, flat), PredictOptions(min_confidence, topk)
         self.bundle = bundle
         self.options = options or PredictOptions()
+        if self.options.decision != "lcpn" and bundle.flat is None:
+            raise UserError(f"the {self.options.decision} decision needs the flat model: load it (with_flat=True), "
+                            "or train it (train_lcpn.sh trains it unless NO_FLAT=1)")
         prefetch = self.options.prefetch_batches
         if prefetch is None:
             prefetch = 2 if bundle.runtime == "torch" and str(bundle.device) != "cpu" else 0
@@ -226,9 +241,11 @@ class HierarchicalPredictor:
     @classmethod
     def load(cls, models_dir: str | Path, runtime: str = "auto", device: str = "cpu", min_confidence: float = 0.0,
              topk: int = 1, with_flat: bool = False, tta_below: float | None = None,
-             options: PredictOptions | None = None, precision: str = "auto") -> "HierarchicalPredictor":
+             options: PredictOptions | None = None, precision: str = "auto",
+             decision: str = "lcpn") -> "HierarchicalPredictor":
         """:func:`hiernet.bundle.load_bundle`, predicting with ``options`` (or the ones the other
-        arguments give: ``tta_below`` None keeps :class:`MirrorPolicy`'s default).
+        arguments give: ``tta_below`` None keeps :class:`MirrorPolicy`'s default). A ``decision`` other
+        than ``lcpn`` loads the flat model too.
 
         Raises
         ------
@@ -237,7 +254,8 @@ class HierarchicalPredictor:
         """
         if options is None:
             mirror = MirrorPolicy() if tta_below is None else MirrorPolicy(float(tta_below))
-            options = PredictOptions(float(min_confidence), int(topk), mirror)
+            options = PredictOptions(float(min_confidence), int(topk), mirror, decision=decision)
+        with_flat = with_flat or options.decision != "lcpn"
         return cls(load_bundle(models_dir, runtime, device, with_flat, precision), options)
 
     def with_options(self, **changes) -> "HierarchicalPredictor":
@@ -426,8 +444,12 @@ class HierarchicalPredictor:
         if not inputs:
             return [], {}, None
         batch = _Batch(self.bundle, inputs, self.options.mirror, mode, feats)
-        routes = route(self.hier, lambda nid, idx: batch.node_probs(self.nodes[nid], idx), batch.n,
-                       self.options.topk, self.options.min_confidence)
+        if self.options.decision == "lcpn":
+            routes = route(self.hier, lambda nid, idx: batch.node_probs(self.nodes[nid], idx), batch.n,
+                           self.options.topk, self.options.min_confidence)
+        else:
+            routes = route_leaves(self.hier, self._leaf_scores(batch), self.flat.class_nodes, self.options.topk,
+                                  self.options.min_confidence)
         preds = [self._prediction(name, r) for name, r in zip(names, routes)]
         if self.flat is not None:
             fp = batch.node_probs(self.flat, np.arange(batch.n))
@@ -440,6 +462,16 @@ class HierarchicalPredictor:
             nm = self.nodes[nid]
             scores[nid] = batch.node_probs(nm, idx) if len(idx) else np.zeros((0, len(nm.class_nodes)), np.float32)
         return preds, scores, batch
+
+    def _leaf_scores(self, batch: _Batch) -> np.ndarray:
+        """``(n, L)`` scores over the flat head's leaves: its probabilities, times the LCPN path
+        probability of each leaf for the combined decision."""
+        every = np.arange(batch.n)
+        scores = batch.node_probs(self.flat, every)
+        if self.options.decision == "combined":
+            node_p = {nid: batch.node_probs(self.nodes[nid], every) for nid in self.hier.classifier_nodes()}
+            scores = scores * path_leaf_probs(self.hier, node_p, self.flat.class_nodes, batch.n)
+        return scores
 
     def _prediction(self, name: str, r) -> Prediction:
         lab = self._labels

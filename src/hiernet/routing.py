@@ -120,3 +120,84 @@ def route(hier: Hierarchy, probs: NodeProbs, n: int, topk: int = 1, min_confiden
                 r.topk.append([(children[j], float(p[row, j])) for j in order[row, :k]])
                 current[i] = children[best]
     return routes
+
+
+def path_leaf_probs(hier: Hierarchy, node_probs: Mapping[str, np.ndarray], leaves, n: int | None = None) -> np.ndarray:
+    """The LCPN probability of every leaf: the product of the node probabilities along its path.
+
+    Parameters
+    ----------
+    node_probs : mapping
+        Classifier node id → ``(N, C)`` probabilities of its children (``hier.nodes[id].children`` order)
+        on all ``N`` images; one-child parents need none (probability 1).
+    leaves : sequence of str, shape (L,)
+        The leaf order of the result's columns.
+    n : int, optional
+        Number of images (needed only when no node has a classifier).
+
+    Returns
+    -------
+    ndarray, shape (N, L)
+    """
+    if n is None:
+        n = len(next(iter(node_probs.values()))) if node_probs else 0
+    out = np.ones((n, len(leaves)))
+    for j, leaf in enumerate(leaves):
+        parent = ROOT_ID
+        for child in hier.path(leaf):
+            children = hier.nodes[parent].children
+            if len(children) > 1:
+                out[:, j] *= node_probs[parent][:, children.index(child)]
+            parent = child
+    return out
+
+
+def route_leaves(hier: Hierarchy, leaf_probs: np.ndarray, leaves, topk: int = 1,
+                 min_confidence: float = 0.0) -> list[Route]:
+    """Routes from a distribution over the leaves (the flat head's, or the combined decision's): each image
+    goes to its most likely leaf, reported level by level like :func:`route`'s walks.
+
+    A node's probability is the mass of the leaves below it, so each level's ``probs`` entry is the
+    chosen child's share of its parent's mass and the path's ``confidence`` is the leaf's probability.
+
+    Parameters
+    ----------
+    leaf_probs : ndarray, shape (N, L)
+        Non-negative scores per image and leaf (rows are normalised here); columns follow ``leaves``.
+    leaves : sequence of str, shape (L,)
+        Every leaf of ``hier``, once.
+    topk, min_confidence
+        As for :func:`route`: children listed per level (by mass); a walk stops above the node whose
+        mass would fall below ``min_confidence`` and lists the candidates of the level it could not decide.
+
+    Returns
+    -------
+    list of Route
+        ``N`` routes, in image order.
+    """
+    leaves = list(leaves)
+    if sorted(leaves) != sorted(hier.leaves()):
+        raise ValueError("the leaf distribution's columns must be the tree's leaves, each once")
+    q = np.asarray(leaf_probs, dtype=float)
+    q = q / np.maximum(q.sum(axis=1, keepdims=True), 1e-300)
+    col = {leaf: j for j, leaf in enumerate(leaves)}
+    mass = {nid: q[:, [col[leaf] for leaf in hier.subtree_leaves(nid)]].sum(axis=1) for nid in hier.nodes}
+    routes = []
+    for i, best in enumerate(q.argmax(axis=1)):
+        r, parent = Route(), ROOT_ID
+        for child in hier.path(leaves[best]):
+            children = hier.nodes[parent].children
+            share = np.array([mass[c][i] for c in children]) / max(mass[parent][i], 1e-300)
+            order = np.argsort(-share, kind="stable")
+            pb = float(share[children.index(child)])
+            if min_confidence and r.confidence * pb < min_confidence:
+                r.complete = False
+                r.candidates = [(children[j], float(share[j])) for j in order[:max(topk, 2)]]
+                break
+            r.node_ids.append(child)
+            r.probs.append(pb)
+            r.confidence *= pb
+            r.topk.append([(children[j], float(share[j])) for j in order[:max(1, min(topk, len(children)))]])
+            parent = child
+        routes.append(r)
+    return routes

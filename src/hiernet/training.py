@@ -203,6 +203,60 @@ def pin_int8_backbone(pin: Path, backbone: FeatureExtractor, resize: str, model:
     write_json_atomic(pin, {"version": 1, "models": models})
 
 
+#: The file in a models folder that holds the tree's feature statistics its heads standardise with.
+TREE_STATS = "tree_stats.json"
+
+
+def tree_feature_stats(cfg: TrainConfig, backbone: FeatureExtractor, data: NodeData, device: str,
+                       cache_dir: Path | None, progress: bool, int8_model: Path | None = None,
+                       pin: Path | None = None) -> dict:
+    """Mean and std ``(D,)`` of the features (eval view and mirror) of every training image of the tree.
+
+    ``pin``: a models folder's :data:`TREE_STATS` (:func:`pin_tree_stats`). When it holds statistics of the
+    same features (backbone, input, precision), those are used, whatever the tree's images now are: adding
+    images does not change every head's standardisation (which would retrain them all). Otherwise they are
+    computed from the feature cache (the root node has just cached them all); ``--force`` (no pin) does so.
+
+    Returns
+    -------
+    dict
+        ``{"key": the features' key, "n_images", "mean": (D,) float32, "std": (D,) float32}``.
+    """
+    key = _config_hash({**_fp32_backbone_key(backbone, cfg.resize), "precision": cfg.precision,
+                        "int8": None if int8_model is None else Path(int8_model).name})
+    pinned = _read_tree_stats(pin).get(key)
+    if pinned is not None:
+        return {"key": key, "n_images": pinned.get("n_images"), "mean": np.asarray(pinned["mean"], np.float32),
+                "std": np.asarray(pinned["std"], np.float32)}
+    f, ok = cached_features(tree_training_images(data.data_dir, data.doc), backbone, cfg.resize, device, cache_dir,
+                            "eval", 0, cfg.fit.seed, progress, cfg.onnx, cfg.augment, cfg.precision, int8_model)
+    x = f[ok].reshape(-1, f.shape[-1]).astype(np.float64)
+    if len(x) < 2:
+        raise UserError("fewer than two readable training images in the tree to standardise features with; "
+                        "check the prepared datasets")
+    return {"key": key, "n_images": int(ok.sum()), "mean": x.mean(0).astype(np.float32),
+            "std": x.std(0, ddof=1).astype(np.float32)}
+
+
+def pin_tree_stats(pin: Path, stats: dict) -> None:
+    """Record :func:`tree_feature_stats`'s ``stats`` in ``pin`` (a models folder's :data:`TREE_STATS`)."""
+    entries = _read_tree_stats(pin)
+    entries[stats["key"]] = {"n_images": stats["n_images"], "mean": np.asarray(stats["mean"]).tolist(),
+                             "std": np.asarray(stats["std"]).tolist()}
+    write_json_atomic(pin, {"version": 1, "stats": entries})
+
+
+def _read_tree_stats(pin: Path | None) -> dict:
+    """``{feature key hash: {"mean", "std", "n_images"}}`` of a :data:`TREE_STATS` file (empty: none or unreadable)."""
+    if pin is None:
+        return {}
+    try:
+        stats = json.loads(Path(pin).read_text(encoding="utf-8"))["stats"]
+        return {str(k): v for k, v in stats.items() if isinstance(v, dict) and len(v["mean"]) == len(v["std"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def cached_features(paths: list, backbone: FeatureExtractor, resize: str, device: str, cache_dir: Path | None,
                     kind: str, n_aug: int, seed: int, progress: bool, onnx: bool = True,
                     augment: AugmentConfig = AugmentConfig(), precision: str = "fp32",
@@ -411,6 +465,7 @@ class NodeInputs:
     val_x: np.ndarray | None = None
     val_children: np.ndarray | None = None
     int8_model: Path | None = None
+    tree_stats: dict | None = None
 
 
 def node_features(cfg: TrainConfig, backbone: FeatureExtractor, data: NodeData, device: str,
@@ -442,8 +497,10 @@ def node_features(cfg: TrainConfig, backbone: FeatureExtractor, data: NodeData, 
     return out
 
 
-def feature_sets(head: Head, train_views: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray):
-    """Training and validation sets of features; fits ``head``'s standardiser on the training ones.
+def feature_sets(head: Head, train_views: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+                 stats: tuple | None = None):
+    """Training and validation sets of features; fits ``head``'s standardiser on the training ones (or
+    sets it to ``stats``, the tree's ``(mean (D,), std (D,))``, :func:`tree_feature_stats`).
 
     Parameters
     ----------
@@ -459,24 +516,31 @@ def feature_sets(head: Head, train_views: np.ndarray, train_y: np.ndarray, val_x
     n_v, dim = train_views.shape[1], train_views.shape[2]
     train_x = torch.from_numpy(train_views.reshape(-1, dim))
     ys = torch.from_numpy(np.repeat(train_y, n_v))
-    head.fit_standardizer(train_x)
+    head.fit_standardizer(train_x, stats)
     return TensorDataset(train_x, ys), TensorDataset(torch.from_numpy(val_x), torch.from_numpy(val_y)), ys.numpy()
 
 
 def frozen_inputs(cfg: TrainConfig, backbone: FeatureExtractor, head: Head, data: NodeData, device: str,
                   cache_dir: Path | None, progress: bool, int8_pin: Path | None = None) -> NodeInputs:
-    """The head alone, trained on cached features of the frozen backbone (``int8_pin``: see :func:`node_features`)."""
+    """The head alone, trained on cached features of the frozen backbone (``int8_pin``: see :func:`node_features`;
+    the tree's standardisation statistics are pinned beside it, :func:`tree_feature_stats`)."""
     backbone.requires_grad_(False)
     feats = node_features(cfg, backbone, data, device, cache_dir, progress, int8_pin)
     (xs, ok_tr), (xv, ok_v), (xt, ok_t) = feats["train"], feats["val"], feats["test"]
     if "aug" in feats:
         xs = np.concatenate([xs, feats["aug"][0]], axis=1)
-    train_set, val_set, train_labels = feature_sets(head, xs, data.targets["train"][ok_tr], xv[:, 0], data.targets["val"][ok_v])
+    stats = None
+    if cfg.head.standardize == "tree":
+        stats = tree_feature_stats(cfg, backbone, data, device, cache_dir, progress, feats.get("int8_model"),
+                                   None if int8_pin is None else int8_pin.parent / TREE_STATS)
+    train_set, val_set, train_labels = feature_sets(head, xs, data.targets["train"][ok_tr], xv[:, 0],
+                                                    data.targets["val"][ok_v],
+                                                    None if stats is None else (stats["mean"], stats["std"]))
     test_set = TensorDataset(torch.from_numpy(xt[:, 0]), torch.from_numpy(data.labels("test")[ok_t]))
     return NodeInputs(head, train_set, val_set, test_set, train_labels,
                       [p for p, k in zip(data.paths("test"), ok_t) if k], False,
                       test_mirror=xt[:, 1] if cfg.tta else None, val_x=xv[:, 0], val_children=data.labels("val")[ok_v],
-                      int8_model=feats.get("int8_model"))
+                      int8_model=feats.get("int8_model"), tree_stats=stats)
 
 
 def finetune_inputs(cfg: TrainConfig, backbone: FeatureExtractor, head: Head, data: NodeData, device: str,
@@ -596,6 +660,8 @@ def train_node(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path, devi
         write_models_hierarchy(models_dir, data.doc)
         if inputs.int8_model is not None:
             pin_int8_backbone(pin, backbone, cfg.resize, inputs.int8_model)
+        if inputs.tree_stats is not None:
+            pin_tree_stats(models_dir / TREE_STATS, inputs.tree_stats)
         shutil.rmtree(work, ignore_errors=True)
     dist_utils.barrier()
     return summary
