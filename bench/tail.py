@@ -222,9 +222,13 @@ def cross_validate(hier, ev: np.ndarray, views: np.ndarray, leaves: np.ndarray, 
 def markdown(rows: dict, tail: list, support: dict, header: str, command: str) -> str:
     lines = [header, "", "| method | leaf accuracy | macro F1 (leaves) | mean recall of tail leaves | seconds (all folds) |",
              "|---|---|---|---|---|"]
-    lines += [f"| {k} | {v['leaf_accuracy']:.4f} | {v['macro_f1']:.4f} | {v['tail_recall']:.4f} | {v['seconds']:.0f} |"
+    lines += [f"| {k} | {v['leaf_accuracy']:.4f} | {v['macro_f1']:.4f} | "
+              f"{'–' if v['tail_recall'] != v['tail_recall'] else format(v['tail_recall'], '.4f')} | {v['seconds']:.0f} |"
               for k, v in rows.items()]
     names = list(rows)
+    if not tail:
+        lines += ["", "(no tail leaf: every leaf has more images than --tail-max)"]
+        return "\n".join(lines + ["", f"Command: `{command}`"]) + "\n"
     lines += ["", f"Recall of each tail leaf (at most {max(support[t] for t in tail) if tail else 0} images), "
               "columns in the order of the table above:", "",
               "| leaf (images) | " + " | ".join(f"({i + 1})" for i in range(len(names))) + " |",

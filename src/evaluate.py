@@ -5,7 +5,7 @@ Writes results.json, results.md, report.html, graph.png and matrix.png and print
 leaf accuracy, accuracy per level, hierarchical F1, and (when trained_models/flat exists) the flat
 baseline with one verdict on the difference (McNemar's exact test decides; the paired-bootstrap
 interval is reported beside it), node by node whether the hierarchy's decision beats flat's, and a
-combined decision (flat leaf probability times LCPN path probability; reported only).
+combined decision (flat leaf probability times LCPN path probability; predict.py --decision combined).
 
 Without --output the files go to a new run folder, result_images/runs/<time>-<models fingerprint>/,
 so the results published in result_images/ are never overwritten by other models; pass

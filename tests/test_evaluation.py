@@ -608,7 +608,7 @@ def test_combined_decision_hand_computed():
     assert (res["combined"]["vs_lcpn"]["a_only"], res["combined"]["vs_lcpn"]["b_only"]) == (3, 0)  # images 2, 3, 4
     md = render_markdown({**res, "n_unreadable": 0, "runtime": "onnx"})
     assert "| leaf accuracy | 0.3333 | 0.6667 | 0.8333 |" in md
-    assert any(line.startswith("combined decision (reported only") for line in summary_lines(res))
+    assert any(line.startswith("combined decision (flat leaf probability x LCPN path probability") for line in summary_lines(res))
 
 
 def test_predict_test_set_combined_matches_path_products(two_level_tree):

@@ -200,7 +200,7 @@ def _galleries(hier: Hierarchy, res: dict, lim: HtmlLimits) -> list[str]:
 
 
 def _headline(res: dict) -> list[str]:
-    cols = [("LCPN", res)] + [(name, res[key]) for key, name in (("flat", "flat"), ("combined", "combined (reported only)"))
+    cols = [("LCPN", res)] + [(name, res[key]) for key, name in (("flat", "flat"), ("combined", "combined (--decision combined)"))
                               if key in res]
     rows = [("leaf accuracy (end to end)", "leaf_accuracy"), ("macro F1 over leaves", "macro_f1"),
             ("hierarchical F1", "hierarchical_f1")]

@@ -120,8 +120,8 @@ def summary_lines(res: dict) -> list[str]:
                          "performance.txt mirror-averages every image)")
     if "combined" in res:
         cb, vs = res["combined"], res["combined"]["vs_lcpn"]
-        lines.append(f"combined decision (reported only; predict.py does not use it: flat leaf probability x LCPN path "
-                     f"probability): leaf accuracy {_f(cb['leaf_accuracy'])}, macro F1 {_f(cb['macro_f1'])}; "
+        lines.append(f"combined decision (flat leaf probability x LCPN path probability; predict.py --decision "
+                     f"combined): leaf accuracy {_f(cb['leaf_accuracy'])}, macro F1 {_f(cb['macro_f1'])}; "
                      f"vs LCPN {vs['a_only']} only combined right, {vs['b_only']} only LCPN right, "
                      f"McNemar p = {_f(vs['p_value'], 3)}")
     return lines
@@ -130,7 +130,7 @@ def summary_lines(res: dict) -> list[str]:
 def _md_headline(res: dict) -> list[str]:
     """Intro and the headline table of ``results.md``: LCPN, then flat and the combined decision if present."""
     cols = [("LCPN (chained)", res)] + [(name, res[key]) for key, name in
-                                        (("flat", "flat baseline"), ("combined", "combined (reported only)")) if key in res]
+                                        (("flat", "flat baseline"), ("combined", "combined (--decision combined)")) if key in res]
     L = [
         "# Evaluation of the hierarchical classifier",
         "",
@@ -169,8 +169,8 @@ def _md_headline(res: dict) -> list[str]:
     if "combined" in res:
         vs = res["combined"]["vs_lcpn"]
         L += ["", "Combined: per image, the leaf maximising the flat model's probability times the LCPN path "
-                  "probability (the product of the node probabilities along the path). Reported only: predict.py "
-                  f"returns the LCPN path. Against LCPN: {vs['a_only']} images only the combined decision got right, "
+                  "probability (the product of the node probabilities along the path); predict.py returns it with "
+                  f"--decision combined (default: the LCPN path). Against LCPN: {vs['a_only']} images only the combined decision got right, "
                   f"{vs['b_only']} only LCPN, McNemar p = {_f(vs['p_value'], 3)}."]
     if res.get("n_stopped"):
         L += ["", f"{res['n_stopped']} predictions stopped above a leaf; they count as wrong for leaf accuracy "
