@@ -204,9 +204,19 @@ def test_tail_suite_decisions_flat_and_combined(tail, monkeypatch):
     for decision in ("flat", "combined"):
         monkeypatch.setitem(tail.VARIANTS, decision, {**tiny, "decision": decision})
     monkeypatch.setitem(tail.VARIANTS, "bad", {**tiny, "decision": "nope"})
-    preds, _ = tail.cross_validate(hier, ev, ev, leaves, tail.methods(["flat", "combined"], no_peers=True), folds=2, seed=0)
+    import ablation
+
+    calls = []
+    real = ablation.train_lcpn
+    monkeypatch.setattr(ablation, "train_lcpn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setitem(tail.VARIANTS, "lcpn", {**tiny})
+    tail._TRAINED.clear()
+    preds, _ = tail.cross_validate(hier, ev, ev, leaves, tail.methods(["flat", "combined", "lcpn"], no_peers=True),
+                                   folds=2, seed=0)
     for name, pred in preds.items():
         assert tail.scores(leaves, pred, [])["leaf_accuracy"] > 0.9, name
+    # one recipe, three decisions: the LCPN heads and the flat head are trained once per fold
+    assert len(calls) == 2 and sorted(k[0] for k in tail._TRAINED) == ["flat", "flat", "lcpn", "lcpn"]
     with pytest.raises(ValueError, match="decision"):
         tail.cross_validate(hier, ev, ev, leaves, tail.methods(["bad"], no_peers=True), folds=2, seed=0)
 
