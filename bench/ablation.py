@@ -71,8 +71,9 @@ def features(paths, backbone_name, size, views, cache_dir):
 def tree_stats(x_views):
     """The tree's standardisation statistics as train.py computes them (``--standardize tree``): mean and
     std ``(D,)`` over the eval view and mirror (views 0 and 1 of ``x_views`` ``(N, V, D)``) of every image."""
-    x = x_views[:, :2].reshape(-1, x_views.shape[-1]).astype(np.float64)
-    return x.mean(0).astype(np.float32), x.std(0, ddof=1).astype(np.float32)
+    from hiernet.training import feature_stats
+
+    return feature_stats(x_views[:, :2])
 
 
 def train_head(x_views, y, n_classes, hidden, seed, class_weight_power, group=None, changes=None, stats=None):

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hiernet.evaluation import FLAT_FIELDS, assemble_results, combined_leaves, lcpn_leaf_probs, predict_test_set
+from hiernet.evaluation import FLAT_FIELDS, assemble_results, combined_leaves, predict_test_set
+from hiernet.routing import path_leaf_probs as lcpn_leaf_probs
 from hiernet.metrics import STOPPED, display_order, error_attribution, first_error_level, level_accuracy, score
 from hiernet.report import OUTPUT_FILES, render_markdown, summary_lines, verdict, write_outputs
 from hiernet.testsets import TestSet, check_known_leaves, load_prepared_test_set, scan_test_tree

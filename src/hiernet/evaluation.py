@@ -30,7 +30,7 @@ import numpy as np
 from .hierarchy import FLAT_DATASET, Hierarchy, HierarchyError, load_hierarchy_json
 from .metrics import json_ready, leaf_correct, node_vs_flat, paired_comparison, partial_label_score, score
 from .report import verdict
-from .routing import path_leaf_probs as lcpn_leaf_probs  # noqa: F401 (the LCPN probability of every leaf)
+from .routing import path_leaf_probs
 from .safeio import UserError, sha256_file
 from .testsets import TestSet, check_known_leaves, load_prepared_test_set, partial_test_set, scan_test_tree
 
@@ -54,7 +54,7 @@ def combined_leaves(hier: Hierarchy, node_probs: dict[str, np.ndarray], flat_pro
     Parameters
     ----------
     node_probs : dict
-        As for :func:`lcpn_leaf_probs`, on all ``N`` images.
+        As for :func:`hiernet.routing.path_leaf_probs`, on all ``N`` images.
     flat_probs : ndarray, shape (N, L)
         The flat head's probabilities; columns follow ``flat_leaves``.
 
@@ -63,7 +63,7 @@ def combined_leaves(hier: Hierarchy, node_probs: dict[str, np.ndarray], flat_pro
     list of str, shape (N,)
     """
     flat_probs = np.asarray(flat_probs, dtype=float)
-    joint = lcpn_leaf_probs(hier, node_probs, flat_leaves, n=len(flat_probs)) * flat_probs
+    joint = path_leaf_probs(hier, node_probs, flat_leaves, n=len(flat_probs)) * flat_probs
     return [str(flat_leaves[j]) for j in joint.argmax(axis=1)]
 
 

@@ -444,15 +444,15 @@ class HierarchicalPredictor:
         if not inputs:
             return [], {}, None
         batch = _Batch(self.bundle, inputs, self.options.mirror, mode, feats)
+        fp = None if self.flat is None else batch.node_probs(self.flat, np.arange(batch.n))
         if self.options.decision == "lcpn":
             routes = route(self.hier, lambda nid, idx: batch.node_probs(self.nodes[nid], idx), batch.n,
                            self.options.topk, self.options.min_confidence)
         else:
-            routes = route_leaves(self.hier, self._leaf_scores(batch), self.flat.class_nodes, self.options.topk,
+            routes = route_leaves(self.hier, self._leaf_scores(batch, fp), self.flat.class_nodes, self.options.topk,
                                   self.options.min_confidence)
         preds = [self._prediction(name, r) for name, r in zip(names, routes)]
-        if self.flat is not None:
-            fp = batch.node_probs(self.flat, np.arange(batch.n))
+        if fp is not None:
             for i, pr in enumerate(preds):
                 j = int(fp[i].argmax())
                 pr.flat_leaf, pr.flat_prob = self.flat.class_nodes[j], float(fp[i, j])
@@ -463,15 +463,14 @@ class HierarchicalPredictor:
             scores[nid] = batch.node_probs(nm, idx) if len(idx) else np.zeros((0, len(nm.class_nodes)), np.float32)
         return preds, scores, batch
 
-    def _leaf_scores(self, batch: _Batch) -> np.ndarray:
-        """``(n, L)`` scores over the flat head's leaves: its probabilities, times the LCPN path
-        probability of each leaf for the combined decision."""
+    def _leaf_scores(self, batch: _Batch, flat_probs: np.ndarray) -> np.ndarray:
+        """``(n, L)`` scores over the flat head's leaves: its probabilities ``flat_probs``, times the LCPN
+        path probability of each leaf for the combined decision."""
+        if self.options.decision != "combined":
+            return flat_probs
         every = np.arange(batch.n)
-        scores = batch.node_probs(self.flat, every)
-        if self.options.decision == "combined":
-            node_p = {nid: batch.node_probs(self.nodes[nid], every) for nid in self.hier.classifier_nodes()}
-            scores = scores * path_leaf_probs(self.hier, node_p, self.flat.class_nodes, batch.n)
-        return scores
+        node_p = {nid: batch.node_probs(self.nodes[nid], every) for nid in self.hier.classifier_nodes()}
+        return flat_probs * path_leaf_probs(self.hier, node_p, self.flat.class_nodes, batch.n)
 
     def _prediction(self, name: str, r) -> Prediction:
         lab = self._labels

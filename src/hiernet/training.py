@@ -173,20 +173,28 @@ def _fp32_backbone_key(backbone: FeatureExtractor, resize: str) -> dict:
             "weights": backbone.weights_fingerprint, "transform_version": TRANSFORM_VERSION}
 
 
-def _read_pins(pin: Path | None) -> dict:
-    """``{fp32 key hash: int8 file name}`` of a models folder's :data:`INT8_PIN` (empty: none or unreadable)."""
+def _pin_entries(pin: Path | None, field: str) -> dict:
+    """``{key hash: entry}`` under ``field`` of a models folder's pin file (:data:`INT8_PIN`: ``models``,
+    :data:`TREE_STATS`: ``stats``); empty when there is none or it is unreadable."""
     if pin is None:
         return {}
     try:
-        models = json.loads(Path(pin).read_text(encoding="utf-8"))["models"]
+        entries = json.loads(Path(pin).read_text(encoding="utf-8"))[field]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
-    return dict(models) if isinstance(models, dict) else {}
+    return dict(entries) if isinstance(entries, dict) else {}
+
+
+def _write_pin_entry(pin: Path, field: str, key: str, entry) -> None:
+    """Set ``key`` to ``entry`` under ``field`` of the pin file ``pin``, keeping its other entries."""
+    entries = _pin_entries(pin, field)
+    entries[key] = entry
+    write_json_atomic(pin, {"version": 1, field: entries})
 
 
 def _pinned_int8(pin: Path | None, fp32_key: dict, cache_dir: Path) -> Path | None:
     """The cached int8 backbone ``pin`` names for ``fp32_key`` (``None``: no pin, another model, or gone)."""
-    name = _read_pins(pin).get(_config_hash(fp32_key))
+    name = _pin_entries(pin, "models").get(_config_hash(fp32_key))
     if name is None:
         return None
     path = cache_dir / "int8" / str(name)
@@ -198,9 +206,7 @@ def _pinned_int8(pin: Path | None, fp32_key: dict, cache_dir: Path) -> Path | No
 
 def pin_int8_backbone(pin: Path, backbone: FeatureExtractor, resize: str, model: Path) -> None:
     """Record in ``pin`` (a models folder's :data:`INT8_PIN`) that ``model`` is the int8 version of ``backbone``."""
-    models = _read_pins(pin)
-    models[_config_hash(_fp32_backbone_key(backbone, resize))] = Path(model).name
-    write_json_atomic(pin, {"version": 1, "models": models})
+    _write_pin_entry(pin, "models", _config_hash(_fp32_backbone_key(backbone, resize)), Path(model).name)
 
 
 #: The file in a models folder that holds the tree's feature statistics its heads standardise with.
@@ -224,37 +230,33 @@ def tree_feature_stats(cfg: TrainConfig, backbone: FeatureExtractor, data: NodeD
     """
     key = _config_hash({**_fp32_backbone_key(backbone, cfg.resize), "precision": cfg.precision,
                         "int8": None if int8_model is None else Path(int8_model).name})
-    pinned = _read_tree_stats(pin).get(key)
-    if pinned is not None:
-        return {"key": key, "n_images": pinned.get("n_images"), "mean": np.asarray(pinned["mean"], np.float32),
-                "std": np.asarray(pinned["std"], np.float32)}
+    pinned = _pin_entries(pin, "stats").get(key)
+    try:
+        mean, std = np.asarray(pinned["mean"], np.float32), np.asarray(pinned["std"], np.float32)
+        if mean.ndim == 1 and mean.shape == std.shape:
+            return {"key": key, "n_images": pinned.get("n_images"), "mean": mean, "std": std}
+    except (TypeError, KeyError, ValueError):  # none pinned, or a malformed entry: compute them
+        pass
     f, ok = cached_features(tree_training_images(data.data_dir, data.doc), backbone, cfg.resize, device, cache_dir,
                             "eval", 0, cfg.fit.seed, progress, cfg.onnx, cfg.augment, cfg.precision, int8_model)
-    x = f[ok].reshape(-1, f.shape[-1]).astype(np.float64)
-    if len(x) < 2:
+    if ok.sum() < 2:
         raise UserError("fewer than two readable training images in the tree to standardise features with; "
                         "check the prepared datasets")
-    return {"key": key, "n_images": int(ok.sum()), "mean": x.mean(0).astype(np.float32),
-            "std": x.std(0, ddof=1).astype(np.float32)}
+    mean, std = feature_stats(f[ok])
+    return {"key": key, "n_images": int(ok.sum()), "mean": mean, "std": std}
+
+
+def feature_stats(views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std ``(D,)`` (float32; the std with one degree of freedom less) over every image and view of
+    ``views`` ``(N, V, D)``, computed in float64."""
+    x = views.reshape(-1, views.shape[-1]).astype(np.float64)
+    return x.mean(0).astype(np.float32), x.std(0, ddof=1).astype(np.float32)
 
 
 def pin_tree_stats(pin: Path, stats: dict) -> None:
     """Record :func:`tree_feature_stats`'s ``stats`` in ``pin`` (a models folder's :data:`TREE_STATS`)."""
-    entries = _read_tree_stats(pin)
-    entries[stats["key"]] = {"n_images": stats["n_images"], "mean": np.asarray(stats["mean"]).tolist(),
-                             "std": np.asarray(stats["std"]).tolist()}
-    write_json_atomic(pin, {"version": 1, "stats": entries})
-
-
-def _read_tree_stats(pin: Path | None) -> dict:
-    """``{feature key hash: {"mean", "std", "n_images"}}`` of a :data:`TREE_STATS` file (empty: none or unreadable)."""
-    if pin is None:
-        return {}
-    try:
-        stats = json.loads(Path(pin).read_text(encoding="utf-8"))["stats"]
-        return {str(k): v for k, v in stats.items() if isinstance(v, dict) and len(v["mean"]) == len(v["std"])}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
+    _write_pin_entry(pin, "stats", stats["key"], {"n_images": stats["n_images"], "mean": np.asarray(stats["mean"]).tolist(),
+                                                  "std": np.asarray(stats["std"]).tolist()})
 
 
 def cached_features(paths: list, backbone: FeatureExtractor, resize: str, device: str, cache_dir: Path | None,
