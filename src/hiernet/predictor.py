@@ -157,11 +157,11 @@ class MirrorMode(enum.Enum):
     """When a batch runs the mirror passes its nodes ask for."""
 
     INLINE = "inline"  # at once, for the images a node is unsure about
-    DEFER = "defer"  # never: only flag those images (``_Batch.unsure``)
+    DEFER = "defer"  # never: only flag those images (``Batch.unsure``)
     ALL = "all"  # every image will want it: the first mirror pass of a backbone covers the whole batch
 
 
-class _Batch:
+class Batch:
     """One batch's images, backbone features (computed once) and node probabilities.
 
     ``images``: ``{(size, resize): (n, 3, size, size)}``; ``feats``: group → ``(n, D)``; ``unsure``:
@@ -435,15 +435,15 @@ class HierarchicalPredictor:
         return preds, scores
 
     def _run(self, inputs: list[dict], names: list[str], mode: MirrorMode, score: dict | None = None,
-             feats: dict | None = None) -> tuple[list[Prediction], dict, _Batch | None]:
+             feats: dict | None = None) -> tuple[list[Prediction], dict, Batch | None]:
         """Route a batch (backbone features ``feats``, group → ``(n, D)``, when already computed).
 
-        Returns the predictions, the scores of :meth:`predict_and_score`, and the :class:`_Batch`
+        Returns the predictions, the scores of :meth:`predict_and_score`, and the :class:`Batch`
         (its ``unsure`` mask and ``feats``; ``None`` for an empty batch).
         """
         if not inputs:
             return [], {}, None
-        batch = _Batch(self.bundle, inputs, self.options.mirror, mode, feats)
+        batch = Batch(self.bundle, inputs, self.options.mirror, mode, feats)
         fp = None if self.flat is None else batch.node_probs(self.flat, np.arange(batch.n))
         if self.options.decision == "lcpn":
             routes = route(self.hier, lambda nid, idx: batch.node_probs(self.nodes[nid], idx), batch.n,
@@ -463,7 +463,7 @@ class HierarchicalPredictor:
             scores[nid] = batch.node_probs(nm, idx) if len(idx) else np.zeros((0, len(nm.class_nodes)), np.float32)
         return preds, scores, batch
 
-    def _leaf_scores(self, batch: _Batch, flat_probs: np.ndarray) -> np.ndarray:
+    def _leaf_scores(self, batch: Batch, flat_probs: np.ndarray) -> np.ndarray:
         """``(n, L)`` scores over the flat head's leaves: its probabilities ``flat_probs``, times the LCPN
         path probability of each leaf for the combined decision."""
         if self.options.decision != "combined":

@@ -32,7 +32,7 @@ from starlette.requests import Request
 
 from .bundle import MANIFEST, ONNX_DIR
 from .images import ImageDecodeError, decode_rgb, resize_for_model, to_array
-from .predictor import HierarchicalPredictor, MirrorMode, Prediction, PredictOptions, _Batch
+from .predictor import HierarchicalPredictor, MirrorMode, Prediction, PredictOptions, Batch
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def predict_items(model: LoadedModel, items: list) -> list[Prediction]:
     if len(groups) == 1:
         opts = next(iter(groups))
         return predictor_for(opts).predict_arrays([it.inputs for it in items], [it.name for it in items])
-    batch = _Batch(base.bundle, [it.inputs for it in items], base.options.mirror, MirrorMode.INLINE)
+    batch = Batch(base.bundle, [it.inputs for it in items], base.options.mirror, MirrorMode.INLINE)
     feats = {g: batch.features(g) for g in base.bundle.backbones}
     out: list = [None] * len(items)
     for opts, idx in groups.items():
