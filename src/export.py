@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Export the trained models to ONNX so predict.py can run them in onnxruntime (much faster on CPU).
 
+With the prepared datasets at hand (--data-dir), the export also predicts their validation split: the
+int8 guard, and which decision (LCPN walk, flat head, combined) predict.py --decision auto will use.
+
 Example:
   python3 src/export.py                 # writes trained_models/onnx/ (train_lcpn.sh runs this)
 """
@@ -54,9 +57,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"exported {len(man['backbones'])} backbone(s) and {len(man['nodes'])} node model(s) to "
           f"{args.models_dir / 'onnx'}/ (max |torch - onnx| = {man['max_abs_diff']:.1e}); prediction precision: "
           f"{man['precision']}")
-    line = guard_line(man.get("guard"))
-    if line:
-        print(line)
+    for line in (guard_line(man.get("guard")), decision_line(man.get("decision"))):
+        if line:
+            print(line)
     return 0
 
 
@@ -68,6 +71,15 @@ def guard_line(guard: dict | None) -> str | None:
     what = (f"int8 loses {f32 - i8:.2f} points (more than {100 * guard['max_drop']:.2f}): prediction keeps fp32"
             if guard["kept"] == "fp32" else "prediction uses int8")
     return f"int8 guard: validation leaf accuracy fp32 {f32:.2f} %, int8 {i8:.2f} % on {guard['n_images']} images; {what}"
+
+
+def decision_line(decision: dict | None) -> str | None:
+    """The one line that says which decision ``--decision auto`` will use (``None`` when none was chosen)."""
+    if not decision:
+        return None
+    acc = ", ".join(f"{k} {100 * v:.2f} %" for k, v in decision["leaf_accuracy"].items())
+    return (f"decision: validation leaf accuracy {acc} on {decision['n_images']} images; predict.py and serve.py "
+            f"use {decision['chosen']} (--decision auto)")
 
 
 if __name__ == "__main__":

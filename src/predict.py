@@ -42,10 +42,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=list(WRITERS), default=None,
                    help="text, json, jsonl (one object per line) or csv (default: from the -o suffix "
                         ".json/.jsonl/.csv/.txt, else text)")
-    p.add_argument("--decision", choices=["lcpn", "flat", "combined"], default="lcpn",
-                   help="how the leaf is chosen: lcpn = level by level with the node classifiers (default); flat = the "
+    p.add_argument("--decision", choices=["auto", "lcpn", "flat", "combined"], default="auto",
+                   help="how the leaf is chosen: lcpn = level by level with the node classifiers; flat = the "
                         "flat model's most likely leaf; combined = the leaf maximising flat x LCPN path probability "
-                        "(the last two need the flat model; see the README's long-tail section)")
+                        "(the last two need the flat model); auto (default) = the one most accurate on the "
+                        "validation split when export.py ran (it says which), else lcpn")
     p.add_argument("--topk", type=int, default=1, help="also list the K most likely classes at each level (csv/json/text)")
     add_inference_args(p)
     p.add_argument("-o", "--output", help="write here instead of standard output (- = standard output); a file "

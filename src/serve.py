@@ -29,8 +29,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="trained models (default: <repo>/trained_models)")
-    p.add_argument("--decision", choices=["lcpn", "flat", "combined"], default="lcpn",
-                   help="how the leaf is chosen (as predict.py --decision; default: lcpn)")
+    p.add_argument("--decision", choices=["auto", "lcpn", "flat", "combined"], default="auto",
+                   help="how the leaf is chosen (as predict.py --decision; default: auto, the export's choice on "
+                        "the validation split, else lcpn)")
     p.add_argument("--topk", type=int, default=1, help="default top-k per level (a request's topk overrides it)")
     add_inference_args(p)
     p.add_argument("--max-batch", type=int, default=None,

@@ -19,6 +19,10 @@ from .hierarchy import FLAT_DATASET, Hierarchy, display_names, is_safe_folder_na
 from .images import RESIZE_POLICIES
 from .safeio import UserError, sha256_file
 
+#: How a leaf is chosen (``hiernet.predictor.PredictOptions.decision``), in the order preferred when
+#: two are equally accurate: the level-by-level walk first (it runs only the nodes on the path).
+DECISIONS = ("lcpn", "combined", "flat")
+
 log = logging.getLogger(__name__)
 
 ONNX_DIR = "onnx"
@@ -178,7 +182,9 @@ class OnnxManifest:
     :class:`OnnxBackbone`; ``max_abs_diff`` is the largest torch/onnxruntime probability difference
     measured at export time. ``precision`` (``fp32`` or ``int8``) is the backbone prediction uses by
     default: int8 when the heads were trained on int8 features and the export's guard (``guard``: the
-    validation split's leaf accuracy with each backbone) kept it.
+    validation split's leaf accuracy with each backbone) kept it. ``decision`` is what ``--decision auto``
+    uses (:func:`chosen_decision`): ``{"chosen", "leaf_accuracy": {decision: accuracy}, "n_images",
+    "precision"}``, the decision with the best leaf accuracy on the validation split.
     """
 
     hierarchy_fingerprint: str
@@ -189,12 +195,13 @@ class OnnxManifest:
     version: int = MANIFEST_VERSION
     precision: str = "fp32"
     guard: dict | None = None
+    decision: dict | None = None
 
     def to_dict(self) -> dict:
         d = {"version": self.version, "hierarchy_fingerprint": self.hierarchy_fingerprint, "precision": self.precision,
              "backbones": {g: vars(b) for g, b in self.backbones.items()},
              "nodes": {ds: vars(e) for ds, e in self.nodes.items()}}
-        for name in ("max_abs_diff", "torch_version", "guard"):
+        for name in ("max_abs_diff", "torch_version", "guard", "decision"):
             if getattr(self, name) is not None:
                 d[name] = getattr(self, name)
         return d
@@ -207,7 +214,7 @@ class OnnxManifest:
             raise ValueError(f"unknown precision {precision!r}")
         return cls(d["hierarchy_fingerprint"], {g: OnnxBackbone(**b) for g, b in d["backbones"].items()},
                    {ds: OnnxNode(**e) for ds, e in d["nodes"].items()}, d.get("max_abs_diff"), d.get("torch_version"),
-                   d.get("version", MANIFEST_VERSION), precision, d.get("guard"))
+                   d.get("version", MANIFEST_VERSION), precision, d.get("guard"), d.get("decision"))
 
     @classmethod
     def read(cls, models_dir: Path) -> "OnnxManifest":
@@ -252,6 +259,30 @@ def onnx_problem(models_dir: Path, hier: Hierarchy, with_flat: bool = False) -> 
         return OnnxManifest.read(models_dir).problem(models_dir, hier, with_flat)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"the ONNX manifest is unreadable ({type(exc).__name__})"
+
+
+def chosen_decision(models_dir: Path) -> tuple[str, dict | None]:
+    """What ``--decision auto`` means for ``models_dir``: the decision the ONNX export chose on the
+    validation split (``OnnxManifest.decision``), while that export (flat baseline included) is current;
+    else ``lcpn``.
+
+    Returns
+    -------
+    (str, dict or None)
+        The decision (``lcpn``, ``flat`` or ``combined``) and the manifest's record behind it (``None``
+        when there is none to follow).
+    """
+    models_dir = Path(models_dir)
+    try:
+        hier, _ = read_models_hierarchy(models_dir)
+        if onnx_problem(models_dir, hier, with_flat=True) is not None:
+            return "lcpn", None
+        record = OnnxManifest.read(models_dir).decision
+    except (UserError, OSError, ValueError, KeyError, TypeError):
+        return "lcpn", None
+    if not isinstance(record, dict) or record.get("chosen") not in DECISIONS:
+        return "lcpn", None
+    return str(record["chosen"]), record
 
 
 # ---------------------------------------------------------------------- loading

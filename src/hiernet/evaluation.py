@@ -343,7 +343,7 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     -------
     (dict, Hierarchy)
         The results document (see :func:`assemble_results`, plus ``n_unreadable``, ``unreadable``,
-        ``runtime``, ``source``, ``models_dir``, ``models_fingerprint`` (:func:`models_fingerprint`),
+        ``runtime``, ``auto_decision`` (:func:`_auto_decision_record`), ``source``, ``models_dir``, ``models_fingerprint`` (:func:`models_fingerprint`),
         ``min_confidence``, ``seen_in_training`` (:func:`seen_in_training`, with ``data_tree``),
         ``images`` (one record per evaluated image), ``created``, and ``display`` when the tree has display
         names: node id → the name results.md and report.html show) and the trained tree.
@@ -378,13 +378,22 @@ def evaluate(models_dir: str | Path, data_dir: str | Path | None = None, data_tr
     if data_tree is None:
         res["partial"] = score_partial(predictor, Path(data_dir), batch_size, workers or default_workers())
     head = {"n_images": res.pop("n_images"), "n_unreadable": len(unreadable), "runtime": predictor.runtime,
-            "precision": predictor.bundle.precision}
+            "precision": predictor.bundle.precision, "auto_decision": _auto_decision_record(models_dir)}
     tail = {"source": test.source, "models_dir": str(models_dir), "models_fingerprint": models_fingerprint(models_dir, hier),
             "min_confidence": float(min_confidence), "seen_in_training": seen, "images": _image_records(test, preds, ok),
             "unreadable": [{"path": p, "reason": r} for p, r in unreadable],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **({"display": dict(predictor.display)} if predictor.display else {})}
     return {**head, **res, **tail}, hier
+
+
+def _auto_decision_record(models_dir: Path) -> dict:
+    """What ``predict.py --decision auto`` uses with these models: ``{"chosen", ...}`` (the export's
+    record, :func:`hiernet.bundle.chosen_decision`; ``{"chosen": "lcpn"}`` without one)."""
+    from .bundle import chosen_decision
+
+    decision, record = chosen_decision(models_dir)
+    return {**(record or {}), "chosen": decision}
 
 
 def _want_flat(models_dir: Path, with_flat: bool | None) -> bool:

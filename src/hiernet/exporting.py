@@ -6,8 +6,10 @@ and the export is checked against PyTorch on a random batch before it is publish
 
 Nodes trained on int8 features (``--precision int8``) bring their int8 backbone along: it is copied
 from the feature cache (the very file the features came from, checked by SHA-256) beside the fp32 one.
-A guard (:func:`int8_guard`) then predicts the validation split with each and keeps fp32 as the
-default precision when int8 loses more than :data:`hiernet.quantize.GUARD_MAX_DROP` of leaf accuracy.
+A guard (:func:`validation_checks`) then predicts the validation split with each and keeps fp32 as the
+default precision when int8 loses more than :data:`hiernet.quantize.GUARD_MAX_DROP` of leaf accuracy;
+the same pass records which decision (LCPN walk, flat head, or combined) is most accurate there, the
+one ``--decision auto`` uses.
 """
 
 from __future__ import annotations
@@ -69,9 +71,7 @@ def export_models(models_dir: Path, with_flat: bool | None = None, check_batch: 
         man.max_abs_diff, man.torch_version = worst, torch.__version__
         if _add_int8_backbones(bundle, models_dir, stage, man, cache_dir):
             man.precision = "int8"
-            man.guard = int8_guard(stage, man, hier, data_dir, GUARD_MAX_DROP if max_drop is None else max_drop)
-            if man.guard and man.guard["kept"] == "fp32":
-                man.precision = "fp32"
+        validation_checks(stage, man, hier, data_dir, GUARD_MAX_DROP if max_drop is None else max_drop)
         write_json_atomic(stage / MANIFEST, man.to_dict())
         replace_dir(stage, models_dir / ONNX_DIR)
     return man.to_dict()
@@ -156,30 +156,78 @@ def _add_int8_backbones(bundle: ModelBundle, models_dir: Path, stage: Path, man:
     return bool(man.backbones) and all(b.int8_file for b in man.backbones.values())
 
 
-def int8_guard(onnx_dir: Path, man: OnnxManifest, hier, data_dir: Path | None, max_drop: float) -> dict | None:
-    """Leaf accuracy of the chain on the validation split with the int8 and the fp32 backbones (same heads).
+def validation_checks(onnx_dir: Path, man: OnnxManifest, hier, data_dir: Path | None, max_drop: float) -> None:
+    """Predict the validation split once per backbone precision of the export and record what it shows.
+
+    With an int8 backbone, the guard (``man.guard``, :func:`guard_verdict`) keeps fp32 as ``man.precision``
+    when int8 loses more than ``max_drop`` of LCPN leaf accuracy. Then ``man.decision``
+    (:func:`choose_decision`) names the decision with the best leaf accuracy at that precision: what
+    ``--decision auto`` uses. Nothing is recorded when ``data_dir`` holds no validation split of this tree.
+    """
+    paths, leaves = validation_split(data_dir, hier)
+    if not paths:
+        log.info("validation checks skipped: no validation split of this tree in %s", data_dir)
+        return
+    from .bundle import onnx_bundle
+    from .hierarchy import FLAT_DATASET
+    from .predictor import HierarchicalPredictor
+
+    precisions = ("fp32", "int8") if man.precision == "int8" else ("fp32",)
+    with_flat = FLAT_DATASET in man.nodes
+    acc = {p: validation_accuracies(HierarchicalPredictor(onnx_bundle(onnx_dir, man, hier, with_flat, p)), paths, leaves)
+           for p in precisions}
+    if "int8" in acc:
+        man.guard = guard_verdict(acc["fp32"]["lcpn"], acc["int8"]["lcpn"], len(paths), max_drop)
+        man.precision = man.guard["kept"]
+    man.decision = choose_decision(acc[man.precision], len(paths), man.precision)
+
+
+def validation_accuracies(predictor, paths: list[str], leaves: list[str]) -> dict[str, float]:
+    """Leaf accuracy of each decision of ``predictor`` on ``paths`` (``N`` images, true ``leaves``; an
+    unreadable image counts as wrong) from one backbone pass (:func:`hiernet.evaluation.predict_test_set`).
 
     Returns
     -------
-    dict or None
-        ``{"n_images", "fp32_leaf_accuracy", "int8_leaf_accuracy", "max_drop", "kept"}`` where ``kept``
-        is ``"fp32"`` when int8 loses more than ``max_drop``, else ``"int8"``; ``None`` when there is no
-        prepared validation split of this tree in ``data_dir`` to check on.
+    dict
+        ``{"lcpn": a}``, plus ``"flat"`` when the flat baseline is loaded and ``"combined"`` when the
+        combined decision can be computed (the flat baseline and every node a head on a shared backbone).
     """
-    from .bundle import onnx_bundle
-    from .predictor import HierarchicalPredictor
+    from .evaluation import predict_test_set
+    from .predictor import default_workers
+    from .testsets import TestSet
 
-    paths, leaves = validation_split(data_dir, hier)
-    if not paths:
-        log.info("int8 guard skipped: no validation split of this tree in %s", data_dir)
-        return None
-    acc = {}
-    for precision in ("fp32", "int8"):
-        preds = HierarchicalPredictor(onnx_bundle(onnx_dir, man, hier, False, precision)).predict_paths(paths)
-        acc[precision] = float(np.mean([p.error is None and p.node == leaf for p, leaf in zip(preds, leaves)]))
-    kept = "fp32" if acc["fp32"] - acc["int8"] > max_drop else "int8"
-    return {"n_images": len(paths), "fp32_leaf_accuracy": acc["fp32"], "int8_leaf_accuracy": acc["int8"],
+    preds, _, combined = predict_test_set(predictor, TestSet(list(paths), list(leaves), "validation split"),
+                                          workers=default_workers())
+    acc = {"lcpn": float(np.mean([p.error is None and p.node == leaf for p, leaf in zip(preds, leaves)]))}
+    if predictor.flat is not None:
+        acc["flat"] = float(np.mean([p.error is None and p.flat_leaf == leaf for p, leaf in zip(preds, leaves)]))
+    if combined is not None:
+        acc["combined"] = float(np.mean([c is not None and c == leaf for c, leaf in zip(combined, leaves)]))
+    return acc
+
+
+def guard_verdict(fp32_accuracy: float, int8_accuracy: float, n_images: int, max_drop: float) -> dict:
+    """The int8 guard's record: ``kept`` is ``"fp32"`` when int8 loses more than ``max_drop`` (a fraction)
+    of leaf accuracy, else ``"int8"``."""
+    kept = "fp32" if fp32_accuracy - int8_accuracy > max_drop else "int8"
+    return {"n_images": n_images, "fp32_leaf_accuracy": fp32_accuracy, "int8_leaf_accuracy": int8_accuracy,
             "max_drop": max_drop, "kept": kept}
+
+
+def choose_decision(accuracy: dict[str, float], n_images: int, precision: str) -> dict:
+    """The decision ``--decision auto`` uses: the best validation leaf accuracy in ``accuracy``
+    (decision → accuracy); among equals the first of :data:`hiernet.bundle.DECISIONS` (LCPN first).
+
+    Returns
+    -------
+    dict
+        ``{"chosen", "leaf_accuracy", "n_images", "precision"}`` (``OnnxManifest.decision``).
+    """
+    from .bundle import DECISIONS
+
+    chosen = max((d for d in DECISIONS if d in accuracy), key=lambda d: accuracy[d])  # max keeps the first of equals
+    return {"chosen": chosen, "leaf_accuracy": {d: accuracy[d] for d in DECISIONS if d in accuracy},
+            "n_images": n_images, "precision": precision}
 
 
 def validation_split(data_dir: Path | None, hier) -> tuple[list[str], list[str]]:

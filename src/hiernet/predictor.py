@@ -21,7 +21,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .bundle import MANIFEST, ONNX_DIR, ModelBundle, NodeModel, load_bundle, onnx_problem, read_models_hierarchy  # noqa: F401
+from .bundle import (DECISIONS, MANIFEST, ONNX_DIR, ModelBundle, NodeModel, chosen_decision, load_bundle,  # noqa: F401
+                     onnx_problem, read_models_hierarchy)
 from .hierarchy import ROOT_ID, Hierarchy
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
 from .routing import average_views, path_leaf_probs, route, route_leaves, softmax
@@ -61,10 +62,6 @@ class MirrorPolicy:
         return np.where(probs.max(axis=1) < self.below)[0]
 
 
-#: How a leaf is chosen (:attr:`PredictOptions.decision`).
-DECISIONS = ("lcpn", "flat", "combined")
-
-
 @dataclass(frozen=True)
 class PredictOptions:
     """Everything that shapes predictions, fixed when the predictor is built.
@@ -79,11 +76,13 @@ class PredictOptions:
     prefetch_batches : int or None
         Batches decoded ahead while the network runs. ``None``: 2 for torch on an accelerator, else 0
         (on CPU decoding threads would compete with onnxruntime's for the same cores, measured slower).
-    decision : {"lcpn", "flat", "combined"}
+    decision : {"lcpn", "flat", "combined", "auto"}
         How the leaf is chosen: ``lcpn`` walks the tree level by level with the node classifiers;
         ``flat`` takes the flat head's most likely leaf; ``combined`` the leaf maximising flat probability
         × LCPN path probability (every node runs on every image). The last two need the flat model and
         report each level's share of the chosen distribution (:func:`hiernet.routing.route_leaves`).
+        ``auto``: the one the export found most accurate on the validation split, resolved by
+        :meth:`HierarchicalPredictor.load` (a predictor built on a bundle alone takes ``lcpn``).
     """
 
     min_confidence: float = 0.0
@@ -93,8 +92,8 @@ class PredictOptions:
     decision: str = "lcpn"
 
     def __post_init__(self):
-        if self.decision not in DECISIONS:
-            raise UserError(f"unknown decision {self.decision!r}; use one of {', '.join(DECISIONS)}")
+        if self.decision not in DECISIONS + ("auto",):
+            raise UserError(f"unknown decision {self.decision!r}; use one of auto, {', '.join(DECISIONS)}")
         if not 0.0 <= self.min_confidence <= 1.0:
             raise UserError(f"the minimum confidence must be between 0 and 1, got {self.min_confidence}")
         if self.topk < 1:
@@ -226,6 +225,8 @@ class HierarchicalPredictor:
             bundle, options = ModelBundle(hier, nodes, backbones, runtime, flat), PredictOptions(min_confidence, topk)
         self.bundle = bundle
         self.options = options or PredictOptions()
+        if self.options.decision == "auto":  # only load() knows the models folder whose export chose one
+            self.options = dataclasses.replace(self.options, decision="lcpn")
         if self.options.decision != "lcpn" and bundle.flat is None:
             raise UserError(f"the {self.options.decision} decision needs the flat model: load it (with_flat=True), "
                             "or train it (train_lcpn.sh trains it unless NO_FLAT=1)")
@@ -245,7 +246,8 @@ class HierarchicalPredictor:
              decision: str = "lcpn") -> "HierarchicalPredictor":
         """:func:`hiernet.bundle.load_bundle`, predicting with ``options`` (or the ones the other
         arguments give: ``tta_below`` None keeps :class:`MirrorPolicy`'s default). A ``decision`` other
-        than ``lcpn`` loads the flat model too.
+        than ``lcpn`` loads the flat model too; ``auto`` is the one the export chose on the validation
+        split (:func:`hiernet.bundle.chosen_decision`; ``lcpn`` without one).
 
         Raises
         ------
@@ -255,6 +257,8 @@ class HierarchicalPredictor:
         if options is None:
             mirror = MirrorPolicy() if tta_below is None else MirrorPolicy(float(tta_below))
             options = PredictOptions(float(min_confidence), int(topk), mirror, decision=decision)
+        if options.decision == "auto":
+            options = dataclasses.replace(options, decision=_auto_decision(models_dir))
         with_flat = with_flat or options.decision != "lcpn"
         return cls(load_bundle(models_dir, runtime, device, with_flat, precision), options)
 
@@ -478,6 +482,18 @@ class HierarchicalPredictor:
         return Prediction(name, [lab[c] for c in r.node_ids], list(r.node_ids), list(r.probs), r.confidence,
                           [[(lab[c], p) for c, p in level] for level in r.topk], r.complete,
                           candidates=[(lab[c], p) for c, p in getattr(r, "candidates", [])], display=shown)
+
+
+def _auto_decision(models_dir: str | Path) -> str:
+    """``--decision auto`` for ``models_dir`` (:func:`hiernet.bundle.chosen_decision`), said in the log."""
+    decision, record = chosen_decision(Path(models_dir))
+    if record is None:
+        log.info("decision: lcpn (no choice recorded by a current export)")
+    else:
+        acc = ", ".join(f"{k} {100 * v:.2f} %" for k, v in record.get("leaf_accuracy", {}).items())
+        log.info("decision: %s (the export's choice on %s validation images: leaf accuracy %s)", decision,
+                 record.get("n_images", "?"), acc)
+    return decision
 
 
 def iter_image_paths(inputs: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:

@@ -124,6 +124,11 @@ def summary_lines(res: dict) -> list[str]:
                      f"combined): leaf accuracy {_f(cb['leaf_accuracy'])}, macro F1 {_f(cb['macro_f1'])}; "
                      f"vs LCPN {vs['a_only']} only combined right, {vs['b_only']} only LCPN right, "
                      f"McNemar p = {_f(vs['p_value'], 3)}")
+    auto = res.get("auto_decision")
+    if auto:
+        where = (f"the most accurate on {auto['n_images']} validation images when export.py ran"
+                 if "n_images" in auto else "no export recorded a choice")
+        lines.append(f"predict.py --decision auto (its default) uses {auto['chosen']}: {where}")
     return lines
 
 
@@ -166,6 +171,11 @@ def _md_headline(res: dict) -> list[str]:
         "Mistake severity is the mean number of edges from the true leaf up to its lowest common ancestor "
         "with the prediction, over mistakes (1 = a sibling).",
     ]
+    auto = res.get("auto_decision")
+    if auto:
+        L += ["", f"`predict.py` (default `--decision auto`) decides with **{auto['chosen']}**: "
+              + (f"the most accurate decision on {auto['n_images']} validation images when `export.py` ran."
+                 if "n_images" in auto else "no current export recorded a choice.")]
     if "combined" in res:
         vs = res["combined"]["vs_lcpn"]
         L += ["", "Combined: per image, the leaf maximising the flat model's probability times the LCPN path "
