@@ -165,3 +165,16 @@ def test_evaluate_names_the_decision_predict_uses(pipeline, models_copy):
     assert res["auto_decision"]["chosen"] == "flat" and res["auto_decision"]["n_images"] > 0
     assert any(line.startswith("predict.py --decision auto (its default) uses flat: the most accurate on")
                for line in summary_lines(res))
+
+
+def test_the_service_follows_the_choice_and_reloads_it(models_copy):
+    from hiernet.predictor import PredictOptions
+    from hiernet.serving import ServeConfig, load_model, models_fingerprint
+
+    _set_choice(models_copy, "flat")
+    config = ServeConfig(models_copy, options=PredictOptions(decision="auto"), max_batch=2)
+    assert load_model(config).predictor.options.decision == "flat"
+    before = models_fingerprint(models_copy)
+    _set_choice(models_copy, "combined")  # a new export: the manifest is rewritten, the service reloads
+    assert models_fingerprint(models_copy) != before
+    assert load_model(config).predictor.options.decision == "combined"
