@@ -61,6 +61,10 @@ VARIANTS = {
     # the leaf maximising flat probability × LCPN path probability)
     "suite: flat head": {"decision": "flat"},
     "suite: combined decision (flat × LCPN path)": {"decision": "combined"},
+    # what predict.py --decision auto does: the decision most accurate on a validation part of the training
+    # fold (heads trained without it, as train.py trains without the validation split), then that decision
+    # of the heads trained on the whole fold (the rows above), so the rows differ only in the choice
+    "suite: auto decision (chosen on a validation part)": {"decision": "auto"},
     "suite: no label smoothing, no dropout": {"label_smoothing": 0.0, "dropout": 0.0},
     "suite: no label smoothing, no dropout, flat head": {"label_smoothing": 0.0, "dropout": 0.0, "decision": "flat"},
     "suite: no label smoothing, no dropout, combined decision":
@@ -133,6 +137,12 @@ def hiclass_lcpn(hier, x_tr: np.ndarray, leaves_tr: np.ndarray, x_te: np.ndarray
     return np.array([next(c for c in row[::-1] if c) for row in pred], dtype=object)
 
 
+#: The decisions the auto variant chose, one per fold, in order (reported beside its row).
+AUTO_CHOICES: list = []
+#: Share of a training fold the auto variant holds out to choose on: the validation share of train + val
+#: under prepare_dataset.py's default split (0.8 / 0.1 / 0.1).
+AUTO_VAL_FRACTION = 1 / 9
+
 #: Trained heads of this process, keyed by (training changes, seed, hidden, fold size): the lcpn, flat and
 #: combined decisions of one recipe share them instead of training the same heads three times.
 _TRAINED: dict = {}
@@ -154,6 +164,9 @@ def suite_lcpn(hier, views_tr: np.ndarray, leaves_tr: np.ndarray, ev_te: np.ndar
 
     changes = dict(changes)
     decision = changes.pop("decision", "lcpn")
+    if decision == "auto":
+        decision = choose_on_validation(hier, views_tr, leaves_tr, changes, seed, hidden)
+        AUTO_CHOICES.append(decision)
     if decision not in ("lcpn", "flat", "combined"):
         raise ValueError(f"unknown decision {decision!r}")
     if decision in ("flat", "combined"):
@@ -172,6 +185,27 @@ def suite_lcpn(hier, views_tr: np.ndarray, leaves_tr: np.ndarray, ev_te: np.ndar
 
     node_p = {nid: ablation.probs(head, ev_te, True) for nid, head in heads.items()}
     return np.array(combined_leaves(hier, node_p, flat_p, flat_leaves), dtype=object)
+
+
+def choose_on_validation(hier, views_tr: np.ndarray, leaves_tr: np.ndarray, changes: dict, seed: int,
+                         hidden: int) -> str:
+    """``--decision auto`` inside a training fold: heads trained on all but a seeded
+    :data:`AUTO_VAL_FRACTION` of ``views_tr`` ``(N, V, D)``, each decision scored on the rest (eval view +
+    mirror, as export.py's validation pass), the choice of :func:`hiernet.exporting.choose_decision`."""
+    from hiernet.exporting import choose_decision
+
+    order = np.random.default_rng(seed).permutation(len(leaves_tr))
+    n_val = max(1, int(round(AUTO_VAL_FRACTION * len(order))))
+    val, fit = order[:n_val], order[n_val:]
+    acc = {}
+    for decision in ("lcpn", "flat", "combined"):
+        pred = suite_lcpn(hier, views_tr[fit], leaves_tr[fit], views_tr[val][:, :2], {**changes, "decision": decision},
+                          seed, hidden)
+        acc[decision] = float(np.mean(pred == leaves_tr[val]))
+    chosen = choose_decision(acc, len(val), "fp32")["chosen"]
+    logging.getLogger("tail").info("auto: validation leaf accuracy %s -> %s",
+                                   ", ".join(f"{k} {v:.4f}" for k, v in acc.items()), chosen)
+    return chosen
 
 
 def scores(y_true: np.ndarray, y_pred: np.ndarray, tail: list) -> dict:
@@ -226,6 +260,8 @@ def markdown(rows: dict, tail: list, support: dict, header: str, command: str) -
               f"{'–' if v['tail_recall'] != v['tail_recall'] else format(v['tail_recall'], '.4f')} | {v['seconds']:.0f} |"
               for k, v in rows.items()]
     names = list(rows)
+    lines += [f"\n{k}: chose {', '.join(f'{c} (fold {i + 1})' for i, c in enumerate(v['auto_choices']))}"
+              for k, v in rows.items() if v.get("auto_choices")]
     if not tail:
         lines += ["", "(no tail leaf: every leaf has more images than --tail-max)"]
         return "\n".join(lines + ["", f"Command: `{command}`"]) + "\n"
@@ -282,6 +318,8 @@ def main(args) -> int:
     rows = {}
     for name, pred in preds.items():
         rows[name] = {**scores(leaves[done], pred[done], tail), "seconds": round(seconds[name], 1), "n_scored": int(done.sum())}
+        if VARIANTS.get(name, {}).get("decision") == "auto":
+            rows[name]["auto_choices"] = list(AUTO_CHOICES)
         print(f"{name}: leaf {rows[name]['leaf_accuracy']:.4f}  macro F1 {rows[name]['macro_f1']:.4f}  "
               f"tail recall {rows[name]['tail_recall']:.4f}", flush=True)
     if args.out:

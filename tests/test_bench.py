@@ -221,6 +221,57 @@ def test_tail_suite_decisions_flat_and_combined(tail, monkeypatch):
         tail.cross_validate(hier, ev, ev, leaves, tail.methods(["bad"], no_peers=True), folds=2, seed=0)
 
 
+def test_tail_auto_decision_chooses_on_a_validation_part_and_predicts_with_the_whole_folds_heads(tail, monkeypatch):
+    import hiernet.exporting
+    from hiernet.hierarchy import Hierarchy
+
+    leaf_ids = ["a/x", "a/y", "b/u/p", "b/u/q", "b/v"]
+    hier = Hierarchy.from_leaf_paths(leaf_ids)
+    rng = np.random.default_rng(2)
+    leaves = np.array([leaf for leaf in leaf_ids for _ in range(12)], dtype=object)
+    centres = {leaf: rng.normal(0, 1.5, 6) for leaf in leaf_ids}  # overlapping: the decisions can differ
+    base = np.stack([centres[leaf] + rng.normal(0, 1.0, 6) for leaf in leaves]).astype(np.float32)
+    ev = np.stack([base, base], axis=1)
+    tiny = {"hidden": 0, "epochs": 30, "lr": 0.03, "patience": 30}
+    for decision in ("lcpn", "flat", "combined", "auto"):
+        monkeypatch.setitem(tail.VARIANTS, decision, {**tiny, "decision": decision})
+    seen, real = [], hiernet.exporting.choose_decision
+
+    def forced(acc, n, precision):  # the real rule's inputs, then "flat" whatever they say
+        seen.append((dict(acc), n, real(acc, n, precision)["chosen"]))
+        return {**real(acc, n, precision), "chosen": "flat"}
+
+    monkeypatch.setattr(hiernet.exporting, "choose_decision", forced)
+    tail._TRAINED.clear()
+    tail.AUTO_CHOICES.clear()
+    preds, _ = tail.cross_validate(hier, ev, ev, leaves, tail.methods(["flat", "auto"], no_peers=True), folds=2, seed=0)
+    assert tail.AUTO_CHOICES == ["flat", "flat"]  # the choice is what the auto row predicts with ...
+    assert (preds["auto"] == preds["flat"]).all()  # ... with the heads of the whole fold
+    n_fit = 30 - round(30 / 9)
+    assert len(seen) == 2 and all(set(acc) == {"lcpn", "flat", "combined"} and n == round(30 / 9) for acc, n, _ in seen)
+    # the held-out part trained its own heads (fold size n_fit), beside the whole fold's
+    assert {k[-1] for k in tail._TRAINED} == {30, n_fit}
+    from sklearn.model_selection import StratifiedKFold
+
+    for fold, (tr, _) in enumerate(StratifiedKFold(2, shuffle=True, random_state=0).split(ev[:, 0], leaves)):
+        order = np.random.default_rng(fold).permutation(len(tr))  # seed + fold, seed 0
+        val, fit = tr[order[:round(30 / 9)]], tr[order[round(30 / 9):]]
+        for decision, acc in seen[fold][0].items():  # each decision scored on the held-out part (reused heads)
+            got = tail.suite_lcpn(hier, ev[fit], leaves[fit], ev[val], {**tiny, "decision": decision}, fold, 1024)
+            assert acc == np.mean(got == leaves[val]), decision
+    monkeypatch.setattr(hiernet.exporting, "choose_decision", real)
+    tail.AUTO_CHOICES.clear()
+    preds, _ = tail.cross_validate(hier, ev, ev, leaves, tail.methods(["auto"] + [c for c in ("lcpn", "flat", "combined")],
+                                                                        no_peers=True), folds=2, seed=0)
+    assert tail.AUTO_CHOICES == [c for _, _, c in seen]  # the real rule on the same validation accuracies
+    for fold, (tr, te) in enumerate(__import__("sklearn.model_selection", fromlist=["x"]).StratifiedKFold(
+            2, shuffle=True, random_state=0).split(ev[:, 0], leaves)):
+        assert (preds["auto"][te] == preds[tail.AUTO_CHOICES[fold]][te]).all()
+    md = tail.markdown({"auto": {**tail.scores(leaves, preds["auto"], []), "seconds": 1.0,
+                                 "auto_choices": list(tail.AUTO_CHOICES)}}, [], {}, "# t", "cmd")
+    assert f"auto: chose {tail.AUTO_CHOICES[0]} (fold 1), {tail.AUTO_CHOICES[1]} (fold 2)" in md
+
+
 def test_tail_max_folds_predicts_only_the_first_folds(tail):
     from hiernet.hierarchy import Hierarchy
 
