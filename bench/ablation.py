@@ -57,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def features(paths, backbone_name, size, views, cache_dir):
     from hiernet.backbones import create_backbone
-    from hiernet.training import cached_features
+    from hiernet.features import cached_features
 
     bb = create_backbone(backbone_name, image_size=size)
     ev, ok = cached_features(paths, bb, "crop", "cpu", cache_dir, "eval", 0, 0, True)
@@ -71,7 +71,7 @@ def features(paths, backbone_name, size, views, cache_dir):
 def tree_stats(x_views):
     """The tree's standardisation statistics as train.py computes them (``--standardize tree``): mean and
     std ``(D,)`` over the eval view and mirror (views 0 and 1 of ``x_views`` ``(N, V, D)``) of every image."""
-    from hiernet.training import feature_stats
+    from hiernet.features import feature_stats
 
     return feature_stats(x_views[:, :2])
 

@@ -83,7 +83,7 @@ def test_feature_cache_key_separates_gpu_half_precision_from_cpu_features(tmp_pa
     from types import SimpleNamespace
 
     from hiernet.data import TRANSFORM_VERSION, FeatureCache
-    from hiernet.training import feature_cache_key
+    from hiernet.features import feature_cache_key
 
     bb = SimpleNamespace(spec=SimpleNamespace(name="efficientnet-lite0"), image_size=64, weights_fingerprint="abc")
     cpu = feature_cache_key(bb, "crop", "eval", "cpu")

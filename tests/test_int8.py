@@ -151,7 +151,7 @@ def test_fp32_training_keeps_the_old_feature_cache_keys(trained, tmp_path):
     from hiernet.artifacts import load_node
     from hiernet.backbones import create_backbone
     from hiernet.data import TRANSFORM_VERSION, FeatureCache
-    from hiernet.training import cached_features
+    from hiernet.features import cached_features
 
     models = tmp_path / "models"
     run([sys.executable, REPO / "src" / "train.py", "-d", "parent", "--data-dir", trained["split"], "--output-dir", models,

@@ -89,7 +89,7 @@ def _head_mean(models: Path, ds: str) -> np.ndarray:
 def test_heads_standardise_with_the_pinned_statistics_of_the_whole_tree(prepared, tmp_path):
     # a small node's own statistics are noisy (3-fold CV on the catalogue: -2 points of leaf accuracy);
     # every head standardises with the tree's, pinned in the models folder so added images change no head
-    from hiernet.training import TREE_STATS
+    from hiernet.features import TREE_STATS
 
     cfg = TrainConfig().override({"backbone": "efficientnet-lite0", "image_size": 64, "epochs": 1, "views": 0,
                                   "precision": "fp32", "calibrate": False})

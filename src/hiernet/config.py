@@ -51,7 +51,7 @@ class HeadConfig:
     standardize : {"tree", "node"}
         Frozen mode: the statistics a head standardises its features with. ``tree``: the mean and std of
         the whole tree's training images (every node and the flat head alike; pinned in the models
-        folder, :data:`hiernet.training.TREE_STATS`); ``node``: those of the node's own training views.
+        folder, :data:`hiernet.features.TREE_STATS`); ``node``: those of the node's own training views.
         A small node's own statistics are noisy and blow up features that barely vary below it
         (3-fold CV on the catalogue export: +2.0 points of leaf accuracy, +3.0 of macro F1, bench/tail.py).
     """
