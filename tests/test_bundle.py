@@ -86,6 +86,29 @@ def test_each_kind_of_stale_or_malformed_export_is_named(tmp_path, spoil, proble
     assert problem in onnx_problem(models, HIER)
 
 
+def test_each_model_is_hashed_once_per_version_and_a_retrained_one_is_seen(tmp_path, monkeypatch):
+    import os
+    import time
+
+    import hiernet.bundle
+
+    models, man = exported(tmp_path)
+    calls = []
+    monkeypatch.setattr(hiernet.bundle, "sha256_file", lambda p: calls.append(p) or sha256_file(p))
+    assert man.problem(models, HIER, with_flat=False) is None and man.problem(models, HIER, with_flat=False) is None
+    assert len(calls) == len(HIER.classifier_nodes())  # the second check reuses the digests
+    # retrained: a model.pth of the same size swapped in (as training publishes), then one rewritten in place
+    new = models / "round" / "model.new"
+    new.write_bytes(b"ROUND")
+    os.replace(new, models / "round" / "model.pth")
+    assert "node 'round' is older than its model.pth" in man.problem(models, HIER, with_flat=False)
+    man.nodes["round"].model_sha256 = sha256_file(models / "round" / "model.pth")
+    assert man.problem(models, HIER, with_flat=False) is None
+    time.sleep(0.05)  # past the file system's timestamp tick (at most 10 ms), as any later rewrite is
+    (models / "parent" / "model.pth").write_bytes(b"PARENT")
+    assert "node 'parent' is older than its model.pth" in man.problem(models, HIER, with_flat=False)
+
+
 def test_unreadable_manifest_and_unknown_runtime(tmp_path):
     models, man = exported(tmp_path)
     doc = man.to_dict()

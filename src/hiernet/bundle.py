@@ -231,7 +231,7 @@ class OnnxManifest:
             if not e.valid(self.backbones) or list(e.class_nodes) != expected_class_nodes(hier, nid):
                 return f"the ONNX manifest entry of node '{ds}' is malformed"
             model = models_dir / ds / "model.pth"
-            if not model.exists() or sha256_file(model) != e.model_sha256:
+            if not model.exists() or model_sha256(model) != e.model_sha256:
                 return f"the ONNX export of node '{ds}' is older than its model.pth"
             if not (models_dir / ONNX_DIR / e.file).exists():
                 return f"{e.file} is missing from the ONNX export"
@@ -242,6 +242,24 @@ class OnnxManifest:
                 if not (models_dir / ONNX_DIR / f).exists():
                     return f"{f} is missing from the ONNX export"
         return None
+
+
+#: SHA-256 of the model.pth files this process has hashed (:func:`model_sha256`).
+_MODEL_DIGESTS: dict[tuple, str] = {}
+
+
+def model_sha256(path: Path) -> str:
+    """:func:`hiernet.safeio.sha256_file` of a ``model.pth``, computed once per version of the file in this
+    process: loading checks the export's currency more than once (``--decision auto``, then the bundle), and
+    a serving process on every reload. The key is what any rewrite or replacement of the file changes
+    (device, inode, size, modification and change times)."""
+    st = Path(path).stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _MODEL_DIGESTS:
+        if len(_MODEL_DIGESTS) >= 4096:  # a long-lived service sees every retrained version: stay bounded
+            _MODEL_DIGESTS.clear()
+        _MODEL_DIGESTS[key] = sha256_file(path)
+    return _MODEL_DIGESTS[key]
 
 
 def onnx_problem(models_dir: Path, hier: Hierarchy, with_flat: bool = False) -> str | None:
