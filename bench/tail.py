@@ -220,6 +220,25 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, tail: list) -> dict:
             "tail_recall": float(np.mean([recall[t] for t in tail])) if tail else float("nan"), "recall": recall}
 
 
+def support_and_tail(leaves: np.ndarray, tail_max: int, folds: int) -> tuple[dict, list]:
+    """Images per leaf of ``leaves`` ``(N,)`` and the tail leaves (at most ``tail_max`` images, at least one
+    per fold), rarest first."""
+    support = {str(k): int(v) for k, v in zip(*np.unique(leaves, return_counts=True))}
+    return support, sorted((t for t, n in support.items() if folds <= n <= tail_max), key=lambda t: support[t])
+
+
+def score_rows(preds: dict, seconds: dict, leaves: np.ndarray, tail: list) -> dict:
+    """One report row per method: :func:`scores` of its out-of-fold predictions (images of folds not held
+    out, ``None``, left out), its seconds and how many images were scored; each printed in one line."""
+    done = np.array([p is not None for p in next(iter(preds.values()))]) if preds else np.ones(len(leaves), bool)
+    rows = {}
+    for name, pred in preds.items():
+        rows[name] = {**scores(leaves[done], pred[done], tail), "seconds": round(seconds[name], 1), "n_scored": int(done.sum())}
+        print(f"{name}: leaf {rows[name]['leaf_accuracy']:.4f}  macro F1 {rows[name]['macro_f1']:.4f}  "
+              f"tail recall {rows[name]['tail_recall']:.4f}", flush=True)
+    return rows
+
+
 def methods(names: list, no_peers: bool, hidden: int = 1024) -> dict:
     """``{name: predict(hier, views_tr, leaves_tr, ev_te, seed)}`` for the peers and the chosen suite variants."""
     out = {}
@@ -310,18 +329,13 @@ def main(args) -> int:
     ev, aug, ok = ablation.features(paths, args.backbone, args.image_size, args.views, args.cache_dir)
     views = ev if aug is None else np.concatenate([ev, aug], axis=1)
     ev, views, leaves = ev[ok], views[ok], leaves[ok]
-    support = {str(k): int(v) for k, v in zip(*np.unique(leaves, return_counts=True))}
-    tail = sorted((t for t, n in support.items() if n <= args.tail_max and n >= args.folds), key=lambda t: support[t])
+    support, tail = support_and_tail(leaves, args.tail_max, args.folds)
     preds, seconds = cross_validate(hier, ev, views, leaves, methods(names, args.no_peers, args.hidden), args.folds, args.seed,
                                     args.max_folds)
-    done = np.array([p is not None for p in next(iter(preds.values()))]) if preds else np.ones(len(leaves), bool)
-    rows = {}
-    for name, pred in preds.items():
-        rows[name] = {**scores(leaves[done], pred[done], tail), "seconds": round(seconds[name], 1), "n_scored": int(done.sum())}
+    rows = score_rows(preds, seconds, leaves, tail)
+    for name in rows:
         if VARIANTS.get(name, {}).get("decision") == "auto":
             rows[name]["auto_choices"] = list(AUTO_CHOICES)
-        print(f"{name}: leaf {rows[name]['leaf_accuracy']:.4f}  macro F1 {rows[name]['macro_f1']:.4f}  "
-              f"tail recall {rows[name]['tail_recall']:.4f}", flush=True)
     if args.out:
         header = (f"# Long tail: {args.folds}-fold CV on train+val of {args.data_dir} ({len(leaves)} images, "
                   f"{len(support)} leaves; test split unused{f'; only the first {args.max_folds} fold(s) held out' if args.max_folds else ''}); features {args.backbone} @ {args.image_size} px, "

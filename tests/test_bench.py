@@ -165,6 +165,16 @@ def test_tail_scores_by_hand(tail):
     assert abs(s["macro_f1"] - (2 / 3 + 0.5 + 0.0) / 3) < 1e-9  # F1 a: P 1, R .5; b: P 1/3, R 1; c: 0
 
 
+def test_tail_support_and_rows_score_only_the_held_out_folds(tail):
+    leaves = np.array(["a"] * 5 + ["b"] * 2 + ["c"] * 3, dtype=object)
+    support, tails = tail.support_and_tail(leaves, tail_max=3, folds=3)
+    assert support == {"a": 5, "b": 2, "c": 3} and tails == ["c"]  # b has fewer images than folds
+    pred = np.array(["a"] * 5 + [None, None] + ["a", "c", "c"], dtype=object)  # b's fold not held out
+    rows = tail.score_rows({"m": pred}, {"m": 1.25}, leaves, tails)
+    assert rows["m"]["n_scored"] == 8 and rows["m"]["leaf_accuracy"] == 7 / 8 and rows["m"]["seconds"] == 1.2
+    assert rows["m"]["tail_recall"] == 2 / 3
+
+
 def test_tail_bench_runs_both_peers_and_the_suite_on_tiny_features(tail, monkeypatch):
     from hiernet.hierarchy import Hierarchy
 
@@ -308,3 +318,85 @@ def test_precision_bench_subsets_keep_k_images_per_class(tmp_path):
     kept = list(csv.DictReader(open(sub, encoding="utf-8")))
     assert [r["id"] for r in kept] == ["0", "1", "2", "3"]  # two of y (0, 3), two of x (1, 2)
     assert all(Path(r["image"]).is_absolute() and Path(r["image"]).parent == csv_in.parent / "images" for r in kept)
+
+
+@pytest.fixture(scope="module")
+def tuning():
+    return _load("tail_tuning")
+
+
+@pytest.mark.parametrize("tune_from", [11, 15])
+def test_tail_tuning_trunk_then_tail_is_the_suites_lite0_features(tuning, tune_from):
+    import torch
+
+    from hiernet.backbones import create_backbone
+
+    trunk, tail = tuning.lite0_parts(64, tune_from)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        maps = trunk(x)
+        assert maps.shape[1] == (112 if tune_from == 11 else 192)
+        assert torch.allclose(tail(maps), create_backbone("efficientnet-lite0", image_size=64)(x), atol=1e-4)
+
+
+def test_tail_tuning_maps_are_cached_once_and_an_unreadable_image_is_left_out(tuning, tmp_path, monkeypatch):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    paths.insert(1, bad)
+    maps, ok = tuning.extract_maps(paths, 64, 15, 1, 0, tmp_path / "work")
+    assert maps.shape == (4, 3, 192, 2, 2) and maps.dtype == np.float16
+    assert ok.tolist() == [True, False, True, True]
+    # the eval view is what the suite's trunk computes on the image's eval input
+    import torch
+
+    from hiernet.data import eval_views
+    from hiernet.images import load_rgb
+
+    trunk, _ = tuning.lite0_parts(64, 15)
+    with torch.inference_mode():
+        want = trunk(torch.from_numpy(eval_views(load_rgb(paths[2]), 64, "crop"))).numpy()
+    np.testing.assert_allclose(maps[2, :2].astype(np.float32), want, atol=0.05, rtol=0.01)
+    assert not np.allclose(maps[2, 0], maps[2, 1], atol=0.05)  # the mirror is another view
+    monkeypatch.setattr("hiernet.runtime.export_onnx", lambda *a, **k: pytest.fail("recomputed"))
+    again, ok2 = tuning.extract_maps(paths, 64, 15, 1, 0, tmp_path / "work")
+    assert np.array_equal(np.asarray(again), np.asarray(maps)) and ok2.tolist() == ok.tolist()
+
+
+def test_tail_tuning_tunes_the_tail_and_cross_validates_every_row(tuning):
+    import torch
+
+    # maps whose class shows only in a weighted channel pattern: the frozen random tail sees it weakly,
+    # tuning must move the tail's weights and learn it
+    rng = np.random.default_rng(0)
+    leaf_ids = ["a/x", "a/y", "b"]
+    n = 60
+    y = np.arange(n) % 3
+    pattern = rng.normal(0, 1, (3, 192, 1, 1)).astype(np.float32)
+    maps = (rng.normal(0, 1, (n, 3, 192, 2, 2)) + 2.0 * pattern[y][:, None]).astype(np.float16)
+    _, tail = tuning.lite0_parts(64, 15, pretrained=False)
+    before = [p.detach().clone() for p in tail.parameters()]
+    tr, te = np.arange(n) < 45, np.arange(n) >= 45
+    t, cls = tuning.tune(tail, maps[tr], y[tr], 3, epochs=15, seed=0, lr=3e-3)
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.parameters()))
+    probs = tuning.tuned_probs(t, cls, maps[te])
+    assert probs.shape == (15, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert np.mean(probs.argmax(1) == y[te]) >= 0.8
+    leaves = np.array(leaf_ids, dtype=object)[y]
+    preds, seconds = tuning.cross_validate([maps], leaves, leaf_ids, 64, [15], epochs=15, hidden=0, folds=2, seed=0,
+                                           max_folds=None, peers=True, pretrained=False, lr=3e-3)
+    tuned = "Lite0 tuned from block 15 of 16, linear classifier"
+    assert list(preds) == ["peer: flat LR", "frozen Lite0, suite flat head (linear)", tuned] and set(seconds) == set(preds)
+    for name, pred in preds.items():
+        assert all(p in leaf_ids for p in pred), name  # every image predicted by the fold that held it out
+    assert np.mean(preds[tuned] == leaves) >= 0.8
+    one, _ = tuning.cross_validate([maps], leaves, leaf_ids, 64, [15], epochs=1, hidden=0, folds=2, seed=0,
+                                   max_folds=1, peers=False, pretrained=False)
+    assert sum(p is None for p in one[tuned]) == n // 2  # only the first fold held out

@@ -1,0 +1,313 @@
+#!/usr/bin/env python3
+"""What the frozen backbone costs a long-tailed catalogue: the last blocks of EfficientNet-Lite0 tuned on
+cached intermediate feature maps, against the same backbone frozen, by k-fold cross-validation on train+val.
+
+Fine-tuning the whole backbone is a GPU job; tuning only its last blocks is not. Every image's feature map
+after block ``--tune-from`` (Lite0 @ 224 px: 7 × 7 × 192 after block 15 of 16) is computed once by
+onnxruntime for the eval view, its mirror and ``--views`` augmented views, and kept (float16) under
+``--work``; each fold then trains the blocks from ``--tune-from`` on, the 1 × 1 head convolution and a linear
+classifier over all leaves on those maps (one random view per image per epoch, random horizontal flips of
+the map), and predicts with the eval view and its mirror averaged. Rows, on the same views and folds:
+
+* **peer: flat LR** — ``bench/tail.py``'s logistic regression on the frozen pooled features (eval view);
+* **frozen** — the suite's flat head (``train.py``'s recipe, MLP ``--hidden``) on the frozen pooled features;
+* **tuned** — blocks ``--tune-from``… tuned as above.
+
+The test split is never read; scores (leaf accuracy, macro F1, tail recall) as ``bench/tail.py``'s.
+
+Example::
+
+    python3 bench/tail_tuning.py --data-dir /tmp/fp/split --work /tmp/tt --out bench/results/tail-tuning-catalogue.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+log = logging.getLogger("tail_tuning")
+BACKBONE = "efficientnet-lite0"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=REPO / "split_datasets", help="prepared datasets")
+    p.add_argument("--work", type=Path, required=True, help="folder for the cached feature maps (outside the repo)")
+    p.add_argument("--image-size", type=int, default=224, help="input side of Lite0")
+    p.add_argument("--tune-from", type=int, nargs="+", default=[15],
+                   help="first tuned block (0-15; Lite0 has 16); several values: one tuned row each")
+    p.add_argument("--views", type=int, default=2, help="augmented views per image besides the eval view and its mirror")
+    p.add_argument("--epochs", type=int, default=12, help="epochs of tuning")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the tuned blocks (the classifier: 10 x)")
+    p.add_argument("--hidden", type=int, default=1024, help="hidden units of the frozen row's suite head (0 = linear)")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds over train+val")
+    p.add_argument("--max-folds", type=int, help="hold out only the first N folds (scored on their images)")
+    p.add_argument("--no-peers", action="store_true", help="skip the logistic-regression peer")
+    p.add_argument("--tail-max", type=int, default=100, help="a leaf with at most this many images is a tail leaf")
+    p.add_argument("--seed", type=int, default=0, help="fold, view and training seed")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--out", type=Path, help="markdown report (and a .json twin)")
+    return p
+
+
+# ----------------------------------------------------------------------------------- the cut network
+def lite0_parts(image_size: int, tune_from: int, pretrained: bool = True):
+    """Lite0 cut before block ``tune_from``: ``(trunk, tail)``.
+
+    ``trunk``: images ``(N, 3, S, S)`` in ``[0, 1]`` → maps ``(N, C, h, w)``; ``tail``: maps → pooled
+    features ``(N, 1280)``, exactly :class:`hiernet.models.FeatureExtractor`'s output when composed.
+    """
+    import torch
+    from torch import nn
+
+    from hiernet.backbones import create_backbone
+
+    fx = create_backbone(BACKBONE, pretrained=pretrained, image_size=image_size)
+    net = fx.trunks()[0]
+    if not 0 <= tune_from < len(net._blocks):
+        raise SystemExit(f"--tune-from must be 0-{len(net._blocks) - 1}, got {tune_from}")
+
+    class Trunk(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = (x - fx.mean0) / fx.std0
+            x = net._swish(net._bn0(net._conv_stem(x)))
+            for block in net._blocks[:tune_from]:
+                x = block(x)
+            return x
+
+    class Tail(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(copy.deepcopy(list(net._blocks[tune_from:])))
+            self.conv_head, self.bn1, self.act = copy.deepcopy(net._conv_head), copy.deepcopy(net._bn1), net._swish
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return self.act(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
+
+    trunk = Trunk().eval()
+    trunk.net = net  # registered, so the trunk's parameters are the backbone's
+    return trunk, Tail().eval()
+
+
+def extract_maps(paths: list, image_size: int, tune_from: int, n_aug: int, seed: int, work: Path):
+    """Feature maps after block ``tune_from`` of every image, computed once into ``work``.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        float16 maps ``(N, 2 + n_aug, C, h, w)`` (view 0 the eval view, 1 its mirror, then augmented
+        views seeded by ``seed`` and the image's index) and a bool mask ``(N,)`` of images that decoded.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hiernet.data import aug_views, eval_views
+    from hiernet.images import load_rgb
+    from hiernet.runtime import OrtRunner, export_onnx
+    from hiernet.safeio import write_json_atomic
+
+    key = {"backbone": BACKBONE, "size": image_size, "from": tune_from, "aug": n_aug, "seed": seed,
+           "paths": [str(p) for p in paths]}
+    name = f"maps-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}"
+    npy, meta = work / f"{name}.npy", work / f"{name}.json"
+    if npy.exists() and meta.exists():
+        return np.load(npy, mmap_mode="r"), np.array(json.loads(meta.read_text())["ok"], bool)
+    work.mkdir(parents=True, exist_ok=True)
+    trunk, _ = lite0_parts(image_size, tune_from)
+    onnx = export_onnx(trunk, np.zeros((1, 3, image_size, image_size), np.float32), work / f"{name}.onnx")
+    run = OrtRunner(onnx)
+    n_views = 2 + n_aug
+
+    def views(i: int):
+        try:
+            img = load_rgb(paths[i])
+        except Exception as exc:  # an unreadable image is left out of the folds, as bench/tail.py does
+            log.warning("skipping %s: %s", paths[i], exc)
+            return None
+        v = eval_views(img, image_size, "crop")
+        return v if not n_aug else np.concatenate([v, aug_views(img, image_size, n_aug, seed * 1_000_003 + i)])
+
+    ok = np.ones(len(paths), bool)
+    tmp = work / f"{name}.tmp.npy"
+    maps = None
+    t0 = time.time()
+    with ThreadPoolExecutor(2) as pool:
+        for start in range(0, len(paths), 16):
+            idx = list(range(start, min(start + 16, len(paths))))
+            got = list(pool.map(views, idx))
+            for i, v in zip(idx, got):
+                ok[i] = v is not None
+            good = [v for v in got if v is not None]
+            if not good:
+                continue
+            out = run(np.concatenate(good))
+            if maps is None:
+                maps = np.lib.format.open_memmap(tmp, "w+", np.float16, (len(paths), n_views) + out.shape[1:])
+            rows = [i for i, v in zip(idx, got) if v is not None]
+            maps[rows] = out.reshape((len(rows), n_views) + out.shape[1:]).astype(np.float16)
+            if start % 1600 == 0:
+                log.info("maps: %d/%d images, %.0f s", start + len(idx), len(paths), time.time() - t0)
+    if maps is None:
+        raise SystemExit("no image could be read")
+    maps.flush()
+    del maps
+    tmp.replace(npy)
+    write_json_atomic(meta, {"key": {k: v for k, v in key.items() if k != "paths"}, "ok": ok.tolist()})
+    return np.load(npy, mmap_mode="r"), ok
+
+
+# ----------------------------------------------------------------------------------- tuning
+def pooled(tail, maps, views: list, batch: int = 256) -> np.ndarray:
+    """``tail`` (in eval mode) over ``maps`` ``(N, V, C, h, w)``'s ``views``: ``(N, len(views), D)`` float32."""
+    import torch
+
+    tail.eval()
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(maps), batch):
+            x = torch.from_numpy(np.asarray(maps[s:s + batch][:, views], dtype=np.float32))
+            out.append(tail(x.flatten(0, 1)).view(len(x), len(views), -1).numpy())
+    return np.concatenate(out)
+
+
+def tune(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int, lr: float = 3e-4, batch: int = 64):
+    """Train ``tail`` and a linear classifier on ``maps`` ``(N, V, C, h, w)`` with labels ``y`` ``(N,)``.
+
+    Each epoch sees one random view of every image, mirrored at random; AdamW with a one-cycle schedule
+    (the classifier at 10 × ``lr``), label smoothing 0.1. Returns ``(tail, classifier)`` in eval mode.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    dim = tail.conv_head.out_channels
+    cls = nn.Sequential(nn.Dropout(0.2), nn.Linear(dim, n_classes))
+    opt = torch.optim.AdamW([{"params": tail.parameters(), "lr": lr}, {"params": cls.parameters(), "lr": 10 * lr}],
+                            weight_decay=1e-4)
+    n, n_views = len(y), maps.shape[1]
+    steps = epochs * ((n + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, [lr, 10 * lr], total_steps=steps, pct_start=0.15)
+    yt = torch.as_tensor(y, dtype=torch.long)
+    tail.train()
+    cls.train()
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen).numpy()
+        view = torch.randint(0, n_views, (n,), generator=gen).numpy()
+        total = 0.0
+        for s in range(0, n, batch):
+            b = np.sort(order[s:s + batch])
+            x = torch.from_numpy(np.asarray(maps[b, view[b]], dtype=np.float32))
+            flip = torch.rand(len(b), generator=gen) < 0.5
+            x[flip] = x[flip].flip(-1)
+            loss = F.cross_entropy(cls(tail(x)), yt[b], label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(b)
+        log.info("  epoch %d: loss %.3f", epoch, total / n)
+    return tail.eval(), cls.eval()
+
+
+def tuned_probs(tail, cls, maps) -> np.ndarray:
+    """Class probabilities ``(N, C)``: the eval view and its mirror averaged."""
+    import torch
+
+    feats = torch.from_numpy(pooled(tail, maps, [0, 1]))
+    with torch.inference_mode():
+        return ((cls(feats[:, 0]).softmax(1) + cls(feats[:, 1]).softmax(1)) / 2).numpy()
+
+
+def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tune_from: list, epochs: int,
+                   hidden: int, folds: int, seed: int, max_folds: int | None, peers: bool, pretrained: bool = True, lr: float = 3e-4):
+    """Out-of-fold leaf predictions ``{row: (N,)}`` (None beyond ``max_folds``) and seconds per row.
+
+    ``maps``: one ``(N, V, C, h, w)`` array per ``tune_from`` value, the same images and views.
+    """
+    import ablation
+    from sklearn.model_selection import StratifiedKFold
+    import tail as tail_bench
+
+    y = np.array([leaf_ids.index(leaf) for leaf in leaves])
+    names = ([tail_bench.PEERS[0]] if peers else []) + [f"frozen Lite0, suite flat head (MLP {hidden})" if hidden
+                                                        else "frozen Lite0, suite flat head (linear)"]
+    names += [f"Lite0 tuned from block {k} of 16, linear classifier" for k in tune_from]
+    preds = {n: np.empty(len(leaves), dtype=object) for n in names}
+    seconds = dict.fromkeys(names, 0.0)
+    for fold, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y)):
+        if max_folds is not None and fold >= max_folds:
+            break
+        _, frozen_tail = lite0_parts(image_size, tune_from[0], pretrained)
+        t0 = time.time()
+        feats = pooled(frozen_tail, maps[0], list(range(maps[0].shape[1])))  # (N, V, 1280), all views
+        t_feats = time.time() - t0
+        for name in names:
+            t0 = time.time()
+            if name == tail_bench.PEERS[0]:
+                pred = tail_bench.flat_lr(feats[tr, 0], leaves[tr], feats[te, 0])
+            elif name.startswith("frozen"):
+                head = ablation.train_head(feats[tr], y[tr], len(leaf_ids), hidden, seed + fold, 0.0)
+                pred = np.array(leaf_ids, dtype=object)[ablation.probs(head, feats[te, :2], True).argmax(1)]
+            else:
+                k = tune_from[names.index(name) - len(names) + len(tune_from)]
+                m = maps[tune_from.index(k)]
+                _, t = lite0_parts(image_size, k, pretrained)
+                t, cls = tune(t, m[tr], y[tr], len(leaf_ids), epochs, seed + fold, lr)
+                pred = np.array(leaf_ids, dtype=object)[tuned_probs(t, cls, m[te]).argmax(1)]
+            preds[name][te] = pred
+            seconds[name] += time.time() - t0 + (t_feats if not name.startswith("Lite0 tuned") else 0.0)
+            log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, time.time() - t0, np.mean(pred == leaves[te]))
+    return preds, seconds
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import torch
+
+    import tail as tail_bench
+
+    if args.work.resolve().is_relative_to(REPO):
+        raise SystemExit(f"--work must be outside the repository ({REPO})")
+    torch.set_num_threads(args.threads)
+    paths, leaves, hier = tail_bench.trainval_images(args.data_dir)
+    maps, ok = [], None
+    for k in args.tune_from:
+        m, ok_k = extract_maps(paths, args.image_size, k, args.views, args.seed, args.work)
+        maps.append(m)
+        ok = ok_k if ok is None else ok & ok_k
+    keep = np.flatnonzero(ok)
+    maps = [m if len(keep) == len(paths) else m[keep] for m in maps]
+    leaves = leaves[keep]
+    leaf_ids = sorted(set(leaves))
+    support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
+    preds, seconds = cross_validate(maps, leaves, leaf_ids, args.image_size, args.tune_from, args.epochs, args.hidden,
+                                    args.folds, args.seed, args.max_folds, not args.no_peers, lr=args.lr)
+    rows = tail_bench.score_rows(preds, seconds, leaves, tail)
+    if args.out:
+        header = (f"# Tuning the last blocks: {args.folds}-fold CV on train+val of {args.data_dir} ({len(leaves)} images, "
+                  f"{len(support)} leaves; test split unused"
+                  f"{f'; only the first {args.max_folds} fold(s) held out' if args.max_folds else ''}); {BACKBONE} @ "
+                  f"{args.image_size} px, eval view + mirror + {args.views} augmented views; flat decisions over the leaves; "
+                  f"{args.epochs} epochs of tuning")
+        tail_bench.write_report(args.out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
