@@ -77,8 +77,9 @@ def decision_line(decision: dict | None) -> str | None:
     """The one line that says which decision ``--decision auto`` will use (``None`` when none was chosen)."""
     if not decision:
         return None
-    acc = ", ".join(f"{k} {100 * v:.2f} %" for k, v in decision["leaf_accuracy"].items())
-    return (f"decision: validation leaf accuracy {acc} on {decision['n_images']} images; predict.py and serve.py "
+    from hiernet.bundle import decision_accuracies
+
+    return (f"decision: validation leaf accuracy {decision_accuracies(decision)} on {decision['n_images']} images; predict.py and serve.py "
             f"use {decision['chosen']} (--decision auto)")
 
 

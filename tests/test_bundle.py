@@ -190,3 +190,10 @@ def test_auto_runtime_on_a_gpu_device_runs_torch_there_not_the_cpu_export(tmp_pa
     assert bundle.load_bundle(tmp_path, "auto", "cpu") == ("onnx", "cpu")
     assert bundle.load_bundle(tmp_path, "onnx", "cuda") == ("onnx", "cpu")  # asked for explicitly
     assert bundle.load_bundle(tmp_path, "torch", "cpu") == ("torch", "cpu")
+
+
+def test_decision_accuracies_phrase_keeps_the_records_order():
+    from hiernet.bundle import decision_accuracies
+
+    assert decision_accuracies({"leaf_accuracy": {"lcpn": 0.9098, "flat": 0.90254}}) == "lcpn 90.98 %, flat 90.25 %"
+    assert decision_accuracies({}) == ""

@@ -21,8 +21,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .bundle import (DECISIONS, MANIFEST, ONNX_DIR, ModelBundle, NodeModel, chosen_decision, load_bundle,  # noqa: F401
-                     onnx_problem, read_models_hierarchy)
+from .bundle import (DECISIONS, MANIFEST, ONNX_DIR, ModelBundle, NodeModel, chosen_decision,  # noqa: F401
+                     decision_accuracies, load_bundle, onnx_problem, read_models_hierarchy)
 from .hierarchy import ROOT_ID, Hierarchy
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
 from .routing import average_views, path_leaf_probs, route, route_leaves, softmax
@@ -490,9 +490,8 @@ def _auto_decision(models_dir: str | Path) -> str:
     if record is None:
         log.info("decision: lcpn (no choice recorded by a current export)")
     else:
-        acc = ", ".join(f"{k} {100 * v:.2f} %" for k, v in record.get("leaf_accuracy", {}).items())
         log.info("decision: %s (the export's choice on %s validation images: leaf accuracy %s)", decision,
-                 record.get("n_images", "?"), acc)
+                 record.get("n_images", "?"), decision_accuracies(record))
     return decision
 
 
