@@ -250,8 +250,8 @@ _MODEL_DIGESTS: dict[tuple, str] = {}
 
 def model_sha256(path: Path) -> str:
     """:func:`hiernet.safeio.sha256_file` of a ``model.pth``, computed once per version of the file in this
-    process: loading checks the export's currency more than once (``--decision auto``, then the bundle), and
-    a serving process on every reload. The key is what any rewrite or replacement of the file changes
+    process: export records it, loading checks the export's currency more than once (``--decision auto``,
+    then the bundle), evaluation fingerprints the models, and a serving process checks on every reload. The key is what any rewrite or replacement of the file changes
     (device, inode, size, modification and change times)."""
     st = Path(path).stat()
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

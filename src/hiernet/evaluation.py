@@ -263,13 +263,13 @@ def models_fingerprint(models_dir: str | Path, hier: Hierarchy) -> str:
     Two evaluations with the same fingerprint scored the same models (the ONNX export is checked
     against these files by hash before it is used, so it is covered too).
     """
-    from .bundle import node_list
+    from .bundle import model_sha256, node_list
 
     h = hashlib.sha256(hier.fingerprint().encode())
     for ds, _ in node_list(hier, with_flat=True):
         f = Path(models_dir) / ds / "model.pth"
         if f.is_file():
-            h.update(f"{ds}:{sha256_file(f)};".encode())
+            h.update(f"{ds}:{model_sha256(f)};".encode())
     return h.hexdigest()[:16]
 
 

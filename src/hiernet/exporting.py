@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import MANIFEST, ONNX_DIR, ModelBundle, OnnxBackbone, OnnxManifest, OnnxNode, load_torch_bundle, read_models_hierarchy
+from .bundle import (MANIFEST, ONNX_DIR, ModelBundle, OnnxBackbone, OnnxManifest, OnnxNode, load_torch_bundle, model_sha256,
+                     read_models_hierarchy)
 from .quantize import GUARD_MAX_DROP
 from .routing import softmax
 from .safeio import UserError, exclusive_lock, remove_stale, replace_dir, sha256_file, write_json_atomic
@@ -103,7 +104,7 @@ def _export_bundle(bundle: ModelBundle, models_dir: Path, stage: Path, man: Onnx
         export_onnx(mod, x[:1], stage / f)
         worst = max(worst, _check(runner, OrtRunner(stage / f), x, probs=True))
         man.nodes[nm.dataset] = OnnxNode(f, nm.backbone, nm.classes, nm.class_nodes, nm.image_size, nm.resize, nm.tta,
-                                         sha256_file(models_dir / nm.dataset / "model.pth"))
+                                         model_sha256(models_dir / nm.dataset / "model.pth"))
     return worst
 
 
