@@ -245,33 +245,31 @@ def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tu
     import tail as tail_bench
 
     y = np.array([leaf_ids.index(leaf) for leaf in leaves])
-    names = ([tail_bench.PEERS[0]] if peers else []) + [f"frozen Lite0, suite flat head (MLP {hidden})" if hidden
-                                                        else "frozen Lite0, suite flat head (linear)"]
-    names += [f"Lite0 tuned from block {k} of 16, linear classifier" for k in tune_from]
-    preds = {n: np.empty(len(leaves), dtype=object) for n in names}
-    seconds = dict.fromkeys(names, 0.0)
+    # row name -> None (peer), -1 (frozen suite head) or the index in tune_from / maps of a tuned row
+    rows = {tail_bench.PEERS[0]: None} if peers else {}
+    rows[f"frozen Lite0, suite flat head (MLP {hidden})" if hidden else "frozen Lite0, suite flat head (linear)"] = -1
+    rows.update({f"Lite0 tuned from block {k} of 16, linear classifier": i for i, k in enumerate(tune_from)})
+    preds = {n: np.empty(len(leaves), dtype=object) for n in rows}
+    # the frozen backbone's pooled features (N, V, 1280), all views: the same in every fold, computed once
+    t0 = time.time()
+    feats = pooled(lite0_parts(image_size, tune_from[0], pretrained)[1], maps[0], list(range(maps[0].shape[1])))
+    seconds = {n: (time.time() - t0 if i is None or i < 0 else 0.0) for n, i in rows.items()}
     for fold, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y)):
         if max_folds is not None and fold >= max_folds:
             break
-        _, frozen_tail = lite0_parts(image_size, tune_from[0], pretrained)
-        t0 = time.time()
-        feats = pooled(frozen_tail, maps[0], list(range(maps[0].shape[1])))  # (N, V, 1280), all views
-        t_feats = time.time() - t0
-        for name in names:
+        for name, i in rows.items():
             t0 = time.time()
-            if name == tail_bench.PEERS[0]:
+            if i is None:
                 pred = tail_bench.flat_lr(feats[tr, 0], leaves[tr], feats[te, 0])
-            elif name.startswith("frozen"):
+            elif i < 0:
                 head = ablation.train_head(feats[tr], y[tr], len(leaf_ids), hidden, seed + fold, 0.0)
                 pred = np.array(leaf_ids, dtype=object)[ablation.probs(head, feats[te, :2], True).argmax(1)]
             else:
-                k = tune_from[names.index(name) - len(names) + len(tune_from)]
-                m = maps[tune_from.index(k)]
-                _, t = lite0_parts(image_size, k, pretrained)
-                t, cls = tune(t, m[tr], y[tr], len(leaf_ids), epochs, seed + fold, lr)
-                pred = np.array(leaf_ids, dtype=object)[tuned_probs(t, cls, m[te]).argmax(1)]
+                _, t = lite0_parts(image_size, tune_from[i], pretrained)
+                t, cls = tune(t, maps[i][tr], y[tr], len(leaf_ids), epochs, seed + fold, lr)
+                pred = np.array(leaf_ids, dtype=object)[tuned_probs(t, cls, maps[i][te]).argmax(1)]
             preds[name][te] = pred
-            seconds[name] += time.time() - t0 + (t_feats if not name.startswith("Lite0 tuned") else 0.0)
+            seconds[name] += time.time() - t0
             log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, time.time() - t0, np.mean(pred == leaves[te]))
     return preds, seconds
 
