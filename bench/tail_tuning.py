@@ -23,7 +23,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -37,6 +36,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
+
+from hiernet.tailtune import pooled, tune_tail as tune, tuned_probs  # noqa: E402  (src/tune_backbone.py's tuning)
 
 log = logging.getLogger("tail_tuning")
 BACKBONE = "efficientnet-lite0"
@@ -56,6 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds over train+val")
     p.add_argument("--max-folds", type=int, help="hold out only the first N folds (scored on their images)")
     p.add_argument("--no-peers", action="store_true", help="skip the logistic-regression peer")
+    p.add_argument("--suite-heads", action="store_true",
+                   help="also train the suite's heads (flat, LCPN, combined) on each tuned backbone's pooled features "
+                        "(all views), as train.py would on a backbone tuned first")
     p.add_argument("--tail-max", type=int, default=100, help="a leaf with at most this many images is a tail leaf")
     p.add_argument("--seed", type=int, default=0, help="fold, view and training seed")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -65,43 +69,23 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------- the cut network
 def lite0_parts(image_size: int, tune_from: int, pretrained: bool = True):
-    """Lite0 cut before block ``tune_from``: ``(trunk, tail)``.
+    """Lite0 cut before block ``tune_from`` (of 16): ``(trunk, tail)`` of :func:`hiernet.tailtune.split_backbone`.
 
     ``trunk``: images ``(N, 3, S, S)`` in ``[0, 1]`` → maps ``(N, C, h, w)``; ``tail``: maps → pooled
     features ``(N, 1280)``, exactly :class:`hiernet.models.FeatureExtractor`'s output when composed.
     """
-    import torch
-    from torch import nn
-
     from hiernet.backbones import create_backbone
+    from hiernet.safeio import UserError
+    from hiernet.tailtune import split_backbone
 
     fx = create_backbone(BACKBONE, pretrained=pretrained, image_size=image_size)
-    net = fx.trunks()[0]
-    if not 0 <= tune_from < len(net._blocks):
-        raise SystemExit(f"--tune-from must be 0-{len(net._blocks) - 1}, got {tune_from}")
-
-    class Trunk(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = (x - fx.mean0) / fx.std0
-            x = net._swish(net._bn0(net._conv_stem(x)))
-            for block in net._blocks[:tune_from]:
-                x = block(x)
-            return x
-
-    class Tail(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList(copy.deepcopy(list(net._blocks[tune_from:])))
-            self.conv_head, self.bn1, self.act = copy.deepcopy(net._conv_head), copy.deepcopy(net._bn1), net._swish
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for block in self.blocks:
-                x = block(x)
-            return self.act(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
-
-    trunk = Trunk().eval()
-    trunk.net = net  # registered, so the trunk's parameters are the backbone's
-    return trunk, Tail().eval()
+    n = len(fx.trunks()[0]._blocks)
+    if not 0 <= tune_from < n:
+        raise SystemExit(f"--tune-from must be 0-{n - 1}, got {tune_from}")
+    try:
+        return split_backbone(fx, n - tune_from)
+    except UserError as exc:  # pragma: no cover - checked above
+        raise SystemExit(str(exc)) from None
 
 
 def extract_maps(paths: list, image_size: int, tune_from: int, n_aug: int, seed: int, work: Path):
@@ -170,107 +154,71 @@ def extract_maps(paths: list, image_size: int, tune_from: int, n_aug: int, seed:
     return np.load(npy, mmap_mode="r"), ok
 
 
-# ----------------------------------------------------------------------------------- tuning
-def pooled(tail, maps, views: list, batch: int = 256) -> np.ndarray:
-    """``tail`` (in eval mode) over ``maps`` ``(N, V, C, h, w)``'s ``views``: ``(N, len(views), D)`` float32."""
-    import torch
-
-    tail.eval()
-    out = []
-    with torch.inference_mode():
-        for s in range(0, len(maps), batch):
-            x = torch.from_numpy(np.asarray(maps[s:s + batch][:, views], dtype=np.float32))
-            out.append(tail(x.flatten(0, 1)).view(len(x), len(views), -1).numpy())
-    return np.concatenate(out)
-
-
-def tune(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int, lr: float = 3e-4, batch: int = 64):
-    """Train ``tail`` and a linear classifier on ``maps`` ``(N, V, C, h, w)`` with labels ``y`` ``(N,)``.
-
-    Each epoch sees one random view of every image, mirrored at random; AdamW with a one-cycle schedule
-    (the classifier at 10 × ``lr``), label smoothing 0.1. Returns ``(tail, classifier)`` in eval mode.
-    """
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    dim = tail.conv_head.out_channels
-    cls = nn.Sequential(nn.Dropout(0.2), nn.Linear(dim, n_classes))
-    opt = torch.optim.AdamW([{"params": tail.parameters(), "lr": lr}, {"params": cls.parameters(), "lr": 10 * lr}],
-                            weight_decay=1e-4)
-    n, n_views = len(y), maps.shape[1]
-    steps = epochs * ((n + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, [lr, 10 * lr], total_steps=steps, pct_start=0.15)
-    yt = torch.as_tensor(y, dtype=torch.long)
-    tail.train()
-    cls.train()
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=gen).numpy()
-        view = torch.randint(0, n_views, (n,), generator=gen).numpy()
-        total = 0.0
-        for s in range(0, n, batch):
-            b = np.sort(order[s:s + batch])
-            x = torch.from_numpy(np.asarray(maps[b, view[b]], dtype=np.float32))
-            flip = torch.rand(len(b), generator=gen) < 0.5
-            x[flip] = x[flip].flip(-1)
-            loss = F.cross_entropy(cls(tail(x)), yt[b], label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(b)
-        log.info("  epoch %d: loss %.3f", epoch, total / n)
-    return tail.eval(), cls.eval()
-
-
-def tuned_probs(tail, cls, maps) -> np.ndarray:
-    """Class probabilities ``(N, C)``: the eval view and its mirror averaged."""
-    import torch
-
-    feats = torch.from_numpy(pooled(tail, maps, [0, 1]))
-    with torch.inference_mode():
-        return ((cls(feats[:, 0]).softmax(1) + cls(feats[:, 1]).softmax(1)) / 2).numpy()
-
-
 def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tune_from: list, epochs: int,
-                   hidden: int, folds: int, seed: int, max_folds: int | None, peers: bool, pretrained: bool = True, lr: float = 3e-4):
+                   hidden: int, folds: int, seed: int, max_folds: int | None, peers: bool, pretrained: bool = True,
+                   lr: float = 3e-4, hier=None):
     """Out-of-fold leaf predictions ``{row: (N,)}`` (None beyond ``max_folds``) and seconds per row.
 
-    ``maps``: one ``(N, V, C, h, w)`` array per ``tune_from`` value, the same images and views.
+    ``maps``: one ``(N, V, C, h, w)`` array per ``tune_from`` value, the same images and views. With
+    ``hier``, the frozen backbone and each tuned one also get the suite's heads with the LCPN and combined
+    decisions (``bench/tail.py``'s ``suite_lcpn``, trained on the pooled features of every view), and each
+    tuned backbone the suite's flat head too: train.py's heads on a backbone tuned first.
     """
-    import ablation
     from sklearn.model_selection import StratifiedKFold
     import tail as tail_bench
 
+    names = np.array(leaf_ids, dtype=object)
     y = np.array([leaf_ids.index(leaf) for leaf in leaves])
-    # row name -> None (peer), -1 (frozen suite head) or the index in tune_from / maps of a tuned row
-    rows = {tail_bench.PEERS[0]: None} if peers else {}
-    rows[f"frozen Lite0, suite flat head (MLP {hidden})" if hidden else "frozen Lite0, suite flat head (linear)"] = -1
-    rows.update({f"Lite0 tuned from block {k} of 16, linear classifier": i for i, k in enumerate(tune_from)})
+    head_name = f"suite flat head (MLP {hidden})" if hidden else "suite flat head (linear)"
+    # row name -> (backbone: "frozen" or an index in tune_from / maps, what is trained on it)
+    rows = {tail_bench.PEERS[0]: ("frozen", "lr")} if peers else {}
+    rows[f"frozen Lite0, {head_name}"] = ("frozen", "flat")
+    if hier is not None:
+        rows.update({f"frozen Lite0, suite heads ({d})": ("frozen", d) for d in ("lcpn", "combined")})
+    for i, k in enumerate(tune_from):
+        rows[f"Lite0 tuned from block {k} of 16, linear classifier"] = (i, "tuned")
+        if hier is not None:
+            rows.update({f"Lite0 tuned from block {k} of 16, then suite heads ({d})": (i, d)
+                         for d in ("flat", "lcpn", "combined")})
     preds = {n: np.empty(len(leaves), dtype=object) for n in rows}
     # the frozen backbone's pooled features (N, V, 1280), all views: the same in every fold, computed once
     t0 = time.time()
-    feats = pooled(lite0_parts(image_size, tune_from[0], pretrained)[1], maps[0], list(range(maps[0].shape[1])))
-    seconds = {n: (time.time() - t0 if i is None or i < 0 else 0.0) for n, i in rows.items()}
+    frozen = pooled(lite0_parts(image_size, tune_from[0], pretrained)[1], maps[0], list(range(maps[0].shape[1])))
+    seconds = {n: (time.time() - t0 if bb == "frozen" else 0.0) for n, (bb, _) in rows.items()}
     for fold, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y)):
         if max_folds is not None and fold >= max_folds:
             break
-        for name, i in rows.items():
+        for bb in ["frozen", *range(len(tune_from))]:
             t0 = time.time()
-            if i is None:
-                pred = tail_bench.flat_lr(feats[tr, 0], leaves[tr], feats[te, 0])
-            elif i < 0:
-                head = ablation.train_head(feats[tr], y[tr], len(leaf_ids), hidden, seed + fold, 0.0)
-                pred = np.array(leaf_ids, dtype=object)[ablation.probs(head, feats[te, :2], True).argmax(1)]
+            if bb == "frozen":
+                views_tr, ev_te = frozen[tr], frozen[te, :2]
             else:
-                _, t = lite0_parts(image_size, tune_from[i], pretrained)
-                t, cls = tune(t, maps[i][tr], y[tr], len(leaf_ids), epochs, seed + fold, lr)
-                pred = np.array(leaf_ids, dtype=object)[tuned_probs(t, cls, maps[i][te]).argmax(1)]
-            preds[name][te] = pred
-            seconds[name] += time.time() - t0
-            log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, time.time() - t0, np.mean(pred == leaves[te]))
+                _, t = lite0_parts(image_size, tune_from[bb], pretrained)
+                t, cls = tune(t, maps[bb][tr], y[tr], len(leaf_ids), epochs, seed + fold, lr)
+                tuned = names[tuned_probs(t, cls, maps[bb][te]).argmax(1)]
+                if hier is not None:
+                    views_tr, ev_te = pooled(t, maps[bb][tr], list(range(maps[bb].shape[1]))), pooled(t, maps[bb][te], [0, 1])
+            tuning = time.time() - t0
+            tail_bench._TRAINED.clear()  # heads trained on another backbone's features must not be reused
+            for name, (row_bb, what) in rows.items():
+                if row_bb != bb:
+                    continue
+                t1 = time.time()
+                if what == "tuned":
+                    pred = tuned
+                elif what == "lr":
+                    pred = tail_bench.flat_lr(views_tr[:, 0], leaves[tr], ev_te[:, 0])
+                elif what == "flat" and bb == "frozen":
+                    import ablation
+
+                    head = ablation.train_head(views_tr, y[tr], len(leaf_ids), hidden, seed + fold, 0.0)
+                    pred = names[ablation.probs(head, ev_te, True).argmax(1)]
+                else:
+                    pred = tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te, {"decision": what}, seed + fold, hidden)
+                preds[name][te] = pred
+                seconds[name] += tuning + time.time() - t1
+                log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, tuning + time.time() - t1,
+                         np.mean(pred == leaves[te]))
     return preds, seconds
 
 
@@ -295,7 +243,8 @@ def main(args) -> int:
     leaf_ids = sorted(set(leaves))
     support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
     preds, seconds = cross_validate(maps, leaves, leaf_ids, args.image_size, args.tune_from, args.epochs, args.hidden,
-                                    args.folds, args.seed, args.max_folds, not args.no_peers, lr=args.lr)
+                                    args.folds, args.seed, args.max_folds, not args.no_peers, lr=args.lr,
+                                    hier=hier if args.suite_heads else None)
     rows = tail_bench.score_rows(preds, seconds, leaves, tail)
     if args.out:
         header = (f"# Tuning the last blocks: {args.folds}-fold CV on train+val of {args.data_dir} ({len(leaves)} images, "

@@ -370,7 +370,7 @@ def test_tail_tuning_maps_are_cached_once_and_an_unreadable_image_is_left_out(tu
     assert np.array_equal(np.asarray(again), np.asarray(maps)) and ok2.tolist() == ok.tolist()
 
 
-def test_tail_tuning_tunes_the_tail_and_cross_validates_every_row(tuning):
+def test_tail_tuning_tunes_the_tail_and_cross_validates_every_row(tuning, monkeypatch):
     import torch
 
     # maps whose class shows only in a weighted channel pattern: the frozen random tail sees it weakly,
@@ -400,3 +400,34 @@ def test_tail_tuning_tunes_the_tail_and_cross_validates_every_row(tuning):
     one, _ = tuning.cross_validate([maps], leaves, leaf_ids, 64, [15], epochs=1, hidden=0, folds=2, seed=0,
                                    max_folds=1, peers=False, pretrained=False)
     assert sum(p is None for p in one[tuned]) == n // 2  # only the first fold held out
+    # with the tree: the suite's heads on the frozen features and on the tuned backbone's, every decision
+    from hiernet.hierarchy import Hierarchy
+
+    import tail as tail_bench
+
+    hier = Hierarchy.from_leaf_paths(leaf_ids)
+    seen, real = [], tail_bench.suite_lcpn
+
+    def spy(h, views_tr, leaves_tr, ev_te, changes, seed, hidden):
+        seen.append((changes["decision"], views_tr, ev_te))
+        return real(h, views_tr, leaves_tr, ev_te, changes, seed, hidden)
+
+    monkeypatch.setattr(tail_bench, "suite_lcpn", spy)
+    both, sec = tuning.cross_validate([maps], leaves, leaf_ids, 64, [15], epochs=15, hidden=0, folds=2, seed=0,
+                                      max_folds=None, peers=False, pretrained=False, lr=3e-3, hier=hier)
+    heads = [f"Lite0 tuned from block 15 of 16, then suite heads ({d})" for d in ("flat", "lcpn", "combined")]
+    assert list(both) == ["frozen Lite0, suite flat head (linear)", "frozen Lite0, suite heads (lcpn)",
+                          "frozen Lite0, suite heads (combined)", tuned, *heads] and set(sec) == set(both)
+    for name in heads:  # heads trained on the tuned backbone's features of every view learn the classes
+        assert all(p in leaf_ids for p in both[name]) and np.mean(both[name] == leaves) >= 0.8, name
+    assert np.array_equal(both[tuned], preds[tuned])  # the same tuning as without the tree
+    # per fold: the frozen rows' lcpn + combined calls, then the tuned rows' flat + lcpn + combined
+    assert [d for d, _, _ in seen] == ["lcpn", "combined", "flat", "lcpn", "combined"] * 2
+    for fold in range(2):
+        calls = seen[5 * fold:5 * fold + 5]
+        assert all(v.shape == (30, 3, 1280) and e.shape == (30, 2, 1280) for _, v, e in calls)
+        frozen_views, tuned_views = calls[0][1], calls[2][1]
+        assert all(np.array_equal(v, frozen_views) for _, v, _ in calls[:2])
+        assert all(np.array_equal(v, tuned_views) for _, v, _ in calls[2:])
+        # the tuned rows' heads see the tuned backbone's features of every view, not the frozen ones
+        assert not np.allclose(tuned_views, frozen_views, atol=1e-2)
