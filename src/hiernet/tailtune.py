@@ -1,0 +1,309 @@
+"""Tune the last blocks of an EfficientNet backbone on a CPU, then train the usual frozen-mode heads on it.
+
+Fine-tuning a whole backbone is a GPU job; tuning its last block(s) is not. The backbone is cut before
+its last ``blocks`` MBConv blocks: the **trunk** (stem and the blocks before the cut) runs once per
+image and view in onnxruntime and its feature maps are cached (:class:`hiernet.data.FeatureCache`, keyed
+like the pooled features plus the cut); the **tail** (the last blocks, the 1 × 1 head convolution and
+its batch norm, then global average pooling) is trained with a linear classifier over the tree's leaves
+on those maps (:func:`tune_tail`). The tuned tail is written back into the backbone's ``state_dict``
+(:func:`tuned_state_dict`), a plain weights file that ``train.py --weights`` loads like any other: the
+feature cache, the int8 export and prediction then see the tuned backbone, unchanged.
+
+Only the tree's training split is read; the validation split scores the tuned linear classifier.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .safeio import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """How the tail is tuned.
+
+    Attributes
+    ----------
+    blocks : int
+        How many of the backbone's last MBConv blocks are tuned (with the head convolution).
+    epochs : int
+        Passes over the training images (one random cached view of each per epoch, mirrored at random).
+    lr : float
+        Peak learning rate of the tail (AdamW, one-cycle); the classifier's is ten times as high.
+    views : int
+        Augmented views cached per training image, besides the evaluation view and its mirror.
+    batch_size : int
+    label_smoothing : float
+    seed : int
+        Seeds the augmented views, the order of the images and the initialisation.
+    """
+
+    blocks: int = 1
+    epochs: int = 12
+    lr: float = 3e-4
+    views: int = 2
+    batch_size: int = 64
+    label_smoothing: float = 0.1
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------- the cut network
+def split_backbone(backbone, blocks: int):
+    """Cut a single EfficientNet backbone before its last ``blocks`` blocks: ``(trunk, tail)``.
+
+    Parameters
+    ----------
+    backbone : hiernet.models.FeatureExtractor
+        A single (not composite) EfficientNet(-Lite) backbone.
+    blocks : int
+        Blocks in the tail, ``1 <= blocks <=`` the backbone's number of blocks.
+
+    Returns
+    -------
+    (torch.nn.Module, torch.nn.Module)
+        ``trunk``: images ``(N, 3, S, S)`` in ``[0, 1]`` → maps ``(N, C, h, w)`` (it shares the backbone's
+        parameters); ``tail``: maps → pooled features ``(N, D)``, a copy of the last blocks. Composed,
+        they compute exactly ``backbone(x)``. Both in eval mode.
+    """
+    import torch
+    from torch import nn
+
+    trunks = backbone.trunks()
+    if len(trunks) != 1:
+        raise UserError(f"tune one backbone at a time: {backbone.spec.name!r} joins {len(trunks)}; "
+                        f"pick one of them with --backbone")
+    net = trunks[0]
+    n = len(net._blocks)
+    if not 1 <= blocks <= n:
+        raise UserError(f"--tune-blocks must be 1-{n} for {backbone.spec.name} ({n} blocks), got {blocks}")
+    cut = n - blocks
+
+    class Trunk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net  # registered: the trunk's parameters are the backbone's
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = (x - backbone.mean0) / backbone.std0
+            x = net._swish(net._bn0(net._conv_stem(x)))
+            for block in net._blocks[:cut]:
+                x = block(x)
+            return x
+
+    class Tail(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(copy.deepcopy(list(net._blocks[cut:])))
+            self.conv_head, self.bn1, self.act = copy.deepcopy(net._conv_head), copy.deepcopy(net._bn1), net._swish
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return self.act(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
+
+    tail = Tail().eval()
+    tail.cut = cut
+    return Trunk().eval(), tail
+
+
+def tuned_state_dict(backbone, tail) -> dict:
+    """The backbone's ``state_dict`` with the tuned ``tail`` (from :func:`split_backbone`) in place of its
+    last blocks and head convolution: a plain ``{name: tensor}`` dict that ``create_backbone(weights=...)``
+    loads. The backbone itself is not changed."""
+    net = backbone.trunks()[0]
+    sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    parts = [(f"_blocks.{tail.cut + i}.", block) for i, block in enumerate(tail.blocks)]
+    parts += [("_conv_head.", tail.conv_head), ("_bn1.", tail.bn1)]
+    for prefix, module in parts:
+        for k, v in module.state_dict().items():
+            if prefix + k not in sd:
+                raise RuntimeError(f"tuned tensor {prefix + k} has no place in the backbone")
+            sd[prefix + k] = v.detach().clone()
+    return sd
+
+
+# ----------------------------------------------------------------------------------- cached maps
+def trunk_maps(paths: list, backbone, trunk, blocks: int, resize: str, n_aug: int, seed: int,
+               cache_dir: Path | None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The trunk's feature maps of every image: the evaluation view, its mirror and ``n_aug`` augmented
+    views, from the feature cache (computed by onnxruntime where it lacks them).
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        float32 maps ``(N, 2 + n_aug, C, h, w)`` (zeros where decoding failed) and a bool mask ``(N,)``
+        of the images that decoded.
+    """
+    import tempfile
+
+    import torch
+
+    from .config import AugmentConfig
+    from .data import FeatureCache, aug_views, eval_views, extract_features
+    from .features import config_hash, feature_cache_key
+    from .runtime import OrtRunner, export_onnx, onnx_available
+
+    size = backbone.image_size
+    with torch.inference_mode():
+        shape = tuple(trunk(torch.zeros(1, 3, size, size)).shape[1:])
+    key = {**feature_cache_key(backbone, resize, "maps", "cpu"), "tail_blocks": blocks, "views": n_aug, "seed": seed,
+           "augment": AugmentConfig().key()}
+    n_views = 2 + n_aug
+
+    def make(img, s):
+        v = eval_views(img, size, resize)
+        return v if not n_aug else np.concatenate([v, aug_views(img, size, n_aug, s ^ seed)])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = None
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            nonlocal runner
+            if runner is None:
+                if onnx_available():
+                    folder = Path(cache_dir) / "onnx" if cache_dir is not None else Path(tmp)
+                    onnx = folder / f"trunk-{config_hash({k: key[k] for k in ('backbone', 'image_size', 'weights', 'tail_blocks')})}.onnx"
+                    if not onnx.exists():
+                        traceable = copy.deepcopy(backbone)
+                        traceable.set_export_mode()
+                        export_onnx(split_backbone(traceable, blocks)[0], np.zeros((1, 3, size, size), np.float32), onnx)
+                    runner = OrtRunner(onnx)
+                else:  # pragma: no cover - onnxruntime is a dependency
+                    def runner(x):
+                        with torch.inference_mode():
+                            return trunk(torch.from_numpy(x)).numpy()
+            return runner(batch).reshape(len(batch), -1)
+
+        cache = FeatureCache(cache_dir, key, n_views, int(np.prod(shape)))
+        feats, ok = extract_features(paths, run, cache, make, size, batch_size=16 * n_views, progress=progress,
+                                     desc="trunk maps")
+    return feats.reshape((len(paths), n_views) + shape), ok
+
+
+# ----------------------------------------------------------------------------------- tuning
+def pooled(tail, maps, views: list, batch: int = 256) -> np.ndarray:
+    """``tail`` (in eval mode) over ``maps`` ``(N, V, C, h, w)``'s ``views``: ``(N, len(views), D)`` float32."""
+    import torch
+
+    tail.eval()
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(maps), batch):
+            x = torch.from_numpy(np.asarray(maps[s:s + batch][:, views], dtype=np.float32))
+            out.append(tail(x.flatten(0, 1)).view(len(x), len(views), -1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(views), tail.conv_head.out_channels), np.float32)
+
+
+def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int, lr: float = 3e-4, batch: int = 64,
+              label_smoothing: float = 0.1, progress: bool = False):
+    """Train ``tail`` and a linear classifier on ``maps`` ``(N, V, C, h, w)`` with labels ``y`` ``(N,)``.
+
+    Each epoch sees one random view of every image, mirrored at random; AdamW with a one-cycle schedule
+    (the classifier at 10 × ``lr``), label smoothing. Returns ``(tail, classifier)`` in eval mode; the
+    classifier maps pooled features ``(N, D)`` to logits ``(N, n_classes)``.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    dim = tail.conv_head.out_channels
+    cls = nn.Sequential(nn.Dropout(0.2), nn.Linear(dim, n_classes))
+    opt = torch.optim.AdamW([{"params": tail.parameters(), "lr": lr}, {"params": cls.parameters(), "lr": 10 * lr}],
+                            weight_decay=1e-4)
+    n, n_views = len(y), maps.shape[1]
+    steps = epochs * ((n + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, [lr, 10 * lr], total_steps=steps, pct_start=0.15)
+    yt = torch.as_tensor(y, dtype=torch.long)
+    tail.train()
+    cls.train()
+    for epoch in tqdm(range(epochs), desc="tuning", unit="epoch", disable=not progress, leave=False):
+        order = torch.randperm(n, generator=gen).numpy()
+        view = torch.randint(0, n_views, (n,), generator=gen).numpy()
+        total = 0.0
+        for s in range(0, n, batch):
+            b = np.sort(order[s:s + batch])
+            x = torch.from_numpy(np.asarray(maps[b, view[b]], dtype=np.float32))
+            flip = torch.rand(len(b), generator=gen) < 0.5
+            x[flip] = x[flip].flip(-1)
+            loss = F.cross_entropy(cls(tail(x)), yt[b], label_smoothing=label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(b)
+        log.info("tuning epoch %d: loss %.3f", epoch, total / n)
+    return tail.eval(), cls.eval()
+
+
+def tuned_probs(tail, cls, maps) -> np.ndarray:
+    """Class probabilities ``(N, C)`` of maps ``(N, V >= 2, C, h, w)``: the eval view and its mirror averaged."""
+    import torch
+
+    feats = torch.from_numpy(pooled(tail, maps, [0, 1]))
+    with torch.inference_mode():
+        return ((cls(feats[:, 0]).softmax(1) + cls(feats[:, 1]).softmax(1)) / 2).numpy()
+
+
+# ----------------------------------------------------------------------------------- the whole step
+def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cfg: TuneConfig, cache_dir: Path | None,
+                  resize: str = "crop", weights: str | None = None, progress: bool = True) -> tuple[dict, dict]:
+    """Tune ``cfg.blocks`` last blocks of ``backbone_name`` on the prepared tree's training images (flat
+    leaves as classes).
+
+    Returns
+    -------
+    (dict, dict)
+        The tuned backbone's ``state_dict`` and a summary: backbone, image size, config, images, classes,
+        validation accuracy of the tuned linear classifier (eval view + mirror; ``None`` without a
+        validation split) and seconds.
+    """
+    import torch
+
+    from .backbones import create_backbone
+    from .data import read_split
+    from .hierarchy import require_hierarchy_json
+
+    t0 = time.time()
+    _, doc = require_hierarchy_json(Path(data_dir) / "hierarchy.json", "the prepared dataset",
+                                    "run prepare_dataset.py first")
+    classes = doc["flat"]["classes"]
+    train = read_split(Path(data_dir) / "flat" / "train", classes)
+    val = read_split(Path(data_dir) / "flat" / "val", classes) if (Path(data_dir) / "flat" / "val").is_dir() else []
+    if len({c for _, c in train}) < 2:
+        raise UserError(f"{data_dir}: tuning needs training images of at least two leaves; prepare a larger tree")
+    backbone = create_backbone(backbone_name, weights=weights, image_size=image_size)
+    torch.manual_seed(cfg.seed)
+    trunk, tail = split_backbone(backbone, cfg.blocks)
+    log.info("tuning the last %d block(s) of %s @ %d px on %d training images, %d leaves", cfg.blocks,
+             backbone_name, backbone.image_size, len(train), len(classes))
+    maps, ok = trunk_maps([p for p, _ in train], backbone, trunk, cfg.blocks, resize, cfg.views, cfg.seed, cache_dir,
+                          progress)
+    y = np.array([c for _, c in train])
+    tail, cls = tune_tail(tail, maps[ok], y[ok], len(classes), cfg.epochs, cfg.seed, cfg.lr, cfg.batch_size,
+                          cfg.label_smoothing, progress)
+    del maps
+    val_acc = None
+    if val:
+        vmaps, vok = trunk_maps([p for p, _ in val], backbone, trunk, cfg.blocks, resize, 0, cfg.seed, cache_dir, progress)
+        vy = np.array([c for _, c in val])
+        if vok.any():
+            val_acc = float(np.mean(tuned_probs(tail, cls, vmaps[vok]).argmax(1) == vy[vok]))
+    summary = {"backbone": backbone_name, "image_size": backbone.image_size, "resize": resize, "tune": cfg.to_dict(),
+               "base_weights": backbone.weights_fingerprint, "train_images": int(ok.sum()), "classes": len(classes),
+               "val_images": len(val), "val_accuracy": val_acc, "seconds": round(time.time() - t0, 1)}
+    return tuned_state_dict(backbone, tail), summary

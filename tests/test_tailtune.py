@@ -1,0 +1,161 @@
+"""Tuning a backbone's last blocks on cached trunk maps (hiernet.tailtune, src/tune_backbone.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, TWO_LEVEL, make_tree, run
+from hiernet.backbones import create_backbone, load_state_dict_file, state_fingerprint
+from hiernet.safeio import UserError
+from hiernet import tailtune
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return create_backbone("efficientnet-lite0", image_size=64)
+
+
+@pytest.mark.parametrize("blocks", [1, 5])
+def test_trunk_then_tail_is_the_backbone(lite0, blocks):
+    trunk, tail = tailtune.split_backbone(lite0, blocks)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        maps = trunk(x)
+        assert maps.shape[1] == (192 if blocks == 1 else 112)  # block 15 of 16 takes 192 channels, block 11 112
+        assert torch.allclose(tail(maps), lite0(x), atol=1e-4)
+    assert tail.cut == 16 - blocks and len(tail.blocks) == blocks
+
+
+def test_split_refuses_a_composite_and_a_cut_outside_the_network(lite0):
+    with pytest.raises(UserError, match="one backbone at a time"):
+        tailtune.split_backbone(create_backbone("efficientnet-lite1+efficientnet-lite0", image_size=64), 1)
+    for bad in (0, 17):
+        with pytest.raises(UserError, match="--tune-blocks must be 1-16"):
+            tailtune.split_backbone(lite0, bad)
+
+
+def test_tuned_state_dict_loads_as_the_backbone_with_the_tuned_tail(lite0, tmp_path):
+    before = state_fingerprint(lite0.trunks()[0].state_dict())
+    trunk, tail = tailtune.split_backbone(lite0, 2)
+    with torch.no_grad():  # a "tuned" tail: every tail tensor moved
+        for p in tail.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        tail.bn1.running_mean.add_(0.1)
+    sd = tailtune.tuned_state_dict(lite0, tail)
+    assert state_fingerprint(lite0.trunks()[0].state_dict()) == before  # the backbone itself is unchanged
+    torch.save(sd, tmp_path / "tuned.pth")
+    tuned = create_backbone("efficientnet-lite0", weights=tmp_path / "tuned.pth", image_size=64)
+    assert tuned.weights_fingerprint not in (before, lite0.weights_fingerprint)
+    x = torch.rand(3, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(tuned(x), tail(trunk(x)), atol=1e-4)
+        assert not torch.allclose(tuned(x), lite0(x), atol=1e-3)
+        # the trunk's tensors are the ImageNet ones
+        assert torch.allclose(tailtune.split_backbone(tuned, 2)[0](x), trunk(x), atol=1e-5)
+
+
+def test_trunk_maps_are_the_trunks_views_cached_once(lite0, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from hiernet.data import eval_views
+    from hiernet.images import load_rgb
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    paths.insert(1, bad)
+    trunk, _ = tailtune.split_backbone(lite0, 1)
+    maps, ok = tailtune.trunk_maps(paths, lite0, trunk, 1, "crop", 1, 0, tmp_path / "cache", progress=False)
+    assert maps.shape == (4, 3, 192, 2, 2) and maps.dtype == np.float32
+    assert ok.tolist() == [True, False, True, True]
+    with torch.inference_mode():
+        want = trunk(torch.from_numpy(eval_views(load_rgb(paths[2]), 64, "crop"))).numpy()
+    np.testing.assert_allclose(maps[2, :2], want, atol=1e-3, rtol=1e-3)  # onnxruntime = the torch trunk
+    assert not np.allclose(maps[2, 0], maps[2, 1], atol=1e-2)  # the mirror, and an augmented view
+    assert not np.allclose(maps[2, 0], maps[2, 2], atol=1e-2)
+    monkeypatch.setattr("hiernet.runtime.OrtRunner", lambda *a, **k: pytest.fail("recomputed"))
+    again, ok2 = tailtune.trunk_maps(paths, lite0, trunk, 1, "crop", 1, 0, tmp_path / "cache", progress=False)
+    assert np.array_equal(again[ok2], maps[ok]) and ok2.tolist() == ok.tolist()
+    # another cut is another cache entry
+    trunk2, _ = tailtune.split_backbone(lite0, 5)
+    monkeypatch.undo()
+    other, _ = tailtune.trunk_maps(paths, lite0, trunk2, 5, "crop", 1, 0, tmp_path / "cache", progress=False)
+    assert other.shape == (4, 3, 112, 4, 4)
+
+
+def test_tune_tail_learns_what_the_frozen_tail_does_not_see():
+    # maps whose class shows only in a channel pattern; tuning must move the tail's weights and learn it
+    rng = np.random.default_rng(0)
+    n = 60
+    y = np.arange(n) % 3
+    pattern = rng.normal(0, 1, (3, 192, 1, 1)).astype(np.float32)
+    maps = (rng.normal(0, 1, (n, 3, 192, 2, 2)) + 2.0 * pattern[y][:, None]).astype(np.float32)
+    _, tail = tailtune.split_backbone(create_backbone("efficientnet-lite0", pretrained=False, image_size=64), 1)
+    before = [p.detach().clone() for p in tail.parameters()]
+    tr, te = np.arange(n) < 45, np.arange(n) >= 45
+    t, cls = tailtune.tune_tail(tail, maps[tr], y[tr], 3, epochs=15, seed=0, lr=3e-3)
+    assert all(not torch.equal(a, b) for a, b in zip(before, t.parameters()))
+    probs = tailtune.tuned_probs(t, cls, maps[te])
+    assert probs.shape == (15, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert np.mean(probs.argmax(1) == y[te]) >= 0.8
+    assert tailtune.pooled(t, maps[te], [0, 1, 2]).shape == (15, 3, 1280)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tailtune")
+    data = make_tree(base / "data", TWO_LEVEL, per_leaf=8)
+    run([sys.executable, str(REPO / "prepare_dataset.py"), "-p", str(data), "-o", str(base / "split"), "-q"], cwd="/")
+    return base
+
+
+def test_tune_backbone_cli_writes_weights_that_train_py_uses(prepared):
+    out = prepared / "out" / "lite0.pth"
+    cache = prepared / "cache"
+    proc = run([sys.executable, str(REPO / "src" / "tune_backbone.py"), "--data-dir", prepared / "split", "--image-size", 64,
+                "--epochs", 2, "--views", 1, "--cache-dir", cache, "-o", out, "-q"], cwd="/")
+    assert f"-> {out}" in proc.stdout and "--weights" in proc.stdout
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["backbone"] == "efficientnet-lite0" and summary["image_size"] == 64 and summary["tune"]["blocks"] == 1
+    assert summary["train_images"] > 0 and 0 <= summary["val_accuracy"] <= 1 and summary["classes"] == 4
+    sd = load_state_dict_file(out)
+    tuned = state_fingerprint(sd)
+    imagenet = create_backbone("efficientnet-lite0", image_size=64).trunks()[0].state_dict()
+    changed = {k for k in sd if not torch.equal(sd[k], imagenet[k])}
+    assert changed and all(k.startswith(("_blocks.15.", "_conv_head.", "_bn1.")) for k in changed)
+    models = prepared / "models"
+    run([sys.executable, str(REPO / "src" / "train.py"), "-d", "parent", "--data-dir", prepared / "split", "--output-dir",
+         models, "--cache-dir", cache, "--backbone", "efficientnet-lite0", "--image-size", 64, "--weights", out,
+         "--epochs", 2, "--views", 1, "--precision", "fp32", "-q"], cwd="/")
+    ck = torch.load(models / "parent" / "model.pth", map_location="cpu", weights_only=True)
+    assert ck["config"]["backbone"]["weights_file"] == str(out)
+    assert ck["config"]["backbone"]["weights_fingerprint"] == tuned  # features of the tuned backbone
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backbone", "efficientnet-lite1+efficientnet-lite0"], "tune one backbone at a time"),
+    (["--tune-blocks", "0"], "--tune-blocks must be at least 1"),
+    (["--tune-blocks", "40"], "--tune-blocks must be 1-16"),
+    (["--backbone", "resnet"], "resnet"),
+])
+def test_tune_backbone_cli_refuses_bad_input_in_one_line(prepared, argv, message):
+    proc = run([sys.executable, str(REPO / "src" / "tune_backbone.py"), "--data-dir", prepared / "split",
+                "--image-size", 64, "--cache-dir", prepared / "cache", "-o", prepared / "bad.pth", *argv], cwd="/", check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (prepared / "bad.pth").exists()
+
+
+def test_tune_backbone_cli_needs_a_prepared_tree(tmp_path):
+    proc = run([sys.executable, str(REPO / "src" / "tune_backbone.py"), "--data-dir", tmp_path / "nothing"], cwd="/",
+               check=False)
+    assert proc.returncode != 0 and "prepare_dataset.py" in proc.stderr and "Traceback" not in proc.stderr
