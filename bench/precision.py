@@ -8,7 +8,9 @@ once; then, per precision, from an EMPTY feature cache:
   evaluate  python src/evaluate.py (leaf accuracy on the test split; the models' precision)
   predict   python src/predict.py -p <the test split> --format csv (whole process: images/s)
 
-``--limit K`` keeps K images per leaf class (a quick subset run; label it as such). Everything goes
+``--tune-backbone NAME`` first tunes the last block of NAME on the training split (``src/tune_backbone.py``,
+same empty cache; its time is part of training) and trains on it (``--backbone NAME --image-size
+--tune-size --weights <the tuned file>``). ``--limit K`` keeps K images per leaf class (a quick subset run; label it as such). Everything goes
 under the work folder (default: a fresh /tmp folder). The report goes to ``--out`` (markdown + JSON).
 
 Examples::
@@ -53,6 +55,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-trained", action="store_true",
                    help="keep the models and training times of the earlier run in --work (its report is --out): "
                         "rerun evaluate and predict only")
+    p.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated: fp32, int8")
+    p.add_argument("--tune-backbone", metavar="NAME",
+                   help="tune the last block of this backbone first (src/tune_backbone.py) and train on it")
+    p.add_argument("--tune-size", type=int, help="input side for --tune-backbone (default: its own)")
     p.add_argument("train_args", nargs="*", help="extra train.py flags (after --)")
     return p
 
@@ -94,8 +100,12 @@ def prepare_cmd(name: str, spec: dict, work: Path, limit: int | None, seed: int)
             spec["label_columns"], "--id-column", spec["id_column"], "-o", split, "--seed", seed, "-q"]
 
 
-def run_precision(work: Path, precision: str, train_args: list, trained: dict | None = None) -> dict:
+def run_precision(work: Path, precision: str, train_args: list, trained: dict | None = None,
+                  tune: tuple | None = None) -> dict:
     """Train (empty cache), evaluate and predict with one precision; the figures of one table row.
+
+    ``tune``: ``(backbone, image size or None)`` to tune first with ``src/tune_backbone.py`` (its seconds
+    are added to ``train_s`` and kept as ``tune_s``); training then uses the tuned weights.
 
     ``trained``: this precision's row of an earlier run in the same work folder; its models are reused
     (training is not rerun; nor evaluation when its results are there) and its times and guard line kept.
@@ -105,14 +115,20 @@ def run_precision(work: Path, precision: str, train_args: list, trained: dict | 
     env = dict(os.environ, DATA_DIR=str(split), MODELS_DIR=str(models), PYTHON=py, NO_FLAT="1", PYTHONUNBUFFERED="1")
     row = {"precision": precision}
     if trained is not None:
-        row.update({k: trained.get(k) for k in ("train_s", "evaluate_s", "guard")}, train_reused=True)
-    stages = [("train", ["bash", REPO / "src" / "train_lcpn.sh", "--cache-dir", cache, "--precision", precision, *train_args]),
+        row.update({k: trained.get(k) for k in ("train_s", "tune_s", "evaluate_s", "guard") if k in trained}, train_reused=True)
+    stages = []
+    if tune is not None:
+        tuned, size = base / "tuned" / "backbone.pth", [] if tune[1] is None else ["--image-size", tune[1]]
+        stages.append(("tune", [py, REPO / "src" / "tune_backbone.py", "--data-dir", split, "--backbone", tune[0], *size,
+                                "--cache-dir", cache, "-o", tuned, "-q"]))
+        train_args = ["--backbone", tune[0], *size, "--weights", tuned, *train_args]
+    stages += [("train", ["bash", REPO / "src" / "train_lcpn.sh", "--cache-dir", cache, "--precision", precision, *train_args]),
               ("evaluate", [py, REPO / "src" / "evaluate.py", "--data-dir", split, "--models-dir", models,
                             "--output", base / "results", "--no-flat", "-q"]),
               ("predict", [py, REPO / "src" / "predict.py", "-p", split / "flat" / "test", "--format", "csv",
                            "-o", base / "pred.csv", "--models-dir", models])]
     if trained is not None:
-        done = {"train"} | ({"evaluate"} if (base / "results" / "results.json").exists() else set())
+        done = {"tune", "train"} | ({"evaluate"} if (base / "results" / "results.json").exists() else set())
         stages = [s for s in stages if s[0] not in done]
     for name, cmd in stages:
         log(f"{precision} {name}: {' '.join(str(c) for c in cmd)}")
@@ -121,6 +137,8 @@ def run_precision(work: Path, precision: str, train_args: list, trained: dict | 
         if r.returncode != 0:
             row["error"] = f"{name} failed (exit {r.returncode}): {r.stderr_tail(3)}"
             return row
+        if name == "train" and "tune_s" in row:
+            row["train_s"] += row["tune_s"]
         if name == "train":
             row["guard"] = next((ln for _, ln in r.stdout_lines if ln.startswith("int8 guard:")), None)
     res = json.loads((base / "results" / "results.json").read_text(encoding="utf-8"))
@@ -140,6 +158,9 @@ def render(rep: dict) -> str:
         lines += [f"**Subset run: at most {rep['limit']} images per leaf class** (not the full datasets).", ""]
     note = busy_note(rep["machine"])
     lines += [machine_markdown(rep["machine"]), ""] + ([f"> {note}", ""] if note else [])
+    if rep.get("tune"):
+        lines += [f"Tuned backbone: the last block of {rep['tune'][0]} tuned on the training split first "
+                  f"(`src/tune_backbone.py`); its time is part of the training time.", ""]
     for ds, rows in rep["datasets"].items():
         lines += [f"## {ds}", "", f"prepare: {fmt(rep['prepare_s'][ds], 1)} s", ""]
         lines.append(md_table(["precision", "train (empty cache) s", "predict.py images/s", "test images",
@@ -147,7 +168,9 @@ def render(rep: dict) -> str:
                               [[r["precision"], fmt(r.get("train_s"), 1), fmt(r.get("images_per_s"), 1), r.get("n_test", "-"),
                                 fmt(r.get("leaf_accuracy"), pct=True), r.get("used_precision") or r.get("error", "-")]
                                for r in rows]))
-        lines += [""] + [f"- {r['guard']}" for r in rows if r.get("guard")] + [""]
+        lines += [""] + [f"- {r['guard']}" for r in rows if r.get("guard")]
+        lines += [f"- {r['precision']}: tuning took {fmt(r['tune_s'], 1)} s of the training time" for r in rows
+                  if r.get("tune_s") is not None] + [""]
     return "\n".join(lines)
 
 
@@ -160,10 +183,15 @@ def main(args: argparse.Namespace) -> int:
     if args.reuse_trained and not (args.work and args.out.with_suffix(".json").exists()):
         print("error: --reuse-trained needs the --work folder and the --out report of an earlier run", file=sys.stderr)
         return 2
+    precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+    if not precisions or any(x not in PRECISIONS for x in precisions):
+        print(f"error: --precisions takes {', '.join(PRECISIONS)}, got {args.precisions!r}", file=sys.stderr)
+        return 2
+    tune = (args.tune_backbone, args.tune_size) if args.tune_backbone else None
     work = args.work or Path(tempfile.mkdtemp(prefix=f"hiernet-precision-{dt.datetime.now():%Y%m%d-%H%M%S}-"))
     rep = {"command": command_line(), "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "limit": args.limit, "train_args": args.train_args, "machine": machine_info(), "work": str(work),
-           "datasets": {}, "prepare_s": {}}
+           "datasets": {}, "prepare_s": {}, "tune": list(tune) if tune else None}
     earlier = json.loads(args.out.with_suffix(".json").read_text(encoding="utf-8")) if args.reuse_trained else None
     if earlier:
         rep["trained_by"] = earlier.get("trained_by") or earlier["command"]
@@ -173,7 +201,7 @@ def main(args: argparse.Namespace) -> int:
         if earlier:
             rep["prepare_s"][ds] = earlier["prepare_s"][ds]
             rows = {r["precision"]: r for r in earlier["datasets"][ds]}
-            rep["datasets"][ds] = [run_precision(dw, p, args.train_args, rows[p]) for p in PRECISIONS]
+            rep["datasets"][ds] = [run_precision(dw, p, args.train_args, rows[p], tune) for p in precisions]
             write_report(render(rep), rep, args.out)
             continue
         r = run_timed(prepare_cmd(ds, DATASETS[ds], dw, args.limit, args.seed), log_dir=dw / "logs", name="prepare")
@@ -181,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
         if r.returncode != 0:
             print(f"error: preparing {ds} failed: {r.stderr_tail(5)}", file=sys.stderr)
             return 1
-        rep["datasets"][ds] = [run_precision(dw, p, args.train_args) for p in PRECISIONS]
+        rep["datasets"][ds] = [run_precision(dw, p, args.train_args, tune=tune) for p in precisions]
         write_report(render(rep), rep, args.out)  # a partial report survives a later failure
     md = render(rep)
     sys.stdout.write(md)

@@ -431,3 +431,26 @@ def test_tail_tuning_tunes_the_tail_and_cross_validates_every_row(tuning, monkey
         assert all(np.array_equal(v, tuned_views) for _, v, _ in calls[2:])
         # the tuned rows' heads see the tuned backbone's features of every view, not the frozen ones
         assert not np.allclose(tuned_views, frozen_views, atol=1e-2)
+
+
+@pytest.mark.slow
+def test_precision_bench_tunes_the_backbone_first_and_trains_on_it(tmp_path):
+    """bench/precision.py --tune-backbone: a tune stage (timed into training), then train_lcpn.sh on the
+    tuned weights, evaluate and predict: one row with every figure."""
+    import torch
+
+    from conftest import FAST, TWO_LEVEL, make_tree, run
+
+    precision = _load("precision")
+    data = make_tree(tmp_path / "data", TWO_LEVEL, per_leaf=8)
+    run([sys.executable, str(REPO / "prepare_dataset.py"), "-p", data, "-o", tmp_path / "split", "-q"], cwd="/")
+    fast = [a for a in FAST if a not in ("--backbone", "efficientnet-lite0", "--image-size", "64")]
+    row = precision.run_precision(tmp_path, "fp32", fast, tune=("efficientnet-lite0", 64))
+    assert "error" not in row, row.get("error")
+    assert 0 < row["tune_s"] < row["train_s"] and 0 <= row["leaf_accuracy"] <= 1 and row["predict_images"] > 0
+    tuned = tmp_path / "fp32" / "tuned" / "backbone.pth"
+    ck = torch.load(tmp_path / "fp32" / "models" / "parent" / "model.pth", map_location="cpu", weights_only=True)
+    assert ck["config"]["backbone"]["weights_file"] == str(tuned) and ck["config"]["backbone"]["image_size"] == 64
+    assert "tuning took" in precision.render({"command": "c", "created": "t", "limit": None, "machine": precision.machine_info(),
+                                              "tune": ["efficientnet-lite0", 64], "datasets": {"d": [row]},
+                                              "prepare_s": {"d": 1.0}})
