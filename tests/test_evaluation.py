@@ -230,6 +230,17 @@ def test_summary_prints_the_comparison_once(res):
     assert md.count("McNemar p =") == 1
 
 
+@pytest.mark.parametrize("auto, reason", [
+    ({"chosen": "combined", "n_images": 87}, "the most accurate decision on 87 validation images when export.py ran"),
+    ({"chosen": "lcpn"}, "no current export recorded a choice"),
+])
+def test_summary_and_markdown_say_what_decision_auto_uses_and_why(res, auto, reason):
+    full = {**res, "n_unreadable": 0, "runtime": "onnx", "auto_decision": auto}
+    assert f"predict.py --decision auto (its default) uses {auto['chosen']}: {reason}" in summary_lines(full)
+    assert f"decides with **{auto['chosen']}**: {reason}." in render_markdown(full)
+    assert "--decision auto" not in "\n".join(summary_lines({**full, "auto_decision": None}))
+
+
 def test_check_known_leaves_names_unknown_classes():
     check_known_leaves(HIER, ["a/x", "b/w"], "--data D")
     with pytest.raises(UserError, match=r"--data D has classes the models were not trained on: a/q, c/x;"):

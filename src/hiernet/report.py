@@ -126,10 +126,15 @@ def summary_lines(res: dict) -> list[str]:
                      f"McNemar p = {_f(vs['p_value'], 3)}")
     auto = res.get("auto_decision")
     if auto:
-        where = (f"the most accurate on {auto['n_images']} validation images when export.py ran"
-                 if "n_images" in auto else "no export recorded a choice")
-        lines.append(f"predict.py --decision auto (its default) uses {auto['chosen']}: {where}")
+        lines.append(f"predict.py --decision auto (its default) uses {auto['chosen']}: {auto_reason(auto)}")
     return lines
+
+
+def auto_reason(auto: dict) -> str:
+    """Why ``--decision auto`` uses ``auto["chosen"]`` (``results.json``'s ``auto_decision``), one phrase."""
+    if "n_images" in auto:
+        return f"the most accurate decision on {auto['n_images']} validation images when export.py ran"
+    return "no current export recorded a choice"
 
 
 def _md_headline(res: dict) -> list[str]:
@@ -173,9 +178,7 @@ def _md_headline(res: dict) -> list[str]:
     ]
     auto = res.get("auto_decision")
     if auto:
-        L += ["", f"`predict.py` (default `--decision auto`) decides with **{auto['chosen']}**: "
-              + (f"the most accurate decision on {auto['n_images']} validation images when `export.py` ran."
-                 if "n_images" in auto else "no current export recorded a choice.")]
+        L += ["", f"`predict.py` (default `--decision auto`) decides with **{auto['chosen']}**: {auto_reason(auto)}."]
     if "combined" in res:
         vs = res["combined"]["vs_lcpn"]
         L += ["", "Combined: per image, the leaf maximising the flat model's probability times the LCPN path "
