@@ -53,6 +53,29 @@ def draw_image(path: Path, shape: str, seed: int, size: int = 64) -> Path:
     return path
 
 
+def noise_images(folder: Path, n: int = 3, bad_at: int = 1) -> list[Path]:
+    """``n`` random 48 × 40 PNG photos in ``folder`` and, at index ``bad_at``, a ``.jpg`` that is not an image."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    bad = folder / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    paths.insert(bad_at, bad)
+    return paths
+
+
+def pattern_maps(n: int = 60, classes: int = 3, channels: int = 192, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Feature maps ``(n, 3 views, channels, 2, 2)`` whose class (``y = arange(n) % classes``) shows only
+    in a per-class channel pattern over noise, and ``y``: what tuning a tail must learn."""
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % classes
+    pattern = rng.normal(0, 1, (classes, channels, 1, 1)).astype(np.float32)
+    return (rng.normal(0, 1, (n, 3, channels, 2, 2)) + 2.0 * pattern[y][:, None]).astype(dtype), y
+
+
 def make_tree(root: Path, layout: dict, per_leaf: int = 6, size: int = 64) -> Path:
     """Write ``layout`` ({"a": {"x": "ellipse", ...}, ...}; a string value is a leaf's shape) as images."""
     def walk(node: dict, prefix: Path, seed_base: int) -> None:

@@ -340,17 +340,9 @@ def test_tail_tuning_trunk_then_tail_is_the_suites_lite0_features(tuning, tune_f
 
 
 def test_tail_tuning_maps_are_cached_once_and_an_unreadable_image_is_left_out(tuning, tmp_path, monkeypatch):
-    from PIL import Image
+    from conftest import noise_images
 
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(3):
-        p = tmp_path / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"not a jpeg")
-    paths.insert(1, bad)
+    paths = noise_images(tmp_path)
     maps, ok = tuning.extract_maps(paths, 64, 15, 1, 0, tmp_path / "work")
     assert maps.shape == (4, 3, 192, 2, 2) and maps.dtype == np.float16
     assert ok.tolist() == [True, False, True, True]
@@ -371,24 +363,12 @@ def test_tail_tuning_maps_are_cached_once_and_an_unreadable_image_is_left_out(tu
 
 
 def test_tail_tuning_tunes_the_tail_and_cross_validates_every_row(tuning, monkeypatch):
-    import torch
+    from conftest import pattern_maps
 
-    # maps whose class shows only in a weighted channel pattern: the frozen random tail sees it weakly,
-    # tuning must move the tail's weights and learn it
-    rng = np.random.default_rng(0)
+    # the tuning itself (hiernet.tailtune.tune_tail) is tested in test_tailtune.py; here, the folds and rows
     leaf_ids = ["a/x", "a/y", "b"]
-    n = 60
-    y = np.arange(n) % 3
-    pattern = rng.normal(0, 1, (3, 192, 1, 1)).astype(np.float32)
-    maps = (rng.normal(0, 1, (n, 3, 192, 2, 2)) + 2.0 * pattern[y][:, None]).astype(np.float16)
-    _, tail = tuning.lite0_parts(64, 15, pretrained=False)
-    before = [p.detach().clone() for p in tail.parameters()]
-    tr, te = np.arange(n) < 45, np.arange(n) >= 45
-    t, cls = tuning.tune(tail, maps[tr], y[tr], 3, epochs=15, seed=0, lr=3e-3)
-    assert any(not torch.equal(a, b) for a, b in zip(before, t.parameters()))
-    probs = tuning.tuned_probs(t, cls, maps[te])
-    assert probs.shape == (15, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
-    assert np.mean(probs.argmax(1) == y[te]) >= 0.8
+    maps, y = pattern_maps(dtype=np.float16)  # float16, as extract_maps keeps them
+    n = len(y)
     leaves = np.array(leaf_ids, dtype=object)[y]
     preds, seconds = tuning.cross_validate([maps], leaves, leaf_ids, 64, [15], epochs=15, hidden=0, folds=2, seed=0,
                                            max_folds=None, peers=True, pretrained=False, lr=3e-3)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TWO_LEVEL, make_tree, run
+from conftest import REPO, TWO_LEVEL, make_tree, noise_images, pattern_maps, run
 from hiernet.backbones import create_backbone, load_state_dict_file, state_fingerprint
 from hiernet.safeio import UserError
 from hiernet import tailtune
@@ -60,20 +60,10 @@ def test_tuned_state_dict_loads_as_the_backbone_with_the_tuned_tail(lite0, tmp_p
 
 
 def test_trunk_maps_are_the_trunks_views_cached_once(lite0, tmp_path, monkeypatch):
-    from PIL import Image
-
     from hiernet.data import eval_views
     from hiernet.images import load_rgb
 
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(3):
-        p = tmp_path / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"not a jpeg")
-    paths.insert(1, bad)
+    paths = noise_images(tmp_path)
     trunk, _ = tailtune.split_backbone(lite0, 1)
     maps, ok = tailtune.trunk_maps(paths, lite0, trunk, 1, "crop", 1, 0, tmp_path / "cache", progress=False)
     assert maps.shape == (4, 3, 192, 2, 2) and maps.dtype == np.float32
@@ -95,11 +85,8 @@ def test_trunk_maps_are_the_trunks_views_cached_once(lite0, tmp_path, monkeypatc
 
 def test_tune_tail_learns_what_the_frozen_tail_does_not_see():
     # maps whose class shows only in a channel pattern; tuning must move the tail's weights and learn it
-    rng = np.random.default_rng(0)
-    n = 60
-    y = np.arange(n) % 3
-    pattern = rng.normal(0, 1, (3, 192, 1, 1)).astype(np.float32)
-    maps = (rng.normal(0, 1, (n, 3, 192, 2, 2)) + 2.0 * pattern[y][:, None]).astype(np.float32)
+    maps, y = pattern_maps()
+    n = len(y)
     _, tail = tailtune.split_backbone(create_backbone("efficientnet-lite0", pretrained=False, image_size=64), 1)
     before = [p.detach().clone() for p in tail.parameters()]
     tr, te = np.arange(n) < 45, np.arange(n) >= 45
