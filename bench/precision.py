@@ -8,9 +8,8 @@ once; then, per precision, from an EMPTY feature cache:
   evaluate  python src/evaluate.py (leaf accuracy on the test split; the models' precision)
   predict   python src/predict.py -p <the test split> --format csv (whole process: images/s)
 
-``--tune-backbone NAME`` first tunes the last block of NAME on the training split (``src/tune_backbone.py``,
-same empty cache; its time is part of training) and trains on it (``--backbone NAME --image-size
---tune-size --weights <the tuned file>``). ``--limit K`` keeps K images per leaf class (a quick subset run; label it as such). Everything goes
+``--tune-backbone NAME`` trains with ``train_lcpn.sh --tune-backbone NAME`` (``--image-size`` ``--tune-size``):
+the last block of NAME tuned on the training split first (same empty cache; its time is part of training). ``--limit K`` keeps K images per leaf class (a quick subset run; label it as such). Everything goes
 under the work folder (default: a fresh /tmp folder). The report goes to ``--out`` (markdown + JSON).
 
 Examples::
@@ -104,8 +103,8 @@ def run_precision(work: Path, precision: str, train_args: list, trained: dict | 
                   tune: tuple | None = None) -> dict:
     """Train (empty cache), evaluate and predict with one precision; the figures of one table row.
 
-    ``tune``: ``(backbone, image size or None)`` to tune first with ``src/tune_backbone.py`` (its seconds
-    are added to ``train_s`` and kept as ``tune_s``); training then uses the tuned weights.
+    ``tune``: ``(backbone, image size or None)``: ``train_lcpn.sh --tune-backbone`` tunes its last block
+    first and trains on it (the tuning's seconds, part of ``train_s``, are kept as ``tune_s``).
 
     ``trained``: this precision's row of an earlier run in the same work folder; its models are reused
     (training is not rerun; nor evaluation when its results are there) and its times and guard line kept.
@@ -116,19 +115,15 @@ def run_precision(work: Path, precision: str, train_args: list, trained: dict | 
     row = {"precision": precision}
     if trained is not None:
         row.update({k: trained.get(k) for k in ("train_s", "tune_s", "evaluate_s", "guard") if k in trained}, train_reused=True)
-    stages = []
-    if tune is not None:
-        tuned, size = base / "tuned" / "backbone.pth", [] if tune[1] is None else ["--image-size", tune[1]]
-        stages.append(("tune", [py, REPO / "src" / "tune_backbone.py", "--data-dir", split, "--backbone", tune[0], *size,
-                                "--cache-dir", cache, "-o", tuned, "-q"]))
-        train_args = ["--backbone", tune[0], *size, "--weights", tuned, *train_args]
-    stages += [("train", ["bash", REPO / "src" / "train_lcpn.sh", "--cache-dir", cache, "--precision", precision, *train_args]),
+    if tune is not None:  # train_lcpn.sh tunes the backbone first (its seconds are in tuned_backbone.json)
+        train_args = ["--tune-backbone", tune[0], *([] if tune[1] is None else ["--image-size", tune[1]]), *train_args]
+    stages = [("train", ["bash", REPO / "src" / "train_lcpn.sh", "--cache-dir", cache, "--precision", precision, *train_args]),
               ("evaluate", [py, REPO / "src" / "evaluate.py", "--data-dir", split, "--models-dir", models,
                             "--output", base / "results", "--no-flat", "-q"]),
               ("predict", [py, REPO / "src" / "predict.py", "-p", split / "flat" / "test", "--format", "csv",
                            "-o", base / "pred.csv", "--models-dir", models])]
     if trained is not None:
-        done = {"tune", "train"} | ({"evaluate"} if (base / "results" / "results.json").exists() else set())
+        done = {"train"} | ({"evaluate"} if (base / "results" / "results.json").exists() else set())
         stages = [s for s in stages if s[0] not in done]
     for name, cmd in stages:
         log(f"{precision} {name}: {' '.join(str(c) for c in cmd)}")
@@ -137,8 +132,8 @@ def run_precision(work: Path, precision: str, train_args: list, trained: dict | 
         if r.returncode != 0:
             row["error"] = f"{name} failed (exit {r.returncode}): {r.stderr_tail(3)}"
             return row
-        if name == "train" and "tune_s" in row:
-            row["train_s"] += row["tune_s"]
+        if name == "train" and tune is not None:
+            row["tune_s"] = json.loads((models / "tuned_backbone.json").read_text(encoding="utf-8"))["seconds"]
         if name == "train":
             row["guard"] = next((ln for _, ln in r.stdout_lines if ln.startswith("int8 guard:")), None)
     res = json.loads((base / "results" / "results.json").read_text(encoding="utf-8"))

@@ -6,6 +6,7 @@
 #   ./train_lcpn.sh                          # default CPU recipe, offline
 #   ./train_lcpn.sh --data-dir D --output-dir M   # other folders (same as DATA_DIR=D MODELS_DIR=M)
 #   ./train_lcpn.sh --preset original        # EfficientNet-B4 fine-tuned per node (GPU)
+#   ./train_lcpn.sh --tune-backbone efficientnet-lite0   # tune Lite0's last block first (tune_backbone.py), train on it
 #   GPUS=0,1,2,3 ./train_lcpn.sh --preset original        # spread nodes over 4 GPUs, one node per GPU
 #   NPROC_PER_NODE=4 ./train_lcpn.sh --preset original    # each node on 4 GPUs with torchrun (DDP)
 #   NPROC_PER_NODE=8 TORCHRUN_ARGS="--nnodes=2 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400" ...
@@ -23,7 +24,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
 fi
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   echo "train.py flags:"
   exec "$PYTHON" "$here/train.py" --help
 fi
@@ -38,8 +39,13 @@ MODELS_DIR="${MODELS_DIR:-$repo/trained_models}"
 # export), like DATA_DIR=/MODELS_DIR=; --force also re-exports. The other flags go to train.py.
 passed=()
 force=""
+tune=""
 while (( $# )); do
   case "$1" in
+    --tune-backbone)
+      if (( $# < 2 )); then echo "train_lcpn.sh: --tune-backbone needs a backbone name, e.g. efficientnet-lite0" >&2; exit 2; fi
+      tune="$2"; shift 2 ;;
+    --tune-backbone=*) tune="${1#*=}"; shift ;;
     --data-dir|--output-dir)
       if (( $# < 2 )); then echo "train_lcpn.sh: $1 needs a folder" >&2; exit 2; fi
       if [[ "$1" == --data-dir ]]; then DATA_DIR="$2"; else MODELS_DIR="$2"; fi
@@ -53,6 +59,27 @@ done
 set -- "${passed[@]+"${passed[@]}"}"
 common=(--data-dir "$DATA_DIR" --output-dir "$MODELS_DIR")
 mkdir -p "$MODELS_DIR"
+
+if [[ -n "$tune" ]]; then  # tune the backbone's last block on the training split first; every node trains on it
+  tuned="$MODELS_DIR/tuned_backbone.pth"
+  tune_args=(--data-dir "$DATA_DIR" --backbone "$tune" -o "$tuned")
+  prev=""
+  for a in "$@"; do  # the flags tuning shares with training
+    case "$a" in
+      --backbone|--backbone=*|--weights|--weights=*)
+        echo "train_lcpn.sh: --tune-backbone NAME sets --backbone and --weights itself; drop $a" >&2; exit 2 ;;
+      --image-size=*|--resize=*|--cache-dir=*|-q|--quiet|--force) tune_args+=("$a") ;;
+    esac
+    case "$prev" in --image-size|--resize|--cache-dir) tune_args+=("$prev" "$a") ;; esac
+    prev="$a"
+  done
+  echo "== tuning the last block of $tune"
+  if ! "$PYTHON" "$here/tune_backbone.py" "${tune_args[@]}"; then
+    echo "train_lcpn.sh: tuning $tune failed (see the error above)" >&2
+    exit 1
+  fi
+  set -- --backbone "$tune" --weights "$tuned" "$@"
+fi
 
 if ! nodes="$("$PYTHON" "$here/train.py" --list-nodes "${common[@]}")"; then
   echo "train_lcpn.sh: cannot list the nodes to train (see the error above)" >&2

@@ -46,6 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="feature cache (default: <repo>/.cache/hiernet or $HIERNET_CACHE)")
     p.add_argument("-o", "--out", type=Path,
                    help="weights file to write (default: <repo>/tuned_backbones/<backbone>-<size>px-last<N>.pth)")
+    p.add_argument("--force", action="store_true",
+                   help="tune even when --out was tuned from the same training images and settings (else it is kept)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     return p
 
@@ -73,7 +75,11 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or REPO_ROOT / "tuned_backbones" / f"{args.backbone}-{size}px-last{args.tune_blocks}.pth"
     cfg = TuneConfig(blocks=args.tune_blocks, epochs=args.epochs, lr=args.lr, views=args.views, seed=args.seed)
     sd, summary = tune_backbone(args.data_dir, args.backbone, size, cfg, args.cache_dir, args.resize,
-                                str(args.weights.resolve()) if args.weights else None, not args.quiet)
+                                str(args.weights.resolve()) if args.weights else None, not args.quiet,
+                                keep=None if args.force else out)
+    if sd is None:
+        print(f"{out}: tuned from the same training images and settings, kept (--force tunes again)")
+        return 0
     with atomic_path(out) as tmp:
         torch.save(sd, tmp)
     write_json_atomic(out.with_suffix(".json"), summary)

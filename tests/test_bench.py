@@ -428,7 +428,7 @@ def test_precision_bench_tunes_the_backbone_first_and_trains_on_it(tmp_path):
     row = precision.run_precision(tmp_path, "fp32", fast, tune=("efficientnet-lite0", 64))
     assert "error" not in row, row.get("error")
     assert 0 < row["tune_s"] < row["train_s"] and 0 <= row["leaf_accuracy"] <= 1 and row["predict_images"] > 0
-    tuned = tmp_path / "fp32" / "tuned" / "backbone.pth"
+    tuned = tmp_path / "fp32" / "models" / "tuned_backbone.pth"
     ck = torch.load(tmp_path / "fp32" / "models" / "parent" / "model.pth", map_location="cpu", weights_only=True)
     assert ck["config"]["backbone"]["weights_file"] == str(tuned) and ck["config"]["backbone"]["image_size"] == 64
     assert "tuning took" in precision.render({"command": "c", "created": "t", "limit": None, "machine": precision.machine_info(),

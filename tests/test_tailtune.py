@@ -120,6 +120,20 @@ def test_tune_backbone_cli_writes_weights_that_train_py_uses(prepared):
     imagenet = create_backbone("efficientnet-lite0", image_size=64).trunks()[0].state_dict()
     changed = {k for k in sd if not torch.equal(sd[k], imagenet[k])}
     assert changed and all(k.startswith(("_blocks.15.", "_conv_head.", "_bn1.")) for k in changed)
+    # a rerun with the same training images and settings keeps the file; other settings or --force tune again
+    cmd = [sys.executable, str(REPO / "src" / "tune_backbone.py"), "--data-dir", prepared / "split", "--image-size", 64,
+           "--views", 1, "--cache-dir", cache, "-o", out, "-q"]
+    stamp = out.stat().st_mtime_ns
+    again = run([*cmd, "--epochs", 2], cwd="/")
+    assert "kept" in again.stdout and out.stat().st_mtime_ns == stamp
+    run([*cmd, "--epochs", 2, "--force"], cwd="/")
+    assert out.stat().st_mtime_ns != stamp
+    stamp = out.stat().st_mtime_ns
+    assert "kept" not in run([*cmd, "--epochs", 1], cwd="/").stdout and out.stat().st_mtime_ns != stamp
+    run([*cmd, "--epochs", 2], cwd="/")  # back to the first settings (tuned again: the file held --epochs 1's)
+    assert state_fingerprint(load_state_dict_file(out)) == tuned  # the same weights: tuning is deterministic
+    out.write_bytes(b"damaged")  # a file that no longer holds what its summary says is tuned again
+    assert "kept" not in run([*cmd, "--epochs", 2], cwd="/").stdout
     models = prepared / "models"
     run([sys.executable, str(REPO / "src" / "train.py"), "-d", "parent", "--data-dir", prepared / "split", "--output-dir",
          models, "--cache-dir", cache, "--backbone", "efficientnet-lite0", "--image-size", 64, "--weights", out,
@@ -140,6 +154,14 @@ def test_tune_backbone_cli_refuses_bad_input_in_one_line(prepared, argv, message
                 "--image-size", 64, "--cache-dir", prepared / "cache", "-o", prepared / "bad.pth", *argv], cwd="/", check=False)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (prepared / "bad.pth").exists()
+
+
+def test_train_lcpn_tune_backbone_refuses_its_own_flags(prepared):
+    proc = run(["bash", str(REPO / "src" / "train_lcpn.sh"), "--data-dir", prepared / "split", "--output-dir",
+                prepared / "m2", "--tune-backbone", "efficientnet-lite0", "--backbone", "efficientnet-lite1"], cwd="/",
+               check=False)
+    assert proc.returncode == 2 and "sets --backbone and --weights itself; drop --backbone" in proc.stderr
+    assert not (prepared / "m2" / "tuned_backbone.pth").exists()
 
 
 def test_tune_backbone_cli_needs_a_prepared_tree(tmp_path):

@@ -260,17 +260,57 @@ def tuned_probs(tail, cls, maps) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------- the whole step
+def tuning_key(doc: dict, backbone, resize: str, cfg: TuneConfig) -> str:
+    """What a tuning depends on (16 hex digits): the backbone, its input size, starting weights and resize
+    policy, ``cfg``, and the tree's training images (content hash and leaf) — a rerun with the same key
+    would tune the same weights again."""
+    from .features import config_hash
+
+    train = sorted((str(e.get("sha256") or e.get("path")), str(e.get("leaf"))) for e in doc.get("images", [])
+                   if e.get("split") == "train")
+    return config_hash({"backbone": backbone.spec.name, "image_size": backbone.image_size, "resize": resize,
+                        "weights": backbone.weights_fingerprint, "tune": cfg.to_dict(), "classes": doc["flat"]["classes"],
+                        "train": train})
+
+
+def current_tuning(out: Path, key: str) -> dict | None:
+    """The summary beside the weights file ``out`` (``out.json``) when it was tuned with ``key`` and the
+    file still holds those weights; else ``None``."""
+    import json
+
+    from .backbones import load_state_dict_file, state_fingerprint
+
+    try:
+        summary = json.loads(Path(out).with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("key") != key or not Path(out).is_file():
+        return None
+    try:
+        same = state_fingerprint(load_state_dict_file(out)) == summary.get("weights_fingerprint")
+    except UserError:
+        return None
+    return summary if same else None
+
+
 def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cfg: TuneConfig, cache_dir: Path | None,
-                  resize: str = "crop", weights: str | None = None, progress: bool = True) -> tuple[dict, dict]:
+                  resize: str = "crop", weights: str | None = None, progress: bool = True,
+                  keep: Path | None = None) -> tuple[dict | None, dict]:
     """Tune ``cfg.blocks`` last blocks of ``backbone_name`` on the prepared tree's training images (flat
     leaves as classes).
 
+    Parameters
+    ----------
+    keep : Path, optional
+        An earlier result: when it was tuned from the same inputs (:func:`tuning_key`,
+        :func:`current_tuning`), nothing is tuned and its summary is returned with ``None`` weights.
+
     Returns
     -------
-    (dict, dict)
-        The tuned backbone's ``state_dict`` and a summary: backbone, image size, config, images, classes,
-        validation accuracy of the tuned linear classifier (eval view + mirror; ``None`` without a
-        validation split) and seconds.
+    (dict or None, dict)
+        The tuned backbone's ``state_dict`` and a summary: its :func:`tuning_key` (``key``), backbone,
+        image size, config, images, classes, validation accuracy of the tuned linear classifier (eval view
+        + mirror; ``None`` without a validation split), the tuned weights' fingerprint and seconds.
     """
     import torch
 
@@ -287,6 +327,9 @@ def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cf
     if len({c for _, c in train}) < 2:
         raise UserError(f"{data_dir}: tuning needs training images of at least two leaves; prepare a larger tree")
     backbone = create_backbone(backbone_name, weights=weights, image_size=image_size)
+    key = tuning_key(doc, backbone, resize, cfg)
+    if keep is not None and (earlier := current_tuning(keep, key)) is not None:
+        return None, earlier
     torch.manual_seed(cfg.seed)
     trunk, tail = split_backbone(backbone, cfg.blocks)
     log.info("tuning the last %d block(s) of %s @ %d px on %d training images, %d leaves", cfg.blocks,
@@ -303,7 +346,11 @@ def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cf
         vy = np.array([c for _, c in val])
         if vok.any():
             val_acc = float(np.mean(tuned_probs(tail, cls, vmaps[vok]).argmax(1) == vy[vok]))
-    summary = {"backbone": backbone_name, "image_size": backbone.image_size, "resize": resize, "tune": cfg.to_dict(),
-               "base_weights": backbone.weights_fingerprint, "train_images": int(ok.sum()), "classes": len(classes),
-               "val_images": len(val), "val_accuracy": val_acc, "seconds": round(time.time() - t0, 1)}
-    return tuned_state_dict(backbone, tail), summary
+    from .backbones import state_fingerprint
+
+    sd = tuned_state_dict(backbone, tail)
+    summary = {"key": key, "backbone": backbone_name, "image_size": backbone.image_size, "resize": resize,
+               "tune": cfg.to_dict(), "base_weights": backbone.weights_fingerprint, "train_images": int(ok.sum()),
+               "classes": len(classes), "val_images": len(val), "val_accuracy": val_acc,
+               "weights_fingerprint": state_fingerprint(sd), "seconds": round(time.time() - t0, 1)}
+    return sd, summary
