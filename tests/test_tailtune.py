@@ -65,7 +65,7 @@ def test_trunk_maps_are_the_trunks_views_cached_once(lite0, tmp_path, monkeypatc
 
     paths = noise_images(tmp_path)
     trunk, _ = tailtune.split_backbone(lite0, 1)
-    maps, ok = tailtune.trunk_maps(paths, lite0, trunk, 1, "crop", 1, 0, tmp_path / "cache", progress=False)
+    maps, ok = tailtune.trunk_maps(paths, lite0, 1, "crop", 1, 0, tmp_path / "cache", progress=False)
     assert maps.shape == (4, 3, 192, 2, 2) and maps.dtype == np.float32
     assert ok.tolist() == [True, False, True, True]
     with torch.inference_mode():
@@ -74,12 +74,11 @@ def test_trunk_maps_are_the_trunks_views_cached_once(lite0, tmp_path, monkeypatc
     assert not np.allclose(maps[2, 0], maps[2, 1], atol=1e-2)  # the mirror, and an augmented view
     assert not np.allclose(maps[2, 0], maps[2, 2], atol=1e-2)
     monkeypatch.setattr("hiernet.runtime.OrtRunner", lambda *a, **k: pytest.fail("recomputed"))
-    again, ok2 = tailtune.trunk_maps(paths, lite0, trunk, 1, "crop", 1, 0, tmp_path / "cache", progress=False)
+    again, ok2 = tailtune.trunk_maps(paths, lite0, 1, "crop", 1, 0, tmp_path / "cache", progress=False)
     assert np.array_equal(again[ok2], maps[ok]) and ok2.tolist() == ok.tolist()
     # another cut is another cache entry
-    trunk2, _ = tailtune.split_backbone(lite0, 5)
     monkeypatch.undo()
-    other, _ = tailtune.trunk_maps(paths, lite0, trunk2, 5, "crop", 1, 0, tmp_path / "cache", progress=False)
+    other, _ = tailtune.trunk_maps(paths, lite0, 5, "crop", 1, 0, tmp_path / "cache", progress=False)
     assert other.shape == (4, 3, 112, 4, 4)
 
 

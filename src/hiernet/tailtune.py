@@ -135,10 +135,12 @@ def tuned_state_dict(backbone, tail) -> dict:
 
 
 # ----------------------------------------------------------------------------------- cached maps
-def trunk_maps(paths: list, backbone, trunk, blocks: int, resize: str, n_aug: int, seed: int,
+def trunk_maps(paths: list, backbone, blocks: int, resize: str, n_aug: int, seed: int,
                cache_dir: Path | None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The trunk's feature maps of every image: the evaluation view, its mirror and ``n_aug`` augmented
-    views, from the feature cache (computed by onnxruntime where it lacks them).
+    """The feature maps of every image before ``backbone``'s last ``blocks`` blocks (the trunk of
+    :func:`split_backbone`): the evaluation view, its mirror and ``n_aug`` augmented views, from the
+    feature cache (computed by onnxruntime where it lacks them). A cached map is ``C·h·w`` floats per view
+    (Lite0 @ 224 px before its last block: 7 × 7 × 192, 37 kB).
 
     Returns
     -------
@@ -156,6 +158,7 @@ def trunk_maps(paths: list, backbone, trunk, blocks: int, resize: str, n_aug: in
     from .runtime import OrtRunner, export_onnx, onnx_available
 
     size = backbone.image_size
+    trunk, _ = split_backbone(backbone, blocks)
     with torch.inference_mode():
         shape = tuple(trunk(torch.zeros(1, 3, size, size)).shape[1:])
     key = {**feature_cache_key(backbone, resize, "maps", "cpu"), "tail_blocks": blocks, "views": n_aug, "seed": seed,
@@ -174,7 +177,8 @@ def trunk_maps(paths: list, backbone, trunk, blocks: int, resize: str, n_aug: in
             if runner is None:
                 if onnx_available():
                     folder = Path(cache_dir) / "onnx" if cache_dir is not None else Path(tmp)
-                    onnx = folder / f"trunk-{config_hash({k: key[k] for k in ('backbone', 'image_size', 'weights', 'tail_blocks')})}.onnx"
+                    which = {k: key[k] for k in ("backbone", "image_size", "weights", "tail_blocks")}
+                    onnx = folder / f"trunk-{config_hash(which)}.onnx"
                     if not onnx.exists():
                         traceable = copy.deepcopy(backbone)
                         traceable.set_export_mode()
@@ -331,10 +335,10 @@ def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cf
     if keep is not None and (earlier := current_tuning(keep, key)) is not None:
         return None, earlier
     torch.manual_seed(cfg.seed)
-    trunk, tail = split_backbone(backbone, cfg.blocks)
+    _, tail = split_backbone(backbone, cfg.blocks)
     log.info("tuning the last %d block(s) of %s @ %d px on %d training images, %d leaves", cfg.blocks,
              backbone_name, backbone.image_size, len(train), len(classes))
-    maps, ok = trunk_maps([p for p, _ in train], backbone, trunk, cfg.blocks, resize, cfg.views, cfg.seed, cache_dir,
+    maps, ok = trunk_maps([p for p, _ in train], backbone, cfg.blocks, resize, cfg.views, cfg.seed, cache_dir,
                           progress)
     y = np.array([c for _, c in train])
     tail, cls = tune_tail(tail, maps[ok], y[ok], len(classes), cfg.epochs, cfg.seed, cfg.lr, cfg.batch_size,
@@ -342,7 +346,7 @@ def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cf
     del maps
     val_acc = None
     if val:
-        vmaps, vok = trunk_maps([p for p, _ in val], backbone, trunk, cfg.blocks, resize, 0, cfg.seed, cache_dir, progress)
+        vmaps, vok = trunk_maps([p for p, _ in val], backbone, cfg.blocks, resize, 0, cfg.seed, cache_dir, progress)
         vy = np.array([c for _, c in val])
         if vok.any():
             val_acc = float(np.mean(tuned_probs(tail, cls, vmaps[vok]).argmax(1) == vy[vok]))
