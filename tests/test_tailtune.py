@@ -140,6 +140,21 @@ def test_tune_backbone_cli_writes_weights_that_train_py_uses(prepared):
     ck = torch.load(models / "parent" / "model.pth", map_location="cpu", weights_only=True)
     assert ck["config"]["backbone"]["weights_file"] == str(out)
     assert ck["config"]["backbone"]["weights_fingerprint"] == tuned  # features of the tuned backbone
+    # the torch runtime finds the weights where training did, else beside the node folders (a moved models
+    # folder); nowhere: one line
+    from hiernet.artifacts import ArtifactError, build_torch_model, load_node
+
+    art = load_node(models / "parent")
+    assert build_torch_model(art)[0].weights_fingerprint == tuned
+    moved = out.with_name("elsewhere.pth")
+    out.rename(moved)
+    try:
+        with pytest.raises(ArtifactError, match="are missing; put the file back"):
+            build_torch_model(art)
+        (models / out.name).write_bytes(moved.read_bytes())
+        assert build_torch_model(art)[0].weights_fingerprint == tuned
+    finally:
+        moved.rename(out)
 
 
 @pytest.mark.parametrize("argv, message", [

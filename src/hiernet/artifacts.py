@@ -225,7 +225,7 @@ def build_torch_model(art: NodeArtifact, shared_backbones: dict | None = None):
     key = backbone_key(cfg)
     if shared_backbones is not None and key in shared_backbones:
         return shared_backbones[key], head.eval(), False
-    backbone = create_backbone(bb["name"], pretrained=True, weights=bb.get("weights_file"), image_size=bb["image_size"])
+    backbone = create_backbone(bb["name"], pretrained=True, weights=weights_file(art), image_size=bb["image_size"])
     if backbone.weights_fingerprint != bb["weights_fingerprint"]:
         raise ArtifactError(
             f"{art.folder}: the {bb['name']} weights here differ from those it was trained on; "
@@ -234,6 +234,28 @@ def build_torch_model(art: NodeArtifact, shared_backbones: dict | None = None):
     if shared_backbones is not None:
         shared_backbones[key] = backbone
     return backbone, head.eval(), False
+
+
+def weights_file(art: NodeArtifact) -> Path | None:
+    """The backbone weights file a frozen node was trained with (``None``: the packaged ImageNet weights).
+
+    Where training found it, else a file of the same name in the models folder (the node folder's
+    parent: ``train_lcpn.sh --tune-backbone`` writes its tuned backbone there, so a models folder moved or
+    copied elsewhere still loads; the fingerprint check that follows catches another file).
+
+    Raises
+    ------
+    ArtifactError
+        Neither exists (one line, with what to do).
+    """
+    recorded = art.config["backbone"].get("weights_file")
+    if not recorded:
+        return None
+    for candidate in (Path(recorded), art.folder.parent / Path(recorded).name):
+        if candidate.is_file():
+            return candidate
+    raise ArtifactError(f"{art.folder}: the backbone weights it was trained with, {recorded}, are missing; put the "
+                        f"file back (or beside the node folders) or predict with the ONNX export (--runtime onnx)")
 
 
 def backbone_key(cfg: dict) -> tuple:
