@@ -47,9 +47,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=REPO / "split_datasets", help="prepared datasets")
     p.add_argument("--work", type=Path, required=True, help="folder for the cached feature maps (outside the repo)")
-    p.add_argument("--image-size", type=int, default=224, help="input side of Lite0")
-    p.add_argument("--tune-from", type=int, nargs="+", default=[15],
-                   help="first tuned block (0-15; Lite0 has 16); several values: one tuned row each")
+    p.add_argument("--backbone", default=BACKBONE, help="one EfficientNet(-Lite) of the registry (default: Lite0)")
+    p.add_argument("--image-size", type=int, help="input side (default: the backbone's own; Lite0: 224)")
+    p.add_argument("--tune-from", type=int, nargs="+",
+                   help="first tuned block (Lite0 has 16, Lite1 21; default: the last); several values: one tuned row each")
     p.add_argument("--views", type=int, default=2, help="augmented views per image besides the eval view and its mirror")
     p.add_argument("--epochs", type=int, default=12, help="epochs of tuning")
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the tuned blocks (the classifier: 10 x)")
@@ -68,8 +69,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------- the cut network
-def lite0_parts(image_size: int, tune_from: int, pretrained: bool = True):
-    """Lite0 cut before block ``tune_from`` (of 16): ``(trunk, tail)`` of :func:`hiernet.tailtune.split_backbone`.
+def lite0_parts(image_size: int, tune_from: int, pretrained: bool = True, backbone: str = BACKBONE):
+    """``backbone`` (default Lite0) cut before block ``tune_from``: ``(trunk, tail)`` of
+    :func:`hiernet.tailtune.split_backbone`.
 
     ``trunk``: images ``(N, 3, S, S)`` in ``[0, 1]`` → maps ``(N, C, h, w)``; ``tail``: maps → pooled
     features ``(N, 1280)``, exactly :class:`hiernet.models.FeatureExtractor`'s output when composed.
@@ -78,7 +80,7 @@ def lite0_parts(image_size: int, tune_from: int, pretrained: bool = True):
     from hiernet.safeio import UserError
     from hiernet.tailtune import split_backbone
 
-    fx = create_backbone(BACKBONE, pretrained=pretrained, image_size=image_size)
+    fx = create_backbone(backbone, pretrained=pretrained, image_size=image_size)
     n = len(fx.trunks()[0]._blocks)
     if not 0 <= tune_from < n:
         raise SystemExit(f"--tune-from must be 0-{n - 1}, got {tune_from}")
@@ -88,7 +90,8 @@ def lite0_parts(image_size: int, tune_from: int, pretrained: bool = True):
         raise SystemExit(str(exc)) from None
 
 
-def extract_maps(paths: list, image_size: int, tune_from: int, n_aug: int, seed: int, work: Path):
+def extract_maps(paths: list, image_size: int, tune_from: int, n_aug: int, seed: int, work: Path,
+                 backbone: str = BACKBONE):
     """Feature maps after block ``tune_from`` of every image, computed once into ``work``.
 
     Returns
@@ -104,14 +107,14 @@ def extract_maps(paths: list, image_size: int, tune_from: int, n_aug: int, seed:
     from hiernet.runtime import OrtRunner, export_onnx
     from hiernet.safeio import write_json_atomic
 
-    key = {"backbone": BACKBONE, "size": image_size, "from": tune_from, "aug": n_aug, "seed": seed,
+    key = {"backbone": backbone, "size": image_size, "from": tune_from, "aug": n_aug, "seed": seed,
            "paths": [str(p) for p in paths]}
     name = f"maps-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}"
     npy, meta = work / f"{name}.npy", work / f"{name}.json"
     if npy.exists() and meta.exists():
         return np.load(npy, mmap_mode="r"), np.array(json.loads(meta.read_text())["ok"], bool)
     work.mkdir(parents=True, exist_ok=True)
-    trunk, _ = lite0_parts(image_size, tune_from)
+    trunk, _ = lite0_parts(image_size, tune_from, backbone=backbone)
     onnx = export_onnx(trunk, np.zeros((1, 3, image_size, image_size), np.float32), work / f"{name}.onnx")
     run = OrtRunner(onnx)
     n_views = 2 + n_aug
@@ -156,7 +159,7 @@ def extract_maps(paths: list, image_size: int, tune_from: int, n_aug: int, seed:
 
 def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tune_from: list, epochs: int,
                    hidden: int, folds: int, seed: int, max_folds: int | None, peers: bool, pretrained: bool = True,
-                   lr: float = 3e-4, hier=None):
+                   lr: float = 3e-4, hier=None, backbone: str = BACKBONE):
     """Out-of-fold leaf predictions ``{row: (N,)}`` (None beyond ``max_folds``) and seconds per row.
 
     ``maps``: one ``(N, V, C, h, w)`` array per ``tune_from`` value, the same images and views. With
@@ -171,19 +174,21 @@ def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tu
     y = np.array([leaf_ids.index(leaf) for leaf in leaves])
     head_name = f"suite flat head (MLP {hidden})" if hidden else "suite flat head (linear)"
     # row name -> (backbone: "frozen" or an index in tune_from / maps, what is trained on it)
+    short = backbone.replace("efficientnet-", "").capitalize()  # "Lite0"
+    n_blocks = len(lite0_parts(image_size, tune_from[0], pretrained, backbone)[0].net._blocks)
     rows = {tail_bench.PEERS[0]: ("frozen", "lr")} if peers else {}
-    rows[f"frozen Lite0, {head_name}"] = ("frozen", "flat")
+    rows[f"frozen {short}, {head_name}"] = ("frozen", "flat")
     if hier is not None:
-        rows.update({f"frozen Lite0, suite heads ({d})": ("frozen", d) for d in ("lcpn", "combined")})
+        rows.update({f"frozen {short}, suite heads ({d})": ("frozen", d) for d in ("lcpn", "combined")})
     for i, k in enumerate(tune_from):
-        rows[f"Lite0 tuned from block {k} of 16, linear classifier"] = (i, "tuned")
+        rows[f"{short} tuned from block {k} of {n_blocks}, linear classifier"] = (i, "tuned")
         if hier is not None:
-            rows.update({f"Lite0 tuned from block {k} of 16, then suite heads ({d})": (i, d)
+            rows.update({f"{short} tuned from block {k} of {n_blocks}, then suite heads ({d})": (i, d)
                          for d in ("flat", "lcpn", "combined")})
     preds = {n: np.empty(len(leaves), dtype=object) for n in rows}
     # the frozen backbone's pooled features (N, V, 1280), all views: the same in every fold, computed once
     t0 = time.time()
-    frozen = pooled(lite0_parts(image_size, tune_from[0], pretrained)[1], maps[0], list(range(maps[0].shape[1])))
+    frozen = pooled(lite0_parts(image_size, tune_from[0], pretrained, backbone)[1], maps[0], list(range(maps[0].shape[1])))
     seconds = {n: (time.time() - t0 if bb == "frozen" else 0.0) for n, (bb, _) in rows.items()}
     for fold, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y)):
         if max_folds is not None and fold >= max_folds:
@@ -193,7 +198,7 @@ def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tu
             if bb == "frozen":
                 views_tr, ev_te = frozen[tr], frozen[te, :2]
             else:
-                _, t = lite0_parts(image_size, tune_from[bb], pretrained)
+                _, t = lite0_parts(image_size, tune_from[bb], pretrained, backbone)
                 t, cls = tune(t, maps[bb][tr], y[tr], len(leaf_ids), epochs, seed + fold, lr)
                 tuned = names[tuned_probs(t, cls, maps[bb][te]).argmax(1)]
                 if hier is not None:
@@ -232,9 +237,21 @@ def main(args) -> int:
         raise SystemExit(f"--work must be outside the repository ({REPO})")
     torch.set_num_threads(args.threads)
     paths, leaves, hier = tail_bench.trainval_images(args.data_dir)
+    from hiernet.backbones import create_backbone, get_spec
+    from hiernet.safeio import UserError
+
+    try:
+        spec = get_spec(args.backbone)
+    except UserError as exc:
+        raise SystemExit(str(exc)) from None
+    if spec.parts:
+        raise SystemExit("--backbone takes one network, not a '+' composite")
+    args.image_size = args.image_size or spec.image_size
+    n_blocks = len(create_backbone(args.backbone, pretrained=False, image_size=args.image_size).trunks()[0]._blocks)
+    args.tune_from = args.tune_from or [n_blocks - 1]
     maps, ok = [], None
     for k in args.tune_from:
-        m, ok_k = extract_maps(paths, args.image_size, k, args.views, args.seed, args.work)
+        m, ok_k = extract_maps(paths, args.image_size, k, args.views, args.seed, args.work, args.backbone)
         maps.append(m)
         ok = ok_k if ok is None else ok & ok_k
     keep = np.flatnonzero(ok)
@@ -244,12 +261,12 @@ def main(args) -> int:
     support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
     preds, seconds = cross_validate(maps, leaves, leaf_ids, args.image_size, args.tune_from, args.epochs, args.hidden,
                                     args.folds, args.seed, args.max_folds, not args.no_peers, lr=args.lr,
-                                    hier=hier if args.suite_heads else None)
+                                    hier=hier if args.suite_heads else None, backbone=args.backbone)
     rows = tail_bench.score_rows(preds, seconds, leaves, tail)
     if args.out:
         header = (f"# Tuning the last blocks: {args.folds}-fold CV on train+val of {args.data_dir} ({len(leaves)} images, "
                   f"{len(support)} leaves; test split unused"
-                  f"{f'; only the first {args.max_folds} fold(s) held out' if args.max_folds else ''}); {BACKBONE} @ "
+                  f"{f'; only the first {args.max_folds} fold(s) held out' if args.max_folds else ''}); {args.backbone} @ "
                   f"{args.image_size} px, eval view + mirror + {args.views} augmented views; flat decisions over the leaves; "
                   f"{args.epochs} epochs of tuning")
         tail_bench.write_report(args.out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")

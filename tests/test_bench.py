@@ -434,3 +434,20 @@ def test_precision_bench_tunes_the_backbone_first_and_trains_on_it(tmp_path):
     assert "tuning took" in precision.render({"command": "c", "created": "t", "limit": None, "machine": precision.machine_info(),
                                               "tune": ["efficientnet-lite0", 64], "datasets": {"d": [row]},
                                               "prepare_s": {"d": 1.0}})
+
+
+def test_tail_tuning_tunes_another_backbone_and_names_its_rows(tuning):
+    import torch
+
+    from conftest import pattern_maps
+
+    trunk, tail = tuning.lite0_parts(64, 20, pretrained=False, backbone="efficientnet-lite1")
+    with torch.inference_mode():
+        channels = trunk(torch.rand(1, 3, 64, 64)).shape[1]
+    assert len(tail.blocks) == 1 and len(trunk.net._blocks) == 21  # Lite1: the last of 21 blocks
+    maps, y = pattern_maps(channels=channels)
+    leaf_ids = ["a", "b", "c"]
+    preds, _ = tuning.cross_validate([maps], np.array(leaf_ids, dtype=object)[y], leaf_ids, 64, [20], epochs=1,
+                                     hidden=0, folds=2, seed=0, max_folds=1, peers=False, pretrained=False,
+                                     backbone="efficientnet-lite1")
+    assert list(preds) == ["frozen Lite1, suite flat head (linear)", "Lite1 tuned from block 20 of 21, linear classifier"]
