@@ -62,7 +62,7 @@ mkdir -p "$MODELS_DIR"
 
 if [[ -n "$tune" ]]; then  # tune the backbone's last block on the training split first; every node trains on it
   tuned="$MODELS_DIR/tuned_backbone.pth"
-  tune_args=(--data-dir "$DATA_DIR" --backbone "$tune" -o "$tuned")
+  tune_args=(--data-dir "$DATA_DIR" --backbone "$tune" -o "$tuned" --no-hint)
   prev=""
   for a in "$@"; do  # the flags tuning shares with training
     case "$a" in

@@ -48,6 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="weights file to write (default: <repo>/tuned_backbones/<backbone>-<size>px-last<N>.pth)")
     p.add_argument("--force", action="store_true",
                    help="tune even when --out was tuned from the same training images and settings (else it is kept)")
+    p.add_argument("--no-hint", action="store_true",
+                   help="do not print the train_lcpn.sh command to run next (train_lcpn.sh --tune-backbone passes it)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     return p
 
@@ -87,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"tuned the last {cfg.blocks} block(s) of {args.backbone} @ {size} px on {summary['train_images']} images "
           f"in {summary['seconds']:.0f} s; validation leaf accuracy (linear) "
           f"{'n/a' if val is None else f'{val:.4f}'} -> {out}")
-    print(f"next: src/train_lcpn.sh --backbone {args.backbone} --image-size {size} --resize {args.resize} --weights {out}")
+    if not args.no_hint:
+        print(f"next: src/train_lcpn.sh --backbone {args.backbone} --image-size {size} --resize {args.resize} --weights {out}")
     return 0
 
 

@@ -125,8 +125,8 @@ def test_tune_backbone_cli_writes_weights_that_train_py_uses(prepared):
     stamp = out.stat().st_mtime_ns
     again = run([*cmd, "--epochs", 2], cwd="/")
     assert "kept" in again.stdout and out.stat().st_mtime_ns == stamp
-    run([*cmd, "--epochs", 2, "--force"], cwd="/")
-    assert out.stat().st_mtime_ns != stamp
+    forced = run([*cmd, "--epochs", 2, "--force", "--no-hint"], cwd="/")
+    assert out.stat().st_mtime_ns != stamp and "-> " in forced.stdout and "next:" not in forced.stdout
     stamp = out.stat().st_mtime_ns
     assert "kept" not in run([*cmd, "--epochs", 1], cwd="/").stdout and out.stat().st_mtime_ns != stamp
     run([*cmd, "--epochs", 2], cwd="/")  # back to the first settings (tuned again: the file held --epochs 1's)
