@@ -163,7 +163,7 @@ def test_evaluate_names_the_decision_predict_uses(pipeline, models_copy):
     _set_choice(models_copy, "flat")
     res, _ = evaluate(models_copy, data_dir=pipeline["split"])
     assert res["auto_decision"]["chosen"] == "flat" and res["auto_decision"]["n_images"] > 0
-    assert any(line.startswith("predict.py --decision auto (its default) uses flat: the most accurate on")
+    assert any(line.startswith("predict.py --decision auto (its default) uses flat: the most accurate decision on")
                for line in summary_lines(res))
 
 
