@@ -154,13 +154,11 @@ def trunk_maps(paths: list, backbone, blocks: int, resize: str, n_aug: int, seed
 
     from .config import AugmentConfig
     from .data import FeatureCache, aug_views, eval_views, extract_features
-    from .features import config_hash, feature_cache_key
-    from .runtime import OrtRunner, export_onnx, onnx_available
+    from .features import feature_cache_key
 
     size = backbone.image_size
-    trunk, _ = split_backbone(backbone, blocks)
     with torch.inference_mode():
-        shape = tuple(trunk(torch.zeros(1, 3, size, size)).shape[1:])
+        shape = tuple(split_backbone(backbone, blocks)[0](torch.zeros(1, 3, size, size)).shape[1:])
     key = {**feature_cache_key(backbone, resize, "maps", "cpu"), "tail_blocks": blocks, "views": n_aug, "seed": seed,
            "augment": AugmentConfig().key()}
     n_views = 2 + n_aug
@@ -172,28 +170,33 @@ def trunk_maps(paths: list, backbone, blocks: int, resize: str, n_aug: int, seed
     with tempfile.TemporaryDirectory() as tmp:
         runner = None
 
-        def run(batch: np.ndarray) -> np.ndarray:
+        def run(batch: np.ndarray) -> np.ndarray:  # the trunk is exported only when the cache lacks a map
             nonlocal runner
-            if runner is None:
-                if onnx_available():
-                    folder = Path(cache_dir) / "onnx" if cache_dir is not None else Path(tmp)
-                    which = {k: key[k] for k in ("backbone", "image_size", "weights", "tail_blocks")}
-                    onnx = folder / f"trunk-{config_hash(which)}.onnx"
-                    if not onnx.exists():
-                        traceable = copy.deepcopy(backbone)
-                        traceable.set_export_mode()
-                        export_onnx(split_backbone(traceable, blocks)[0], np.zeros((1, 3, size, size), np.float32), onnx)
-                    runner = OrtRunner(onnx)
-                else:  # pragma: no cover - onnxruntime is a dependency
-                    def runner(x):
-                        with torch.inference_mode():
-                            return trunk(torch.from_numpy(x)).numpy()
+            runner = runner or _trunk_runner(backbone, blocks, Path(cache_dir) / "onnx" if cache_dir else Path(tmp))
             return runner(batch).reshape(len(batch), -1)
 
         cache = FeatureCache(cache_dir, key, n_views, int(np.prod(shape)))
         feats, ok = extract_features(paths, run, cache, make, size, batch_size=16 * n_views, progress=progress,
                                      desc="trunk maps")
     return feats.reshape((len(paths), n_views) + shape), ok
+
+
+def _trunk_runner(backbone, blocks: int, folder: Path):
+    """``(B, 3, S, S) → (B, C, h, w)``: the trunk in onnxruntime, exported once into ``folder`` (named by
+    the backbone, input size, weights and cut); PyTorch without onnxruntime."""
+    from .features import config_hash
+    from .runtime import OrtRunner, TorchRunner, export_onnx, onnx_available
+
+    if not onnx_available():  # pragma: no cover - onnxruntime is a dependency
+        return TorchRunner(split_backbone(backbone, blocks)[0], "cpu")
+    which = [backbone.spec.name, backbone.image_size, backbone.weights_fingerprint, blocks]
+    onnx = folder / f"trunk-{config_hash({'trunk': which})}.onnx"
+    if not onnx.exists():
+        traceable = copy.deepcopy(backbone)
+        traceable.set_export_mode()
+        size = backbone.image_size
+        export_onnx(split_backbone(traceable, blocks)[0], np.zeros((1, 3, size, size), np.float32), onnx)
+    return OrtRunner(onnx)
 
 
 # ----------------------------------------------------------------------------------- tuning
@@ -318,18 +321,10 @@ def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cf
     """
     import torch
 
-    from .backbones import create_backbone
-    from .data import read_split
-    from .hierarchy import require_hierarchy_json
+    from .backbones import create_backbone, state_fingerprint
 
     t0 = time.time()
-    _, doc = require_hierarchy_json(Path(data_dir) / "hierarchy.json", "the prepared dataset",
-                                    "run prepare_dataset.py first")
-    classes = doc["flat"]["classes"]
-    train = read_split(Path(data_dir) / "flat" / "train", classes)
-    val = read_split(Path(data_dir) / "flat" / "val", classes) if (Path(data_dir) / "flat" / "val").is_dir() else []
-    if len({c for _, c in train}) < 2:
-        raise UserError(f"{data_dir}: tuning needs training images of at least two leaves; prepare a larger tree")
+    doc, classes, train, val = _flat_splits(Path(data_dir))
     backbone = create_backbone(backbone_name, weights=weights, image_size=image_size)
     key = tuning_key(doc, backbone, resize, cfg)
     if keep is not None and (earlier := current_tuning(keep, key)) is not None:
@@ -348,13 +343,25 @@ def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cf
     if val:
         vmaps, vok = trunk_maps([p for p, _ in val], backbone, cfg.blocks, resize, 0, cfg.seed, cache_dir, progress)
         vy = np.array([c for _, c in val])
-        if vok.any():
-            val_acc = float(np.mean(tuned_probs(tail, cls, vmaps[vok]).argmax(1) == vy[vok]))
-    from .backbones import state_fingerprint
-
+        val_acc = float(np.mean(tuned_probs(tail, cls, vmaps[vok]).argmax(1) == vy[vok])) if vok.any() else None
     sd = tuned_state_dict(backbone, tail)
     summary = {"key": key, "backbone": backbone_name, "image_size": backbone.image_size, "resize": resize,
                "tune": cfg.to_dict(), "base_weights": backbone.weights_fingerprint, "train_images": int(ok.sum()),
                "classes": len(classes), "val_images": len(val), "val_accuracy": val_acc,
                "weights_fingerprint": state_fingerprint(sd), "seconds": round(time.time() - t0, 1)}
     return sd, summary
+
+
+def _flat_splits(data_dir: Path) -> tuple[dict, list, list, list]:
+    """The prepared tree's document, its leaves (the flat dataset's class folders) and the flat train and
+    val splits as ``[(path, class index), ...]`` (val empty when absent)."""
+    from .data import read_split
+    from .hierarchy import require_hierarchy_json
+
+    _, doc = require_hierarchy_json(data_dir / "hierarchy.json", "the prepared dataset", "run prepare_dataset.py first")
+    classes = doc["flat"]["classes"]
+    train = read_split(data_dir / "flat" / "train", classes)
+    val = read_split(data_dir / "flat" / "val", classes) if (data_dir / "flat" / "val").is_dir() else []
+    if len({c for _, c in train}) < 2:
+        raise UserError(f"{data_dir}: tuning needs training images of at least two leaves; prepare a larger tree")
+    return doc, classes, train, val
