@@ -69,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------- the cut network
-def lite0_parts(image_size: int, tune_from: int, pretrained: bool = True, backbone: str = BACKBONE):
+def backbone_parts(image_size: int, tune_from: int, pretrained: bool = True, backbone: str = BACKBONE):
     """``backbone`` (default Lite0) cut before block ``tune_from``: ``(trunk, tail)`` of
     :func:`hiernet.tailtune.split_backbone`.
 
@@ -114,7 +114,7 @@ def extract_maps(paths: list, image_size: int, tune_from: int, n_aug: int, seed:
     if npy.exists() and meta.exists():
         return np.load(npy, mmap_mode="r"), np.array(json.loads(meta.read_text())["ok"], bool)
     work.mkdir(parents=True, exist_ok=True)
-    trunk, _ = lite0_parts(image_size, tune_from, backbone=backbone)
+    trunk, _ = backbone_parts(image_size, tune_from, backbone=backbone)
     onnx = export_onnx(trunk, np.zeros((1, 3, image_size, image_size), np.float32), work / f"{name}.onnx")
     run = OrtRunner(onnx)
     n_views = 2 + n_aug
@@ -175,7 +175,8 @@ def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tu
     head_name = f"suite flat head (MLP {hidden})" if hidden else "suite flat head (linear)"
     # row name -> (backbone: "frozen" or an index in tune_from / maps, what is trained on it)
     short = backbone.replace("efficientnet-", "").capitalize()  # "Lite0"
-    n_blocks = len(lite0_parts(image_size, tune_from[0], pretrained, backbone)[0].net._blocks)
+    _, frozen_tail = backbone_parts(image_size, tune_from[0], pretrained, backbone)  # built once: rows and features
+    n_blocks = frozen_tail.cut + len(frozen_tail.blocks)
     rows = {tail_bench.PEERS[0]: ("frozen", "lr")} if peers else {}
     rows[f"frozen {short}, {head_name}"] = ("frozen", "flat")
     if hier is not None:
@@ -188,7 +189,7 @@ def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tu
     preds = {n: np.empty(len(leaves), dtype=object) for n in rows}
     # the frozen backbone's pooled features (N, V, 1280), all views: the same in every fold, computed once
     t0 = time.time()
-    frozen = pooled(lite0_parts(image_size, tune_from[0], pretrained, backbone)[1], maps[0], list(range(maps[0].shape[1])))
+    frozen = pooled(frozen_tail, maps[0], list(range(maps[0].shape[1])))
     seconds = {n: (time.time() - t0 if bb == "frozen" else 0.0) for n, (bb, _) in rows.items()}
     for fold, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y)):
         if max_folds is not None and fold >= max_folds:
@@ -198,7 +199,7 @@ def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tu
             if bb == "frozen":
                 views_tr, ev_te = frozen[tr], frozen[te, :2]
             else:
-                _, t = lite0_parts(image_size, tune_from[bb], pretrained, backbone)
+                _, t = backbone_parts(image_size, tune_from[bb], pretrained, backbone)
                 t, cls = tune(t, maps[bb][tr], y[tr], len(leaf_ids), epochs, seed + fold, lr)
                 tuned = names[tuned_probs(t, cls, maps[bb][te]).argmax(1)]
                 if hier is not None:

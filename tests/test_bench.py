@@ -331,7 +331,7 @@ def test_tail_tuning_trunk_then_tail_is_the_suites_lite0_features(tuning, tune_f
 
     from hiernet.backbones import create_backbone
 
-    trunk, tail = tuning.lite0_parts(64, tune_from)
+    trunk, tail = tuning.backbone_parts(64, tune_from)
     x = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
         maps = trunk(x)
@@ -352,7 +352,7 @@ def test_tail_tuning_maps_are_cached_once_and_an_unreadable_image_is_left_out(tu
     from hiernet.data import eval_views
     from hiernet.images import load_rgb
 
-    trunk, _ = tuning.lite0_parts(64, 15)
+    trunk, _ = tuning.backbone_parts(64, 15)
     with torch.inference_mode():
         want = trunk(torch.from_numpy(eval_views(load_rgb(paths[2]), 64, "crop"))).numpy()
     np.testing.assert_allclose(maps[2, :2].astype(np.float32), want, atol=0.05, rtol=0.01)
@@ -441,7 +441,7 @@ def test_tail_tuning_tunes_another_backbone_and_names_its_rows(tuning):
 
     from conftest import pattern_maps
 
-    trunk, tail = tuning.lite0_parts(64, 20, pretrained=False, backbone="efficientnet-lite1")
+    trunk, tail = tuning.backbone_parts(64, 20, pretrained=False, backbone="efficientnet-lite1")
     with torch.inference_mode():
         channels = trunk(torch.rand(1, 3, 64, 64)).shape[1]
     assert len(tail.blocks) == 1 and len(trunk.net._blocks) == 21  # Lite1: the last of 21 blocks
