@@ -15,6 +15,10 @@ the map), and predicts with the eval view and its mirror averaged. Rows, on the 
 
 The test split is never read; scores (leaf accuracy, macro F1, tail recall) as ``bench/tail.py``'s.
 
+With a ``+`` composite (``--backbone efficientnet-lite1+efficientnet-lite0 --image-size 280 --suite-heads``,
+the default recipe's backbone) the last block of every member is tuned on its own maps and the suite's heads
+are trained on the members' pooled features concatenated (:func:`cross_validate_composite`).
+
 Example::
 
     python3 bench/tail_tuning.py --data-dir /tmp/fp/split --work /tmp/tt --out bench/results/tail-tuning-catalogue.md
@@ -47,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=REPO / "split_datasets", help="prepared datasets")
     p.add_argument("--work", type=Path, required=True, help="folder for the cached feature maps (outside the repo)")
-    p.add_argument("--backbone", default=BACKBONE, help="one EfficientNet(-Lite) of the registry (default: Lite0)")
+    p.add_argument("--backbone", default=BACKBONE, help="one EfficientNet(-Lite) of the registry (default: Lite0), or a '+' composite such as the default recipe's efficientnet-lite1+efficientnet-lite0 (the last block of each member tuned; needs --suite-heads)")
     p.add_argument("--image-size", type=int, help="input side (default: the backbone's own; Lite0: 224)")
     p.add_argument("--tune-from", type=int, nargs="+",
                    help="first tuned block (Lite0 has 16, Lite1 21; default: the last); several values: one tuned row each")
@@ -228,6 +232,76 @@ def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tu
     return preds, seconds
 
 
+def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: list, image_size: int, members: list,
+                             epochs: int, folds: int, seed: int, max_folds: int | None, hier, hidden: int = 1024,
+                             pretrained: bool = True, lr: float = 3e-4):
+    """A ``+`` composite (the suite's default recipe), frozen vs every member's last block tuned.
+
+    ``member_maps``: one ``(N, V, C_m, h, w)`` array per member of ``members`` (the maps before its last
+    block, the same images and views). Each fold tunes every member's last block on its own maps
+    (:func:`hiernet.tailtune.tune_tail`, a linear classifier over the leaves), then trains the suite's
+    heads (flat, LCPN, combined; ``bench/tail.py``'s ``suite_lcpn``) on the members' pooled features
+    concatenated, as train.py would on a composite whose members were tuned first; the frozen rows train
+    the same heads on the frozen members' features. The ``linear classifiers`` row averages the members'
+    tuned classifiers' probabilities. Returns out-of-fold predictions ``{row: (N,)}`` and seconds per row.
+    """
+    from sklearn.model_selection import StratifiedKFold
+    import tail as tail_bench
+
+    names = np.array(leaf_ids, dtype=object)
+    y = np.array([leaf_ids.index(leaf) for leaf in leaves])
+    short = "+".join(m.replace("efficientnet-", "").capitalize() for m in members)  # "Lite1+Lite0"
+    frozen_tails = []
+    for m, maps in zip(members, member_maps):
+        _, t = backbone_parts(image_size, _last_block(m, image_size), pretrained, m)
+        frozen_tails.append(t)
+    decisions = ("flat", "lcpn", "combined")
+    rows = {f"frozen {short}, suite heads ({d})": ("frozen", d) for d in decisions}
+    rows[f"{short}, each tuned from its last block, linear classifiers averaged"] = ("tuned", "linear")
+    rows.update({f"{short}, each tuned from its last block, then suite heads ({d})": ("tuned", d) for d in decisions})
+    preds = {n: np.empty(len(leaves), dtype=object) for n in rows}
+    t0 = time.time()
+    frozen = np.concatenate([pooled(t, maps, list(range(maps.shape[1]))) for t, maps in zip(frozen_tails, member_maps)], -1)
+    seconds = {n: (time.time() - t0 if bb == "frozen" else 0.0) for n, (bb, _) in rows.items()}
+    for fold, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y)):
+        if max_folds is not None and fold >= max_folds:
+            break
+        for bb in ("frozen", "tuned"):
+            t0 = time.time()
+            if bb == "frozen":
+                views_tr, ev_te = frozen[tr], frozen[te, :2]
+            else:
+                probs, feats_tr, feats_te = [], [], []
+                for m, maps in zip(members, member_maps):
+                    _, t = backbone_parts(image_size, _last_block(m, image_size), pretrained, m)
+                    t, cls = tune(t, maps[tr], y[tr], len(leaf_ids), epochs, seed + fold, lr)
+                    probs.append(tuned_probs(t, cls, maps[te]))
+                    feats_tr.append(pooled(t, maps[tr], list(range(maps.shape[1]))))
+                    feats_te.append(pooled(t, maps[te], [0, 1]))
+                linear = names[np.mean(probs, 0).argmax(1)]
+                views_tr, ev_te = np.concatenate(feats_tr, -1), np.concatenate(feats_te, -1)
+            tuning = time.time() - t0
+            tail_bench._TRAINED.clear()  # heads trained on the other features must not be reused
+            for name, (row_bb, what) in rows.items():
+                if row_bb != bb:
+                    continue
+                t1 = time.time()
+                pred = linear if what == "linear" else tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te,
+                                                                             {"decision": what}, seed + fold, hidden)
+                preds[name][te] = pred
+                seconds[name] += tuning + time.time() - t1
+                log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, tuning + time.time() - t1,
+                         np.mean(pred == leaves[te]))
+    return preds, seconds
+
+
+def _last_block(backbone: str, image_size: int) -> int:
+    """The index of ``backbone``'s last MBConv block (Lite0: 15, Lite1: 20)."""
+    from hiernet.backbones import create_backbone
+
+    return len(create_backbone(backbone, pretrained=False, image_size=image_size).trunks()[0]._blocks) - 1
+
+
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
@@ -245,9 +319,9 @@ def main(args) -> int:
         spec = get_spec(args.backbone)
     except UserError as exc:
         raise SystemExit(str(exc)) from None
-    if spec.parts:
-        raise SystemExit("--backbone takes one network, not a '+' composite")
     args.image_size = args.image_size or spec.image_size
+    if spec.parts:
+        return main_composite(args, [part.name for part in spec.parts], paths, leaves, hier)
     n_blocks = len(create_backbone(args.backbone, pretrained=False, image_size=args.image_size).trunks()[0]._blocks)
     args.tune_from = args.tune_from or [n_blocks - 1]
     maps, ok = [], None
@@ -270,6 +344,37 @@ def main(args) -> int:
                   f"{f'; only the first {args.max_folds} fold(s) held out' if args.max_folds else ''}); {args.backbone} @ "
                   f"{args.image_size} px, eval view + mirror + {args.views} augmented views; flat decisions over the leaves; "
                   f"{args.epochs} epochs of tuning")
+        tail_bench.write_report(args.out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")
+    return 0
+
+
+def main_composite(args, members: list, paths: list, leaves: np.ndarray, hier) -> int:
+    """``--backbone A+B``: every member's maps before its last block, then :func:`cross_validate_composite`."""
+    import tail as tail_bench
+
+    if args.tune_from:
+        raise SystemExit("a '+' composite tunes the last block of each member; drop --tune-from")
+    if not args.suite_heads:
+        raise SystemExit("a '+' composite is scored with the suite's heads; add --suite-heads")
+    maps, ok = [], np.ones(len(paths), bool)
+    for m in members:
+        m_maps, m_ok = extract_maps(paths, args.image_size, _last_block(m, args.image_size), args.views, args.seed,
+                                    args.work, m)
+        maps.append(m_maps)
+        ok &= m_ok
+    keep = np.flatnonzero(ok)
+    maps = [m if len(keep) == len(paths) else m[keep] for m in maps]
+    leaves = leaves[keep]
+    leaf_ids = sorted(set(leaves))
+    support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
+    preds, seconds = cross_validate_composite(maps, leaves, leaf_ids, args.image_size, members, args.epochs, args.folds,
+                                              args.seed, args.max_folds, hier, args.hidden, lr=args.lr)
+    rows = tail_bench.score_rows(preds, seconds, leaves, tail)
+    if args.out:
+        header = (f"# Tuning the last block of each member of {args.backbone} @ {args.image_size} px: {args.folds}-fold CV "
+                  f"on train+val of {args.data_dir} ({len(leaves)} images, {len(support)} leaves; test split unused"
+                  f"{f'; only the first {args.max_folds} fold(s) held out' if args.max_folds else ''}); eval view + mirror "
+                  f"+ {args.views} augmented views; {args.epochs} epochs of tuning per member")
         tail_bench.write_report(args.out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")
     return 0
 

@@ -451,3 +451,59 @@ def test_tail_tuning_tunes_another_backbone_and_names_its_rows(tuning):
                                      hidden=0, folds=2, seed=0, max_folds=1, peers=False, pretrained=False,
                                      backbone="efficientnet-lite1")
     assert list(preds) == ["frozen Lite1, suite flat head (linear)", "Lite1 tuned from block 20 of 21, linear classifier"]
+
+
+def test_tail_tuning_composite_tunes_every_member_and_trains_the_heads_on_both(tuning, monkeypatch):
+    """--backbone A+B: each member's last block tuned on its own maps; the suite's heads see the members'
+    features concatenated (2 x 1280), tuned ones in the tuned rows, frozen ones in the frozen rows."""
+    from conftest import pattern_maps
+    from hiernet.hierarchy import Hierarchy
+
+    import tail as tail_bench
+
+    leaf_ids = ["a/x", "a/y", "b"]
+    maps, y = pattern_maps(dtype=np.float16)
+    other = pattern_maps(channels=192)[0][:, :, ::-1].copy()  # the second member: other maps, same images
+    leaves = np.array(leaf_ids, dtype=object)[y]
+    hier = Hierarchy.from_leaf_paths(leaf_ids)
+    members = ["efficientnet-lite1", "efficientnet-lite0"]
+    tuned_members, seen, real_tune, real_heads = [], [], tuning.tune, tail_bench.suite_lcpn
+
+    def spy_tune(tail, m, *a, **k):
+        tuned_members.append(m.shape)
+        return real_tune(tail, m, *a, **k)
+
+    def spy_heads(h, views_tr, leaves_tr, ev_te, changes, seed, hidden):
+        seen.append((changes["decision"], views_tr, ev_te))
+        return real_heads(h, views_tr, leaves_tr, ev_te, changes, seed, hidden)
+
+    monkeypatch.setattr(tuning, "tune", spy_tune)
+    monkeypatch.setattr(tail_bench, "suite_lcpn", spy_heads)
+    preds, seconds = tuning.cross_validate_composite([maps, other], leaves, leaf_ids, 64, members, epochs=15, folds=2,
+                                                     seed=0, max_folds=None, hier=hier, hidden=0, pretrained=False,
+                                                     lr=3e-3)
+    short = "Lite1+Lite0"
+    tuned_rows = [f"{short}, each tuned from its last block, then suite heads ({d})" for d in ("flat", "lcpn", "combined")]
+    assert list(preds) == [*(f"frozen {short}, suite heads ({d})" for d in ("flat", "lcpn", "combined")),
+                           f"{short}, each tuned from its last block, linear classifiers averaged", *tuned_rows]
+    assert set(seconds) == set(preds)
+    assert len(tuned_members) == 4  # two members in each of two folds
+    for name in preds:
+        assert all(p in leaf_ids for p in preds[name]), name
+    for name in tuned_rows[::2]:  # the tuned members' features learn the classes
+        assert np.mean(preds[name] == leaves) >= 0.8, name
+    assert [d for d, _, _ in seen] == ["flat", "lcpn", "combined"] * 4
+    for fold in range(2):
+        calls = seen[6 * fold:6 * fold + 6]
+        assert all(v.shape == (30, 3, 2560) and e.shape == (30, 2, 2560) for _, v, e in calls)
+        frozen_views, tuned_views = calls[0][1], calls[3][1]
+        assert not np.allclose(tuned_views, frozen_views, atol=1e-2)
+        # each half is one member's: the halves differ (other maps, other network)
+        assert not np.allclose(tuned_views[..., :1280], tuned_views[..., 1280:], atol=1e-2)
+
+
+def test_tail_tuning_composite_needs_the_suite_heads(tuning, tmp_path):
+    args = tuning.get_args_parser().parse_args(["--work", str(tmp_path / "w"), "--backbone",
+                                                "efficientnet-lite1+efficientnet-lite0", "--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--suite-heads"):
+        tuning.main_composite(args, ["efficientnet-lite1", "efficientnet-lite0"], [], np.array([]), None)
