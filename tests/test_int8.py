@@ -202,3 +202,49 @@ def test_calibration_choice_is_seeded_and_bounded(tmp_path):
     a, b, c = calibration_images(paths, seed=0), calibration_images(list(reversed(paths)), seed=0), calibration_images(paths, seed=1)
     assert len(a) == 128 and a == b and a != c and a == sorted(a)
     assert calibration_images(paths[:5]) == sorted(paths[:5])
+
+
+def test_quantising_keeps_onnxruntimes_chatter_out_of_the_log(tmp_path, monkeypatch):
+    """onnxruntime logs a line per widened weight scale (hundreds for a backbone) and its shape-inference
+    steps at INFO: dropped while quantising, the suite's own lines kept, nothing dropped afterwards."""
+    import logging
+
+    import onnxruntime.quantization as ortq
+    import torch
+
+    from conftest import draw_image
+    from hiernet.quantize import quantize_backbone
+    from hiernet.runtime import export_onnx
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    fp32 = export_onnx(net, np.zeros((1, 3, 32, 32), np.float32), tmp_path / "fp32.onnx")
+    images = [draw_image(tmp_path / f"{i}.jpg", "ellipse", i, 40) for i in range(3)]
+    real = ortq.quantize_static
+
+    def chatty(*a, **k):  # what onnxruntime logs while quantising a real backbone
+        logging.info("Increased scale[11] for weight `onnx::Conv_902` by ratio 18.29 to ensure bias input `b` has a valid scale.")
+        logging.getLogger("onnxruntime.quantization.shape_inference").info("Performing symbolic shape inference...")
+        logging.getLogger("hiernet.quantize").info("the suite's own line")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ortq, "quantize_static", chatty)
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    root, keep = logging.getLogger(), Keep(logging.INFO)
+    old_level = root.level
+    root.addHandler(keep)
+    root.setLevel(logging.INFO)
+    try:
+        quantize_backbone(fp32, tmp_path / "int8.onnx", images, 32, "crop")
+        assert (tmp_path / "int8.onnx").is_file()
+        assert "the suite's own line" in seen
+        assert not [m for m in seen if "Increased scale" in m or "symbolic shape inference" in m], seen
+        logging.info("Increased scale[1] after quantising")  # the filter is gone again
+        assert seen[-1] == "Increased scale[1] after quantising"
+    finally:
+        root.removeHandler(keep)
+        root.setLevel(old_level)

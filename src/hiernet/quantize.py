@@ -142,9 +142,17 @@ class ImageCalibrationReader:
         self._next = 0
 
 
-class _DropPreprocessAdvice(logging.Filter):
+#: What onnxruntime's quantiser logs that says nothing to a user: its advice to pre-process (done here),
+#: and one line per weight channel whose scale it widened for the bias (hundreds per backbone).
+QUANTIZER_CHATTER = ("pre-processing", "Increased scale[", "Performing symbolic shape inference")
+
+
+class _QuietQuantizer(logging.Filter):
+    """Drops :data:`QUANTIZER_CHATTER` (onnxruntime logs it at INFO, on the root logger or its module's)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing" not in record.getMessage()
+        message = record.getMessage()
+        return not any(c in message for c in QUANTIZER_CHATTER)
 
 
 def quantize_backbone(fp32_onnx: Path, out: Path, calibration: Sequence, size: int, resize: str) -> Path:
@@ -163,9 +171,10 @@ def quantize_backbone(fp32_onnx: Path, out: Path, calibration: Sequence, size: i
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger()
-    hush = _DropPreprocessAdvice()
-    root.addFilter(hush)  # onnxruntime's advice to pre-process: done here, the filter drops the repeat
+    hush = _QuietQuantizer()
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.shape_inference")]
+    for logger in loggers:
+        logger.addFilter(hush)
     try:
         with atomic_path(out) as tmp, tempfile.TemporaryDirectory(prefix=".pre-", dir=out.parent) as work:
             # Shape inference and graph fusion first (BatchNorm folded into Conv, ...): quantising the
@@ -175,7 +184,8 @@ def quantize_backbone(fp32_onnx: Path, out: Path, calibration: Sequence, size: i
             quantize_static(str(pre), str(tmp), Reader(calibration, size, resize), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     finally:
-        root.removeFilter(hush)
+        for logger in loggers:
+            logger.removeFilter(hush)
     for leftover in out.parent.glob("augmented_model*.onnx"):  # older onnxruntime left its calibration model
         leftover.unlink(missing_ok=True)
     return out
