@@ -55,7 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone", type=_backbone_name, metavar="NAME",
                    help=f"one of: {', '.join(list_backbones())}; or several joined by '+' (features concatenated, "
                         "one input), e.g. efficientnet-lite1+efficientnet-lite0 (the cpu preset's)")
-    g.add_argument("--weights", type=Path, help="ImageNet state_dict file for the backbone (instead of the package/download)")
+    g.add_argument("--weights", type=Path, help="state_dict file for the backbone instead of the packaged/downloaded ImageNet weights "
+                   "(a composite's: its net.state_dict(), as tune_backbone.py writes)")
     g.add_argument("--image-size", type=int, help="input side in pixels (default: the preset's, or the backbone's own for another backbone)")
     g.add_argument("--resize", choices=["crop", "squash", "pad"], help="how images become square: centre crop, stretch, or letterbox")
     g.add_argument("--mode", choices=["frozen", "finetune"], help="frozen backbone + cached features, or fine-tune the whole network")

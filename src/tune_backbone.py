@@ -5,14 +5,17 @@ The backbone is cut before its last --tune-blocks MBConv blocks; the maps before
 once per image and view (onnxruntime, feature cache) and the last blocks, the head convolution and a
 linear classifier over the leaves are trained on them (minutes on 2 cores for a few thousand photos). The
 tuned backbone is written as a plain weights file; train.py --weights then uses it like the ImageNet one
-(feature cache, int8 export and prediction unchanged). Only the training split is read; the validation
-split scores the tuned classifier.
+(feature cache, int8 export and prediction unchanged). A '+' composite (the default recipe's
+efficientnet-lite1+efficientnet-lite0) has the last blocks of each member tuned, each on its own maps;
+its weights file is the composite's. Only the training split is read; the validation split scores the
+tuned classifier(s).
 
 Examples:
 
     python3 src/tune_backbone.py                       # Lite0 @ 224 px, last block -> tuned_backbones/
     src/train_lcpn.sh --backbone efficientnet-lite0 --image-size 224 \\
         --weights tuned_backbones/efficientnet-lite0-224px-last1.pth
+    python3 src/tune_backbone.py --backbone efficientnet-lite1+efficientnet-lite0   # the recipe's, @ 280 px
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ from hiernet.safeio import UserError, run_cli  # noqa: E402
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="prepared datasets (default: <repo>/split_datasets)")
-    p.add_argument("--backbone", default="efficientnet-lite0", help="one registered backbone (not a '+' composite)")
+    p.add_argument("--backbone", default="efficientnet-lite0",
+                   help="a registered backbone, or a '+' composite such as the default recipe's "
+                        "efficientnet-lite1+efficientnet-lite0 (the last blocks of every member tuned)")
     p.add_argument("--weights", type=Path, help="start from this state_dict file instead of the ImageNet weights")
-    p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's own)")
+    p.add_argument("--image-size", type=int,
+                   help="input side in pixels (default: what train.py uses with this --backbone: 280 for the "
+                        "default recipe's composite, else the backbone's own)")
     p.add_argument("--resize", choices=["crop", "squash", "pad"], default="crop",
                    help="how images become square (use the same in train.py)")
     p.add_argument("--tune-blocks", type=int, default=1, help="how many of the last MBConv blocks to tune")
@@ -67,13 +74,14 @@ def main(args: argparse.Namespace) -> int:
         import torch
 
         from hiernet.backbones import get_spec
+        from hiernet.config import DEFAULT_PRESET, preset_with_flags
         from hiernet.safeio import atomic_path, write_json_atomic
         from hiernet.tailtune import TuneConfig, tune_backbone
     except ModuleNotFoundError as exc:
         raise UserError(f"Python package '{exc.name}' is missing; install the requirements: pip install -r requirements.txt") from None
 
     spec = get_spec(args.backbone)
-    size = args.image_size or spec.image_size
+    size = args.image_size or preset_with_flags(DEFAULT_PRESET, {"backbone": args.backbone}).image_size or spec.image_size
     out = args.out or REPO_ROOT / "tuned_backbones" / f"{args.backbone}-{size}px-last{args.tune_blocks}.pth"
     cfg = TuneConfig(blocks=args.tune_blocks, epochs=args.epochs, lr=args.lr, views=args.views, seed=args.seed)
     sd, summary = tune_backbone(args.data_dir, args.backbone, size, cfg, args.cache_dir, args.resize,

@@ -132,10 +132,35 @@ def test_composite_backbone_rejects_bad_names_and_weights(tmp_path):
         backbones.get_spec("efficientnet-lite0+lite9")
     with pytest.raises(UserError, match="same network twice"):
         backbones.get_spec("efficientnet-lite0+efficientnet-lite0")
-    path = tmp_path / "w.pth"
+    path = tmp_path / "w.pth"  # one network's weights are not a composite's
     torch.save(backbones.create_backbone("efficientnet-lite0", image_size=64).net.state_dict(), path)
-    with pytest.raises(UserError, match="cannot be used with the composite"):
+    with pytest.raises(UserError, match="belongs to no member"):
         backbones.create_backbone("efficientnet-lite0+efficientnet-lite1", weights=path, image_size=64)
+    both = backbones.create_backbone("efficientnet-lite0+efficientnet-lite1", image_size=64).net.state_dict()
+    torch.save({k: v for k, v in both.items() if k.startswith("0.")}, path)  # the second member missing
+    with pytest.raises(UserError, match="no tensors of efficientnet-lite1 .member 1"):
+        backbones.create_backbone("efficientnet-lite0+efficientnet-lite1", weights=path, image_size=64)
+    torch.save({**both, "2.x": torch.zeros(1)}, path)  # a third member in a two-network composite
+    with pytest.raises(UserError, match="'2.x' belongs to no member"):
+        backbones.create_backbone("efficientnet-lite0+efficientnet-lite1", weights=path, image_size=64)
+
+
+def test_a_composite_loads_its_own_weights_file_member_by_member(tmp_path):
+    """--weights with a composite: the composite's net.state_dict() (a tuned or fine-tuned one) restores every member."""
+    name = "efficientnet-lite1+efficientnet-lite0"
+    both = backbones.create_backbone(name, image_size=64)
+    sd = {k: v.clone() for k, v in both.net.state_dict().items()}
+    sd["1._conv_head.weight"] += 0.05 * torch.randn_like(sd["1._conv_head.weight"])  # the second member changed
+    torch.save(sd, tmp_path / "both.pth")
+    loaded = backbones.create_backbone(name, weights=tmp_path / "both.pth", image_size=64)
+    assert loaded.weights_fingerprint not in (both.weights_fingerprint, "random")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        f, g = both(x), loaded(x)
+    assert torch.allclose(f[:, :1280], g[:, :1280], atol=1e-6)  # the first member as it was
+    assert not torch.allclose(f[:, 1280:], g[:, 1280:], atol=1e-3)  # the second one's changed weights loaded
+    assert backbones.create_backbone(name, weights=tmp_path / "both.pth", image_size=64).weights_fingerprint \
+        == loaded.weights_fingerprint
 
 
 @pytest.mark.parametrize("name", [  # the big ones take minutes to initialise on a CPU: slow

@@ -158,7 +158,7 @@ def test_tune_backbone_cli_writes_weights_that_train_py_uses(prepared):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--backbone", "efficientnet-lite1+efficientnet-lite0"], "tune one backbone at a time"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
     (["--tune-blocks", "0"], "--tune-blocks must be at least 1"),
     (["--tune-blocks", "40"], "--tune-blocks must be 1-16"),
     (["--backbone", "resnet"], "resnet"),
@@ -168,6 +168,35 @@ def test_tune_backbone_cli_refuses_bad_input_in_one_line(prepared, argv, message
                 "--image-size", 64, "--cache-dir", prepared / "cache", "-o", prepared / "bad.pth", *argv], cwd="/", check=False)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (prepared / "bad.pth").exists()
+
+
+def test_tune_backbone_cli_tunes_every_member_of_a_composite(prepared):
+    """The default recipe's composite: the last block of each member tuned; one weights file (the composite's
+    net.state_dict()) that train.py loads; without --image-size, the size train.py uses with it (280)."""
+    name = "efficientnet-lite1+efficientnet-lite0"
+    out, cache = prepared / "out" / "both.pth", prepared / "cache"
+    cmd = [sys.executable, str(REPO / "src" / "tune_backbone.py"), "--data-dir", prepared / "split", "--backbone", name,
+           "--views", 1, "--cache-dir", cache, "-o", out, "-q"]
+    run([*cmd, "--image-size", 64, "--epochs", 2], cwd="/")
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["backbone"] == name and summary["image_size"] == 64 and 0 <= summary["val_accuracy"] <= 1
+    sd = load_state_dict_file(out)
+    imagenet = create_backbone(name, image_size=64).net.state_dict()
+    assert set(sd) == set(imagenet)
+    changed = {k for k in sd if not torch.equal(sd[k], imagenet[k])}
+    tails = ("0._blocks.20.", "0._conv_head.", "0._bn1.", "1._blocks.15.", "1._conv_head.", "1._bn1.")
+    assert all(k.startswith(tails) for k in changed)
+    assert any(k.startswith("0._blocks.20.") for k in changed) and any(k.startswith("1._blocks.15.") for k in changed)
+    tuned = create_backbone(name, weights=out, image_size=64)
+    assert summary["weights_fingerprint"] == state_fingerprint(sd)
+    models = prepared / "models-both"
+    run([sys.executable, str(REPO / "src" / "train.py"), "-d", "parent", "--data-dir", prepared / "split", "--output-dir",
+         models, "--cache-dir", cache, "--backbone", name, "--image-size", 64, "--weights", out, "--epochs", 2,
+         "--views", 1, "--precision", "fp32", "-q"], cwd="/")
+    ck = torch.load(models / "parent" / "model.pth", map_location="cpu", weights_only=True)
+    assert ck["config"]["backbone"]["weights_fingerprint"] == tuned.weights_fingerprint  # the tuned composite's features
+    run([*cmd, "-o", prepared / "out" / "both280.pth", "--epochs", 1, "--views", 0], cwd="/")
+    assert json.loads((prepared / "out" / "both280.json").read_text())["image_size"] == 280
 
 
 def test_train_lcpn_tune_backbone_refuses_its_own_flags(prepared):

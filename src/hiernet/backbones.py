@@ -80,7 +80,7 @@ class BackboneSpec:
     parts : tuple of BackboneSpec
         For a composite backbone, its members in order; else empty.
     build : callable
-        ``(pretrained, weights file or None, image_size) → Trunk`` (the registered function).
+        ``(pretrained, weights: a file, a state_dict or None, image_size) → Trunk`` (the registered function).
     """
 
     name: str
@@ -176,6 +176,39 @@ def load_state_dict_file(path: str | Path) -> dict:
     return sd
 
 
+def composite_weights(weights: str | Path | None, spec: BackboneSpec) -> list:
+    """One state_dict (or ``None``) per member of the composite ``spec``, split from the weights file
+    ``weights``: the composite's ``net.state_dict()``, member ``i``'s tensors under the prefix ``"i."``
+    (what a fine-tuned composite stores and ``tune_backbone.py`` writes).
+
+    Raises
+    ------
+    UserError
+        The file lacks a member's tensors or holds tensors of no member (e.g. one network's weights).
+    """
+    n = len(spec.members())
+    if weights is None:
+        return [None] * n
+    sd = load_state_dict_file(weights)
+    parts: list[dict] = [{} for _ in range(n)]
+    for k, v in sd.items():
+        head, _, rest = k.partition(".")
+        if not (head.isdigit() and int(head) < n and rest):
+            raise UserError(f"weights file {weights} is not the {spec.name} composite's: tensor {k!r} belongs to no "
+                            f"member (expected '0.' ... '{n - 1}.' prefixes, one per network; tune_backbone.py "
+                            f"--backbone {spec.name} writes such a file)")
+        parts[int(head)][rest] = v
+    for i, part in enumerate(parts):
+        if not part:
+            raise UserError(f"weights file {weights} holds no tensors of {spec.members()[i].name} (member {i} of {spec.name})")
+    return parts
+
+
+def _member_state_dict(weights) -> dict:
+    """A member's weights: a state_dict already split from a composite's file, or a file to load."""
+    return weights if isinstance(weights, dict) else load_state_dict_file(weights)
+
+
 def state_fingerprint(sd: dict) -> str:
     """A short hash of a state_dict's names, shapes and values (identifies a backbone's weights)."""
     import torch
@@ -201,7 +234,8 @@ def create_backbone(
     pretrained : bool
         Load ImageNet weights (from the package for Lite, the library's download for b0–b7).
     weights : path, optional
-        A state_dict file to load instead (``torch.load(weights_only=True)``); single backbones only.
+        A state_dict file to load instead (``torch.load(weights_only=True)``). For a composite, the
+        composite's own ``module.net.state_dict()`` (member ``i``'s tensors under ``"i."``).
     image_size : int, optional
         Input side; defaults to the (first) backbone's own. Static "same" padding is built for this size.
 
@@ -214,11 +248,10 @@ def create_backbone(
     size = int(image_size or spec.image_size)
     if size < 32:
         raise UserError(f"--image-size must be at least 32 pixels, got {size}")
-    if spec.parts and weights is not None:
-        raise UserError(f"--weights loads one network; it cannot be used with the composite backbone {name!r}")
     from .models import FeatureExtractor
 
-    trunks = [part.build(pretrained, weights, size) for part in spec.members()]
+    member_weights = [weights] if not spec.parts else composite_weights(weights, spec)
+    trunks = [part.build(pretrained, w, size) for part, w in zip(spec.members(), member_weights)]
     model = FeatureExtractor(trunks, spec, size).eval()
     prints = [state_fingerprint(t.net.state_dict()) if t.loaded else "random" for t in trunks]
     if len(prints) == 1 or "random" in prints:
@@ -261,7 +294,10 @@ def _lite(name: str, pretrained: bool, weights, size: int) -> Trunk:
     from efficientnet_lite_pytorch import EfficientNet as LiteNet
 
     net = LiteNet.from_name(name, image_size=size)
-    sd = load_state_dict_file(weights if weights is not None else _lite_weights_file(name)) if (weights or pretrained) else None
+    if weights is not None:
+        sd = _member_state_dict(weights)
+    else:
+        sd = load_state_dict_file(_lite_weights_file(name)) if pretrained else None
     return Trunk(net, _fit_weights(net, sd, name), _pool_efficientnet)
 
 
@@ -272,7 +308,7 @@ def _efficientnet_b(name: str, pretrained: bool, weights, size: int) -> Trunk:
     net = BNet.from_name(name, image_size=size)
     sd = None
     if weights is not None:
-        sd = load_state_dict_file(weights)
+        sd = _member_state_dict(weights)
     elif pretrained:
         try:
             from efficientnet_pytorch.utils import url_map

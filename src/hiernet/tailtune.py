@@ -9,7 +9,11 @@ on those maps (:func:`tune_tail`). The tuned tail is written back into the backb
 (:func:`tuned_state_dict`), a plain weights file that ``train.py --weights`` loads like any other: the
 feature cache, the int8 export and prediction then see the tuned backbone, unchanged.
 
-Only the tree's training split is read; the validation split scores the tuned linear classifier.
+A ``+`` composite (the default recipe's two networks) is tuned member by member (:func:`tune_member`:
+each member's own trunk maps, tail and classifier); its weights file is the composite's ``net.state_dict()``
+(member ``i`` under ``"i."``), which ``create_backbone(weights=...)`` splits again.
+
+Only the tree's training split is read; the validation split scores the tuned linear classifier(s).
 """
 
 from __future__ import annotations
@@ -304,7 +308,8 @@ def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cf
                   resize: str = "crop", weights: str | None = None, progress: bool = True,
                   keep: Path | None = None) -> tuple[dict | None, dict]:
     """Tune ``cfg.blocks`` last blocks of ``backbone_name`` on the prepared tree's training images (flat
-    leaves as classes).
+    leaves as classes). A ``+`` composite has the last blocks of every member tuned, each on its own maps
+    with its own linear classifier (:func:`tune_member`).
 
     Parameters
     ----------
@@ -315,13 +320,15 @@ def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cf
     Returns
     -------
     (dict or None, dict)
-        The tuned backbone's ``state_dict`` and a summary: its :func:`tuning_key` (``key``), backbone,
-        image size, config, images, classes, validation accuracy of the tuned linear classifier (eval view
-        + mirror; ``None`` without a validation split), the tuned weights' fingerprint and seconds.
+        The tuned backbone's ``state_dict`` (a composite's: its ``net.state_dict()``, member ``i`` under
+        ``"i."``, what ``create_backbone(weights=...)`` loads) and a summary: its :func:`tuning_key`
+        (``key``), backbone, image size, config, images, classes, validation accuracy of the tuned linear
+        classifier(s) (eval view + mirror; a composite's members' probabilities averaged; ``None`` without
+        a validation split), the tuned weights' fingerprint and seconds.
     """
     import torch
 
-    from .backbones import create_backbone, state_fingerprint
+    from .backbones import composite_weights, create_backbone, state_fingerprint
 
     t0 = time.time()
     doc, classes, train, val = _flat_splits(Path(data_dir))
@@ -329,27 +336,54 @@ def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cf
     key = tuning_key(doc, backbone, resize, cfg)
     if keep is not None and (earlier := current_tuning(keep, key)) is not None:
         return None, earlier
-    torch.manual_seed(cfg.seed)
-    _, tail = split_backbone(backbone, cfg.blocks)
-    log.info("tuning the last %d block(s) of %s @ %d px on %d training images, %d leaves", cfg.blocks,
-             backbone_name, backbone.image_size, len(train), len(classes))
-    maps, ok = trunk_maps([p for p, _ in train], backbone, cfg.blocks, resize, cfg.views, cfg.seed, cache_dir,
-                          progress)
-    y = np.array([c for _, c in train])
-    tail, cls = tune_tail(tail, maps[ok], y[ok], len(classes), cfg.epochs, cfg.seed, cfg.lr, cfg.batch_size,
-                          cfg.label_smoothing, progress)
-    del maps
+    spec = backbone.spec
+    members = [backbone] if not spec.parts else [
+        create_backbone(part.name, weights=w, image_size=backbone.image_size)
+        for part, w in zip(spec.members(), composite_weights(weights, spec))]
+    sds, val_probs, val_ok, n_train = [], [], np.ones(len(val), bool), 0
+    for member in members:
+        torch.manual_seed(cfg.seed)
+        sd, probs, vok, n_train = tune_member(member, train, val, len(classes), cfg, resize, cache_dir, progress)
+        sds.append(sd)
+        val_probs.append(probs)
+        val_ok &= vok
+    sd = sds[0] if not spec.parts else {f"{i}.{k}": v for i, member_sd in enumerate(sds) for k, v in member_sd.items()}
     val_acc = None
-    if val:
-        vmaps, vok = trunk_maps([p for p, _ in val], backbone, cfg.blocks, resize, 0, cfg.seed, cache_dir, progress)
+    if val and val_ok.any():
         vy = np.array([c for _, c in val])
-        val_acc = float(np.mean(tuned_probs(tail, cls, vmaps[vok]).argmax(1) == vy[vok])) if vok.any() else None
-    sd = tuned_state_dict(backbone, tail)
+        val_acc = float(np.mean(np.mean(val_probs, 0).argmax(1)[val_ok] == vy[val_ok]))
     summary = {"key": key, "backbone": backbone_name, "image_size": backbone.image_size, "resize": resize,
-               "tune": cfg.to_dict(), "base_weights": backbone.weights_fingerprint, "train_images": int(ok.sum()),
+               "tune": cfg.to_dict(), "base_weights": backbone.weights_fingerprint, "train_images": n_train,
                "classes": len(classes), "val_images": len(val), "val_accuracy": val_acc,
                "weights_fingerprint": state_fingerprint(sd), "seconds": round(time.time() - t0, 1)}
     return sd, summary
+
+
+def tune_member(backbone, train: list, val: list, n_classes: int, cfg: TuneConfig, resize: str,
+                cache_dir: Path | None, progress: bool = True) -> tuple[dict, np.ndarray | None, np.ndarray, int]:
+    """Tune the last ``cfg.blocks`` blocks of one (single) backbone on ``train`` ``[(path, class), ...]``.
+
+    Returns
+    -------
+    (dict, numpy.ndarray or None, numpy.ndarray, int)
+        The tuned ``state_dict`` (:func:`tuned_state_dict`), the tuned linear classifier's probabilities
+        ``(len(val), n_classes)`` on the validation images (eval view + mirror; ``None`` without ``val``),
+        a bool mask ``(len(val),)`` of the validation images that decoded, and how many training images did.
+    """
+    _, tail = split_backbone(backbone, cfg.blocks)
+    log.info("tuning the last %d block(s) of %s @ %d px on %d training images, %d leaves", cfg.blocks,
+             backbone.spec.name, backbone.image_size, len(train), n_classes)
+    maps, ok = trunk_maps([p for p, _ in train], backbone, cfg.blocks, resize, cfg.views, cfg.seed, cache_dir,
+                          progress)
+    y = np.array([c for _, c in train])
+    tail, cls = tune_tail(tail, maps[ok], y[ok], n_classes, cfg.epochs, cfg.seed, cfg.lr, cfg.batch_size,
+                          cfg.label_smoothing, progress)
+    del maps
+    probs, vok = None, np.zeros(len(val), bool)
+    if val:
+        vmaps, vok = trunk_maps([p for p, _ in val], backbone, cfg.blocks, resize, 0, cfg.seed, cache_dir, progress)
+        probs = tuned_probs(tail, cls, vmaps)
+    return tuned_state_dict(backbone, tail), probs, vok, int(ok.sum())
 
 
 def _flat_splits(data_dir: Path) -> tuple[dict, list, list, list]:
