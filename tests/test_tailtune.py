@@ -211,3 +211,28 @@ def test_tune_backbone_cli_needs_a_prepared_tree(tmp_path):
     proc = run([sys.executable, str(REPO / "src" / "tune_backbone.py"), "--data-dir", tmp_path / "nothing"], cwd="/",
                check=False)
     assert proc.returncode != 0 and "prepare_dataset.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_lcpn_tunes_the_recipes_composite_and_predicts_with_it(prepared):
+    """train_lcpn.sh --tune-backbone A+B: both members tuned, every node trained on the tuned composite,
+    exported, and predict.py (onnx and torch runtimes) runs the tuned composite."""
+    import os
+
+    from hiernet.predictor import HierarchicalPredictor
+
+    name = "efficientnet-lite1+efficientnet-lite0"
+    models = prepared / "models-recipe"
+    env = dict(os.environ, PYTHON=sys.executable, NO_FLAT="1")
+    run(["bash", str(REPO / "src" / "train_lcpn.sh"), "--data-dir", prepared / "split", "--output-dir", models,
+         "--tune-backbone", name, "--image-size", 64, "--epochs", 2, "--views", 1, "--cache-dir", prepared / "cache", "-q"],
+        cwd="/", env=env)
+    tuned = create_backbone(name, weights=models / "tuned_backbone.pth", image_size=64)
+    assert tuned.weights_fingerprint != create_backbone(name, image_size=64).weights_fingerprint
+    ck = torch.load(models / "parent" / "model.pth", map_location="cpu", weights_only=True)
+    assert ck["config"]["backbone"]["name"] == name and ck["config"]["backbone"]["weights_fingerprint"] == tuned.weights_fingerprint
+    imgs = [str(p) for p in sorted((prepared / "data").rglob("*.jpg"))[:4]]
+    onnx_ = HierarchicalPredictor.load(models, runtime="onnx", precision="fp32").predict_paths(imgs)
+    torch_ = HierarchicalPredictor.load(models, runtime="torch", precision="auto").predict_paths(imgs)
+    for a, b in zip(onnx_, torch_):  # the export carries the tuned composite; the torch runtime loads its file
+        assert a.complete and a.node_ids == b.node_ids and np.max(np.abs(np.array(a.probs) - np.array(b.probs))) < 1e-4
