@@ -251,10 +251,8 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     names = np.array(leaf_ids, dtype=object)
     y = np.array([leaf_ids.index(leaf) for leaf in leaves])
     short = "+".join(m.replace("efficientnet-", "").capitalize() for m in members)  # "Lite1+Lite0"
-    frozen_tails = []
-    for m, maps in zip(members, member_maps):
-        _, t = backbone_parts(image_size, _last_block(m, image_size), pretrained, m)
-        frozen_tails.append(t)
+    cuts = [_last_block(m, image_size) for m in members]
+    frozen_tails = [backbone_parts(image_size, cut, pretrained, m)[1] for m, cut in zip(members, cuts)]
     decisions = ("flat", "lcpn", "combined")
     rows = {f"frozen {short}, suite heads ({d})": ("frozen", d) for d in decisions}
     rows[f"{short}, each tuned from its last block, linear classifiers averaged"] = ("tuned", "linear")
@@ -272,8 +270,8 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                 views_tr, ev_te = frozen[tr], frozen[te, :2]
             else:
                 probs, feats_tr, feats_te = [], [], []
-                for m, maps in zip(members, member_maps):
-                    _, t = backbone_parts(image_size, _last_block(m, image_size), pretrained, m)
+                for m, cut, maps in zip(members, cuts, member_maps):
+                    _, t = backbone_parts(image_size, cut, pretrained, m)
                     t, cls = tune(t, maps[tr], y[tr], len(leaf_ids), epochs, seed + fold, lr)
                     probs.append(tuned_probs(t, cls, maps[te]))
                     feats_tr.append(pooled(t, maps[tr], list(range(maps.shape[1]))))
@@ -312,7 +310,7 @@ def main(args) -> int:
         raise SystemExit(f"--work must be outside the repository ({REPO})")
     torch.set_num_threads(args.threads)
     paths, leaves, hier = tail_bench.trainval_images(args.data_dir)
-    from hiernet.backbones import create_backbone, get_spec
+    from hiernet.backbones import get_spec
     from hiernet.safeio import UserError
 
     try:
@@ -322,8 +320,7 @@ def main(args) -> int:
     args.image_size = args.image_size or spec.image_size
     if spec.parts:
         return main_composite(args, [part.name for part in spec.parts], paths, leaves, hier)
-    n_blocks = len(create_backbone(args.backbone, pretrained=False, image_size=args.image_size).trunks()[0]._blocks)
-    args.tune_from = args.tune_from or [n_blocks - 1]
+    args.tune_from = args.tune_from or [_last_block(args.backbone, args.image_size)]
     maps, ok = [], None
     for k in args.tune_from:
         m, ok_k = extract_maps(paths, args.image_size, k, args.views, args.seed, args.work, args.backbone)

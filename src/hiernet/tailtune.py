@@ -328,7 +328,7 @@ def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cf
     """
     import torch
 
-    from .backbones import composite_weights, create_backbone, state_fingerprint
+    from .backbones import create_backbone, state_fingerprint
 
     t0 = time.time()
     doc, classes, train, val = _flat_splits(Path(data_dir))
@@ -337,9 +337,9 @@ def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cf
     if keep is not None and (earlier := current_tuning(keep, key)) is not None:
         return None, earlier
     spec = backbone.spec
-    members = [backbone] if not spec.parts else [
-        create_backbone(part.name, weights=w, image_size=backbone.image_size)
-        for part, w in zip(spec.members(), composite_weights(weights, spec))]
+    members = [backbone] if not spec.parts else [  # each member from the composite's loaded weights
+        create_backbone(part.name, weights=trunk.state_dict(), image_size=backbone.image_size)
+        for part, trunk in zip(spec.members(), backbone.trunks())]
     sds, val_probs, val_ok, n_train = [], [], np.ones(len(val), bool), 0
     for member in members:
         torch.manual_seed(cfg.seed)
