@@ -43,6 +43,27 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+#: CPU flags (``/proc/cpuinfo``) that decide how fast onnxruntime's int8 and fp32 kernels run, in the
+#: order reported: the vector width and the int8 dot-product instructions (VNNI).
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp", "i8mm")
+
+
+def cpu_simd(cpuinfo: str | None = None) -> str:
+    """The :data:`SIMD_FLAGS` this CPU has, space-separated (``"none found"`` if none; ``"unknown"`` without
+    ``/proc/cpuinfo``). ``cpuinfo`` is the text of ``/proc/cpuinfo`` (read when ``None``)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "unknown"
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.lower().startswith(("flags", "features")) and ":" in line:
+            flags.update(line.split(":", 1)[1].split())
+    found = [f for f in SIMD_FLAGS if f in flags]
+    return " ".join(found) if found else "none found"
+
+
 def _ram_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
@@ -90,6 +111,7 @@ def machine_info() -> dict:
         ort = _version("onnxruntime-gpu")
     return {
         "cpu_model": _cpu_model(),
+        "cpu_simd": cpu_simd(),
         "usable_cores": usable_cores(),
         "logical_cpus": os.cpu_count(),
         "ram_gib": _ram_gib(),
@@ -106,6 +128,7 @@ def machine_info() -> dict:
 
 MACHINE_LABELS = (
     ("cpu_model", "CPU"),
+    ("cpu_simd", "vector / int8 instructions (/proc/cpuinfo flags)"),
     ("usable_cores", "usable cores (sched_getaffinity)"),
     ("logical_cpus", "logical CPUs on the host"),
     ("ram_gib", "RAM (GiB)"),

@@ -48,6 +48,16 @@ def test_machine_info_has_the_reported_fields(common):
         assert label in md
 
 
+def test_cpu_simd_names_the_int8_instructions_of_the_cpu(common):
+    avx2_only = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\nprocessor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    assert common.cpu_simd(avx2_only) == "avx2 fma"
+    vnni = "flags\t\t: fpu avx2 fma avx512f avx512bw avx512_vnni avx512vl\n"
+    assert common.cpu_simd(vnni) == "avx2 fma avx512f avx512bw avx512_vnni"
+    assert common.cpu_simd("Features\t: fp asimd asimddp i8mm\n") == "asimd asimddp i8mm"
+    assert common.cpu_simd("model name\t: avx512_vnni in a name is not a flag\n") == "none found"
+    assert "vector / int8 instructions" in common.machine_markdown({**common.machine_info(), "cpu_simd": "avx2 fma"})
+
+
 def test_md_table_and_fmt(common):
     t = common.md_table(["a", "b|c"], [("x", 0.12345), ("y", None), ("z", 3)])
     lines = t.splitlines()
