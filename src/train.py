@@ -50,7 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, default=DEFAULT_MODELS_DIR, help="where node folders go (default: <repo>/trained_models)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="feature cache (default: <repo>/.cache/hiernet or $HIERNET_CACHE)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
-                   help="recipe: 'cpu' = frozen Lite1+Lite0 @280px + calibrated MLP heads on cached features (default); 'original' = EfficientNet-B4 fine-tuned")
+                   help="recipe: 'cpu' = frozen Lite1+Lite0 @280px + calibrated MLP heads on cached features (default); "
+                        "'fast' = the same on one Lite0 @224px (faster, a little less accurate); 'original' = EfficientNet-B4 fine-tuned")
     g = p.add_argument_group("model (default: the preset's)")
     g.add_argument("--backbone", type=_backbone_name, metavar="NAME",
                    help=f"one of: {', '.join(list_backbones())}; or several joined by '+' (features concatenated, "

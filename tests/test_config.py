@@ -45,6 +45,15 @@ def test_from_dict_reads_the_flat_train_dict_of_older_checkpoints():
     assert (cfg.resize, cfg.views, cfg.tta, cfg.calibrate) == ("pad", 1, False, False)
 
 
+def test_the_fast_preset_is_the_cpu_recipe_on_lite0_at_its_own_size():
+    # what README's speed table measured as `train_lcpn.sh --backbone efficientnet-lite0`
+    fast = preset_with_flags("fast", {})
+    assert fast == dataclasses.replace(preset_with_flags("cpu", {"backbone": "efficientnet-lite0"}), preset="fast")
+    assert fast.backbone == "efficientnet-lite0" and fast.image_size is None
+    assert preset_with_flags("fast", {"backbone": "efficientnet-lite1"}).image_size is None
+    assert TrainConfig.from_dict(fast.to_dict()) == fast
+
+
 def test_flags_override_the_preset_and_unset_flags_keep_it():
     cfg = preset_with_flags("original", {"epochs": 3, "lr": None, "hidden": 8, "class_weights": 0.0})
     assert cfg.fit.epochs == 3 and cfg.fit.lr == PRESETS["original"].fit.lr and cfg.head.hidden == 8

@@ -206,6 +206,9 @@ PRESETS: dict[str, TrainConfig] = {
     # fast, offline, CPU: frozen Lite1 + Lite0 features of one 280 px input (+ cached augmented views),
     # a calibrated MLP head per node
     "cpu": TrainConfig(),
+    # speed first, CPU: the cpu recipe on one frozen EfficientNet-Lite0 at its own 224 px (about a third of
+    # the cpu preset's multiply-adds per image; README "Speed" measures what it trades)
+    "fast": TrainConfig(preset="fast", backbone="efficientnet-lite0", image_size=None),
     # the original research recipe: EfficientNet-B4 fully fine-tuned per node (GPU)
     "original": TrainConfig(
         preset="original", backbone="efficientnet-b4", image_size=None, mode="finetune", views=0, tta=False,
