@@ -203,7 +203,7 @@ FLAG_FIELDS: dict[str, str] = {
 
 #: Named recipes; explicit flags override their values.
 PRESETS: dict[str, TrainConfig] = {
-    # fast, offline, CPU: frozen Lite1 + Lite0 features of one 280 px input (+ cached augmented views),
+    # the default, offline, CPU: frozen Lite1 + Lite0 features of one 280 px input (+ cached augmented views),
     # a calibrated MLP head per node
     "cpu": TrainConfig(),
     # speed first, CPU: the cpu recipe on one frozen EfficientNet-Lite0 at its own 224 px (about a third of
