@@ -5,6 +5,7 @@
 #
 #   ./train_lcpn.sh                          # default CPU recipe, offline
 #   ./train_lcpn.sh --data-dir D --output-dir M   # other folders (same as DATA_DIR=D MODELS_DIR=M)
+#   ./train_lcpn.sh --preset fast            # one frozen Lite0 @ 224 px: ~2x faster, a little less accurate
 #   ./train_lcpn.sh --preset original        # EfficientNet-B4 fine-tuned per node (GPU)
 #   ./train_lcpn.sh --tune-backbone efficientnet-lite0   # tune Lite0's last block first (tune_backbone.py), train on it
 #   GPUS=0,1,2,3 ./train_lcpn.sh --preset original        # spread nodes over 4 GPUs, one node per GPU
@@ -24,7 +25,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
 fi
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"  # the header comment
   echo "train.py flags:"
   exec "$PYTHON" "$here/train.py" --help
 fi

@@ -277,6 +277,15 @@ def test_missing_models_give_one_line(pipeline, tmp_path):
     assert proc.stderr.count("\n") == 1 and "train_lcpn.sh" in proc.stderr
 
 
+def test_train_lcpn_help_prints_its_whole_header_then_train_py_flags():
+    out = run(["bash", str(REPO / "src" / "train_lcpn.sh"), "--help"]).stdout
+    head, _, flags = out.partition("train.py flags:")
+    assert head.startswith("Train every local classifier") and "--preset fast" in head
+    assert "TORCHRUN_ARGS (torchrun's launch flags" in head and "NO_EXPORT=1" in head  # the header's last lines
+    assert "set -euo" not in head and not any(line.startswith("#") for line in head.splitlines())
+    assert "--preset {cpu,fast,original}" in flags
+
+
 @pytest.mark.slow
 def test_train_lcpn_spreads_nodes_over_gpu_slots_and_names_a_failed_node(tmp_path):
     """GPUS=a,b runs independent nodes concurrently (one per slot); here the slots are CPU processes."""
