@@ -9,7 +9,10 @@ once; then, per precision, from an EMPTY feature cache:
   predict   python src/predict.py -p <the test split> --format csv (whole process: images/s)
 
 ``--tune-backbone NAME`` trains with ``train_lcpn.sh --tune-backbone NAME`` (``--image-size`` ``--tune-size``):
-the last block of NAME tuned on the training split first (same empty cache; its time is part of training). ``--limit K`` keeps K images per leaf class (a quick subset run; label it as such). Everything goes
+the last block of NAME tuned on the training split first (same empty cache; its time is part of training). ``--with-flat``
+trains the flat baseline too (with ``--tune-backbone``: the tuned classifier) and reports every decision (LCPN,
+flat, combined: leaf accuracy and macro F1 on the test split) and the one ``--decision auto`` chose on the
+validation split, which predict.py then uses. ``--limit K`` keeps K images per leaf class (a quick subset run; label it as such). Everything goes
 under the work folder (default: a fresh /tmp folder). The report goes to ``--out`` (markdown + JSON).
 
 Examples::
@@ -58,6 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-backbone", metavar="NAME",
                    help="tune the last block of this backbone first (src/tune_backbone.py) and train on it")
     p.add_argument("--tune-size", type=int, help="input side for --tune-backbone (default: its own)")
+    p.add_argument("--with-flat", action="store_true",
+                   help="train the flat baseline too and report every decision (lcpn, flat, combined) and auto's choice")
     p.add_argument("train_args", nargs="*", help="extra train.py flags (after --)")
     return p
 
@@ -100,18 +105,20 @@ def prepare_cmd(name: str, spec: dict, work: Path, limit: int | None, seed: int)
 
 
 def run_precision(work: Path, precision: str, train_args: list, trained: dict | None = None,
-                  tune: tuple | None = None) -> dict:
+                  tune: tuple | None = None, with_flat: bool = False) -> dict:
     """Train (empty cache), evaluate and predict with one precision; the figures of one table row.
 
     ``tune``: ``(backbone, image size or None)``: ``train_lcpn.sh --tune-backbone`` tunes its last block
-    first and trains on it (the tuning's seconds, part of ``train_s``, are kept as ``tune_s``).
+    first and trains on it (the tuning's seconds, part of ``train_s``, are kept as ``tune_s``). ``with_flat``:
+    the flat baseline is trained and evaluated too; the row gains ``decisions`` (:func:`decision_scores`).
 
     ``trained``: this precision's row of an earlier run in the same work folder; its models are reused
     (training is not rerun; nor evaluation when its results are there) and its times and guard line kept.
     """
     py, split, base = sys.executable, work / "split", work / precision
     models, cache, logs = base / "models", base / "cache", base / "logs"
-    env = dict(os.environ, DATA_DIR=str(split), MODELS_DIR=str(models), PYTHON=py, NO_FLAT="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, DATA_DIR=str(split), MODELS_DIR=str(models), PYTHON=py, PYTHONUNBUFFERED="1",
+               **({} if with_flat else {"NO_FLAT": "1"}))
     row = {"precision": precision}
     if trained is not None:
         row.update({k: trained.get(k) for k in ("train_s", "tune_s", "evaluate_s", "guard") if k in trained}, train_reused=True)
@@ -119,7 +126,7 @@ def run_precision(work: Path, precision: str, train_args: list, trained: dict | 
         train_args = ["--tune-backbone", tune[0], *([] if tune[1] is None else ["--image-size", tune[1]]), *train_args]
     stages = [("train", ["bash", REPO / "src" / "train_lcpn.sh", "--cache-dir", cache, "--precision", precision, *train_args]),
               ("evaluate", [py, REPO / "src" / "evaluate.py", "--data-dir", split, "--models-dir", models,
-                            "--output", base / "results", "--no-flat", "-q"]),
+                            "--output", base / "results", *([] if with_flat else ["--no-flat"]), "-q"]),
               ("predict", [py, REPO / "src" / "predict.py", "-p", split / "flat" / "test", "--format", "csv",
                            "-o", base / "pred.csv", "--models-dir", models])]
     if trained is not None:
@@ -142,7 +149,39 @@ def run_precision(work: Path, precision: str, train_args: list, trained: dict | 
     man = json.loads((models / "onnx" / "manifest.json").read_text(encoding="utf-8"))
     row.update(leaf_accuracy=res["leaf_accuracy"], n_test=res["n_images"], predict_images=n,
                images_per_s=n / row["predict_s"], used_precision=res.get("precision"), manifest_precision=man["precision"])
+    if with_flat:
+        row["decisions"] = decision_scores(res)
     return row
+
+
+def decision_scores(res: dict) -> dict:
+    """Every decision's test leaf accuracy and macro F1 from evaluate.py's ``results.json`` ``res``, and the one
+    ``--decision auto`` chose on the validation split: ``{"lcpn": {...}, "flat": {...}, "combined": {...},
+    "auto": name, "auto_validation": {decision: accuracy}}`` (a decision missing from ``res`` is left out)."""
+    out = {"lcpn": {"leaf_accuracy": res["leaf_accuracy"], "macro_f1": res.get("macro_f1")}}
+    for name in ("flat", "combined"):
+        if isinstance(res.get(name), dict):
+            out[name] = {"leaf_accuracy": res[name].get("leaf_accuracy"), "macro_f1": res[name].get("macro_f1")}
+    auto = res.get("auto_decision") or {}
+    out["auto"] = auto.get("chosen", "lcpn")
+    out["auto_validation"] = auto.get("leaf_accuracy")
+    return out
+
+
+def decision_lines(rows: list) -> list:
+    """The markdown table of each row's :func:`decision_scores` (none without them)."""
+    out = []
+    for r in rows:
+        d = r.get("decisions")
+        if not d:
+            continue
+        val = d.get("auto_validation") or {}
+        out += ["", f"Decisions ({r['precision']}), test split; `--decision auto` chose **{d['auto']}** on the validation split"
+                f"{' (' + ', '.join(f'{k} {fmt(v, 4, pct=True)}' for k, v in val.items()) + ')' if val else ''}:", "",
+                md_table(["decision", "leaf accuracy", "macro F1 (leaves)"],
+                         [[k + (" (auto)" if k == d["auto"] else ""), fmt(v["leaf_accuracy"], 4, pct=True), fmt(v["macro_f1"], 3)]
+                          for k, v in d.items() if isinstance(v, dict) and "leaf_accuracy" in v])]
+    return out
 
 
 def render(rep: dict) -> str:
@@ -163,6 +202,7 @@ def render(rep: dict) -> str:
                               [[r["precision"], fmt(r.get("train_s"), 1), fmt(r.get("images_per_s"), 1), r.get("n_test", "-"),
                                 fmt(r.get("leaf_accuracy"), pct=True), r.get("used_precision") or r.get("error", "-")]
                                for r in rows]))
+        lines += decision_lines(rows)
         lines += [""] + [f"- {r['guard']}" for r in rows if r.get("guard")]
         lines += [f"- {r['precision']}: tuning took {fmt(r['tune_s'], 1)} s of the training time" for r in rows
                   if r.get("tune_s") is not None] + [""]
@@ -186,7 +226,7 @@ def main(args: argparse.Namespace) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix=f"hiernet-precision-{dt.datetime.now():%Y%m%d-%H%M%S}-"))
     rep = {"command": command_line(), "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "limit": args.limit, "train_args": args.train_args, "machine": machine_info(), "work": str(work),
-           "datasets": {}, "prepare_s": {}, "tune": list(tune) if tune else None}
+           "datasets": {}, "prepare_s": {}, "tune": list(tune) if tune else None, "with_flat": args.with_flat}
     earlier = json.loads(args.out.with_suffix(".json").read_text(encoding="utf-8")) if args.reuse_trained else None
     if earlier:
         rep["trained_by"] = earlier.get("trained_by") or earlier["command"]
@@ -196,7 +236,7 @@ def main(args: argparse.Namespace) -> int:
         if earlier:
             rep["prepare_s"][ds] = earlier["prepare_s"][ds]
             rows = {r["precision"]: r for r in earlier["datasets"][ds]}
-            rep["datasets"][ds] = [run_precision(dw, p, args.train_args, rows[p], tune) for p in precisions]
+            rep["datasets"][ds] = [run_precision(dw, p, args.train_args, rows[p], tune, args.with_flat) for p in precisions]
             write_report(render(rep), rep, args.out)
             continue
         r = run_timed(prepare_cmd(ds, DATASETS[ds], dw, args.limit, args.seed), log_dir=dw / "logs", name="prepare")
@@ -204,7 +244,7 @@ def main(args: argparse.Namespace) -> int:
         if r.returncode != 0:
             print(f"error: preparing {ds} failed: {r.stderr_tail(5)}", file=sys.stderr)
             return 1
-        rep["datasets"][ds] = [run_precision(dw, p, args.train_args, tune=tune) for p in precisions]
+        rep["datasets"][ds] = [run_precision(dw, p, args.train_args, tune=tune, with_flat=args.with_flat) for p in precisions]
         write_report(render(rep), rep, args.out)  # a partial report survives a later failure
     md = render(rep)
     sys.stdout.write(md)

@@ -58,6 +58,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "one input), e.g. efficientnet-lite1+efficientnet-lite0 (the cpu preset's)")
     g.add_argument("--weights", type=Path, help="state_dict file for the backbone instead of the packaged/downloaded ImageNet weights "
                    "(a composite's: its net.state_dict(), as tune_backbone.py writes)")
+    g.add_argument("--flat-classifier", type=Path, metavar="FILE",
+                   help="-d flat, frozen mode: use this tuned classifier (tune_backbone.py writes <weights>.classifier.pth "
+                        "beside the tuned weights; train_lcpn.sh --tune-backbone passes it) as the flat head instead of "
+                        "training one; its temperature is still fitted on the validation split")
     g.add_argument("--image-size", type=int, help="input side in pixels (default: the preset's, or the backbone's own for another backbone)")
     g.add_argument("--resize", choices=["crop", "squash", "pad"], help="how images become square: centre crop, stretch, or letterbox")
     g.add_argument("--mode", choices=["frozen", "finetune"], help="frozen backbone + cached features, or fine-tune the whole network")
@@ -110,6 +114,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     """The preset named by ``--preset`` with every flag that was given (unset flags keep the preset's value)."""
     flags = {name: getattr(args, name, None) for name in FLAG_FIELDS}
     flags["weights"] = str(args.weights.resolve()) if args.weights else None
+    flags["flat_classifier"] = str(args.flat_classifier.resolve()) if getattr(args, "flat_classifier", None) else None
     flags["amp"] = False if args.no_amp else None
     flags["onnx"] = False if args.no_onnx else None
     return preset_with_flags(args.preset, flags)

@@ -7,14 +7,17 @@
 #   ./train_lcpn.sh --data-dir D --output-dir M   # other folders (same as DATA_DIR=D MODELS_DIR=M)
 #   ./train_lcpn.sh --preset fast            # one frozen Lite0 @ 224 px: ~2x faster, a little less accurate
 #   ./train_lcpn.sh --preset original        # EfficientNet-B4 fine-tuned per node (GPU)
-#   ./train_lcpn.sh --tune-backbone efficientnet-lite0   # tune Lite0's last block first (tune_backbone.py), train on it
+#   ./train_lcpn.sh --tune-backbone efficientnet-lite0   # tune Lite0's last block first (tune_backbone.py), train on it;
+#                                            the flat head is the tuned classifier (TRAIN_FLAT_HEAD=1: train one instead)
+#   ./train_lcpn.sh --weights W.pth --flat-classifier W.classifier.pth   # a backbone tuned before, its classifier as flat head
 #   GPUS=0,1,2,3 ./train_lcpn.sh --preset original        # spread nodes over 4 GPUs, one node per GPU
 #   NPROC_PER_NODE=4 ./train_lcpn.sh --preset original    # each node on 4 GPUs with torchrun (DDP)
 #   NPROC_PER_NODE=8 TORCHRUN_ARGS="--nnodes=2 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400" ...
 #
 # Environment: PYTHON (interpreter; default: the repo's .venv if present, else python3),
 # DATA_DIR / MODELS_DIR (default: <repo>/split_datasets, <repo>/trained_models),
-# NO_FLAT=1 (skip the flat baseline), NO_EXPORT=1 (skip the ONNX export),
+# NO_FLAT=1 (skip the flat baseline), NO_EXPORT=1 (skip the ONNX export), TRAIN_FLAT_HEAD=1 (with
+# --tune-backbone: train the flat head on the tuned features instead of using the tuned classifier),
 # TORCHRUN_ARGS (torchrun's launch flags with NPROC_PER_NODE; default: --standalone).
 set -euo pipefail
 
@@ -41,12 +44,17 @@ MODELS_DIR="${MODELS_DIR:-$repo/trained_models}"
 passed=()
 force=""
 tune=""
+flat_clf=""
 while (( $# )); do
   case "$1" in
     --tune-backbone)
       if (( $# < 2 )); then echo "train_lcpn.sh: --tune-backbone needs a backbone name, e.g. efficientnet-lite0" >&2; exit 2; fi
       tune="$2"; shift 2 ;;
     --tune-backbone=*) tune="${1#*=}"; shift ;;
+    --flat-classifier)  # the flat node's alone
+      if (( $# < 2 )); then echo "train_lcpn.sh: --flat-classifier needs a file (tune_backbone.py writes one)" >&2; exit 2; fi
+      flat_clf="$2"; shift 2 ;;
+    --flat-classifier=*) flat_clf="${1#*=}"; shift ;;
     --data-dir|--output-dir)
       if (( $# < 2 )); then echo "train_lcpn.sh: $1 needs a folder" >&2; exit 2; fi
       if [[ "$1" == --data-dir ]]; then DATA_DIR="$2"; else MODELS_DIR="$2"; fi
@@ -80,6 +88,7 @@ if [[ -n "$tune" ]]; then  # tune the backbone's last block on the training spli
     exit 1
   fi
   set -- --backbone "$tune" --weights "$tuned" "$@"
+  if [[ -z "$flat_clf" && -z "${TRAIN_FLAT_HEAD:-}" ]]; then flat_clf="$MODELS_DIR/tuned_backbone.classifier.pth"; fi
 fi
 
 if ! nodes="$("$PYTHON" "$here/train.py" --list-nodes "${common[@]}")"; then
@@ -92,6 +101,7 @@ if [[ -z "${NO_FLAT:-}" ]]; then node_list+=(flat); fi
 train_one() {  # node [gpu]
   local node="$1" gpu="${2:-}"; shift 2
   local cmd=("$PYTHON" "$here/train.py")
+  if [[ "$node" == flat && -n "$flat_clf" ]]; then set -- "$@" --flat-classifier "$flat_clf"; fi
   if [[ -n "${NPROC_PER_NODE:-}" ]]; then
     cmd=("$PYTHON" -m torch.distributed.run "${torchrun_args[@]}" --nproc_per_node="$NPROC_PER_NODE" "$here/train.py")
   fi

@@ -7,14 +7,17 @@ linear classifier over the leaves are trained on them (minutes on 2 cores for a 
 tuned backbone is written as a plain weights file; train.py --weights then uses it like the ImageNet one
 (feature cache, int8 export and prediction unchanged). A '+' composite (the default recipe's
 efficientnet-lite1+efficientnet-lite0) has the last blocks of each member tuned, each on its own maps;
-its weights file is the composite's. Only the training split is read; the validation split scores the
-tuned classifier(s).
+its weights file is the composite's. The members' tuned linear classifiers, averaged, are written
+beside it (<out stem>.classifier.pth): train_lcpn.sh --flat-classifier makes it the flat head (by
+cross-validation it beats a flat head trained on the tuned features afterwards). Only the training split
+is read; the validation split scores the tuned classifier(s).
 
 Examples:
 
     python3 src/tune_backbone.py                       # Lite0 @ 224 px, last block -> tuned_backbones/
     src/train_lcpn.sh --backbone efficientnet-lite0 --image-size 224 \\
-        --weights tuned_backbones/efficientnet-lite0-224px-last1.pth
+        --weights tuned_backbones/efficientnet-lite0-224px-last1.pth \\
+        --flat-classifier tuned_backbones/efficientnet-lite0-224px-last1.classifier.pth
     python3 src/tune_backbone.py --backbone efficientnet-lite1+efficientnet-lite0   # the recipe's, @ 280 px
 """
 
@@ -76,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
         from hiernet.backbones import get_spec
         from hiernet.config import DEFAULT_PRESET, preset_with_flags
         from hiernet.safeio import atomic_path, write_json_atomic
-        from hiernet.tailtune import TuneConfig, tune_backbone
+        from hiernet.tailtune import TuneConfig, classifier_path, save_classifier, tune_backbone
     except ModuleNotFoundError as exc:
         raise UserError(f"Python package '{exc.name}' is missing; install the requirements: pip install -r requirements.txt") from None
 
@@ -84,21 +87,26 @@ def main(args: argparse.Namespace) -> int:
     size = args.image_size or preset_with_flags(DEFAULT_PRESET, {"backbone": args.backbone}).image_size or spec.image_size
     out = args.out or REPO_ROOT / "tuned_backbones" / f"{args.backbone}-{size}px-last{args.tune_blocks}.pth"
     cfg = TuneConfig(blocks=args.tune_blocks, epochs=args.epochs, lr=args.lr, views=args.views, seed=args.seed)
-    sd, summary = tune_backbone(args.data_dir, args.backbone, size, cfg, args.cache_dir, args.resize,
-                                str(args.weights.resolve()) if args.weights else None, not args.quiet,
-                                keep=None if args.force else out)
+    sd, classifier, summary = tune_backbone(args.data_dir, args.backbone, size, cfg, args.cache_dir, args.resize,
+                                            str(args.weights.resolve()) if args.weights else None, not args.quiet,
+                                            keep=None if args.force else out)
     if sd is None:
         print(f"{out}: tuned from the same training images and settings, kept (--force tunes again)")
         return 0
     with atomic_path(out) as tmp:
         torch.save(sd, tmp)
-    write_json_atomic(out.with_suffix(".json"), summary)
-    val = summary["val_accuracy"]
+    save_classifier(classifier_path(out), classifier["weight"], classifier["bias"], classifier["classes"],
+                    args.backbone, size, classifier["weights_fingerprint"])
+    write_json_atomic(out.with_suffix(".json"), summary)  # last: it vouches for the two files above
+    val, val_clf = summary["val_accuracy"], summary["val_accuracy_classifier"]
     print(f"tuned the last {cfg.blocks} block(s) of {args.backbone} @ {size} px on {summary['train_images']} images "
           f"in {summary['seconds']:.0f} s; validation leaf accuracy (linear) "
           f"{'n/a' if val is None else f'{val:.4f}'} -> {out}")
+    print(f"tuned classifier (the flat head of train.py --flat-classifier): validation leaf accuracy "
+          f"{'n/a' if val_clf is None else f'{val_clf:.4f}'} -> {classifier_path(out)}")
     if not args.no_hint:
-        print(f"next: src/train_lcpn.sh --backbone {args.backbone} --image-size {size} --resize {args.resize} --weights {out}")
+        print(f"next: src/train_lcpn.sh --backbone {args.backbone} --image-size {size} --resize {args.resize} --weights {out} "
+              f"--flat-classifier {classifier_path(out)}")
     return 0
 
 

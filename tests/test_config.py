@@ -63,10 +63,22 @@ def test_flags_override_the_preset_and_unset_flags_keep_it():
     assert preset_with_flags("cpu", {"backbone": "efficientnet-lite0", "image_size": 64}).image_size == 64
     assert preset_with_flags("cpu", {"backbone": PRESETS["cpu"].backbone}).image_size == PRESETS["cpu"].image_size
     # every flag name reaches a field
-    every = preset_with_flags("cpu", {k: v for k, v in zip(FLAG_FIELDS, range(100, 200))})
+    given = dict(zip((k for k in FLAG_FIELDS if k != "flat_classifier"), range(100, 200)))
+    every = preset_with_flags("cpu", given)
     flat = {**dataclasses.asdict(every), **{f"{p}.{k}": v for p in ("head", "fit") for k, v in
                                             dataclasses.asdict(getattr(every, p)).items()}}
-    assert all(flat[path] == value for path, value in zip(FLAG_FIELDS.values(), range(100, 200)))
+    assert all(flat[FLAG_FIELDS[k]] == value for k, value in given.items())
+
+
+def test_a_flat_classifier_is_a_linear_head():
+    """--flat-classifier makes the head linear (what a tuned classifier is); with an MLP asked for: one line."""
+    cfg = preset_with_flags("cpu", {"flat_classifier": "/m/tuned.classifier.pth"})
+    assert cfg.flat_classifier == "/m/tuned.classifier.pth" and cfg.head.hidden == 0
+    assert preset_with_flags("cpu", {"flat_classifier": "/x", "hidden": 0}).head.hidden == 0
+    assert PRESETS["cpu"].flat_classifier is None and preset_with_flags("cpu", {}).head.hidden == PRESETS["cpu"].head.hidden
+    with pytest.raises(UserError, match="drop --hidden 64"):
+        preset_with_flags("cpu", {"flat_classifier": "/x", "hidden": 64})
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_train_py_builds_the_config_from_preset_and_flags():

@@ -97,6 +97,39 @@ def test_tune_tail_learns_what_the_frozen_tail_does_not_see():
     assert tailtune.pooled(t, maps[te], [0, 1, 2]).shape == (15, 3, 1280)
 
 
+def test_the_averaged_classifier_averages_the_members_logits():
+    gen = torch.Generator().manual_seed(0)
+    members = [(torch.randn(3, 5, generator=gen), torch.randn(3, generator=gen)),
+               (torch.randn(3, 2, generator=gen), torch.randn(3, generator=gen))]
+    weight, bias = tailtune.averaged_classifier(members)
+    f1, f2 = torch.randn(4, 5, generator=gen), torch.randn(4, 2, generator=gen)
+    expected = ((f1 @ members[0][0].T + members[0][1]) + (f2 @ members[1][0].T + members[1][1])) / 2
+    assert weight.shape == (3, 7) and torch.allclose(torch.cat([f1, f2], 1) @ weight.T + bias, expected, atol=1e-5)
+    one = tailtune.averaged_classifier(members[:1])
+    assert torch.equal(one[0], members[0][0]) and torch.equal(one[1], members[0][1])
+
+
+def test_a_classifier_file_loads_safely_or_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "t.classifier.pth"
+    tailtune.save_classifier(path, torch.ones(2, 3), torch.zeros(2), ["a", "b"], "efficientnet-lite0", 64, "abc")
+    doc = tailtune.load_classifier(path)
+    assert doc["classes"] == ["a", "b"] and doc["weights_fingerprint"] == "abc" and doc["image_size"] == 64
+    torch.save({**doc, "classes": ["a"]}, tmp_path / "short.pth")
+    torch.save({"weight": torch.ones(2, 3)}, tmp_path / "other.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a file torch wrote")
+
+    class Code:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    torch.save({"format": tailtune.CLASSIFIER_FORMAT, "x": Code()}, tmp_path / "code.pth")
+    for name, message in (("short.pth", "do not fit together"), ("other.pth", "not a classifier file"),
+                          ("junk.pth", "not a classifier file"), ("code.pth", "not a classifier file"),
+                          ("missing.pth", "not found")):
+        with pytest.raises(UserError, match=message):
+            tailtune.load_classifier(tmp_path / name)
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     base = tmp_path_factory.mktemp("tailtune")
@@ -114,8 +147,14 @@ def test_tune_backbone_cli_writes_weights_that_train_py_uses(prepared):
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["backbone"] == "efficientnet-lite0" and summary["image_size"] == 64 and summary["tune"]["blocks"] == 1
     assert summary["train_images"] > 0 and 0 <= summary["val_accuracy"] <= 1 and summary["classes"] == 4
+    assert 0 <= summary["val_accuracy_classifier"] <= 1 and f"-> {tailtune.classifier_path(out)}" in proc.stdout
     sd = load_state_dict_file(out)
     tuned = state_fingerprint(sd)
+    clf = tailtune.load_classifier(tailtune.classifier_path(out))  # the flat head of train.py --flat-classifier
+    assert tailtune.classifier_path(out).name == "lite0.classifier.pth" and f"--flat-classifier {tailtune.classifier_path(out)}" in proc.stdout
+    doc = json.loads((prepared / "split" / "hierarchy.json").read_text())
+    assert clf["classes"] == doc["flat"]["classes"] and clf["weight"].shape == (4, 1280) and clf["bias"].shape == (4,)
+    assert clf["weights_fingerprint"] == tuned == create_backbone("efficientnet-lite0", weights=out, image_size=64).weights_fingerprint
     imagenet = create_backbone("efficientnet-lite0", image_size=64).trunks()[0].state_dict()
     changed = {k for k in sd if not torch.equal(sd[k], imagenet[k])}
     assert changed and all(k.startswith(("_blocks.15.", "_conv_head.", "_bn1.")) for k in changed)
@@ -133,6 +172,8 @@ def test_tune_backbone_cli_writes_weights_that_train_py_uses(prepared):
     assert state_fingerprint(load_state_dict_file(out)) == tuned  # the same weights: tuning is deterministic
     out.write_bytes(b"damaged")  # a file that no longer holds what its summary says is tuned again
     assert "kept" not in run([*cmd, "--epochs", 2], cwd="/").stdout
+    tailtune.classifier_path(out).unlink()  # so is one without its classifier
+    assert "kept" not in run([*cmd, "--epochs", 2], cwd="/").stdout and tailtune.classifier_path(out).is_file()
     models = prepared / "models"
     run([sys.executable, str(REPO / "src" / "train.py"), "-d", "parent", "--data-dir", prepared / "split", "--output-dir",
          models, "--cache-dir", cache, "--backbone", "efficientnet-lite0", "--image-size", 64, "--weights", out,
@@ -189,6 +230,9 @@ def test_tune_backbone_cli_tunes_every_member_of_a_composite(prepared):
     assert any(k.startswith("0._blocks.20.") for k in changed) and any(k.startswith("1._blocks.15.") for k in changed)
     tuned = create_backbone(name, weights=out, image_size=64)
     assert summary["weights_fingerprint"] == state_fingerprint(sd)
+    clf = tailtune.load_classifier(tailtune.classifier_path(out))  # the members' classifiers, one linear layer
+    assert clf["weight"].shape == (4, 1280 + 1280) and clf["weights_fingerprint"] == tuned.weights_fingerprint
+    assert 0 <= summary["val_accuracy_classifier"] <= 1
     models = prepared / "models-both"
     run([sys.executable, str(REPO / "src" / "train.py"), "-d", "parent", "--data-dir", prepared / "split", "--output-dir",
          models, "--cache-dir", cache, "--backbone", name, "--image-size", 64, "--weights", out, "--epochs", 2,
@@ -216,14 +260,16 @@ def test_tune_backbone_cli_needs_a_prepared_tree(tmp_path):
 @pytest.mark.slow
 def test_train_lcpn_tunes_the_recipes_composite_and_predicts_with_it(prepared):
     """train_lcpn.sh --tune-backbone A+B: both members tuned, every node trained on the tuned composite,
-    exported, and predict.py (onnx and torch runtimes) runs the tuned composite."""
+    the flat head is the members' tuned classifiers averaged, exported, and predict.py (onnx and torch
+    runtimes, every decision) runs the tuned composite."""
     import os
 
+    from hiernet.artifacts import read_checkpoint
     from hiernet.predictor import HierarchicalPredictor
 
     name = "efficientnet-lite1+efficientnet-lite0"
     models = prepared / "models-recipe"
-    env = dict(os.environ, PYTHON=sys.executable, NO_FLAT="1")
+    env = dict(os.environ, PYTHON=sys.executable)
     run(["bash", str(REPO / "src" / "train_lcpn.sh"), "--data-dir", prepared / "split", "--output-dir", models,
          "--tune-backbone", name, "--image-size", 64, "--epochs", 2, "--views", 1, "--cache-dir", prepared / "cache", "-q"],
         cwd="/", env=env)
@@ -236,3 +282,17 @@ def test_train_lcpn_tunes_the_recipes_composite_and_predicts_with_it(prepared):
     torch_ = HierarchicalPredictor.load(models, runtime="torch", precision="auto").predict_paths(imgs)
     for a, b in zip(onnx_, torch_):  # the export carries the tuned composite; the torch runtime loads its file
         assert a.complete and a.node_ids == b.node_ids and np.max(np.abs(np.array(a.probs) - np.array(b.probs))) < 1e-4
+    flat = read_checkpoint(models / "flat" / "model.pth")
+    clf = tailtune.load_classifier(models / "tuned_backbone.classifier.pth")
+    assert flat["config"]["train"]["flat_classifier"] == str(models / "tuned_backbone.classifier.pth")
+    assert flat["config"]["head"]["hidden"] == 0 and json.loads((models / "flat" / "metrics.json").read_text())["epochs_run"] == 0
+    head = flat["state_dict"]["head"]  # the classifier with the standardiser folded in
+    assert torch.allclose(head["net.1.weight"], clf["weight"] * head["std"], atol=1e-5)
+    for decision in ("flat", "combined"):
+        preds = HierarchicalPredictor.load(models, runtime="onnx", precision="fp32", decision=decision).predict_paths(imgs)
+        assert all(p.complete for p in preds)
+    # TRAIN_FLAT_HEAD=1 trains the flat head on the tuned features instead (the tuning itself is kept)
+    out = run(["bash", str(REPO / "src" / "train_lcpn.sh"), "--data-dir", prepared / "split", "--output-dir", models,
+               "--tune-backbone", name, "--image-size", 64, "--epochs", 2, "--views", 1, "--cache-dir", prepared / "cache",
+               "-q"], cwd="/", env=dict(env, TRAIN_FLAT_HEAD="1", NO_EXPORT="1")).stdout
+    assert "kept" in out and read_checkpoint(models / "flat" / "model.pth")["config"]["train"]["flat_classifier"] is None

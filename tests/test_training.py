@@ -116,3 +116,45 @@ def test_heads_standardise_with_the_pinned_statistics_of_the_whole_tree(prepared
     assert np.allclose(fresh, _head_mean(models, "round"), atol=1e-6)
     (entry,) = json.loads((models / TREE_STATS).read_text())["stats"].values()
     assert np.allclose(entry["mean"], fresh, atol=1e-6)
+
+
+def test_a_tuned_classifier_is_the_flat_head_as_it_is(prepared, tmp_path):
+    """--flat-classifier: the flat head computes the tuned classifier's logits on the raw features (its
+    standardiser folded in), only the temperature is fitted; a classifier of other leaves or of other
+    backbone weights, or for another node, is refused in one line."""
+    from hiernet.artifacts import read_checkpoint
+    from hiernet.backbones import create_backbone
+    from hiernet.models import build_head
+    from hiernet.safeio import UserError
+    from hiernet.tailtune import save_classifier
+
+    classes = json.loads((prepared / "hierarchy.json").read_text())["flat"]["classes"]
+    fingerprint = create_backbone("efficientnet-lite0", image_size=64).weights_fingerprint
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(len(classes), 1280, generator=gen) * 0.05, torch.randn(len(classes), generator=gen)
+    clf = tmp_path / "tuned.classifier.pth"
+    save_classifier(clf, weight, bias, classes, "efficientnet-lite0", 64, fingerprint)
+    cfg = TrainConfig().override({"backbone": "efficientnet-lite0", "image_size": 64, "views": 1, "precision": "fp32",
+                                  "hidden": 0, "flat_classifier": str(clf)})
+    models, cache = tmp_path / "models", tmp_path / "cache"
+    summary = train_node(cfg, "flat", prepared, models, cache_dir=cache, progress=False)
+    assert summary["epochs_run"] == 0 and summary["calibration"] is not None
+    ck = read_checkpoint(models / "flat" / "model.pth")
+    assert ck["config"]["head"]["hidden"] == 0 and ck["config"]["train"]["flat_classifier"] == str(clf)
+    head = build_head(ck["config"]["head"])
+    head.load_state_dict(ck["state_dict"]["head"])
+    head.eval()
+    assert not torch.allclose(head.std, torch.ones_like(head.std))  # a real standardiser, folded in
+    x = torch.rand(5, 1280) * 3
+    with torch.no_grad():
+        assert torch.allclose(head(x) * head.temperature, x @ weight.T + bias, atol=1e-3)
+    assert "the tuned classifier" in (models / "flat" / "performance.txt").read_text()
+    for bad, message in (((list(reversed(classes)), fingerprint), "other leaves"),
+                         ((classes, "0123456789abcdef"), "other backbone weights")):
+        save_classifier(tmp_path / "bad.pth", weight, bias, bad[0], "efficientnet-lite0", 64, bad[1])
+        with pytest.raises(UserError, match=message):
+            train_node(cfg.override({"flat_classifier": str(tmp_path / "bad.pth")}), "flat", prepared, tmp_path / "m2",
+                       cache_dir=cache, progress=False)
+    with pytest.raises(UserError, match="-d flat, not -d round"):
+        train_node(cfg, "round", prepared, tmp_path / "m3", cache_dir=cache, progress=False)
+    assert not (tmp_path / "m2" / "flat").exists() and not (tmp_path / "m3" / "round").exists()

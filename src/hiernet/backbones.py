@@ -253,12 +253,17 @@ def create_backbone(
     member_weights = [weights] if not spec.parts else composite_weights(weights, spec)
     trunks = [part.build(pretrained, w, size) for part, w in zip(spec.members(), member_weights)]
     model = FeatureExtractor(trunks, spec, size).eval()
-    prints = [state_fingerprint(t.net.state_dict()) if t.loaded else "random" for t in trunks]
-    if len(prints) == 1 or "random" in prints:
-        model.weights_fingerprint = prints[0] if len(prints) == 1 else "random"
-    else:
-        model.weights_fingerprint = hashlib.sha256("+".join(prints).encode()).hexdigest()[:16]
+    model.weights_fingerprint = joint_fingerprint([state_fingerprint(t.net.state_dict()) if t.loaded else "random"
+                                                   for t in trunks])
     return model
+
+
+def joint_fingerprint(prints: list[str]) -> str:
+    """A backbone's ``weights_fingerprint`` from its members' :func:`state_fingerprint` (in member order):
+    a single backbone's own; a composite's, a hash of them (``"random"`` when any member is random)."""
+    if len(prints) == 1 or "random" in prints:
+        return prints[0] if len(prints) == 1 else "random"
+    return hashlib.sha256("+".join(prints).encode()).hexdigest()[:16]
 
 
 def _pool_efficientnet(net: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -118,6 +118,10 @@ class TrainConfig:
         The backbone that computes the cached features: ``int8`` = onnxruntime's statically quantised
         backbone (CPU), ``auto`` = int8 where it runs (frozen features on a CPU), else fp32. A trained node records the resolved value (``fp32`` or
         ``int8``); prediction uses the same by default.
+    flat_classifier : str or None
+        Frozen mode, the flat baseline only: a tuned classifier file (``tune_backbone.py`` writes one beside
+        the tuned weights, :func:`hiernet.tailtune.save_classifier`) that is the flat head as it is (a
+        linear head, ``head.hidden`` 0) instead of a head trained here; its temperature is still fitted.
     """
 
     preset: str = "cpu"
@@ -131,6 +135,7 @@ class TrainConfig:
     onnx: bool = True
     weights: str | None = None
     precision: str = "auto"
+    flat_classifier: str | None = None
     head: HeadConfig = field(default_factory=HeadConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -193,6 +198,7 @@ def _known(cls, data: dict, skip: tuple = ()) -> dict:
 FLAG_FIELDS: dict[str, str] = {
     "backbone": "backbone", "image_size": "image_size", "mode": "mode", "resize": "resize", "views": "views",
     "tta": "tta", "calibrate": "calibrate", "onnx": "onnx", "weights": "weights", "precision": "precision",
+    "flat_classifier": "flat_classifier",
     "hidden": "head.hidden", "dropout": "head.dropout", "fine_labels": "head.fine_labels",
     "standardize": "head.standardize",
     "epochs": "fit.epochs", "batch_size": "fit.batch_size", "lr": "fit.lr", "weight_decay": "fit.weight_decay",
@@ -228,6 +234,10 @@ def preset_with_flags(preset: str, flags: dict) -> TrainConfig:
     given = {k: v for k, v in flags.items() if v is not None}
     if "image_size" not in given and given.get("backbone", base.backbone) != base.backbone:
         given["image_size"] = None
+    if given.get("flat_classifier"):  # a tuned classifier is a linear head
+        if given.get("hidden"):
+            raise UserError(f"--flat-classifier is a linear head; drop --hidden {given['hidden']}")
+        given["hidden"] = 0
     return base.override(given)
 
 

@@ -61,14 +61,22 @@ def node_fingerprint(doc: dict, ds: str, cfg: TrainConfig) -> str:
     recipe = {k: v for k, v in cfg.to_dict().items() if k != "preset"}
     if recipe.get("precision") in ("auto", "fp32"):  # fp32 (the default) hashes as before precision existed
         del recipe["precision"]
-    weights = Path(cfg.weights) if cfg.weights else None
+    if recipe.get("flat_classifier") is None:  # as before the option existed
+        recipe.pop("flat_classifier", None)
+    else:
+        recipe["flat_classifier_sha256"] = _file_sha(cfg.flat_classifier)
     src = {"version": FINGERPRINT_VERSION, "transform": TRANSFORM_VERSION, "recipe": recipe,
-           "weights_sha256": sha256_file(weights) if weights and weights.is_file() else None,
+           "weights_sha256": _file_sha(cfg.weights),
            "node": nid, "classes": list(info["classes"]), "class_nodes": list(info["class_nodes"]),
            "fine": fine[0] if fine else None, "split": split_identity(doc), "images": sorted(items)}
     if fine and any(label in partial_nodes for _, _, label in items):
         src["set_targets"] = True  # partial labels train its leaf outputs (before: its children instead)
     return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _file_sha(path: str | None) -> str | None:
+    """The SHA-256 of the file ``path`` names (``None``: no path, or no such file)."""
+    return sha256_file(Path(path)) if path and Path(path).is_file() else None
 
 
 def trained_fingerprint(models_dir: Path, ds: str) -> str | None:

@@ -124,6 +124,22 @@ class Head(nn.Module):
         counts = np.maximum(np.bincount(labels, minlength=last.out_features), 1.0)
         last.bias.copy_(torch.as_tensor((1.0 - tau) * np.log(counts / counts.sum()), dtype=last.bias.dtype))
 
+    @torch.no_grad()
+    def load_linear(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Make a linear head (``hidden`` 0, no ``group``) compute ``weight @ x + bias`` on raw features.
+
+        ``weight`` ``(C, D)`` and ``bias`` ``(C,)`` act on unstandardised features (a classifier trained
+        elsewhere); the fitted standardiser is folded in: ``W' = W * std``, ``b' = b + W @ mean``.
+        """
+        last = self.net[-1]
+        if len(self.net) != 2 or self.group is not None:
+            raise ValueError("load_linear needs a linear head (hidden 0) without fine outputs")
+        weight, bias = weight.to(last.weight), bias.to(last.bias)
+        if weight.shape != last.weight.shape or bias.shape != last.bias.shape:
+            raise ValueError(f"a classifier of shape {tuple(weight.shape)} for a head of shape {tuple(last.weight.shape)}")
+        last.weight.copy_(weight * self.std)
+        last.bias.copy_(bias + weight @ self.mean)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in float32 even under autocast: fp16 softmax sums underflow to 0 in log(... @ group) (-inf logits)
         with _no_autocast(x.device.type):

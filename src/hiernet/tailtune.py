@@ -13,6 +13,11 @@ A ``+`` composite (the default recipe's two networks) is tuned member by member 
 each member's own trunk maps, tail and classifier); its weights file is the composite's ``net.state_dict()``
 (member ``i`` under ``"i."``), which ``create_backbone(weights=...)`` splits again.
 
+Each member's tuned linear classifier is kept too: averaged over the members (their logits, one linear
+layer over the concatenated features) it is the **tuned classifier** (:func:`averaged_classifier`), saved
+beside the weights (:func:`save_classifier`) for ``train.py -d flat --flat-classifier`` to use as the flat
+head (by cross-validation it beats the heads trained on the tuned features afterwards).
+
 Only the tree's training split is read; the validation split scores the tuned linear classifier(s).
 """
 
@@ -263,11 +268,92 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
 
 def tuned_probs(tail, cls, maps) -> np.ndarray:
     """Class probabilities ``(N, C)`` of maps ``(N, V >= 2, C, h, w)``: the eval view and its mirror averaged."""
+    return _mirror_probs(tuned_logits(tail, cls, maps))
+
+
+def tuned_logits(tail, cls, maps) -> np.ndarray:
+    """The classifier's logits ``(N, 2, C)`` of maps ``(N, V >= 2, C, h, w)``: the eval view and its mirror."""
     import torch
 
     feats = torch.from_numpy(pooled(tail, maps, [0, 1]))
     with torch.inference_mode():
-        return ((cls(feats[:, 0]).softmax(1) + cls(feats[:, 1]).softmax(1)) / 2).numpy()
+        return torch.stack([cls(feats[:, 0]), cls(feats[:, 1])], 1).numpy()
+
+
+def _mirror_probs(logits: np.ndarray) -> np.ndarray:
+    """``(N, 2, C)`` logits of a view and its mirror → their softmax probabilities averaged ``(N, C)``."""
+    z = logits - logits.max(-1, keepdims=True)
+    p = np.exp(z)
+    return (p / p.sum(-1, keepdims=True)).mean(1)
+
+
+# ----------------------------------------------------------------------------------- the tuned classifier
+#: What :func:`save_classifier` writes and :func:`load_classifier` accepts (``format`` of the file).
+CLASSIFIER_FORMAT = "hiernet-linear-classifier"
+
+
+def averaged_classifier(members: list) -> tuple:
+    """One linear layer over the concatenated features that averages the members' logits.
+
+    Parameters
+    ----------
+    members : list of (torch.Tensor, torch.Tensor)
+        Member ``i``'s classifier: weight ``(C, D_i)`` and bias ``(C,)``, in the composite's member order.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        Weight ``(C, sum D_i)`` and bias ``(C,)``: ``W [f_1, ..., f_n] + b = mean_i (W_i f_i + b_i)``.
+    """
+    import torch
+
+    n = len(members)
+    weight = torch.cat([w.detach().float() for w, _ in members], 1) / n
+    bias = torch.stack([b.detach().float() for _, b in members]).mean(0)
+    return weight, bias
+
+
+def save_classifier(path: Path, weight, bias, classes: list, backbone: str, image_size: int,
+                    weights_fingerprint: str) -> None:
+    """Write the tuned classifier (plain tensors, strings and ints: it loads with ``weights_only=True``),
+    via a temporary file. ``weights_fingerprint`` is the tuned backbone's (``create_backbone(...)
+    .weights_fingerprint``): the classifier is only right on that backbone's features."""
+    import torch
+
+    from .safeio import atomic_path
+
+    with atomic_path(Path(path)) as tmp:
+        torch.save({"format": CLASSIFIER_FORMAT, "version": 1, "classes": list(classes),
+                    "weight": weight.detach().cpu().contiguous(), "bias": bias.detach().cpu().contiguous(),
+                    "backbone": backbone, "image_size": int(image_size),
+                    "weights_fingerprint": str(weights_fingerprint)}, tmp)
+
+
+def load_classifier(path: str | Path) -> dict:
+    """Read a :func:`save_classifier` file (``torch.load(weights_only=True)``) and check its shape.
+
+    Raises
+    ------
+    UserError
+        Missing, not such a file, or inconsistent: one line saying what to run.
+    """
+    import torch
+
+    path = Path(path)
+    fix = "write it with: python3 src/tune_backbone.py (or train_lcpn.sh --tune-backbone NAME)"
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"classifier file {path} not found; {fix}") from None
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch's own errors alike
+        raise UserError(f"{path} is not a classifier file tune_backbone.py wrote ({type(exc).__name__}); {fix}") from None
+    if not isinstance(doc, dict) or doc.get("format") != CLASSIFIER_FORMAT:
+        raise UserError(f"{path} is not a classifier file tune_backbone.py wrote; {fix}")
+    w, b, classes = doc.get("weight"), doc.get("bias"), doc.get("classes")
+    if (not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor) or w.dim() != 2 or b.shape != (w.shape[0],)
+            or not isinstance(classes, list) or len(classes) != w.shape[0]):
+        raise UserError(f"{path}: the classifier's weight, bias and classes do not fit together; {fix}")
+    return doc
 
 
 # ----------------------------------------------------------------------------------- the whole step
@@ -284,9 +370,15 @@ def tuning_key(doc: dict, backbone, resize: str, cfg: TuneConfig) -> str:
                         "train": train})
 
 
+def classifier_path(out: Path) -> Path:
+    """Where the tuned classifier of the weights file ``out`` goes: ``<out stem>.classifier.pth`` beside it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.classifier.pth")
+
+
 def current_tuning(out: Path, key: str) -> dict | None:
     """The summary beside the weights file ``out`` (``out.json``) when it was tuned with ``key`` and the
-    file still holds those weights; else ``None``."""
+    file still holds those weights, with its tuned classifier (:func:`classifier_path`); else ``None``."""
     import json
 
     from .backbones import load_state_dict_file, state_fingerprint
@@ -299,6 +391,7 @@ def current_tuning(out: Path, key: str) -> dict | None:
         return None
     try:
         same = state_fingerprint(load_state_dict_file(out)) == summary.get("weights_fingerprint")
+        same = same and load_classifier(classifier_path(out))["weights_fingerprint"] == summary.get("backbone_fingerprint")
     except UserError:
         return None
     return summary if same else None
@@ -306,7 +399,7 @@ def current_tuning(out: Path, key: str) -> dict | None:
 
 def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cfg: TuneConfig, cache_dir: Path | None,
                   resize: str = "crop", weights: str | None = None, progress: bool = True,
-                  keep: Path | None = None) -> tuple[dict | None, dict]:
+                  keep: Path | None = None) -> tuple[dict | None, dict | None, dict]:
     """Tune ``cfg.blocks`` last blocks of ``backbone_name`` on the prepared tree's training images (flat
     leaves as classes). A ``+`` composite has the last blocks of every member tuned, each on its own maps
     with its own linear classifier (:func:`tune_member`).
@@ -319,56 +412,64 @@ def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cf
 
     Returns
     -------
-    (dict or None, dict)
+    (dict or None, dict or None, dict)
         The tuned backbone's ``state_dict`` (a composite's: its ``net.state_dict()``, member ``i`` under
-        ``"i."``, what ``create_backbone(weights=...)`` loads) and a summary: its :func:`tuning_key`
-        (``key``), backbone, image size, config, images, classes, validation accuracy of the tuned linear
-        classifier(s) (eval view + mirror; a composite's members' probabilities averaged; ``None`` without
-        a validation split), the tuned weights' fingerprint and seconds.
+        ``"i."``, what ``create_backbone(weights=...)`` loads); the tuned classifier ``{"weight" (C, D),
+        "bias" (C,), "classes", "weights_fingerprint"}`` (:func:`averaged_classifier`; the fingerprint
+        is the tuned backbone's ``weights_fingerprint``); and a summary: its :func:`tuning_key` (``key``),
+        backbone, image size, config, images, classes, validation leaf accuracy (eval view + mirror;
+        ``None`` without a validation split) of the members' probabilities averaged (``val_accuracy``) and
+        of the tuned classifier (``val_accuracy_classifier``), the weights' fingerprints and seconds.
     """
     import torch
 
-    from .backbones import create_backbone, state_fingerprint
+    from .backbones import create_backbone, joint_fingerprint, state_fingerprint
 
     t0 = time.time()
     doc, classes, train, val = _flat_splits(Path(data_dir))
     backbone = create_backbone(backbone_name, weights=weights, image_size=image_size)
     key = tuning_key(doc, backbone, resize, cfg)
     if keep is not None and (earlier := current_tuning(keep, key)) is not None:
-        return None, earlier
+        return None, None, earlier
     spec = backbone.spec
     members = [backbone] if not spec.parts else [  # each member from the composite's loaded weights
         create_backbone(part.name, weights=trunk.state_dict(), image_size=backbone.image_size)
         for part, trunk in zip(spec.members(), backbone.trunks())]
-    sds, val_probs, val_ok, n_train = [], [], np.ones(len(val), bool), 0
+    tuned = []
     for member in members:
         torch.manual_seed(cfg.seed)
-        sd, probs, vok, n_train = tune_member(member, train, val, len(classes), cfg, resize, cache_dir, progress)
-        sds.append(sd)
-        val_probs.append(probs)
-        val_ok &= vok
+        tuned.append(tune_member(member, train, val, len(classes), cfg, resize, cache_dir, progress))
+    sds = [t["state_dict"] for t in tuned]
     sd = sds[0] if not spec.parts else {f"{i}.{k}": v for i, member_sd in enumerate(sds) for k, v in member_sd.items()}
-    val_acc = None
+    weight, bias = averaged_classifier([(t["weight"], t["bias"]) for t in tuned])
+    fingerprint = joint_fingerprint([state_fingerprint(s) for s in sds])
+    classifier = {"weight": weight, "bias": bias, "classes": list(classes), "weights_fingerprint": fingerprint}
+    val_acc = val_acc_clf = None
+    val_ok = np.logical_and.reduce([t["val_ok"] for t in tuned])
     if val and val_ok.any():
-        vy = np.array([c for _, c in val])
-        val_acc = float(np.mean(np.mean(val_probs, 0).argmax(1)[val_ok] == vy[val_ok]))
+        vy = np.array([c for _, c in val])[val_ok]
+        logits = [t["val_logits"][val_ok] for t in tuned]  # (V, 2, C) each
+        val_acc = float(np.mean(np.mean([_mirror_probs(z) for z in logits], 0).argmax(1) == vy))
+        val_acc_clf = float(np.mean(_mirror_probs(np.mean(logits, 0)).argmax(1) == vy))
     summary = {"key": key, "backbone": backbone_name, "image_size": backbone.image_size, "resize": resize,
-               "tune": cfg.to_dict(), "base_weights": backbone.weights_fingerprint, "train_images": n_train,
+               "tune": cfg.to_dict(), "base_weights": backbone.weights_fingerprint, "train_images": tuned[0]["n_train"],
                "classes": len(classes), "val_images": len(val), "val_accuracy": val_acc,
-               "weights_fingerprint": state_fingerprint(sd), "seconds": round(time.time() - t0, 1)}
-    return sd, summary
+               "val_accuracy_classifier": val_acc_clf, "weights_fingerprint": state_fingerprint(sd),
+               "backbone_fingerprint": fingerprint, "seconds": round(time.time() - t0, 1)}
+    return sd, classifier, summary
 
 
 def tune_member(backbone, train: list, val: list, n_classes: int, cfg: TuneConfig, resize: str,
-                cache_dir: Path | None, progress: bool = True) -> tuple[dict, np.ndarray | None, np.ndarray, int]:
+                cache_dir: Path | None, progress: bool = True) -> dict:
     """Tune the last ``cfg.blocks`` blocks of one (single) backbone on ``train`` ``[(path, class), ...]``.
 
     Returns
     -------
-    (dict, numpy.ndarray or None, numpy.ndarray, int)
-        The tuned ``state_dict`` (:func:`tuned_state_dict`), the tuned linear classifier's probabilities
-        ``(len(val), n_classes)`` on the validation images (eval view + mirror; ``None`` without ``val``),
-        a bool mask ``(len(val),)`` of the validation images that decoded, and how many training images did.
+    dict
+        ``state_dict``: the tuned backbone's (:func:`tuned_state_dict`); ``weight`` ``(C, D)`` and ``bias``
+        ``(C,)``: its tuned linear classifier; ``val_logits``: the classifier's logits ``(len(val), 2, C)``
+        on the validation images' eval view and mirror (``None`` without ``val``); ``val_ok``: a bool mask
+        ``(len(val),)`` of the validation images that decoded; ``n_train``: how many training images did.
     """
     _, tail = split_backbone(backbone, cfg.blocks)
     log.info("tuning the last %d block(s) of %s @ %d px on %d training images, %d leaves", cfg.blocks,
@@ -379,11 +480,13 @@ def tune_member(backbone, train: list, val: list, n_classes: int, cfg: TuneConfi
     tail, cls = tune_tail(tail, maps[ok], y[ok], n_classes, cfg.epochs, cfg.seed, cfg.lr, cfg.batch_size,
                           cfg.label_smoothing, progress)
     del maps
-    probs, vok = None, np.zeros(len(val), bool)
+    logits, vok = None, np.zeros(len(val), bool)
     if val:
         vmaps, vok = trunk_maps([p for p, _ in val], backbone, cfg.blocks, resize, 0, cfg.seed, cache_dir, progress)
-        probs = tuned_probs(tail, cls, vmaps)
-    return tuned_state_dict(backbone, tail), probs, vok, int(ok.sum())
+        logits = tuned_logits(tail, cls, vmaps)
+    linear = cls[-1]
+    return {"state_dict": tuned_state_dict(backbone, tail), "weight": linear.weight.detach().clone(),
+            "bias": linear.bias.detach().clone(), "val_logits": logits, "val_ok": vok, "n_train": int(ok.sum())}
 
 
 def _flat_splits(data_dir: Path) -> tuple[dict, list, list, list]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,6 +348,48 @@ def fit_head(model: torch.nn.Module, head: Head, train_set: Dataset, val_set: Da
     return result
 
 
+def flat_classifier(cfg: TrainConfig, ds: str, classes: list, backbone: FeatureExtractor) -> dict:
+    """The tuned classifier ``cfg.flat_classifier`` (:func:`hiernet.tailtune.load_classifier`), checked against
+    what it will be the head of: the flat baseline (``ds``), frozen mode, a linear head, the same leaves
+    ``classes`` in the same order, and features of the backbone it was tuned with.
+
+    Raises
+    ------
+    UserError
+        One line saying which of these does not hold and what to run.
+    """
+    from .tailtune import load_classifier
+
+    path = cfg.flat_classifier
+    if ds != FLAT_DATASET:
+        raise UserError(f"--flat-classifier is the flat baseline's head; use it with -d {FLAT_DATASET}, not -d {ds}")
+    if not cfg.frozen or cfg.head.hidden:
+        raise UserError("--flat-classifier is a linear head on frozen features; drop --mode finetune and --hidden")
+    clf = load_classifier(path)
+    again = "tune again on this tree: python3 src/tune_backbone.py (or train_lcpn.sh --tune-backbone NAME)"
+    if clf["classes"] != list(classes):
+        raise UserError(f"{path} classifies other leaves ({len(clf['classes'])}) than this tree's flat dataset "
+                        f"({len(classes)}); {again}")
+    if clf["weight"].shape[1] != backbone.spec.feature_dim or clf["weights_fingerprint"] != backbone.weights_fingerprint:
+        raise UserError(f"{path} was tuned with other backbone weights than {cfg.backbone} with --weights "
+                        f"{cfg.weights or '(ImageNet)'}; pass the classifier file written beside those weights, or {again}")
+    return clf
+
+
+def classifier_head(head: Head, clf: dict, inputs: NodeInputs) -> FitResult:
+    """Make ``head`` (its standardiser fitted) the tuned classifier ``clf`` (:func:`flat_classifier`): nothing
+    is trained. The result has no epochs; its validation loss is the classifier's on the validation split."""
+    head.load_linear(clf["weight"], clf["bias"])
+    head.aggregate = True
+    loss = math.inf
+    if inputs.val_x is not None and len(inputs.val_children):
+        with torch.no_grad():
+            loss = float(torch.nn.functional.cross_entropy(head.eval()(torch.from_numpy(inputs.val_x)),
+                                                           torch.from_numpy(inputs.val_children).long()))
+    log.info("flat head: the tuned classifier, not trained here (validation loss %.4f)", loss)
+    return FitResult(history=[], best_epoch=0, best_val_loss=loss)
+
+
 def calibrate_head(head: Head, val_x: np.ndarray, val_children: np.ndarray, device: str, name: str = "") -> dict | None:
     """Fit the head's temperature on validation features ``(V, D)``; ``None`` with fewer than 2 images."""
     if val_x is None or len(val_children) < 2:
@@ -408,6 +451,7 @@ def train_node(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path, devi
         backbone = create_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size)
     torch.manual_seed(cfg.fit.seed)
     np.random.seed(cfg.fit.seed)
+    clf = flat_classifier(cfg, ds, data.classes, backbone) if cfg.flat_classifier else None
     head = make_head(cfg.head, backbone.spec.feature_dim, len(data.classes), data.group)
     pin = models_dir / INT8_PIN
     inputs = STRATEGIES[cfg.mode](cfg, backbone, head, data, device, cache_dir, progress, None if recalibrate else pin)
@@ -416,8 +460,11 @@ def train_node(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path, devi
     hash_src = {"config": cfg.to_dict(), "classes": data.classes, "n_train": len(inputs.train_set),
                 "size": backbone.image_size, "n_outputs": data.n_outputs,
                 **({"target_sets": data.target_sets} if data.target_sets else {})}
-    result = fit_head(inputs.model, head, inputs.train_set, inputs.val_set, inputs.train_labels, cfg.fit, device, work,
-                      config_hash(hash_src), progress, data.target_sets)
+    if clf is not None:
+        result = classifier_head(head, clf, inputs)
+    else:
+        result = fit_head(inputs.model, head, inputs.train_set, inputs.val_set, inputs.train_labels, cfg.fit, device,
+                          work, config_hash(hash_src), progress, data.target_sets)
     calibration = calibrate_head(head, inputs.val_x, inputs.val_children, device, ds) if cfg.calibrate else None
     probs, y_test = evaluate_node(inputs.model, head, inputs, len(data.classes), cfg.fit, device)
     summary = node_summary(probs, y_test, data.classes, {
@@ -556,7 +603,9 @@ def _performance_text(run: NodeRun, config: dict) -> str:
         f"macro precision: {summary['macro_precision']:.4f}",
         f"macro recall: {summary['macro_recall']:.4f}",
         f"macro F1: {summary['macro_f1']:.4f}",
-        f"best epoch: {result.best_epoch} of {len(result.history)} (val loss {result.best_val_loss:.4f})",
+        (f"head: the tuned classifier {run.cfg.flat_classifier}, not trained here (val loss {result.best_val_loss:.4f})"
+         if run.cfg.flat_classifier else
+         f"best epoch: {result.best_epoch} of {len(result.history)} (val loss {result.best_val_loss:.4f})"),
         _calibration_line(summary),
         "",
         "This is the accuracy of this local classifier on test images of its own classes.",
