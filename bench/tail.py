@@ -159,11 +159,13 @@ def suite_lcpn(hier, views_tr: np.ndarray, leaves_tr: np.ndarray, ev_te: np.ndar
                hidden: int = 1024) -> np.ndarray:
     """The suite: LCPN heads (and the flat head) as train.py trains them (with ``changes``), with mirror
     averaging; ``changes["decision"]`` (see :data:`VARIANTS`) picks how they name the leaf. Variants that
-    differ only in their decision reuse one training per fold (:func:`_trained`)."""
+    differ only in their decision reuse one training per fold (:func:`_trained`). ``changes["flat_probs"]``
+    ``(M, L)`` (columns: ``hier.leaves()``) replaces the flat head's probabilities on ``ev_te``'s ``M`` images."""
     import ablation
 
     changes = dict(changes)
     decision = changes.pop("decision", "lcpn")
+    given_flat = changes.pop("flat_probs", None)  # (M, L) over hier.leaves(): a flat model trained elsewhere
     if decision == "auto":
         decision = choose_on_validation(hier, views_tr, leaves_tr, changes, seed, hidden)
         AUTO_CHOICES.append(decision)
@@ -171,10 +173,13 @@ def suite_lcpn(hier, views_tr: np.ndarray, leaves_tr: np.ndarray, ev_te: np.ndar
         raise ValueError(f"unknown decision {decision!r}")
     if decision in ("flat", "combined"):
         flat_leaves = hier.leaves()
-        flat = _trained("flat", changes, seed, hidden, len(leaves_tr), lambda: ablation.train_head(
-            views_tr, np.array([flat_leaves.index(leaf) for leaf in leaves_tr]), len(flat_leaves), hidden, seed, 0.0,
-            None, changes))
-        flat_p = ablation.probs(flat, ev_te, True)
+        if given_flat is not None:
+            flat_p = np.asarray(given_flat)
+        else:
+            flat = _trained("flat", changes, seed, hidden, len(leaves_tr), lambda: ablation.train_head(
+                views_tr, np.array([flat_leaves.index(leaf) for leaf in leaves_tr]), len(flat_leaves), hidden, seed,
+                0.0, None, changes))
+            flat_p = ablation.probs(flat, ev_te, True)
         if decision == "flat":
             return np.array(flat_leaves, dtype=object)[flat_p.argmax(1)]
     heads = _trained("lcpn", changes, seed, hidden, len(leaves_tr),

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from hiernet.tailtune import pooled, tune_tail as tune, tuned_probs  # noqa: E402  (src/tune_backbone.py's tuning)
+from hiernet.tailtune import mirror_probs, pooled, tune_tail as tune, tuned_logits, tuned_probs  # noqa: E402  (src/tune_backbone.py's tuning)
 
 log = logging.getLogger("tail_tuning")
 BACKBONE = "efficientnet-lite0"
@@ -243,7 +243,10 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     heads (flat, LCPN, combined; ``bench/tail.py``'s ``suite_lcpn``) on the members' pooled features
     concatenated, as train.py would on a composite whose members were tuned first; the frozen rows train
     the same heads on the frozen members' features. The ``linear classifiers`` row averages the members'
-    tuned classifiers' probabilities. Returns out-of-fold predictions ``{row: (N,)}`` and seconds per row.
+    tuned classifiers' probabilities; the ``tuned classifier`` rows average their logits (one linear layer:
+    train.py's flat head with ``--flat-classifier``, its temperature left at 1), alone and times the LCPN
+    heads' path probabilities (the combined decision). Returns out-of-fold predictions ``{row: (N,)}`` and
+    seconds per row.
     """
     from sklearn.model_selection import StratifiedKFold
     import tail as tail_bench
@@ -257,6 +260,9 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     rows = {f"frozen {short}, suite heads ({d})": ("frozen", d) for d in decisions}
     rows[f"{short}, each tuned from its last block, linear classifiers averaged"] = ("tuned", "linear")
     rows.update({f"{short}, each tuned from its last block, then suite heads ({d})": ("tuned", d) for d in decisions})
+    rows[f"{short}, each tuned from its last block, tuned classifier (logits averaged: the flat head)"] = ("tuned", "clf")
+    rows[f"{short}, each tuned from its last block, tuned classifier x suite LCPN heads (combined)"] = ("tuned", "clf-combined")
+    by_leaf = [leaf_ids.index(leaf) for leaf in hier.leaves()]  # the classifier's columns in hier.leaves() order
     preds = {n: np.empty(len(leaves), dtype=object) for n in rows}
     t0 = time.time()
     frozen = np.concatenate([pooled(t, maps, list(range(maps.shape[1]))) for t, maps in zip(frozen_tails, member_maps)], -1)
@@ -269,14 +275,15 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
             if bb == "frozen":
                 views_tr, ev_te = frozen[tr], frozen[te, :2]
             else:
-                probs, feats_tr, feats_te = [], [], []
+                logits, feats_tr, feats_te = [], [], []
                 for m, cut, maps in zip(members, cuts, member_maps):
                     _, t = backbone_parts(image_size, cut, pretrained, m)
                     t, cls = tune(t, maps[tr], y[tr], len(leaf_ids), epochs, seed + fold, lr)
-                    probs.append(tuned_probs(t, cls, maps[te]))
+                    logits.append(tuned_logits(t, cls, maps[te]))  # (n, 2, C): eval view and mirror
                     feats_tr.append(pooled(t, maps[tr], list(range(maps.shape[1]))))
                     feats_te.append(pooled(t, maps[te], [0, 1]))
-                linear = names[np.mean(probs, 0).argmax(1)]
+                linear = names[np.mean([mirror_probs(z) for z in logits], 0).argmax(1)]
+                clf_p = mirror_probs(np.mean(logits, 0))
                 views_tr, ev_te = np.concatenate(feats_tr, -1), np.concatenate(feats_te, -1)
             tuning = time.time() - t0
             tail_bench._TRAINED.clear()  # heads trained on the other features must not be reused
@@ -284,8 +291,15 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                 if row_bb != bb:
                     continue
                 t1 = time.time()
-                pred = linear if what == "linear" else tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te,
-                                                                             {"decision": what}, seed + fold, hidden)
+                if what == "linear":
+                    pred = linear
+                elif what == "clf":
+                    pred = names[clf_p.argmax(1)]
+                elif what == "clf-combined":
+                    pred = tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te,
+                                                 {"decision": "combined", "flat_probs": clf_p[:, by_leaf]}, seed + fold, hidden)
+                else:
+                    pred = tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te, {"decision": what}, seed + fold, hidden)
                 preds[name][te] = pred
                 seconds[name] += tuning + time.time() - t1
                 log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, tuning + time.time() - t1,

@@ -239,6 +239,17 @@ def test_tail_suite_decisions_flat_and_combined(tail, monkeypatch):
     assert len(calls) == 2 and sorted(k[0] for k in tail._TRAINED) == ["flat", "flat", "lcpn", "lcpn"]
     with pytest.raises(ValueError, match="decision"):
         tail.cross_validate(hier, ev, ev, leaves, tail.methods(["bad"], no_peers=True), folds=2, seed=0)
+    # a flat model trained elsewhere (the tuned classifier): its probabilities replace the flat head's
+    tail._TRAINED.clear()
+    sure = np.zeros((len(leaves), len(leaf_ids)), np.float32)
+    sure[:, hier.leaves().index("b/v")] = 1.0  # certain of one leaf whatever the image
+    flat = tail.suite_lcpn(hier, ev, leaves, ev, {**tiny, "decision": "flat", "flat_probs": sure}, 0, 0)
+    assert set(flat) == {"b/v"} and not any(k[0] == "flat" for k in tail._TRAINED)
+    combined = tail.suite_lcpn(hier, ev, leaves, ev, {**tiny, "decision": "combined", "flat_probs": sure}, 0, 0)
+    assert set(combined) == {"b/v"}  # flat x path: a zero flat probability rules every other leaf out
+    even = np.full_like(sure, 1 / len(leaf_ids))  # an indifferent flat model leaves the choice to the LCPN path
+    assert np.mean(tail.suite_lcpn(hier, ev, leaves, ev, {**tiny, "decision": "combined", "flat_probs": even}, 0, 0)
+                   == leaves) > 0.9
 
 
 def test_tail_auto_decision_chooses_on_a_validation_part_and_predicts_with_the_whole_folds_heads(tail, monkeypatch):
@@ -435,15 +446,38 @@ def test_precision_bench_tunes_the_backbone_first_and_trains_on_it(tmp_path):
     data = make_tree(tmp_path / "data", TWO_LEVEL, per_leaf=8)
     run([sys.executable, str(REPO / "prepare_dataset.py"), "-p", data, "-o", tmp_path / "split", "-q"], cwd="/")
     fast = [a for a in FAST if a not in ("--backbone", "efficientnet-lite0", "--image-size", "64")]
-    row = precision.run_precision(tmp_path, "fp32", fast, tune=("efficientnet-lite0", 64))
+    row = precision.run_precision(tmp_path, "fp32", fast, tune=("efficientnet-lite0", 64), with_flat=True)
     assert "error" not in row, row.get("error")
     assert 0 < row["tune_s"] < row["train_s"] and 0 <= row["leaf_accuracy"] <= 1 and row["predict_images"] > 0
     tuned = tmp_path / "fp32" / "models" / "tuned_backbone.pth"
     ck = torch.load(tmp_path / "fp32" / "models" / "parent" / "model.pth", map_location="cpu", weights_only=True)
     assert ck["config"]["backbone"]["weights_file"] == str(tuned) and ck["config"]["backbone"]["image_size"] == 64
-    assert "tuning took" in precision.render({"command": "c", "created": "t", "limit": None, "machine": precision.machine_info(),
-                                              "tune": ["efficientnet-lite0", 64], "datasets": {"d": [row]},
-                                              "prepare_s": {"d": 1.0}})
+    flat = torch.load(tmp_path / "fp32" / "models" / "flat" / "model.pth", map_location="cpu", weights_only=True)
+    assert flat["config"]["train"]["flat_classifier"] == str(tuned.with_name("tuned_backbone.classifier.pth"))
+    # --with-flat: every decision's test scores and the one auto chose on the validation split
+    d = row["decisions"]
+    assert set(d) == {"lcpn", "flat", "combined", "auto", "auto_validation"} and d["lcpn"]["leaf_accuracy"] == row["leaf_accuracy"]
+    assert d["auto"] in ("lcpn", "flat", "combined") and set(d["auto_validation"]) == {"lcpn", "flat", "combined"}
+    assert all(0 <= d[k]["leaf_accuracy"] <= 1 and 0 <= d[k]["macro_f1"] <= 1 for k in ("lcpn", "flat", "combined"))
+    md = precision.render({"command": "c", "created": "t", "limit": None, "machine": precision.machine_info(),
+                           "tune": ["efficientnet-lite0", 64], "datasets": {"d": [row]}, "prepare_s": {"d": 1.0}})
+    assert "tuning took" in md and f"`--decision auto` chose **{d['auto']}**" in md and f"| {d['auto']} (auto) |" in md
+
+
+def test_precision_bench_decision_scores_read_every_decision_of_the_results():
+    precision = _load("precision")
+    res = {"leaf_accuracy": 0.9, "macro_f1": 0.8, "flat": {"leaf_accuracy": 0.91, "macro_f1": 0.82},
+           "combined": {"leaf_accuracy": 0.92, "macro_f1": 0.83},
+           "auto_decision": {"chosen": "combined", "leaf_accuracy": {"lcpn": 0.5, "combined": 0.6, "flat": 0.55}}}
+    d = precision.decision_scores(res)
+    assert d["combined"] == {"leaf_accuracy": 0.92, "macro_f1": 0.83} and d["auto"] == "combined"
+    assert d["auto_validation"]["combined"] == 0.6 and d["lcpn"] == {"leaf_accuracy": 0.9, "macro_f1": 0.8}
+    lines = "\n".join(precision.decision_lines([{"precision": "int8", "decisions": d}]))
+    assert "| combined (auto) | 92.00 % | 0.830 |" in lines and "| lcpn | 90.00 % | 0.800 |" in lines
+    assert "combined 60.00 %" in lines
+    no_flat = precision.decision_scores({"leaf_accuracy": 0.9, "macro_f1": 0.8})  # trained without the flat model
+    assert set(no_flat) == {"lcpn", "auto", "auto_validation"} and no_flat["auto"] == "lcpn"
+    assert precision.decision_lines([{"precision": "fp32"}]) == []
 
 
 def test_tail_tuning_tunes_another_backbone_and_names_its_rows(tuning):
@@ -483,8 +517,11 @@ def test_tail_tuning_composite_tunes_every_member_and_trains_the_heads_on_both(t
         tuned_members.append(m.shape)
         return real_tune(tail, m, *a, **k)
 
+    seen_changes = []
+
     def spy_heads(h, views_tr, leaves_tr, ev_te, changes, seed, hidden):
         seen.append((changes["decision"], views_tr, ev_te))
+        seen_changes.append(changes)
         return real_heads(h, views_tr, leaves_tr, ev_te, changes, seed, hidden)
 
     monkeypatch.setattr(tuning, "tune", spy_tune)
@@ -494,15 +531,22 @@ def test_tail_tuning_composite_tunes_every_member_and_trains_the_heads_on_both(t
                                                      lr=3e-3)
     short = "Lite1+Lite0"
     tuned_rows = [f"{short}, each tuned from its last block, then suite heads ({d})" for d in ("flat", "lcpn", "combined")]
+    clf_rows = [f"{short}, each tuned from its last block, tuned classifier (logits averaged: the flat head)",
+                f"{short}, each tuned from its last block, tuned classifier x suite LCPN heads (combined)"]
     assert list(preds) == [*(f"frozen {short}, suite heads ({d})" for d in ("flat", "lcpn", "combined")),
-                           f"{short}, each tuned from its last block, linear classifiers averaged", *tuned_rows]
+                           f"{short}, each tuned from its last block, linear classifiers averaged", *tuned_rows, *clf_rows]
     assert set(seconds) == set(preds)
     assert len(tuned_members) == 4  # two members in each of two folds
     for name in preds:
         assert all(p in leaf_ids for p in preds[name]), name
-    for name in tuned_rows[::2]:  # the tuned members' features learn the classes
+    for name in tuned_rows[::2] + clf_rows:  # the tuned members' features (and classifiers) learn the classes
         assert np.mean(preds[name] == leaves) >= 0.8, name
-    assert [d for d, _, _ in seen] == ["flat", "lcpn", "combined"] * 4
+    decisions = [d for d, _, _ in seen]
+    assert decisions == (["flat", "lcpn", "combined"] * 2 + ["combined"]) * 2
+    given = [c for c in seen_changes if "flat_probs" in c]  # the combined row with the tuned classifier as flat model
+    assert len(given) == 2 and all(c["flat_probs"].shape == (30, 3) for c in given)
+    assert all(np.allclose(c["flat_probs"].sum(1), 1, atol=1e-5) for c in given)
+    seen = [s for s, c in zip(seen, seen_changes) if "flat_probs" not in c]
     for fold in range(2):
         calls = seen[6 * fold:6 * fold + 6]
         assert all(v.shape == (30, 3, 2560) and e.shape == (30, 2, 2560) for _, v, e in calls)

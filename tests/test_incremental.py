@@ -107,6 +107,28 @@ def test_a_changed_recipe_changes_every_node(grown):
     assert fingerprints(grown["after"], TrainConfig().override({"preset": "renamed"})) == a
 
 
+def test_the_flat_classifier_file_is_part_of_the_flat_recipe(grown, tmp_path, monkeypatch):
+    """A tuned classifier as the flat head: its content (not only its path) is in the fingerprint; without
+    one the fingerprints are those of the versions before the option existed."""
+    clf = tmp_path / "t.classifier.pth"
+    clf.write_bytes(b"one classifier")
+    cfg = TrainConfig().override({"flat_classifier": str(clf), "hidden": 0})
+    one = node_fingerprint(grown["after"], "flat", cfg)
+    assert one != node_fingerprint(grown["after"], "flat", TrainConfig().override({"hidden": 0}))
+    clf.write_bytes(b"another classifier")  # tuned again, same path
+    assert node_fingerprint(grown["after"], "flat", cfg) != one
+    a = fingerprints(grown["after"])
+    to_dict = TrainConfig.to_dict
+
+    def older(self):  # a TrainConfig of the versions before --flat-classifier: no such field
+        d = to_dict(self)
+        del d["flat_classifier"]
+        return d
+
+    monkeypatch.setattr(TrainConfig, "to_dict", older)
+    assert fingerprints(grown["after"]) == a
+
+
 def test_fp32_precision_keeps_the_fingerprints_of_models_trained_before_it_existed(grown, monkeypatch):
     a = fingerprints(grown["after"])  # default recipe: precision "auto", which trains fp32
     assert fingerprints(grown["after"], TrainConfig().override({"precision": "fp32"})) == a  # what train_node records

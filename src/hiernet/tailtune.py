@@ -268,7 +268,7 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
 
 def tuned_probs(tail, cls, maps) -> np.ndarray:
     """Class probabilities ``(N, C)`` of maps ``(N, V >= 2, C, h, w)``: the eval view and its mirror averaged."""
-    return _mirror_probs(tuned_logits(tail, cls, maps))
+    return mirror_probs(tuned_logits(tail, cls, maps))
 
 
 def tuned_logits(tail, cls, maps) -> np.ndarray:
@@ -280,7 +280,7 @@ def tuned_logits(tail, cls, maps) -> np.ndarray:
         return torch.stack([cls(feats[:, 0]), cls(feats[:, 1])], 1).numpy()
 
 
-def _mirror_probs(logits: np.ndarray) -> np.ndarray:
+def mirror_probs(logits: np.ndarray) -> np.ndarray:
     """``(N, 2, C)`` logits of a view and its mirror → their softmax probabilities averaged ``(N, C)``."""
     z = logits - logits.max(-1, keepdims=True)
     p = np.exp(z)
@@ -449,8 +449,8 @@ def tune_backbone(data_dir: Path, backbone_name: str, image_size: int | None, cf
     if val and val_ok.any():
         vy = np.array([c for _, c in val])[val_ok]
         logits = [t["val_logits"][val_ok] for t in tuned]  # (V, 2, C) each
-        val_acc = float(np.mean(np.mean([_mirror_probs(z) for z in logits], 0).argmax(1) == vy))
-        val_acc_clf = float(np.mean(_mirror_probs(np.mean(logits, 0)).argmax(1) == vy))
+        val_acc = float(np.mean(np.mean([mirror_probs(z) for z in logits], 0).argmax(1) == vy))
+        val_acc_clf = float(np.mean(mirror_probs(np.mean(logits, 0)).argmax(1) == vy))
     summary = {"key": key, "backbone": backbone_name, "image_size": backbone.image_size, "resize": resize,
                "tune": cfg.to_dict(), "base_weights": backbone.weights_fingerprint, "train_images": tuned[0]["n_train"],
                "classes": len(classes), "val_images": len(val), "val_accuracy": val_acc,
