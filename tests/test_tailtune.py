@@ -296,3 +296,17 @@ def test_train_lcpn_tunes_the_recipes_composite_and_predicts_with_it(prepared):
                "--tune-backbone", name, "--image-size", 64, "--epochs", 2, "--views", 1, "--cache-dir", prepared / "cache",
                "-q"], cwd="/", env=dict(env, TRAIN_FLAT_HEAD="1", NO_EXPORT="1")).stdout
     assert "kept" in out and read_checkpoint(models / "flat" / "model.pth")["config"]["train"]["flat_classifier"] is None
+
+
+@pytest.mark.parametrize("node, extra, message", [
+    ("flat", [], "not found; write it with: python3 src/tune_backbone.py"),
+    ("parent", [], "use it with -d flat, not -d parent"),
+    ("flat", ["--hidden", "64"], "--flat-classifier is a linear head; drop --hidden 64"),
+])
+def test_train_py_flat_classifier_refuses_in_one_line(prepared, node, extra, message):
+    models = prepared / "models-refused"
+    proc = run([sys.executable, str(REPO / "src" / "train.py"), "-d", node, "--data-dir", prepared / "split",
+                "--output-dir", models, "--cache-dir", prepared / "cache", "--backbone", "efficientnet-lite0",
+                "--image-size", 64, "--flat-classifier", prepared / "missing.classifier.pth", *extra], cwd="/", check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (models / node).exists()
