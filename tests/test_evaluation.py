@@ -365,6 +365,61 @@ def test_predict_and_score_matches_predict_arrays():
     assert pred.predict_and_score([], []) == ([], {})
 
 
+def test_the_combined_decision_takes_the_mirror_where_the_flat_model_doubts_only():
+    """Combined runs every node on every image; a node is unsure about most images not below it, and each
+    would cost a mirror pass. The flat model decides which images get their mirror; every node then averages
+    exactly those. Deferred (predict_iter), inline (predict_arrays) and evaluate's combined agree."""
+    import dataclasses
+
+    from hiernet.predictor import COMBINED_SCORES, MirrorMode
+
+    pred = _numpy_predictor(HIER, all_heads=True)
+    rows_run = []
+    run = pred.backbones["bb0"][0]
+    bundle = dataclasses.replace(pred.bundle, backbones={"bb0": (lambda x: rows_run.append(len(x)) or run(x), 16, "squash")},
+                                 nodes={nid: dataclasses.replace(nm, tta=True) for nid, nm in pred.nodes.items()},
+                                 flat=dataclasses.replace(pred.flat, tta=True))
+    rng = np.random.default_rng(4)
+    inputs = [{(16, "squash"): rng.random((3, 16, 16), dtype=np.float32)} for _ in range(40)]
+    names = [f"img{i}" for i in range(40)]
+    X = np.stack([x[(16, "squash")] for x in inputs])
+    flat_top = _softmax(pred.flat.head(run(X))).max(1)
+    below = float(np.quantile(flat_top, 0.3))  # the flat model doubts about a third of the images
+    flat_doubts = int(np.sum(flat_top < below))
+    assert 0 < flat_doubts < 40
+    mirror = MirrorPolicy(below)
+    combined = HierarchicalPredictor(bundle, dataclasses.replace(pred.options, decision="combined", mirror=mirror))
+    rows_run.clear()
+    inline = combined.predict_arrays(inputs, names)
+    assert rows_run == [40, flat_doubts]  # one pass, then the mirrors of the flat model's doubts only
+    # each node's own doubts would have asked for more mirrors (the cost this avoids)
+    lcpn_all = HierarchicalPredictor(bundle, dataclasses.replace(pred.options, mirror=mirror))
+    rows_run.clear()
+    lcpn_all.predict_and_score(inputs, names, {nid: list(range(40)) for nid in HIER.classifier_nodes()})
+    assert sum(rows_run[1:]) > flat_doubts
+    # by hand: flat probabilities (mirror-averaged where it doubts) x path probabilities with the same images averaged
+    want = flat_top < below
+
+    def probs(head):
+        p = _softmax(head(run(X)))
+        p[want] = (p[want] + _softmax(head(run(X[want][..., ::-1])))) / 2
+        return p
+
+    joint = probs(pred.flat.head) * lcpn_leaf_probs(HIER, {nid: probs(nm.head) for nid, nm in pred.nodes.items()},
+                                                    pred.flat.class_nodes, 40)
+    expected = [pred.flat.class_nodes[j] for j in joint.argmax(1)]
+    assert [p.node for p in inline] == expected
+    first, _, batch = combined._run(inputs, names, MirrorMode.DEFER)  # what predict_iter does first
+    assert batch.unsure.sum() == flat_doubts  # only the flat model's doubts are set aside for their mirrors
+    assert all(p.node == e for p, e, u in zip(first, expected, batch.unsure) if not u)
+    idx = np.where(batch.unsure)[0]  # ... then routes them again with their mirrors, in one pass
+    again, _, _ = combined._run([inputs[i] for i in idx], [names[i] for i in idx], MirrorMode.ALL,
+                                feats={g: f[idx] for g, f in batch.feats.items()})
+    assert [p.node for p in again] == [expected[i] for i in idx]
+    _, scores = combined.predict_and_score(inputs, names, combined=True)
+    assert [pred.flat.class_nodes[j] for j in scores[COMBINED_SCORES].argmax(1)] == expected
+
+
 def _image_test_set(tree: Path) -> TestSet:
     test, _ = scan_test_tree(tree)
     bad = tree / "angular" / "box" / "zz_truncated.jpg"

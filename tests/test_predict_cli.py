@@ -269,7 +269,9 @@ def test_records_show_display_names_when_the_models_tree_has_them(pipeline, tmp_
 
 
 def test_flat_and_combined_decisions_name_the_leaf_their_distribution_favours(pipeline):
-    from hiernet.evaluation import _FLAT_KEY, _scoring_view, combined_leaves
+    import dataclasses
+
+    from hiernet.evaluation import combined_leaves
     from hiernet.predictor import HierarchicalPredictor, MirrorPolicy
     from hiernet.safeio import UserError
 
@@ -282,11 +284,12 @@ def test_flat_and_combined_decisions_name_the_leaf_their_distribution_favours(pi
         assert p.confidence == pytest.approx(p.flat_prob, rel=1e-5)  # the path's shares multiply to the leaf's
     # combined: flat probability x LCPN path probability, as evaluate.py scores it
     inputs = [x for _, x, _ in next(base.prepared_batches(imgs, len(imgs)))]
-    view, _ = _scoring_view(base)
+    flat_key = "\0flat"  # the flat model scored beside the nodes, as one more node
+    view = type(base)(dataclasses.replace(base.bundle, nodes={**base.nodes, flat_key: base.flat}), base.options)
     every = list(range(len(imgs)))
     classifiers = base.hier.classifier_nodes()
-    _, s = view.predict_and_score(inputs, imgs, {**{nid: every for nid in classifiers}, _FLAT_KEY: every})
-    want = combined_leaves(base.hier, {nid: s[nid] for nid in classifiers}, s[_FLAT_KEY], base.flat.class_nodes)
+    _, s = view.predict_and_score(inputs, imgs, {**{nid: every for nid in classifiers}, flat_key: every})
+    want = combined_leaves(base.hier, {nid: s[nid] for nid in classifiers}, s[flat_key], base.flat.class_nodes)
     got = base.with_options(decision="combined").predict_arrays(inputs, imgs)
     assert [p.node for p in got] == want
     lcpn = base.predict_arrays(inputs, imgs)

@@ -43,10 +43,6 @@ FLAT_FIELDS = ("leaf_accuracy", "macro_f1", "hierarchical_f1", "level_accuracy",
 
 
 # ------------------------------------------------------------------------------------- prediction
-#: Key under which the flat head is scored beside the classifier nodes (never a node id: ids are paths).
-_FLAT_KEY = "\0flat"
-
-
 def combined_leaves(hier: Hierarchy, node_probs: dict[str, np.ndarray], flat_probs: np.ndarray,
                     flat_leaves: Sequence[str]) -> list[str]:
     """The combined decision: per image, the leaf maximising flat probability × LCPN path probability.
@@ -67,20 +63,11 @@ def combined_leaves(hier: Hierarchy, node_probs: dict[str, np.ndarray], flat_pro
     return [str(flat_leaves[j]) for j in joint.argmax(axis=1)]
 
 
-def _scoring_view(predictor):
-    """(predictor to score with, whether the combined decision is computed).
-
-    The combined decision needs every node's and the flat head's probabilities on every image: cheap when
-    all nodes are heads on shared backbones (one extra small matrix product each), so only then; the
-    view scores the flat head under :data:`_FLAT_KEY` (its labels are never read here).
-    """
-    import dataclasses
-
-    combine = predictor.flat is not None and all(nm.head is not None for nm in predictor.nodes.values())
-    if not combine:
-        return predictor, False
-    bundle = dataclasses.replace(predictor.bundle, nodes={**predictor.nodes, _FLAT_KEY: predictor.flat})
-    return type(predictor)(bundle, predictor.options), True
+def _can_combine(predictor) -> bool:
+    """Whether the combined decision is computed: it needs every node's and the flat head's probabilities on
+    every image, cheap when all nodes are heads on shared backbones (one extra small matrix product each),
+    so only then."""
+    return predictor.flat is not None and all(nm.head is not None for nm in predictor.nodes.values())
 
 
 def predict_test_set(predictor, test: TestSet, batch_size: int = 32, workers: int = 2,
@@ -105,7 +92,7 @@ def predict_test_set(predictor, test: TestSet, batch_size: int = 32, workers: in
         for images not truly below the node (or unreadable); the combined decision's ``N`` leaves
         (``None`` for unreadable images), or ``None`` when it is not computed.
     """
-    from .predictor import Prediction
+    from .predictor import COMBINED_SCORES, Prediction
 
     hier = predictor.hier
     n = len(test.paths)
@@ -113,7 +100,7 @@ def predict_test_set(predictor, test: TestSet, batch_size: int = 32, workers: in
     below = {nid: set(hier.subtree_leaves(nid)) for nid in classifiers}
     local: dict[str, list] = {nid: [None] * n for nid in classifiers}
     preds: list = [None] * n
-    view, combine = _scoring_view(predictor)
+    combine = _can_combine(predictor)
     combined: list | None = [None] * n if combine else None
     # the predictor's own decoding/resizing, so evaluation sees exactly what predict.py sees
     for prepared in predictor.prepared_batches(test.paths, max(1, batch_size), workers, progress, desc="evaluate"):
@@ -124,19 +111,16 @@ def predict_test_set(predictor, test: TestSet, batch_size: int = 32, workers: in
         if not good:
             continue
         rows = {nid: [k for k, (i, _) in enumerate(good) if test.leaves[i] in below[nid]] for nid in classifiers}
-        every = list(range(len(good)))
-        ask = {**{nid: every for nid in classifiers}, _FLAT_KEY: every} if combine else rows
-        batch_preds, scores = view.predict_and_score([x for _, x in good], [test.paths[i] for i, _ in good], ask)
+        batch_preds, scores = predictor.predict_and_score([x for _, x in good], [test.paths[i] for i, _ in good], rows,
+                                                          combined=combine)
         for (i, _), pr in zip(good, batch_preds):
             preds[i] = pr
         for nid in classifiers:
             child_ids = predictor.nodes[nid].class_nodes
-            probs = scores[nid][rows[nid]] if combine else scores[nid]
-            for k, row in zip(rows[nid], probs):
+            for k, row in zip(rows[nid], scores[nid]):
                 local[nid][good[k][0]] = child_ids[int(np.argmax(row))]
-        if combine:
-            leaves = combined_leaves(hier, {nid: scores[nid] for nid in classifiers}, scores[_FLAT_KEY],
-                                     predictor.flat.class_nodes)
+        if combine:  # what predict.py --decision combined computes
+            leaves = np.asarray(predictor.flat.class_nodes, dtype=object)[scores[COMBINED_SCORES].argmax(1)]
             for (i, _), leaf in zip(good, leaves):
                 combined[i] = leaf
     return preds, local, combined

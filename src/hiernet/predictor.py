@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: How the root node is named in records and messages (its id is ``""``).
 ROOT_NAME = "root"
+#: The key of the combined decision's leaf scores in :meth:`HierarchicalPredictor.predict_and_score`'s scores.
+COMBINED_SCORES = "\0combined"
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,9 @@ class Batch:
     """One batch's images, backbone features (computed once) and node probabilities.
 
     ``images``: ``{(size, resize): (n, 3, size, size)}``; ``feats``: group → ``(n, D)``; ``unsure``:
-    bool ``(n,)``, the images some node wanted the mirror for (in :attr:`MirrorMode.DEFER`).
+    bool ``(n,)``, the images some node wanted the mirror for (in :attr:`MirrorMode.DEFER`); ``wanted``:
+    ``id(node model)`` → bool ``(n,)``, the images that node wanted the mirror for (any mode);
+    ``flat_probs``: the flat model's probabilities ``(n, L)`` once :meth:`HierarchicalPredictor._run` has them.
     """
 
     def __init__(self, bundle: ModelBundle, inputs: list[dict], mirror: MirrorPolicy, mode: MirrorMode,
@@ -175,6 +179,8 @@ class Batch:
         self.feats = dict(feats or {})
         self.mirrored: dict = {}  # group -> (features (n, D), bool mask of rows computed)
         self.unsure = np.zeros(self.n, dtype=bool)
+        self.wanted: dict = {}  # id(node model) -> bool (n,): the images it wanted the mirror for
+        self.flat_probs: np.ndarray | None = None
 
     def features(self, group: str) -> np.ndarray:
         if group not in self.feats:
@@ -194,13 +200,24 @@ class Batch:
             done[todo] = True
         return f[idx]
 
-    def node_probs(self, nm: NodeModel, idx: np.ndarray) -> np.ndarray:
-        """Class probabilities ``(len(idx), C)`` of node ``nm`` on the batch's images ``idx``."""
+    def node_probs(self, nm: NodeModel, idx: np.ndarray, follow: np.ndarray | None = None) -> np.ndarray:
+        """Class probabilities ``(len(idx), C)`` of node ``nm`` on the batch's images ``idx``.
+
+        A node trained with mirrors averages the images it is unsure about with their mirrors
+        (:class:`MirrorPolicy`); with ``follow`` (bool ``(n,)``) it averages those images instead and asks
+        for no others: the combined decision runs every node on every image, and a node is unsure about
+        most images that do not belong below it, so there the flat model's doubt decides
+        (:meth:`HierarchicalPredictor._combined_scores`).
+        """
         if nm.head is None:
             return softmax(nm.full(self.images[(nm.image_size, nm.resize)][idx]))
         p = softmax(nm.head(self.features(nm.backbone)[idx]))
         if nm.tta and self.mirror.enabled:
-            sel = self.mirror.unsure(p)
+            if follow is not None:
+                sel = np.where(follow[idx])[0]
+            else:
+                sel = self.mirror.unsure(p)
+                self.wanted.setdefault(id(nm), np.zeros(self.n, dtype=bool))[idx[sel]] = True
             if len(sel) and self.mode is MirrorMode.DEFER:
                 self.unsure[idx[sel]] = True
             elif len(sel):
@@ -415,8 +432,8 @@ class HierarchicalPredictor:
         """
         return self._run(inputs, names, MirrorMode.INLINE)[0]
 
-    def predict_and_score(self, inputs: list[dict], names: list[str],
-                          score: dict | None = None) -> tuple[list[Prediction], dict]:
+    def predict_and_score(self, inputs: list[dict], names: list[str], score: dict | None = None,
+                          combined: bool = False) -> tuple[list[Prediction], dict]:
         """:meth:`predict_arrays`, plus chosen nodes' own class probabilities on chosen images.
 
         The extra scores reuse the batch's backbone pass; they do not depend on where the chain
@@ -428,14 +445,20 @@ class HierarchicalPredictor:
             As for :meth:`predict_arrays`.
         score : dict, optional
             Classifier node id → int indices into ``inputs`` (shape ``(K,)``) to run that node on.
+        combined : bool
+            Also the combined decision's leaf scores on every image (the flat model loaded), exactly as
+            ``decision="combined"`` computes them, under :data:`COMBINED_SCORES`.
 
         Returns
         -------
         (list of Prediction, dict)
             The predictions of :meth:`predict_arrays`, and node id → float array ``(K, C)`` of the
-            node's class probabilities, columns in ``self.nodes[id].class_nodes`` order.
+            node's class probabilities, columns in ``self.nodes[id].class_nodes`` order (and
+            :data:`COMBINED_SCORES` → ``(n, L)``, columns in ``self.flat.class_nodes`` order).
         """
-        preds, scores, _ = self._run(inputs, names, MirrorMode.INLINE, score)
+        preds, scores, batch = self._run(inputs, names, MirrorMode.INLINE, score)
+        if combined and batch is not None:
+            scores[COMBINED_SCORES] = self._combined_scores(batch)
         return preds, scores
 
     def _run(self, inputs: list[dict], names: list[str], mode: MirrorMode, score: dict | None = None,
@@ -449,12 +472,13 @@ class HierarchicalPredictor:
             return [], {}, None
         batch = Batch(self.bundle, inputs, self.options.mirror, mode, feats)
         fp = None if self.flat is None else batch.node_probs(self.flat, np.arange(batch.n))
+        batch.flat_probs = fp
         if self.options.decision == "lcpn":
             routes = route(self.hier, lambda nid, idx: batch.node_probs(self.nodes[nid], idx), batch.n,
                            self.options.topk, self.options.min_confidence)
         else:
-            routes = route_leaves(self.hier, self._leaf_scores(batch, fp), self.flat.class_nodes, self.options.topk,
-                                  self.options.min_confidence)
+            scores = fp if self.options.decision == "flat" else self._combined_scores(batch)
+            routes = route_leaves(self.hier, scores, self.flat.class_nodes, self.options.topk, self.options.min_confidence)
         preds = [self._prediction(name, r) for name, r in zip(names, routes)]
         if fp is not None:
             for i, pr in enumerate(preds):
@@ -467,14 +491,15 @@ class HierarchicalPredictor:
             scores[nid] = batch.node_probs(nm, idx) if len(idx) else np.zeros((0, len(nm.class_nodes)), np.float32)
         return preds, scores, batch
 
-    def _leaf_scores(self, batch: Batch, flat_probs: np.ndarray) -> np.ndarray:
-        """``(n, L)`` scores over the flat head's leaves: its probabilities ``flat_probs``, times the LCPN
-        path probability of each leaf for the combined decision."""
-        if self.options.decision != "combined":
-            return flat_probs
+    def _combined_scores(self, batch: Batch) -> np.ndarray:
+        """The combined decision's ``(n, L)`` scores over the flat model's leaves: its probabilities
+        (``batch.flat_probs``) times each leaf's LCPN path probability. Every node runs on every image
+        and averages with the mirror the images the flat model wanted it for (``Batch.node_probs``'s
+        ``follow``), not those it is unsure about itself: most images are not below most nodes."""
         every = np.arange(batch.n)
-        node_p = {nid: batch.node_probs(self.nodes[nid], every) for nid in self.hier.classifier_nodes()}
-        return flat_probs * path_leaf_probs(self.hier, node_p, self.flat.class_nodes, batch.n)
+        follow = batch.wanted.get(id(self.flat), np.zeros(batch.n, dtype=bool))
+        node_p = {nid: batch.node_probs(self.nodes[nid], every, follow) for nid in self.hier.classifier_nodes()}
+        return batch.flat_probs * path_leaf_probs(self.hier, node_p, self.flat.class_nodes, batch.n)
 
     def _prediction(self, name: str, r) -> Prediction:
         lab = self._labels
