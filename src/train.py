@@ -61,7 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--flat-classifier", type=Path, metavar="FILE",
                    help="-d flat, frozen mode: use this tuned classifier (tune_backbone.py writes <weights>.classifier.pth "
                         "beside the tuned weights; train_lcpn.sh --tune-backbone passes it) as the flat head instead of "
-                        "training one; its temperature is still fitted on the validation split")
+                        "training one; the validation split chooses its post-hoc logit adjustment (bias - tau * log prior, tau 0-1) "
+                        "and fits its temperature")
     g.add_argument("--image-size", type=int, help="input side in pixels (default: the preset's, or the backbone's own for another backbone)")
     g.add_argument("--resize", choices=["crop", "squash", "pad"], help="how images become square: centre crop, stretch, or letterbox")
     g.add_argument("--mode", choices=["frozen", "finetune"], help="frozen backbone + cached features, or fine-tune the whole network")

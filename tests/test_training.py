@@ -146,8 +146,11 @@ def test_a_tuned_classifier_is_the_flat_head_as_it_is(prepared, tmp_path):
     head.eval()
     assert not torch.allclose(head.std, torch.ones_like(head.std))  # a real standardiser, folded in
     x = torch.rand(5, 1280) * 3
+    counts = np.bincount(load_node_data(prepared, "flat").targets["train"], minlength=len(classes))
+    tau = summary["prior_tau"]  # chosen on the validation split (adjust_for_prior, tested below)
+    shift = torch.as_tensor(tau * np.log(counts / counts.sum()), dtype=torch.float32)
     with torch.no_grad():
-        assert torch.allclose(head(x) * head.temperature, x @ weight.T + bias, atol=1e-3)
+        assert torch.allclose(head(x) * head.temperature, x @ weight.T + bias - shift, atol=1e-3)
     assert "the tuned classifier" in (models / "flat" / "performance.txt").read_text()
     for bad, message in (((list(reversed(classes)), fingerprint), "other leaves"),
                          ((classes, "0123456789abcdef"), "other backbone weights")):
@@ -158,3 +161,29 @@ def test_a_tuned_classifier_is_the_flat_head_as_it_is(prepared, tmp_path):
     with pytest.raises(UserError, match="-d flat, not -d round"):
         train_node(cfg, "round", prepared, tmp_path / "m3", cache_dir=cache, progress=False)
     assert not (tmp_path / "m2" / "flat").exists() and not (tmp_path / "m3" / "round").exists()
+
+
+def test_the_tuned_classifier_is_adjusted_for_the_prior_as_the_validation_split_chooses():
+    """Post-hoc logit adjustment: bias - tau * log(prior), tau with the best validation accuracy, the smallest
+    among equals (so a classifier the adjustment does not help is left as it is)."""
+    from hiernet.models import Head
+    from hiernet.training import PRIOR_TAUS, adjust_for_prior
+
+    labels = np.array([0] * 90 + [1] * 10)  # class 1 is rare
+    log_prior = np.log(np.array([0.9, 0.1]))
+
+    def head():
+        h = Head(1, 2)
+        h.load_linear(torch.tensor([[1.0], [-1.0]]), torch.as_tensor(log_prior, dtype=torch.float32))
+        return h
+
+    # class 1 below x = -(1 - tau) * 1.10: unadjusted -1.10, tau 0.5 -0.55, tau 0.75 -0.27, tau 1 0
+    h = head()  # the rare class's validation images at -0.1 and -0.2: only tau 1 gets them
+    assert adjust_for_prior(h, labels, np.array([[-0.1], [-0.2], [2.0]], np.float32), np.array([1, 1, 0])) == 1.0
+    assert torch.allclose(h.net[-1].bias, torch.zeros(2), atol=1e-6)  # bias - 1 * log prior
+    h = head()  # -0.6: tau 0.5 is the smallest that gets it
+    assert adjust_for_prior(h, labels, np.array([[-0.6], [2.0]], np.float32), np.array([1, 0])) == 0.5 in PRIOR_TAUS
+    h = head()  # nothing to gain: left as it is
+    assert adjust_for_prior(h, labels, np.array([[2.0], [-3.0]], np.float32), np.array([0, 1])) == 0.0
+    assert torch.allclose(h.net[-1].bias, torch.as_tensor(log_prior, dtype=torch.float32))
+    assert adjust_for_prior(head(), labels, None, None) == 0.0

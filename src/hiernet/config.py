@@ -121,7 +121,8 @@ class TrainConfig:
     flat_classifier : str or None
         Frozen mode, the flat baseline only: a tuned classifier file (``tune_backbone.py`` writes one beside
         the tuned weights, :func:`hiernet.tailtune.save_classifier`) that is the flat head as it is (a
-        linear head, ``head.hidden`` 0) instead of a head trained here; its temperature is still fitted.
+        linear head, ``head.hidden`` 0) instead of a head trained here; the validation split chooses its
+        post-hoc logit adjustment (:func:`hiernet.training.adjust_for_prior`) and fits its temperature.
     """
 
     preset: str = "cpu"

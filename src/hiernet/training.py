@@ -376,18 +376,61 @@ def flat_classifier(cfg: TrainConfig, ds: str, classes: list, backbone: FeatureE
     return clf
 
 
-def classifier_head(head: Head, clf: dict, inputs: NodeInputs) -> FitResult:
-    """Make ``head`` (its standardiser fitted) the tuned classifier ``clf`` (:func:`flat_classifier`): nothing
-    is trained. The result has no epochs; its validation loss is the classifier's on the validation split."""
+#: Post-hoc logit adjustment strengths the tuned classifier's validation split chooses from (0: none).
+PRIOR_TAUS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def adjust_for_prior(head: Head, train_labels: np.ndarray, val_x: np.ndarray | None, val_y: np.ndarray | None) -> float:
+    """Post-hoc logit adjustment of a linear head (Menon et al. 2021): its bias minus ``tau * log(prior)`` of
+    the training classes, ``tau`` from :data:`PRIOR_TAUS` with the best validation leaf accuracy (the
+    smallest among equals; 0 without a validation split). Rare classes get a fair share of the decisions
+    without costing the frequent ones more than the validation split allows.
+
+    Parameters
+    ----------
+    train_labels : numpy.ndarray, shape (N,)
+        Class indices of the training samples (their frequencies are the prior).
+    val_x, val_y : numpy.ndarray, shapes (V, D) and (V,)
+
+    Returns
+    -------
+    float
+        The chosen ``tau`` (the head's bias is left adjusted by it).
+    """
+    last = head.net[-1]
+    counts = np.maximum(np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=last.out_features), 1)
+    log_prior = torch.as_tensor(np.log(counts / counts.sum()), dtype=last.bias.dtype)
+    base = last.bias.detach().clone()
+    if val_x is None or not len(val_y):
+        return 0.0
+    x, y = torch.from_numpy(val_x), torch.as_tensor(val_y)
+    best_tau, best_acc = 0.0, -1.0
+    with torch.no_grad():
+        for tau in PRIOR_TAUS:
+            last.bias.copy_(base - tau * log_prior)
+            acc = float((head.eval()(x).argmax(1) == y).float().mean())
+            if acc > best_acc + 1e-9:
+                best_tau, best_acc = tau, acc
+        last.bias.copy_(base - best_tau * log_prior)
+    return best_tau
+
+
+def classifier_head(head: Head, clf: dict, inputs: NodeInputs) -> tuple[FitResult, float]:
+    """Make ``head`` (its standardiser fitted) the tuned classifier ``clf`` (:func:`flat_classifier`), its
+    bias adjusted for the class prior as the validation split chooses (:func:`adjust_for_prior`): nothing is
+    trained. Returns a result without epochs (its validation loss: the classifier's on the validation split)
+    and the chosen ``tau``."""
     head.load_linear(clf["weight"], clf["bias"])
     head.aggregate = True
+    tau = adjust_for_prior(head, inputs.train_labels, inputs.val_x, inputs.val_children)
+    log.info("flat head: logit adjustment tau %.2f (of %s, best validation leaf accuracy)", tau, PRIOR_TAUS)
     loss = math.inf
     if inputs.val_x is not None and len(inputs.val_children):
         with torch.no_grad():
             loss = float(torch.nn.functional.cross_entropy(head.eval()(torch.from_numpy(inputs.val_x)),
                                                            torch.from_numpy(inputs.val_children).long()))
     log.info("flat head: the tuned classifier, not trained here (validation loss %.4f)", loss)
-    return FitResult(history=[], best_epoch=0, best_val_loss=loss)
+    return FitResult(history=[], best_epoch=0, best_val_loss=loss), tau
 
 
 def calibrate_head(head: Head, val_x: np.ndarray, val_children: np.ndarray, device: str, name: str = "") -> dict | None:
@@ -460,8 +503,9 @@ def train_node(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path, devi
     hash_src = {"config": cfg.to_dict(), "classes": data.classes, "n_train": len(inputs.train_set),
                 "size": backbone.image_size, "n_outputs": data.n_outputs,
                 **({"target_sets": data.target_sets} if data.target_sets else {})}
+    prior_tau = None
     if clf is not None:
-        result = classifier_head(head, clf, inputs)
+        result, prior_tau = classifier_head(head, clf, inputs)
     else:
         result = fit_head(inputs.model, head, inputs.train_set, inputs.val_set, inputs.train_labels, cfg.fit, device,
                           work, config_hash(hash_src), progress, data.target_sets)
@@ -470,6 +514,7 @@ def train_node(cfg: TrainConfig, ds: str, data_dir: Path, models_dir: Path, devi
     summary = node_summary(probs, y_test, data.classes, {
         "node": ds, "node_id": data.node_id, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
         "best_val_loss": result.best_val_loss, "tta": inputs.test_mirror is not None, "calibration": calibration,
+        **({} if prior_tau is None else {"prior_tau": prior_tau}),
         "fingerprint": node_fingerprint(data.doc, ds, cfg), "split_id": split_identity(data.doc)})
     if dist_utils.is_main():
         write_node_folder(models_dir, NodeRun(cfg, data, backbone, head, inputs, result, summary, y_test,
@@ -603,7 +648,8 @@ def _performance_text(run: NodeRun, config: dict) -> str:
         f"macro precision: {summary['macro_precision']:.4f}",
         f"macro recall: {summary['macro_recall']:.4f}",
         f"macro F1: {summary['macro_f1']:.4f}",
-        (f"head: the tuned classifier {run.cfg.flat_classifier}, not trained here (val loss {result.best_val_loss:.4f})"
+        (f"head: the tuned classifier {run.cfg.flat_classifier}, not trained here, logit adjustment tau "
+         f"{summary.get('prior_tau', 0.0):.2f} chosen on the validation split (val loss {result.best_val_loss:.4f})"
          if run.cfg.flat_classifier else
          f"best epoch: {result.best_epoch} of {len(result.history)} (val loss {result.best_val_loss:.4f})"),
         _calibration_line(summary),
