@@ -281,10 +281,11 @@ def tuned_logits(tail, cls, maps) -> np.ndarray:
 
 
 def mirror_probs(logits: np.ndarray) -> np.ndarray:
-    """``(N, 2, C)`` logits of a view and its mirror → their softmax probabilities averaged ``(N, C)``."""
-    z = logits - logits.max(-1, keepdims=True)
-    p = np.exp(z)
-    return (p / p.sum(-1, keepdims=True)).mean(1)
+    """``(N, 2, C)`` logits of a view and its mirror → their softmax probabilities averaged ``(N, C)``
+    (what prediction does: :func:`hiernet.routing.softmax`, :func:`hiernet.routing.average_views`)."""
+    from .routing import average_views, softmax
+
+    return average_views(softmax(logits[:, 0]), softmax(logits[:, 1]))
 
 
 # ----------------------------------------------------------------------------------- the tuned classifier

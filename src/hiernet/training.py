@@ -32,7 +32,7 @@ from .config import FitConfig, HeadConfig, TrainConfig
 from .data import read_split
 from .features import (INT8_PIN, TREE_STATS, cached_features, config_hash, int8_feature_backbone, pin_int8_backbone,
                        pin_tree_stats, tree_feature_stats, tree_training_images)
-from .engine import FitResult, fit, predict_logits_sharded, write_csv
+from .engine import FitResult, fit, logit_adjustment, predict_logits_sharded, write_csv
 from .hierarchy import FLAT_DATASET, Hierarchy, display_names, require_hierarchy_json
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
 from .metrics import classification_summary, expected_calibration_error, text_report
@@ -397,12 +397,11 @@ def adjust_for_prior(head: Head, train_labels: np.ndarray, val_x: np.ndarray | N
     float
         The chosen ``tau`` (the head's bias is left adjusted by it).
     """
-    last = head.net[-1]
-    counts = np.maximum(np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=last.out_features), 1)
-    log_prior = torch.as_tensor(np.log(counts / counts.sum()), dtype=last.bias.dtype)
-    base = last.bias.detach().clone()
     if val_x is None or not len(val_y):
         return 0.0
+    last = head.net[-1]
+    log_prior = logit_adjustment(train_labels, last.out_features, 1.0).to(last.bias)
+    base = last.bias.detach().clone()
     x, y = torch.from_numpy(val_x), torch.as_tensor(val_y)
     best_tau, best_acc = 0.0, -1.0
     with torch.no_grad():
