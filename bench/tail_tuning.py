@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
+from hiernet.engine import logit_adjustment  # noqa: E402
+from hiernet.training import choose_prior_tau  # noqa: E402
 from hiernet.tailtune import mirror_probs, pooled, tune_tail as tune, tuned_logits, tuned_probs  # noqa: E402  (src/tune_backbone.py's tuning)
 
 log = logging.getLogger("tail_tuning")
@@ -239,14 +241,18 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
 
     ``member_maps``: one ``(N, V, C_m, h, w)`` array per member of ``members`` (the maps before its last
     block, the same images and views). Each fold tunes every member's last block on its own maps
-    (:func:`hiernet.tailtune.tune_tail`, a linear classifier over the leaves), then trains the suite's
-    heads (flat, LCPN, combined; ``bench/tail.py``'s ``suite_lcpn``) on the members' pooled features
-    concatenated, as train.py would on a composite whose members were tuned first; the frozen rows train
-    the same heads on the frozen members' features. The ``linear classifiers`` row averages the members'
-    tuned classifiers' probabilities; the ``tuned classifier`` rows average their logits (one linear layer:
-    train.py's flat head with ``--flat-classifier``, its temperature left at 1), alone and times the LCPN
-    heads' path probabilities (the combined decision). Returns out-of-fold predictions ``{row: (N,)}`` and
-    seconds per row.
+    (:func:`hiernet.tailtune.tune_tail`, a linear classifier over the leaves) on the training fold less a
+    seeded held-out part (``bench/tail.py``'s ``AUTO_VAL_FRACTION``: the validation split tune_backbone.py
+    never tunes on), then trains the suite's heads (flat, LCPN, combined; ``bench/tail.py``'s
+    ``suite_lcpn``) on the members' pooled features of the whole training fold concatenated, as train.py
+    would on a composite whose members were tuned first; the frozen rows train the same heads on the frozen
+    members' features. The ``linear classifiers`` row averages the members' tuned classifiers'
+    probabilities; the ``tuned classifier`` rows average their logits (one linear layer: train.py's flat
+    head with ``--flat-classifier``, its temperature left at 1), alone and times the LCPN heads' path
+    probabilities (the combined decision), as they are and adjusted for the class prior with the ``tau``
+    the held-out part chooses (:func:`hiernet.training.choose_prior_tau`, as train.py chooses on the
+    validation split). Returns out-of-fold predictions ``{row: (N,)}``, seconds per row and the ``tau``
+    of each fold.
     """
     from sklearn.model_selection import StratifiedKFold
     import tail as tail_bench
@@ -262,8 +268,12 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     rows.update({f"{short}, each tuned from its last block, then suite heads ({d})": ("tuned", d) for d in decisions})
     rows[f"{short}, each tuned from its last block, tuned classifier (logits averaged: the flat head)"] = ("tuned", "clf")
     rows[f"{short}, each tuned from its last block, tuned classifier x suite LCPN heads (combined)"] = ("tuned", "clf-combined")
+    adjusted = f"{short}, each tuned from its last block, tuned classifier adjusted for the prior"
+    rows[f"{adjusted} (the flat head of --flat-classifier)"] = ("tuned", "clf-prior")
+    rows[f"{adjusted} x suite LCPN heads (combined)"] = ("tuned", "clf-prior-combined")
     by_leaf = [leaf_ids.index(leaf) for leaf in hier.leaves()]  # the classifier's columns in hier.leaves() order
     preds = {n: np.empty(len(leaves), dtype=object) for n in rows}
+    taus = []
     t0 = time.time()
     frozen = np.concatenate([pooled(t, maps, list(range(maps.shape[1]))) for t, maps in zip(frozen_tails, member_maps)], -1)
     seconds = {n: (time.time() - t0 if bb == "frozen" else 0.0) for n, (bb, _) in rows.items()}
@@ -275,15 +285,23 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
             if bb == "frozen":
                 views_tr, ev_te = frozen[tr], frozen[te, :2]
             else:
-                logits, feats_tr, feats_te = [], [], []
+                fit, hold = held_out(tr, seed + fold)
+                logits, hold_logits, feats_tr, feats_te = [], [], [], []
                 for m, cut, maps in zip(members, cuts, member_maps):
                     _, t = backbone_parts(image_size, cut, pretrained, m)
-                    t, cls = tune(t, maps[tr], y[tr], len(leaf_ids), epochs, seed + fold, lr)
+                    t, cls = tune(t, maps[fit], y[fit], len(leaf_ids), epochs, seed + fold, lr)
                     logits.append(tuned_logits(t, cls, maps[te]))  # (n, 2, C): eval view and mirror
+                    hold_logits.append(tuned_logits(t, cls, maps[hold]))
                     feats_tr.append(pooled(t, maps[tr], list(range(maps.shape[1]))))
                     feats_te.append(pooled(t, maps[te], [0, 1]))
                 linear = names[np.mean([mirror_probs(z) for z in logits], 0).argmax(1)]
                 clf_p = mirror_probs(np.mean(logits, 0))
+                log_prior = logit_adjustment(y[fit], len(leaf_ids), 1.0).numpy()
+                z_hold = np.mean(hold_logits, 0)
+                tau = choose_prior_tau(lambda t: np.mean(mirror_probs(z_hold - t * log_prior).argmax(1) == y[hold]))
+                taus.append(tau)
+                log.info("fold %d: the held-out part (%d images) chooses tau %.2f", fold, len(hold), tau)
+                clf_prior_p = mirror_probs(np.mean(logits, 0) - tau * log_prior)
                 views_tr, ev_te = np.concatenate(feats_tr, -1), np.concatenate(feats_te, -1)
             tuning = time.time() - t0
             tail_bench._TRAINED.clear()  # heads trained on the other features must not be reused
@@ -295,16 +313,29 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                     pred = linear
                 elif what == "clf":
                     pred = names[clf_p.argmax(1)]
-                elif what == "clf-combined":
+                elif what == "clf-prior":
+                    pred = names[clf_prior_p.argmax(1)]
+                elif what in ("clf-combined", "clf-prior-combined"):
+                    flat_p = (clf_p if what == "clf-combined" else clf_prior_p)[:, by_leaf]
                     pred = tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te,
-                                                 {"decision": "combined", "flat_probs": clf_p[:, by_leaf]}, seed + fold, hidden)
+                                                 {"decision": "combined", "flat_probs": flat_p}, seed + fold, hidden)
                 else:
                     pred = tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te, {"decision": what}, seed + fold, hidden)
                 preds[name][te] = pred
                 seconds[name] += tuning + time.time() - t1
                 log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, tuning + time.time() - t1,
                          np.mean(pred == leaves[te]))
-    return preds, seconds
+    return preds, seconds, taus
+
+
+def held_out(tr: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A training fold's indices ``tr`` split, seeded, into the part the tuning sees and a held-out
+    ``AUTO_VAL_FRACTION`` (the validation share of prepare_dataset.py's split), both sorted."""
+    import tail as tail_bench
+
+    order = np.random.default_rng(seed).permutation(len(tr))
+    n_hold = max(1, int(round(tail_bench.AUTO_VAL_FRACTION * len(tr))))
+    return np.sort(tr[order[n_hold:]]), np.sort(tr[order[:n_hold]])
 
 
 def _last_block(backbone: str, image_size: int) -> int:
@@ -378,14 +409,16 @@ def main_composite(args, members: list, paths: list, leaves: np.ndarray, hier) -
     leaves = leaves[keep]
     leaf_ids = sorted(set(leaves))
     support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
-    preds, seconds = cross_validate_composite(maps, leaves, leaf_ids, args.image_size, members, args.epochs, args.folds,
+    preds, seconds, taus = cross_validate_composite(maps, leaves, leaf_ids, args.image_size, members, args.epochs, args.folds,
                                               args.seed, args.max_folds, hier, args.hidden, lr=args.lr)
     rows = tail_bench.score_rows(preds, seconds, leaves, tail)
     if args.out:
         header = (f"# Tuning the last block of each member of {args.backbone} @ {args.image_size} px: {args.folds}-fold CV "
                   f"on train+val of {args.data_dir} ({len(leaves)} images, {len(support)} leaves; test split unused"
                   f"{f'; only the first {args.max_folds} fold(s) held out' if args.max_folds else ''}); eval view + mirror "
-                  f"+ {args.views} augmented views; {args.epochs} epochs of tuning per member")
+                  f"+ {args.views} augmented views; {args.epochs} epochs of tuning per member, on the training fold "
+                  f"less a held-out ninth, where the prior adjustment's tau was chosen: {', '.join(f'{t:g}' for t in taus)} "
+                  f"(fold by fold)")
         tail_bench.write_report(args.out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")
     return 0
 

@@ -526,25 +526,31 @@ def test_tail_tuning_composite_tunes_every_member_and_trains_the_heads_on_both(t
 
     monkeypatch.setattr(tuning, "tune", spy_tune)
     monkeypatch.setattr(tail_bench, "suite_lcpn", spy_heads)
-    preds, seconds = tuning.cross_validate_composite([maps, other], leaves, leaf_ids, 64, members, epochs=15, folds=2,
-                                                     seed=0, max_folds=None, hier=hier, hidden=0, pretrained=False,
-                                                     lr=3e-3)
+    preds, seconds, taus = tuning.cross_validate_composite([maps, other], leaves, leaf_ids, 64, members, epochs=15,
+                                                           folds=2, seed=0, max_folds=None, hier=hier, hidden=0,
+                                                           pretrained=False, lr=3e-3)
     short = "Lite1+Lite0"
     tuned_rows = [f"{short}, each tuned from its last block, then suite heads ({d})" for d in ("flat", "lcpn", "combined")]
+    adjusted = f"{short}, each tuned from its last block, tuned classifier adjusted for the prior"
     clf_rows = [f"{short}, each tuned from its last block, tuned classifier (logits averaged: the flat head)",
-                f"{short}, each tuned from its last block, tuned classifier x suite LCPN heads (combined)"]
+                f"{short}, each tuned from its last block, tuned classifier x suite LCPN heads (combined)",
+                f"{adjusted} (the flat head of --flat-classifier)", f"{adjusted} x suite LCPN heads (combined)"]
     assert list(preds) == [*(f"frozen {short}, suite heads ({d})" for d in ("flat", "lcpn", "combined")),
                            f"{short}, each tuned from its last block, linear classifiers averaged", *tuned_rows, *clf_rows]
     assert set(seconds) == set(preds)
-    assert len(tuned_members) == 4  # two members in each of two folds
+    # two members in each of two folds, each tuned on its training fold (30 images) less the held-out ninth
+    assert tuned_members == [(27,) + maps.shape[1:], (27,) + other.shape[1:]] * 2
+    from hiernet.training import PRIOR_TAUS
+
+    assert len(taus) == 2 and set(taus) <= set(PRIOR_TAUS)
     for name in preds:
         assert all(p in leaf_ids for p in preds[name]), name
     for name in tuned_rows[::2] + clf_rows:  # the tuned members' features (and classifiers) learn the classes
         assert np.mean(preds[name] == leaves) >= 0.8, name
     decisions = [d for d, _, _ in seen]
-    assert decisions == (["flat", "lcpn", "combined"] * 2 + ["combined"]) * 2
-    given = [c for c in seen_changes if "flat_probs" in c]  # the combined row with the tuned classifier as flat model
-    assert len(given) == 2 and all(c["flat_probs"].shape == (30, 3) for c in given)
+    assert decisions == (["flat", "lcpn", "combined"] * 2 + ["combined"] * 2) * 2
+    given = [c for c in seen_changes if "flat_probs" in c]  # the combined rows with the tuned classifier as flat model
+    assert len(given) == 4 and all(c["flat_probs"].shape == (30, 3) for c in given)
     assert all(np.allclose(c["flat_probs"].sum(1), 1, atol=1e-5) for c in given)
     seen = [s for s, c in zip(seen, seen_changes) if "flat_probs" not in c]
     for fold in range(2):
@@ -554,6 +560,17 @@ def test_tail_tuning_composite_tunes_every_member_and_trains_the_heads_on_both(t
         assert not np.allclose(tuned_views, frozen_views, atol=1e-2)
         # each half is one member's: the halves differ (other maps, other network)
         assert not np.allclose(tuned_views[..., :1280], tuned_views[..., 1280:], atol=1e-2)
+
+
+def test_tail_tuning_holds_out_a_ninth_of_each_training_fold_for_the_prior(tuning):
+    """What the tuning sees and the held-out part the prior adjustment's tau is chosen on: disjoint, together
+    the training fold, the held-out part its validation share, seeded."""
+    tr = np.arange(0, 200, 2)
+    fit, hold = tuning.held_out(tr, 3)
+    assert len(hold) == 11 and len(fit) == 89 and not set(fit) & set(hold)
+    assert np.array_equal(np.sort(np.concatenate([fit, hold])), tr)
+    assert np.array_equal(fit, np.sort(fit)) and np.array_equal(hold, np.sort(hold))
+    assert np.array_equal(tuning.held_out(tr, 3)[1], hold) and not np.array_equal(tuning.held_out(tr, 4)[1], hold)
 
 
 def test_tail_tuning_composite_needs_the_suite_heads(tuning, tmp_path):

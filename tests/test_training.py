@@ -163,6 +163,14 @@ def test_a_tuned_classifier_is_the_flat_head_as_it_is(prepared, tmp_path):
     assert not (tmp_path / "m2" / "flat").exists() and not (tmp_path / "m3" / "round").exists()
 
 
+def test_the_prior_tau_is_the_most_accurate_and_the_smallest_among_equals():
+    from hiernet.training import PRIOR_TAUS, choose_prior_tau
+
+    assert choose_prior_tau({0.0: 0.5, 0.25: 0.6, 0.5: 0.7, 0.75: 0.7, 1.0: 0.65}.get) == 0.5
+    assert choose_prior_tau(lambda tau: 0.8) == 0.0  # nothing gained: no adjustment
+    assert choose_prior_tau(lambda tau: tau) == PRIOR_TAUS[-1]
+
+
 def test_the_tuned_classifier_is_adjusted_for_the_prior_as_the_validation_split_chooses():
     """Post-hoc logit adjustment: bias - tau * log(prior), tau with the best validation accuracy, the smallest
     among equals (so a classifier the adjustment does not help is left as it is)."""

@@ -403,14 +403,25 @@ def adjust_for_prior(head: Head, train_labels: np.ndarray, val_x: np.ndarray | N
     log_prior = logit_adjustment(train_labels, last.out_features, 1.0).to(last.bias)
     base = last.bias.detach().clone()
     x, y = torch.from_numpy(val_x), torch.as_tensor(val_y)
-    best_tau, best_acc = 0.0, -1.0
+
+    def accuracy(tau: float) -> float:
+        last.bias.copy_(base - tau * log_prior)
+        return float((head.eval()(x).argmax(1) == y).float().mean())
+
     with torch.no_grad():
-        for tau in PRIOR_TAUS:
-            last.bias.copy_(base - tau * log_prior)
-            acc = float((head.eval()(x).argmax(1) == y).float().mean())
-            if acc > best_acc + 1e-9:
-                best_tau, best_acc = tau, acc
-        last.bias.copy_(base - best_tau * log_prior)
+        tau = choose_prior_tau(accuracy)
+        last.bias.copy_(base - tau * log_prior)
+    return tau
+
+
+def choose_prior_tau(accuracy) -> float:
+    """The ``tau`` of :data:`PRIOR_TAUS` with the highest ``accuracy(tau)`` (a validation leaf accuracy), the
+    smallest among equals: an adjustment that does not help is not made."""
+    best_tau, best_acc = 0.0, -1.0
+    for tau in PRIOR_TAUS:
+        acc = accuracy(tau)
+        if acc > best_acc + 1e-9:
+            best_tau, best_acc = tau, acc
     return best_tau
 
 
