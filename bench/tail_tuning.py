@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from hiernet.engine import logit_adjustment  # noqa: E402
-from hiernet.training import choose_prior_tau  # noqa: E402
+from hiernet.training import PRIOR_TAUS, choose_prior_tau  # noqa: E402
 from hiernet.tailtune import mirror_probs, pooled, tune_tail as tune, tuned_logits, tuned_probs  # noqa: E402  (src/tune_backbone.py's tuning)
 
 log = logging.getLogger("tail_tuning")
@@ -251,7 +251,7 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     head with ``--flat-classifier``, its temperature left at 1), alone and times the LCPN heads' path
     probabilities (the combined decision), as they are and adjusted for the class prior with the ``tau``
     the held-out part chooses (:func:`hiernet.training.choose_prior_tau`, as train.py chooses on the
-    validation split). Returns out-of-fold predictions ``{row: (N,)}``, seconds per row and the ``tau``
+    validation split), and with each ``tau`` of :data:`hiernet.training.PRIOR_TAUS` fixed (what each would do). Returns out-of-fold predictions ``{row: (N,)}``, seconds per row and the ``tau``
     of each fold.
     """
     from sklearn.model_selection import StratifiedKFold
@@ -271,6 +271,7 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     adjusted = f"{short}, each tuned from its last block, tuned classifier adjusted for the prior"
     rows[f"{adjusted} (the flat head of --flat-classifier)"] = ("tuned", "clf-prior")
     rows[f"{adjusted} x suite LCPN heads (combined)"] = ("tuned", "clf-prior-combined")
+    rows.update({f"{adjusted}, tau fixed at {tau:g}": ("tuned", f"clf-tau-{tau}") for tau in PRIOR_TAUS[1:]})
     by_leaf = [leaf_ids.index(leaf) for leaf in hier.leaves()]  # the classifier's columns in hier.leaves() order
     preds = {n: np.empty(len(leaves), dtype=object) for n in rows}
     taus = []
@@ -301,7 +302,8 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                 tau = choose_prior_tau(lambda t: np.mean(mirror_probs(z_hold - t * log_prior).argmax(1) == y[hold]))
                 taus.append(tau)
                 log.info("fold %d: the held-out part (%d images) chooses tau %.2f", fold, len(hold), tau)
-                clf_prior_p = mirror_probs(np.mean(logits, 0) - tau * log_prior)
+                z_te = np.mean(logits, 0)
+                clf_prior_p = mirror_probs(z_te - tau * log_prior)
                 views_tr, ev_te = np.concatenate(feats_tr, -1), np.concatenate(feats_te, -1)
             tuning = time.time() - t0
             tail_bench._TRAINED.clear()  # heads trained on the other features must not be reused
@@ -313,6 +315,8 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                     pred = linear
                 elif what == "clf":
                     pred = names[clf_p.argmax(1)]
+                elif what.startswith("clf-tau-"):  # what each adjustment would do, whatever the held-out part says
+                    pred = names[mirror_probs(z_te - float(what[len("clf-tau-"):]) * log_prior).argmax(1)]
                 elif what == "clf-prior":
                     pred = names[clf_prior_p.argmax(1)]
                 elif what in ("clf-combined", "clf-prior-combined"):

@@ -534,7 +534,8 @@ def test_tail_tuning_composite_tunes_every_member_and_trains_the_heads_on_both(t
     adjusted = f"{short}, each tuned from its last block, tuned classifier adjusted for the prior"
     clf_rows = [f"{short}, each tuned from its last block, tuned classifier (logits averaged: the flat head)",
                 f"{short}, each tuned from its last block, tuned classifier x suite LCPN heads (combined)",
-                f"{adjusted} (the flat head of --flat-classifier)", f"{adjusted} x suite LCPN heads (combined)"]
+                f"{adjusted} (the flat head of --flat-classifier)", f"{adjusted} x suite LCPN heads (combined)",
+                *(f"{adjusted}, tau fixed at {t}" for t in ("0.25", "0.5", "0.75", "1"))]
     assert list(preds) == [*(f"frozen {short}, suite heads ({d})" for d in ("flat", "lcpn", "combined")),
                            f"{short}, each tuned from its last block, linear classifiers averaged", *tuned_rows, *clf_rows]
     assert set(seconds) == set(preds)
@@ -543,6 +544,8 @@ def test_tail_tuning_composite_tunes_every_member_and_trains_the_heads_on_both(t
     from hiernet.training import PRIOR_TAUS
 
     assert len(taus) == 2 and set(taus) <= set(PRIOR_TAUS)
+    # balanced classes: every adjustment is the same shift of all logits, so it changes no decision
+    assert all(np.array_equal(preds[clf_rows[0]], preds[name]) for name in clf_rows[2:3] + clf_rows[4:])
     for name in preds:
         assert all(p in leaf_ids for p in preds[name]), name
     for name in tuned_rows[::2] + clf_rows:  # the tuned members' features (and classifiers) learn the classes
