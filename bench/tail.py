@@ -192,6 +192,14 @@ def suite_lcpn(hier, views_tr: np.ndarray, leaves_tr: np.ndarray, ev_te: np.ndar
     return np.array(combined_leaves(hier, node_p, flat_p, flat_leaves), dtype=object)
 
 
+def validation_part(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``0..n-1`` of a training fold split, seeded, into the part trained on and a held-out
+    :data:`AUTO_VAL_FRACTION` (at least one), in the seeded order: ``(fit, val)``."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(AUTO_VAL_FRACTION * n)))
+    return order[n_val:], order[:n_val]
+
+
 def choose_on_validation(hier, views_tr: np.ndarray, leaves_tr: np.ndarray, changes: dict, seed: int,
                          hidden: int) -> str:
     """``--decision auto`` inside a training fold: heads trained on all but a seeded
@@ -199,9 +207,7 @@ def choose_on_validation(hier, views_tr: np.ndarray, leaves_tr: np.ndarray, chan
     mirror, as export.py's validation pass), the choice of :func:`hiernet.exporting.choose_decision`."""
     from hiernet.exporting import choose_decision
 
-    order = np.random.default_rng(seed).permutation(len(leaves_tr))
-    n_val = max(1, int(round(AUTO_VAL_FRACTION * len(order))))
-    val, fit = order[:n_val], order[n_val:]
+    fit, val = validation_part(len(leaves_tr), seed)
     acc = {}
     for decision in ("lcpn", "flat", "combined"):
         pred = suite_lcpn(hier, views_tr[fit], leaves_tr[fit], views_tr[val][:, :2], {**changes, "decision": decision},

@@ -251,8 +251,8 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     head with ``--flat-classifier``, its temperature left at 1), alone and times the LCPN heads' path
     probabilities (the combined decision), as they are and adjusted for the class prior with the ``tau``
     the held-out part chooses (:func:`hiernet.training.choose_prior_tau`, as train.py chooses on the
-    validation split), and with each ``tau`` of :data:`hiernet.training.PRIOR_TAUS` fixed (what each would do). Returns out-of-fold predictions ``{row: (N,)}``, seconds per row and the ``tau``
-    of each fold.
+    validation split), and with each ``tau`` of :data:`hiernet.training.PRIOR_TAUS` fixed (what each would
+    do). Returns out-of-fold predictions ``{row: (N,)}``, seconds per row and the ``tau`` of each fold.
     """
     from sklearn.model_selection import StratifiedKFold
     import tail as tail_bench
@@ -271,7 +271,7 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     adjusted = f"{short}, each tuned from its last block, tuned classifier adjusted for the prior"
     rows[f"{adjusted} (the flat head of --flat-classifier)"] = ("tuned", "clf-prior")
     rows[f"{adjusted} x suite LCPN heads (combined)"] = ("tuned", "clf-prior-combined")
-    rows.update({f"{adjusted}, tau fixed at {tau:g}": ("tuned", f"clf-tau-{tau}") for tau in PRIOR_TAUS[1:]})
+    rows.update({f"{adjusted}, tau fixed at {tau:g}": ("tuned", ("clf-tau", tau)) for tau in PRIOR_TAUS[1:]})
     by_leaf = [leaf_ids.index(leaf) for leaf in hier.leaves()]  # the classifier's columns in hier.leaves() order
     preds = {n: np.empty(len(leaves), dtype=object) for n in rows}
     taus = []
@@ -296,13 +296,12 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                     feats_tr.append(pooled(t, maps[tr], list(range(maps.shape[1]))))
                     feats_te.append(pooled(t, maps[te], [0, 1]))
                 linear = names[np.mean([mirror_probs(z) for z in logits], 0).argmax(1)]
-                clf_p = mirror_probs(np.mean(logits, 0))
+                z_te, z_hold = np.mean(logits, 0), np.mean(hold_logits, 0)  # the tuned classifier's logits
+                clf_p = mirror_probs(z_te)
                 log_prior = logit_adjustment(y[fit], len(leaf_ids), 1.0).numpy()
-                z_hold = np.mean(hold_logits, 0)
                 tau = choose_prior_tau(lambda t: np.mean(mirror_probs(z_hold - t * log_prior).argmax(1) == y[hold]))
                 taus.append(tau)
                 log.info("fold %d: the held-out part (%d images) chooses tau %.2f", fold, len(hold), tau)
-                z_te = np.mean(logits, 0)
                 clf_prior_p = mirror_probs(z_te - tau * log_prior)
                 views_tr, ev_te = np.concatenate(feats_tr, -1), np.concatenate(feats_te, -1)
             tuning = time.time() - t0
@@ -315,8 +314,8 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                     pred = linear
                 elif what == "clf":
                     pred = names[clf_p.argmax(1)]
-                elif what.startswith("clf-tau-"):  # what each adjustment would do, whatever the held-out part says
-                    pred = names[mirror_probs(z_te - float(what[len("clf-tau-"):]) * log_prior).argmax(1)]
+                elif isinstance(what, tuple):  # ("clf-tau", tau): what that adjustment would do, fixed
+                    pred = names[mirror_probs(z_te - what[1] * log_prior).argmax(1)]
                 elif what == "clf-prior":
                     pred = names[clf_prior_p.argmax(1)]
                 elif what in ("clf-combined", "clf-prior-combined"):
@@ -337,9 +336,8 @@ def held_out(tr: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     ``AUTO_VAL_FRACTION`` (the validation share of prepare_dataset.py's split), both sorted."""
     import tail as tail_bench
 
-    order = np.random.default_rng(seed).permutation(len(tr))
-    n_hold = max(1, int(round(tail_bench.AUTO_VAL_FRACTION * len(tr))))
-    return np.sort(tr[order[n_hold:]]), np.sort(tr[order[:n_hold]])
+    fit, hold = tail_bench.validation_part(len(tr), seed)
+    return np.sort(tr[fit]), np.sort(tr[hold])
 
 
 def _last_block(backbone: str, image_size: int) -> int:
