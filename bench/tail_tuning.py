@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import shlex
 import sys
 import time
@@ -251,8 +252,10 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     head with ``--flat-classifier``, its temperature left at 1), alone and times the LCPN heads' path
     probabilities (the combined decision), as they are and adjusted for the class prior with the ``tau``
     the held-out part chooses (:func:`hiernet.training.choose_prior_tau`, as train.py chooses on the
-    validation split), and with each ``tau`` of :data:`hiernet.training.PRIOR_TAUS` fixed (what each would
-    do). Returns out-of-fold predictions ``{row: (N,)}``, seconds per row and the ``tau`` of each fold.
+    validation split), with each ``tau`` of :data:`hiernet.training.PRIOR_TAUS` fixed (what each would
+    do) and with the ``tau`` the held-out part's other criteria choose (:func:`prior_taus`). Returns
+    out-of-fold predictions ``{row: (N,)}``, seconds per row, the ``tau`` each criterion chose in each fold
+    (``[{criterion: tau}]``) and the tuned classifier's out-of-fold logits (what :func:`save_logits` writes).
     """
     from sklearn.model_selection import StratifiedKFold
     import tail as tail_bench
@@ -272,9 +275,13 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     rows[f"{adjusted} (the flat head of --flat-classifier)"] = ("tuned", "clf-prior")
     rows[f"{adjusted} x suite LCPN heads (combined)"] = ("tuned", "clf-prior-combined")
     rows.update({f"{adjusted}, tau fixed at {tau:g}": ("tuned", ("clf-tau", tau)) for tau in PRIOR_TAUS[1:]})
+    rows.update({f"{adjusted}, tau chosen by held-out {label}": ("tuned", ("clf-tau-by", c))
+                 for c, label in TAU_CRITERIA.items() if c != "accuracy"})
     by_leaf = [leaf_ids.index(leaf) for leaf in hier.leaves()]  # the classifier's columns in hier.leaves() order
     preds = {n: np.empty(len(leaves), dtype=object) for n in rows}
     taus = []
+    oof = {"z": np.full((len(leaves), 2, len(leaf_ids)), np.nan, np.float32), "y": y, "leaf_ids": leaf_ids, "folds": [],
+           "fold": np.full(len(leaves), -1)}
     t0 = time.time()
     frozen = np.concatenate([pooled(t, maps, list(range(maps.shape[1]))) for t, maps in zip(frozen_tails, member_maps)], -1)
     seconds = {n: (time.time() - t0 if bb == "frozen" else 0.0) for n, (bb, _) in rows.items()}
@@ -299,10 +306,13 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                 z_te, z_hold = np.mean(logits, 0), np.mean(hold_logits, 0)  # the tuned classifier's logits
                 clf_p = mirror_probs(z_te)
                 log_prior = logit_adjustment(y[fit], len(leaf_ids), 1.0).numpy()
-                tau = choose_prior_tau(lambda t: np.mean(mirror_probs(z_hold - t * log_prior).argmax(1) == y[hold]))
-                taus.append(tau)
-                log.info("fold %d: the held-out part (%d images) chooses tau %.2f", fold, len(hold), tau)
+                by_criterion = prior_taus(z_hold, y[hold], log_prior, len(leaf_ids))
+                tau = by_criterion["accuracy"]
+                taus.append(by_criterion)
+                log.info("fold %d: the held-out part (%d images) chooses tau %s", fold, len(hold), by_criterion)
                 clf_prior_p = mirror_probs(z_te - tau * log_prior)
+                oof["z"][te], oof["fold"][te] = z_te, fold
+                oof["folds"].append({"fit": fit, "hold": hold, "z_hold": z_hold, "log_prior": log_prior})
                 views_tr, ev_te = np.concatenate(feats_tr, -1), np.concatenate(feats_te, -1)
             tuning = time.time() - t0
             tail_bench._TRAINED.clear()  # heads trained on the other features must not be reused
@@ -314,8 +324,9 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                     pred = linear
                 elif what == "clf":
                     pred = names[clf_p.argmax(1)]
-                elif isinstance(what, tuple):  # ("clf-tau", tau): what that adjustment would do, fixed
-                    pred = names[mirror_probs(z_te - what[1] * log_prior).argmax(1)]
+                elif isinstance(what, tuple):  # ("clf-tau", tau) fixed, or ("clf-tau-by", criterion) on the held-out part
+                    t = what[1] if what[0] == "clf-tau" else by_criterion[what[1]]
+                    pred = names[mirror_probs(z_te - t * log_prior).argmax(1)]
                 elif what == "clf-prior":
                     pred = names[clf_prior_p.argmax(1)]
                 elif what in ("clf-combined", "clf-prior-combined"):
@@ -328,7 +339,52 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                 seconds[name] += tuning + time.time() - t1
                 log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, tuning + time.time() - t1,
                          np.mean(pred == leaves[te]))
-    return preds, seconds, taus
+    return preds, seconds, taus, oof
+
+
+#: How the held-out part may choose the prior adjustment's ``tau`` (:func:`prior_taus`): ``accuracy`` is
+#: train.py's rule (:func:`hiernet.training.choose_prior_tau`).
+TAU_CRITERIA = {"accuracy": "leaf accuracy", "macro-f1": "macro F1",
+                "macro-f1-bounded": "macro F1 among the taus within 0.5 point of its best leaf accuracy"}
+
+
+def prior_taus(z_hold: np.ndarray, y_hold: np.ndarray, log_prior: np.ndarray, n_classes: int,
+               bound: float = 0.005) -> dict:
+    """The ``tau`` of :data:`PRIOR_TAUS` each criterion of :data:`TAU_CRITERIA` chooses on a held-out part,
+    the smallest among equals (:func:`choose_prior_tau`).
+
+    Parameters
+    ----------
+    z_hold : numpy.ndarray, shape (H, 2, C)
+        The tuned classifier's logits of the held-out images (eval view and mirror).
+    y_hold : numpy.ndarray, shape (H,)
+        Their class indices.
+    log_prior : numpy.ndarray, shape (C,)
+        ``log`` of the training classes' frequencies (what ``tau`` scales and subtracts).
+    bound : float
+        ``macro-f1-bounded`` considers only the taus whose leaf accuracy is at most this below the best one.
+    """
+    from sklearn.metrics import f1_score
+
+    pred = {t: mirror_probs(z_hold - t * log_prior).argmax(1) for t in PRIOR_TAUS}
+    acc = {t: float(np.mean(p == y_hold)) for t, p in pred.items()}
+    f1 = {t: float(f1_score(y_hold, p, labels=range(n_classes), average="macro", zero_division=0)) for t, p in pred.items()}
+    best = max(acc.values())
+    return {"accuracy": choose_prior_tau(acc.get), "macro-f1": choose_prior_tau(f1.get),
+            "macro-f1-bounded": choose_prior_tau(lambda t: f1[t] if acc[t] >= best - bound - 1e-9 else -math.inf)}
+
+
+def save_logits(path: Path, oof: dict) -> None:
+    """The tuned classifier's out-of-fold logits (``z``: ``(N, 2, C)``, eval view and mirror; ``y``: ``(N,)``
+    class indices of ``leaf_ids``; ``fold``: ``(N,)`` the fold that held each image out) and, per fold ``k``, its held-out part's logits (``hold_k``, ``z_hold_k``)
+    and the log prior of what the tuning saw (``log_prior_k``), to try other ways of choosing ``tau`` without
+    tuning again. Written to a temporary file, then renamed."""
+    arrays = {"z": oof["z"], "y": oof["y"], "fold": oof["fold"], "leaf_ids": np.array(oof["leaf_ids"], dtype=str)}
+    for k, f in enumerate(oof["folds"]):
+        arrays.update({f"hold_{k}": f["hold"], f"z_hold_{k}": f["z_hold"], f"log_prior_{k}": f["log_prior"]})
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
 
 
 def held_out(tr: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -411,16 +467,18 @@ def main_composite(args, members: list, paths: list, leaves: np.ndarray, hier) -
     leaves = leaves[keep]
     leaf_ids = sorted(set(leaves))
     support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
-    preds, seconds, taus = cross_validate_composite(maps, leaves, leaf_ids, args.image_size, members, args.epochs, args.folds,
-                                              args.seed, args.max_folds, hier, args.hidden, lr=args.lr)
+    preds, seconds, taus, oof = cross_validate_composite(maps, leaves, leaf_ids, args.image_size, members, args.epochs,
+                                                         args.folds, args.seed, args.max_folds, hier, args.hidden, lr=args.lr)
     rows = tail_bench.score_rows(preds, seconds, leaves, tail)
     if args.out:
+        save_logits(args.out.with_suffix(".logits.npz"), oof)
         header = (f"# Tuning the last block of each member of {args.backbone} @ {args.image_size} px: {args.folds}-fold CV "
                   f"on train+val of {args.data_dir} ({len(leaves)} images, {len(support)} leaves; test split unused"
                   f"{f'; only the first {args.max_folds} fold(s) held out' if args.max_folds else ''}); eval view + mirror "
                   f"+ {args.views} augmented views; {args.epochs} epochs of tuning per member, on the training fold "
-                  f"less a held-out ninth, where the prior adjustment's tau was chosen: {', '.join(f'{t:g}' for t in taus)} "
-                  f"(fold by fold)")
+                  f"less a held-out ninth, where the prior adjustment's tau was chosen (fold by fold; by "
+                  f"leaf accuracy as train.py, by macro F1, by macro F1 within 0.5 point of the best leaf accuracy): "
+                  f"{'; '.join(', '.join(f'{t[c]:g}' for t in taus) for c in TAU_CRITERIA)}")
         tail_bench.write_report(args.out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")
     return 0
 

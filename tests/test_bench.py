@@ -526,16 +526,18 @@ def test_tail_tuning_composite_tunes_every_member_and_trains_the_heads_on_both(t
 
     monkeypatch.setattr(tuning, "tune", spy_tune)
     monkeypatch.setattr(tail_bench, "suite_lcpn", spy_heads)
-    preds, seconds, taus = tuning.cross_validate_composite([maps, other], leaves, leaf_ids, 64, members, epochs=15,
-                                                           folds=2, seed=0, max_folds=None, hier=hier, hidden=0,
-                                                           pretrained=False, lr=3e-3)
+    preds, seconds, taus, oof = tuning.cross_validate_composite([maps, other], leaves, leaf_ids, 64, members, epochs=15,
+                                                                folds=2, seed=0, max_folds=None, hier=hier, hidden=0,
+                                                                pretrained=False, lr=3e-3)
     short = "Lite1+Lite0"
     tuned_rows = [f"{short}, each tuned from its last block, then suite heads ({d})" for d in ("flat", "lcpn", "combined")]
     adjusted = f"{short}, each tuned from its last block, tuned classifier adjusted for the prior"
     clf_rows = [f"{short}, each tuned from its last block, tuned classifier (logits averaged: the flat head)",
                 f"{short}, each tuned from its last block, tuned classifier x suite LCPN heads (combined)",
                 f"{adjusted} (the flat head of --flat-classifier)", f"{adjusted} x suite LCPN heads (combined)",
-                *(f"{adjusted}, tau fixed at {t}" for t in ("0.25", "0.5", "0.75", "1"))]
+                *(f"{adjusted}, tau fixed at {t}" for t in ("0.25", "0.5", "0.75", "1")),
+                f"{adjusted}, tau chosen by held-out macro F1",
+                f"{adjusted}, tau chosen by held-out macro F1 among the taus within 0.5 point of its best leaf accuracy"]
     assert list(preds) == [*(f"frozen {short}, suite heads ({d})" for d in ("flat", "lcpn", "combined")),
                            f"{short}, each tuned from its last block, linear classifiers averaged", *tuned_rows, *clf_rows]
     assert set(seconds) == set(preds)
@@ -543,7 +545,12 @@ def test_tail_tuning_composite_tunes_every_member_and_trains_the_heads_on_both(t
     assert tuned_members == [(27,) + maps.shape[1:], (27,) + other.shape[1:]] * 2
     from hiernet.training import PRIOR_TAUS
 
-    assert len(taus) == 2 and set(taus) <= set(PRIOR_TAUS)
+    assert len(taus) == 2 and all(set(t) == set(tuning.TAU_CRITERIA) and set(t.values()) <= set(PRIOR_TAUS) for t in taus)
+    # every image's out-of-fold logits, from the fold that held it out; the tuned classifier decides by them
+    assert oof["z"].shape == (60, 2, 3) and np.isfinite(oof["z"]).all() and sorted(set(oof["fold"])) == [0, 1]
+    assert np.array_equal(np.array(leaf_ids, dtype=object)[tuning.mirror_probs(oof["z"]).argmax(1)], preds[clf_rows[0]])
+    assert [len(f["hold"]) for f in oof["folds"]] == [3, 3] and all(f["z_hold"].shape == (3, 2, 3) for f in oof["folds"])
+    assert not set(oof["folds"][0]["hold"]) & set(np.flatnonzero(oof["fold"] == 0))  # held out of the training fold
     # balanced classes: every adjustment is the same shift of all logits, so it changes no decision
     assert all(np.array_equal(preds[clf_rows[0]], preds[name]) for name in clf_rows[2:3] + clf_rows[4:])
     for name in preds:
@@ -574,6 +581,34 @@ def test_tail_tuning_holds_out_a_ninth_of_each_training_fold_for_the_prior(tunin
     assert np.array_equal(np.sort(np.concatenate([fit, hold])), tr)
     assert np.array_equal(fit, np.sort(fit)) and np.array_equal(hold, np.sort(hold))
     assert np.array_equal(tuning.held_out(tr, 3)[1], hold) and not np.array_equal(tuning.held_out(tr, 4)[1], hold)
+
+
+def test_tail_tuning_prior_taus_by_accuracy_by_macro_f1_and_by_macro_f1_within_a_bound(tuning):
+    """A rare class the plain classifier never predicts: the adjustment that lets it be predicted costs a
+    frequent image, so leaf accuracy keeps tau 0 while macro F1 takes it; the bound decides."""
+    log_prior = np.log(np.array([0.9, 0.1]))
+    # logits favour class 0 by a margin m: an adjustment by tau flips an image when tau * log(9) > m
+    margins = np.array([0.1, 0.1, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 0.3, 0.3, 0.3])
+    y = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])  # the two rare images, then frequent ones
+    z = np.stack([margins, np.zeros_like(margins)], 1)[:, None].repeat(2, 1)  # (12, 2, 2): view and mirror alike
+    # tau 0.25 flips margins below 0.55 (the 2 rare and 3 frequent images: accuracy 10/12 -> 9/12)
+    got = tuning.prior_taus(z, y, log_prior, 2)
+    assert got["accuracy"] == 0.0 and got["macro-f1"] == 0.25
+    assert got["macro-f1-bounded"] == 0.0  # 9/12 is 8 points below the best accuracy
+    assert tuning.prior_taus(z, y, log_prior, 2, bound=0.1)["macro-f1-bounded"] == 0.25
+
+
+def test_tail_tuning_saves_the_out_of_fold_logits(tuning, tmp_path):
+    oof = {"z": np.arange(12, dtype=np.float32).reshape(3, 2, 2), "y": np.array([0, 1, 1]), "fold": np.array([0, 1, 0]),
+           "leaf_ids": ["a", "b"], "folds": [{"fit": np.array([1]), "hold": np.array([2]), "z_hold": np.ones((1, 2, 2)),
+                                              "log_prior": np.array([-1.0, -0.5])}]}
+    path = tmp_path / "r.logits.npz"
+    path.write_bytes(b"an earlier run")
+    tuning.save_logits(path, oof)
+    with np.load(path, allow_pickle=False) as f:
+        assert sorted(f.files) == ["fold", "hold_0", "leaf_ids", "log_prior_0", "y", "z", "z_hold_0"]
+        assert np.array_equal(f["z"], oof["z"]) and list(f["leaf_ids"]) == ["a", "b"] and f["hold_0"].tolist() == [2]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.logits.npz"]  # no temporary file left
 
 
 def test_tail_tuning_composite_needs_the_suite_heads(tuning, tmp_path):
