@@ -53,7 +53,7 @@ BACKBONE = "efficientnet-lite0"
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=REPO / "split_datasets", help="prepared datasets")
-    p.add_argument("--work", type=Path, required=True, help="folder for the cached feature maps (outside the repo)")
+    p.add_argument("--work", type=Path, help="folder for the cached feature maps (outside the repo; needed but with --rescore)")
     p.add_argument("--backbone", default=BACKBONE, help="one EfficientNet(-Lite) of the registry (default: Lite0), or a '+' composite such as the default recipe's efficientnet-lite1+efficientnet-lite0 (the last block of each member tuned; needs --suite-heads)")
     p.add_argument("--image-size", type=int, help="input side (default: the backbone's own; Lite0: 224)")
     p.add_argument("--tune-from", type=int, nargs="+",
@@ -72,6 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="fold, view and training seed")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--out", type=Path, help="markdown report (and a .json twin)")
+    p.add_argument("--rescore", type=Path, metavar="LOGITS",
+                   help="score the tuned classifier's rows again from the out-of-fold logits a composite run saved "
+                        "(REPORT.logits.npz; name the rows with the same --backbone), tuning nothing")
     return p
 
 
@@ -252,8 +255,7 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     head with ``--flat-classifier``, its temperature left at 1), alone and times the LCPN heads' path
     probabilities (the combined decision), as they are and adjusted for the class prior with the ``tau``
     the held-out part chooses (:func:`hiernet.training.choose_prior_tau`, as train.py chooses on the
-    validation split), with each ``tau`` of :data:`hiernet.training.PRIOR_TAUS` fixed (what each would
-    do) and with the ``tau`` the held-out part's other criteria choose (:func:`prior_taus`). Returns
+    validation split), with each ``tau`` of :data:`FIXED_TAUS` (what each would do) and with the ``tau`` the held-out part's other criteria choose (:func:`prior_taus`). Returns
     out-of-fold predictions ``{row: (N,)}``, seconds per row, the ``tau`` each criterion chose in each fold
     (``[{criterion: tau}]``) and the tuned classifier's out-of-fold logits (what :func:`save_logits` writes).
     """
@@ -262,21 +264,14 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
 
     names = np.array(leaf_ids, dtype=object)
     y = np.array([leaf_ids.index(leaf) for leaf in leaves])
-    short = "+".join(m.replace("efficientnet-", "").capitalize() for m in members)  # "Lite1+Lite0"
+    short = _short(members)  # "Lite1+Lite0"
     cuts = [_last_block(m, image_size) for m in members]
     frozen_tails = [backbone_parts(image_size, cut, pretrained, m)[1] for m, cut in zip(members, cuts)]
     decisions = ("flat", "lcpn", "combined")
     rows = {f"frozen {short}, suite heads ({d})": ("frozen", d) for d in decisions}
     rows[f"{short}, each tuned from its last block, linear classifiers averaged"] = ("tuned", "linear")
     rows.update({f"{short}, each tuned from its last block, then suite heads ({d})": ("tuned", d) for d in decisions})
-    rows[f"{short}, each tuned from its last block, tuned classifier (logits averaged: the flat head)"] = ("tuned", "clf")
-    rows[f"{short}, each tuned from its last block, tuned classifier x suite LCPN heads (combined)"] = ("tuned", "clf-combined")
-    adjusted = f"{short}, each tuned from its last block, tuned classifier adjusted for the prior"
-    rows[f"{adjusted} (the flat head of --flat-classifier)"] = ("tuned", "clf-prior")
-    rows[f"{adjusted} x suite LCPN heads (combined)"] = ("tuned", "clf-prior-combined")
-    rows.update({f"{adjusted}, tau fixed at {tau:g}": ("tuned", ("clf-tau", tau)) for tau in PRIOR_TAUS[1:]})
-    rows.update({f"{adjusted}, tau chosen by held-out {label}": ("tuned", ("clf-tau-by", c))
-                 for c, label in TAU_CRITERIA.items() if c != "accuracy"})
+    rows.update({name: ("tuned", what) for name, what in classifier_row_names(short, combined=True).items()})
     by_leaf = [leaf_ids.index(leaf) for leaf in hier.leaves()]  # the classifier's columns in hier.leaves() order
     preds = {n: np.empty(len(leaves), dtype=object) for n in rows}
     taus = []
@@ -304,13 +299,10 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                     feats_te.append(pooled(t, maps[te], [0, 1]))
                 linear = names[np.mean([mirror_probs(z) for z in logits], 0).argmax(1)]
                 z_te, z_hold = np.mean(logits, 0), np.mean(hold_logits, 0)  # the tuned classifier's logits
-                clf_p = mirror_probs(z_te)
                 log_prior = logit_adjustment(y[fit], len(leaf_ids), 1.0).numpy()
-                by_criterion = prior_taus(z_hold, y[hold], log_prior, len(leaf_ids))
-                tau = by_criterion["accuracy"]
+                clf, by_criterion = classifier_decisions(z_te, z_hold, y[hold], log_prior, len(leaf_ids))
                 taus.append(by_criterion)
                 log.info("fold %d: the held-out part (%d images) chooses tau %s", fold, len(hold), by_criterion)
-                clf_prior_p = mirror_probs(z_te - tau * log_prior)
                 oof["z"][te], oof["fold"][te] = z_te, fold
                 oof["folds"].append({"fit": fit, "hold": hold, "z_hold": z_hold, "log_prior": log_prior})
                 views_tr, ev_te = np.concatenate(feats_tr, -1), np.concatenate(feats_te, -1)
@@ -322,15 +314,10 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                 t1 = time.time()
                 if what == "linear":
                     pred = linear
-                elif what == "clf":
-                    pred = names[clf_p.argmax(1)]
-                elif isinstance(what, tuple):  # ("clf-tau", tau) fixed, or ("clf-tau-by", criterion) on the held-out part
-                    t = what[1] if what[0] == "clf-tau" else by_criterion[what[1]]
-                    pred = names[mirror_probs(z_te - t * log_prior).argmax(1)]
-                elif what == "clf-prior":
-                    pred = names[clf_prior_p.argmax(1)]
+                elif bb == "tuned" and what in clf:  # the tuned classifier, as it is or adjusted for the prior
+                    pred = names[clf[what].argmax(1)]
                 elif what in ("clf-combined", "clf-prior-combined"):
-                    flat_p = (clf_p if what == "clf-combined" else clf_prior_p)[:, by_leaf]
+                    flat_p = clf[what.removesuffix("-combined")][:, by_leaf]
                     pred = tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te,
                                                  {"decision": "combined", "flat_probs": flat_p}, seed + fold, hidden)
                 else:
@@ -340,6 +327,63 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                 log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, tuning + time.time() - t1,
                          np.mean(pred == leaves[te]))
     return preds, seconds, taus, oof
+
+
+#: The adjustments the composite CV scores fixed, beside the ``tau`` the held-out part chooses of
+#: :data:`hiernet.training.PRIOR_TAUS`.
+FIXED_TAUS = (0.25, 0.5, 0.75, 1.0)
+
+
+def classifier_row_names(short: str, combined: bool) -> dict:
+    """``{row name: decision}`` of the tuned classifier's rows (``short``: the members, e.g. "Lite1+Lite0"), the
+    decisions :func:`classifier_decisions` returns; with ``combined`` also those times the LCPN heads."""
+    tuned = f"{short}, each tuned from its last block, tuned classifier"
+    adjusted = f"{tuned} adjusted for the prior"
+    rows = {f"{tuned} (logits averaged: the flat head)": "clf"}
+    if combined:
+        rows[f"{tuned} x suite LCPN heads (combined)"] = "clf-combined"
+    rows[f"{adjusted} (the flat head of --flat-classifier)"] = "clf-prior"
+    if combined:
+        rows[f"{adjusted} x suite LCPN heads (combined)"] = "clf-prior-combined"
+    rows.update({f"{adjusted}, tau fixed at {tau:g}": ("clf-tau", tau) for tau in FIXED_TAUS})
+    rows.update({f"{adjusted}, tau chosen by held-out {label}": ("clf-tau-by", c)
+                 for c, label in TAU_CRITERIA.items() if c != "accuracy"})
+    return rows
+
+
+def classifier_decisions(z_te: np.ndarray, z_hold: np.ndarray, y_hold: np.ndarray, log_prior: np.ndarray,
+                         n_classes: int) -> tuple[dict, dict]:
+    """The tuned classifier's probabilities ``(n, C)`` on a fold's test images from its logits ``z_te``
+    ``(n, 2, C)`` (eval view and mirror): as it is (``"clf"``), adjusted for the prior with the ``tau`` the
+    held-out part chooses as train.py does (``"clf-prior"``), with each of :data:`FIXED_TAUS`
+    (``("clf-tau", tau)``) and with the ``tau`` each other criterion chooses (``("clf-tau-by", criterion)``);
+    and ``{criterion: tau}`` (:func:`prior_taus`)."""
+    by = prior_taus(z_hold, y_hold, log_prior, n_classes)
+    out = {"clf": mirror_probs(z_te), "clf-prior": mirror_probs(z_te - by["accuracy"] * log_prior)}
+    out.update({("clf-tau", t): mirror_probs(z_te - t * log_prior) for t in FIXED_TAUS})
+    out.update({("clf-tau-by", c): mirror_probs(z_te - by[c] * log_prior) for c in TAU_CRITERIA if c != "accuracy"})
+    return out, by
+
+
+def rescore(path: Path, short: str) -> tuple[dict, list, np.ndarray]:
+    """The tuned classifier's rows from the out-of-fold logits :func:`save_logits` wrote, under the current
+    :data:`hiernet.training.PRIOR_TAUS` and criteria, without tuning again (the tuning is seeded: a rerun
+    gives the same logits). Returns ``{row: (N,) predicted leaves}`` (``None`` for images no fold held
+    out), the ``{criterion: tau}`` of each fold and the leaves ``(N,)``."""
+    with np.load(path, allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files}
+    names = data["leaf_ids"].astype(object)
+    y, z, fold = data["y"], data["z"], data["fold"]
+    rows = classifier_row_names(short, combined=False)
+    preds = {name: np.full(len(y), None, dtype=object) for name in rows}
+    taus = []
+    for k in range(int(fold.max()) + 1):
+        te = fold == k
+        clf, by = classifier_decisions(z[te], data[f"z_hold_{k}"], y[data[f"hold_{k}"]], data[f"log_prior_{k}"], len(names))
+        taus.append(by)
+        for name, what in rows.items():
+            preds[name][te] = names[clf[what].argmax(1)]
+    return preds, taus, names[y]
 
 
 #: How the held-out part may choose the prior adjustment's ``tau`` (:func:`prior_taus`): ``accuracy`` is
@@ -409,6 +453,10 @@ def main(args) -> int:
 
     import tail as tail_bench
 
+    if args.rescore:
+        return main_rescore(args)
+    if args.work is None:
+        raise SystemExit("--work is needed: a folder for the cached feature maps, outside the repository")
     if args.work.resolve().is_relative_to(REPO):
         raise SystemExit(f"--work must be outside the repository ({REPO})")
     torch.set_num_threads(args.threads)
@@ -481,6 +529,35 @@ def main_composite(args, members: list, paths: list, leaves: np.ndarray, hier) -
                   f"{'; '.join(', '.join(f'{t[c]:g}' for t in taus) for c in TAU_CRITERIA)}")
         tail_bench.write_report(args.out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")
     return 0
+
+
+def main_rescore(args) -> int:
+    """``--rescore LOGITS``: :func:`rescore`, reported as a run would (``--out``) or printed."""
+    import tail as tail_bench
+    from hiernet.backbones import get_spec
+    from hiernet.safeio import UserError
+
+    try:
+        spec = get_spec(args.backbone)
+        preds, taus, leaves = rescore(args.rescore, _short([part.name for part in spec.members()]))
+    except (UserError, OSError, KeyError, ValueError) as exc:
+        raise SystemExit(f"cannot rescore {args.rescore}: {exc} (give the .logits.npz a composite run of "
+                         "bench/tail_tuning.py wrote beside its report)") from None
+    support, tail = tail_bench.support_and_tail(leaves, args.tail_max, len(taus))
+    rows = tail_bench.score_rows(preds, {name: 0.0 for name in preds}, leaves, tail)
+    if args.out:
+        header = (f"# The tuned classifier's rows of {args.backbone}, scored again from the out-of-fold logits "
+                  f"{args.rescore} ({len(leaves)} images, {len(support)} leaves; nothing tuned: seconds 0); tau of "
+                  f"{PRIOR_TAUS} chosen on each fold's held-out part (fold by fold; by leaf accuracy as train.py, by "
+                  f"macro F1, by macro F1 within 0.5 point of the best leaf accuracy): "
+                  f"{'; '.join(', '.join(f'{t[c]:g}' for t in taus) for c in TAU_CRITERIA)}")
+        tail_bench.write_report(args.out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")
+    return 0
+
+
+def _short(members: list) -> str:
+    """"Lite1+Lite0" of [efficientnet-lite1, efficientnet-lite0]: how the composite's rows name its members."""
+    return "+".join(m.replace("efficientnet-", "").capitalize() for m in members)
 
 
 if __name__ == "__main__":

@@ -497,7 +497,7 @@ def test_tail_tuning_tunes_another_backbone_and_names_its_rows(tuning):
     assert list(preds) == ["frozen Lite1, suite flat head (linear)", "Lite1 tuned from block 20 of 21, linear classifier"]
 
 
-def test_tail_tuning_composite_tunes_every_member_and_trains_the_heads_on_both(tuning, monkeypatch):
+def test_tail_tuning_composite_tunes_every_member_and_trains_the_heads_on_both(tuning, monkeypatch, tmp_path):
     """--backbone A+B: each member's last block tuned on its own maps; the suite's heads see the members'
     features concatenated (2 x 1280), tuned ones in the tuned rows, frozen ones in the frozen rows."""
     from conftest import pattern_maps
@@ -551,6 +551,12 @@ def test_tail_tuning_composite_tunes_every_member_and_trains_the_heads_on_both(t
     assert np.array_equal(np.array(leaf_ids, dtype=object)[tuning.mirror_probs(oof["z"]).argmax(1)], preds[clf_rows[0]])
     assert [len(f["hold"]) for f in oof["folds"]] == [3, 3] and all(f["z_hold"].shape == (3, 2, 3) for f in oof["folds"])
     assert not set(oof["folds"][0]["hold"]) & set(np.flatnonzero(oof["fold"] == 0))  # held out of the training fold
+    # --rescore: the tuned classifier's rows again from the saved logits, nothing tuned, the same decisions
+    tuning.save_logits(tmp_path / "r.logits.npz", oof)
+    again, again_taus, again_leaves = tuning.rescore(tmp_path / "r.logits.npz", short)
+    assert list(again) == [n for n in clf_rows if "LCPN" not in n] and again_taus == taus
+    assert np.array_equal(again_leaves, leaves)
+    assert all(np.array_equal(again[name], preds[name]) for name in again)
     # balanced classes: every adjustment is the same shift of all logits, so it changes no decision
     assert all(np.array_equal(preds[clf_rows[0]], preds[name]) for name in clf_rows[2:3] + clf_rows[4:])
     for name in preds:
@@ -588,14 +594,15 @@ def test_tail_tuning_prior_taus_by_accuracy_by_macro_f1_and_by_macro_f1_within_a
     frequent image, so leaf accuracy keeps tau 0 while macro F1 takes it; the bound decides."""
     log_prior = np.log(np.array([0.9, 0.1]))
     # logits favour class 0 by a margin m: an adjustment by tau flips an image when tau * log(9) > m
-    margins = np.array([0.1, 0.1, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 0.3, 0.3, 0.3])
+    margins = np.array([0.5, 0.5, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 0.2, 0.2, 0.2])
     y = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])  # the two rare images, then frequent ones
     z = np.stack([margins, np.zeros_like(margins)], 1)[:, None].repeat(2, 1)  # (12, 2, 2): view and mirror alike
-    # tau 0.25 flips margins below 0.55 (the 2 rare and 3 frequent images: accuracy 10/12 -> 9/12)
+    # tau 0.1 flips the margins of 0.2 (3 frequent images: accuracy 10/12 -> 7/12); tau 0.3 those of 0.5 too
+    # (the 2 rare images: 9/12, macro F1 0.45 -> 0.70); no tau <= 1 flips a margin of 3
     got = tuning.prior_taus(z, y, log_prior, 2)
-    assert got["accuracy"] == 0.0 and got["macro-f1"] == 0.25
+    assert got["accuracy"] == 0.0 and got["macro-f1"] == 0.3
     assert got["macro-f1-bounded"] == 0.0  # 9/12 is 8 points below the best accuracy
-    assert tuning.prior_taus(z, y, log_prior, 2, bound=0.1)["macro-f1-bounded"] == 0.25
+    assert tuning.prior_taus(z, y, log_prior, 2, bound=0.1)["macro-f1-bounded"] == 0.3
 
 
 def test_tail_tuning_saves_the_out_of_fold_logits(tuning, tmp_path):
@@ -609,6 +616,40 @@ def test_tail_tuning_saves_the_out_of_fold_logits(tuning, tmp_path):
         assert sorted(f.files) == ["fold", "hold_0", "leaf_ids", "log_prior_0", "y", "z", "z_hold_0"]
         assert np.array_equal(f["z"], oof["z"]) and list(f["leaf_ids"]) == ["a", "b"] and f["hold_0"].tolist() == [2]
     assert [p.name for p in tmp_path.iterdir()] == ["r.logits.npz"]  # no temporary file left
+
+
+def test_tail_tuning_rescore_scores_the_saved_logits_or_says_what_to_give(tuning, tmp_path):
+    """--rescore on two folds of imbalanced logits: each fold adjusted by the tau its own held-out part
+    chooses, every row scored, the report written; a file that is not such logits is refused in one line."""
+    y = np.array([0] * 16 + [1] * 4)  # 4 rare images (16-19)
+    margins = np.full(20, 3.0)  # class 0 ahead by this margin: the frequent images are right, unless ...
+    margins[16:], margins[0] = 0.5, 0.2  # ... the rare ones (tau 0.3 flips them) and image 0 (tau 0.1 flips it)
+    z = np.stack([margins, np.zeros(20)], 1)[:, None].repeat(2, 1).astype(np.float32)  # (20, 2, 2)
+    log_prior = np.log(np.array([0.9, 0.1]))
+    # fold 0 tests the even images, its held-out part a rare odd one (tau 0.3 gets it); fold 1 the odd images,
+    # its held-out part image 0 (any tau loses it: 0)
+    oof = {"z": z, "y": y, "fold": np.arange(20) % 2, "leaf_ids": ["a/x", "b/y"],
+           "folds": [{"hold": np.array([17]), "z_hold": z[[17]], "log_prior": log_prior},
+                     {"hold": np.array([0]), "z_hold": z[[0]], "log_prior": log_prior}]}
+    tuning.save_logits(tmp_path / "r.logits.npz", oof)
+    preds, taus, leaves = tuning.rescore(tmp_path / "r.logits.npz", "Lite1+Lite0")
+    assert [t["accuracy"] for t in taus] == [0.3, 0.0]
+    flat = preds["Lite1+Lite0, each tuned from its last block, tuned classifier adjusted for the prior (the flat head of --flat-classifier)"]
+    assert [i for i, p in enumerate(flat) if p == "b/y"] == [0, 16, 18]  # fold 0's images adjusted, fold 1's not
+    assert list(leaves) == ["a/x"] * 16 + ["b/y"] * 4
+    tuning.save_logits(tmp_path / "r.logits.npz", oof)
+    out = tmp_path / "r.md"
+    argv = ["--rescore", str(tmp_path / "r.logits.npz"), "--backbone", "efficientnet-lite1+efficientnet-lite0",
+            "--out", str(out)]
+    assert tuning.main(tuning.get_args_parser().parse_args(argv)) == 0
+    report = out.read_text()
+    assert "Lite1+Lite0, each tuned from its last block, tuned classifier adjusted for the prior, tau fixed at 1 |" in report
+    assert "20 images, 2 leaves" in report and "x suite LCPN" not in report
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    with pytest.raises(SystemExit, match=r"cannot rescore .*bad.npz.*give the .logits.npz"):
+        tuning.main(tuning.get_args_parser().parse_args(["--rescore", str(tmp_path / "bad.npz")]))
+    with pytest.raises(SystemExit, match="--work is needed"):
+        tuning.main(tuning.get_args_parser().parse_args(["--data-dir", str(tmp_path)]))
 
 
 def test_tail_tuning_composite_needs_the_suite_heads(tuning, tmp_path):

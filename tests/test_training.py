@@ -166,7 +166,7 @@ def test_a_tuned_classifier_is_the_flat_head_as_it_is(prepared, tmp_path):
 def test_the_prior_tau_is_the_most_accurate_and_the_smallest_among_equals():
     from hiernet.training import PRIOR_TAUS, choose_prior_tau
 
-    assert choose_prior_tau({0.0: 0.5, 0.25: 0.6, 0.5: 0.7, 0.75: 0.7, 1.0: 0.65}.get) == 0.5
+    assert choose_prior_tau(lambda tau: 0.7 if 0.5 <= tau <= 0.7 else 0.6) == 0.5
     assert choose_prior_tau(lambda tau: 0.8) == 0.0  # nothing gained: no adjustment
     assert choose_prior_tau(lambda tau: tau) == PRIOR_TAUS[-1]
 
@@ -191,6 +191,8 @@ def test_the_tuned_classifier_is_adjusted_for_the_prior_as_the_validation_split_
     assert torch.allclose(h.net[-1].bias, torch.zeros(2), atol=1e-6)  # bias - 1 * log prior
     h = head()  # -0.6: tau 0.5 is the smallest that gets it
     assert adjust_for_prior(h, labels, np.array([[-0.6], [2.0]], np.float32), np.array([1, 0])) == 0.5 in PRIOR_TAUS
+    h = head()  # -1.0: a small adjustment, tau 0.1 (threshold -0.99), gets it; a coarser grid would overshoot
+    assert adjust_for_prior(h, labels, np.array([[-1.0], [-0.3], [2.0]], np.float32), np.array([1, 0, 0])) == 0.1
     h = head()  # nothing to gain: left as it is
     assert adjust_for_prior(h, labels, np.array([[2.0], [-3.0]], np.float32), np.array([0, 1])) == 0.0
     assert torch.allclose(h.net[-1].bias, torch.as_tensor(log_prior, dtype=torch.float32))

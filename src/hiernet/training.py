@@ -377,7 +377,7 @@ def flat_classifier(cfg: TrainConfig, ds: str, classes: list, backbone: FeatureE
 
 
 #: Post-hoc logit adjustment strengths the tuned classifier's validation split chooses from (0: none).
-PRIOR_TAUS = (0.0, 0.25, 0.5, 0.75, 1.0)
+PRIOR_TAUS = tuple(round(0.1 * i, 1) for i in range(11))  # 0, 0.1, ..., 1: chosen by cross-validation (README)
 
 
 def adjust_for_prior(head: Head, train_labels: np.ndarray, val_x: np.ndarray | None, val_y: np.ndarray | None) -> float:
