@@ -118,7 +118,7 @@ def test_heads_standardise_with_the_pinned_statistics_of_the_whole_tree(prepared
     assert np.allclose(entry["mean"], fresh, atol=1e-6)
 
 
-def test_a_tuned_classifier_is_the_flat_head_as_it_is(prepared, tmp_path):
+def test_a_tuned_classifier_is_the_flat_head_as_it_is(prepared, tmp_path, monkeypatch):
     """--flat-classifier: the flat head computes the tuned classifier's logits on the raw features (its
     standardiser folded in), only the temperature is fitted; a classifier of other leaves or of other
     backbone weights, or for another node, is refused in one line."""
@@ -137,8 +137,20 @@ def test_a_tuned_classifier_is_the_flat_head_as_it_is(prepared, tmp_path):
     cfg = TrainConfig().override({"backbone": "efficientnet-lite0", "image_size": 64, "views": 1, "precision": "fp32",
                                   "hidden": 0, "flat_classifier": str(clf)})
     models, cache = tmp_path / "models", tmp_path / "cache"
+    import hiernet.training as training
+
+    seen, real_adjust = {}, training.adjust_for_prior
+
+    def spy(head, train_labels, val_x, val_y, val_mirror=None):
+        seen.update(val_x=val_x, val_mirror=val_mirror)
+        return real_adjust(head, train_labels, val_x, val_y, val_mirror)
+
+    monkeypatch.setattr(training, "adjust_for_prior", spy)
     summary = train_node(cfg, "flat", prepared, models, cache_dir=cache, progress=False)
     assert summary["epochs_run"] == 0 and summary["calibration"] is not None
+    # tau is chosen on the validation images as prediction decides them: with their mirror views (tta)
+    assert cfg.tta and seen["val_mirror"] is not None and seen["val_mirror"].shape == seen["val_x"].shape
+    assert not np.allclose(seen["val_mirror"], seen["val_x"])
     ck = read_checkpoint(models / "flat" / "model.pth")
     assert ck["config"]["head"]["hidden"] == 0 and ck["config"]["train"]["flat_classifier"] == str(clf)
     head = build_head(ck["config"]["head"])
@@ -193,6 +205,13 @@ def test_the_tuned_classifier_is_adjusted_for_the_prior_as_the_validation_split_
     assert adjust_for_prior(h, labels, np.array([[-0.6], [2.0]], np.float32), np.array([1, 0])) == 0.5 in PRIOR_TAUS
     h = head()  # -1.0: a small adjustment, tau 0.1 (threshold -0.99), gets it; a coarser grid would overshoot
     assert adjust_for_prior(h, labels, np.array([[-1.0], [-0.3], [2.0]], np.float32), np.array([1, 0, 0])) == 0.1
+    # with the mirror views, as prediction decides: a mirror far on class 0's side outvotes any adjustment
+    val, mirror = np.array([[-1.0], [2.0]], np.float32), np.array([[3.0], [2.0]], np.float32)
+    assert adjust_for_prior(head(), labels, val, np.array([1, 0])) == 0.1
+    assert adjust_for_prior(head(), labels, val, np.array([1, 0]), mirror) == 0.0
+    # ... and a mirror that agrees with the rare class lets a smaller adjustment do (x -0.6 alone needs 0.5)
+    assert adjust_for_prior(head(), labels, np.array([[-0.6], [2.0]], np.float32), np.array([1, 0]),
+                            np.array([[-2.0], [2.0]], np.float32)) == 0.0
     h = head()  # nothing to gain: left as it is
     assert adjust_for_prior(h, labels, np.array([[2.0], [-3.0]], np.float32), np.array([0, 1])) == 0.0
     assert torch.allclose(h.net[-1].bias, torch.as_tensor(log_prior, dtype=torch.float32))

@@ -222,7 +222,8 @@ class NodeInputs:
     """What training and evaluating a node needs, whichever strategy built it.
 
     ``test_mirror`` ``(M, D)``: features of the mirrored test images (mirror averaging), or ``None``;
-    ``val_x``/``val_children``: validation features ``(V, D)`` and class indices for calibration, or ``None``.
+    ``val_x``/``val_children``: validation features ``(V, D)`` and class indices for calibration, or ``None``;
+    ``val_mirror`` ``(V, D)``: the mirrored validation images' features when prediction mirror-averages.
     """
 
     model: torch.nn.Module
@@ -237,6 +238,7 @@ class NodeInputs:
     val_children: np.ndarray | None = None
     int8_model: Path | None = None
     tree_stats: dict | None = None
+    val_mirror: np.ndarray | None = None
 
 
 def node_features(cfg: TrainConfig, backbone: FeatureExtractor, data: NodeData, device: str,
@@ -311,7 +313,7 @@ def frozen_inputs(cfg: TrainConfig, backbone: FeatureExtractor, head: Head, data
     return NodeInputs(head, train_set, val_set, test_set, train_labels,
                       [p for p, k in zip(data.paths("test"), ok_t) if k], False,
                       test_mirror=xt[:, 1] if cfg.tta else None, val_x=xv[:, 0], val_children=data.labels("val")[ok_v],
-                      int8_model=feats.get("int8_model"), tree_stats=stats)
+                      int8_model=feats.get("int8_model"), tree_stats=stats, val_mirror=xv[:, 1] if cfg.tta else None)
 
 
 def finetune_inputs(cfg: TrainConfig, backbone: FeatureExtractor, head: Head, data: NodeData, device: str,
@@ -380,17 +382,21 @@ def flat_classifier(cfg: TrainConfig, ds: str, classes: list, backbone: FeatureE
 PRIOR_TAUS = tuple(round(0.1 * i, 1) for i in range(11))  # 0, 0.1, ..., 1: chosen by cross-validation (README)
 
 
-def adjust_for_prior(head: Head, train_labels: np.ndarray, val_x: np.ndarray | None, val_y: np.ndarray | None) -> float:
+def adjust_for_prior(head: Head, train_labels: np.ndarray, val_x: np.ndarray | None, val_y: np.ndarray | None,
+                     val_mirror: np.ndarray | None = None) -> float:
     """Post-hoc logit adjustment of a linear head (Menon et al. 2021): its bias minus ``tau * log(prior)`` of
     the training classes, ``tau`` from :data:`PRIOR_TAUS` with the best validation leaf accuracy (the
-    smallest among equals; 0 without a validation split). Rare classes get a fair share of the decisions
-    without costing the frequent ones more than the validation split allows.
+    smallest among equals; 0 without a validation split), the images' decisions made as prediction makes
+    them (mirror-averaged probabilities when ``val_mirror`` is given). Rare classes get a fair share of the
+    decisions without costing the frequent ones more than the validation split allows.
 
     Parameters
     ----------
     train_labels : numpy.ndarray, shape (N,)
         Class indices of the training samples (their frequencies are the prior).
     val_x, val_y : numpy.ndarray, shapes (V, D) and (V,)
+    val_mirror : numpy.ndarray, shape (V, D), optional
+        Features of the mirrored validation images.
 
     Returns
     -------
@@ -403,10 +409,14 @@ def adjust_for_prior(head: Head, train_labels: np.ndarray, val_x: np.ndarray | N
     log_prior = logit_adjustment(train_labels, last.out_features, 1.0).to(last.bias)
     base = last.bias.detach().clone()
     x, y = torch.from_numpy(val_x), torch.as_tensor(val_y)
+    x_mirror = None if val_mirror is None else torch.from_numpy(val_mirror)
 
     def accuracy(tau: float) -> float:
         last.bias.copy_(base - tau * log_prior)
-        return float((head.eval()(x).argmax(1) == y).float().mean())
+        probs = torch.softmax(head.eval()(x), 1)
+        if x_mirror is not None:  # as evaluate_node and prediction: the mean of the two views' probabilities
+            probs = (probs + torch.softmax(head(x_mirror), 1)) / 2
+        return float((probs.argmax(1) == y).float().mean())
 
     with torch.no_grad():
         tau = choose_prior_tau(accuracy)
@@ -432,7 +442,7 @@ def classifier_head(head: Head, clf: dict, inputs: NodeInputs) -> tuple[FitResul
     and the chosen ``tau``."""
     head.load_linear(clf["weight"], clf["bias"])
     head.aggregate = True
-    tau = adjust_for_prior(head, inputs.train_labels, inputs.val_x, inputs.val_children)
+    tau = adjust_for_prior(head, inputs.train_labels, inputs.val_x, inputs.val_children, inputs.val_mirror)
     log.info("flat head: logit adjustment tau %.2f (of %s, best validation leaf accuracy)", tau, PRIOR_TAUS)
     loss = math.inf
     if inputs.val_x is not None and len(inputs.val_children):
