@@ -537,7 +537,8 @@ def test_tail_tuning_composite_tunes_every_member_and_trains_the_heads_on_both(t
                 f"{adjusted} (the flat head of --flat-classifier)", f"{adjusted} x suite LCPN heads (combined)",
                 *(f"{adjusted}, tau fixed at {t}" for t in ("0.25", "0.5", "0.75", "1")),
                 f"{adjusted}, tau chosen by held-out macro F1",
-                f"{adjusted}, tau chosen by held-out macro F1 among the taus within 0.5 point of its best leaf accuracy"]
+                f"{adjusted}, tau chosen by held-out macro F1 among the taus within 0.5 point of its best leaf accuracy",
+                f"{adjusted}, tau chosen by held-out leaf accuracy of the eval view alone (train.py before it mirror-averaged)"]
     assert list(preds) == [*(f"frozen {short}, suite heads ({d})" for d in ("flat", "lcpn", "combined")),
                            f"{short}, each tuned from its last block, linear classifiers averaged", *tuned_rows, *clf_rows]
     assert set(seconds) == set(preds)
@@ -603,6 +604,13 @@ def test_tail_tuning_prior_taus_by_accuracy_by_macro_f1_and_by_macro_f1_within_a
     assert got["accuracy"] == 0.0 and got["macro-f1"] == 0.3
     assert got["macro-f1-bounded"] == 0.0  # 9/12 is 8 points below the best accuracy
     assert tuning.prior_taus(z, y, log_prior, 2, bound=0.1)["macro-f1-bounded"] == 0.3
+    assert got["accuracy-eval-view"] == 0.0  # view and mirror alike: the eval view decides as both do
+    # no frequent image near the boundary, the rare images' mirrors far on class 0's side: the eval view alone
+    # would take tau 0.3 (12/12), the mirror-averaged decisions cannot get the rare images at any tau (10/12)
+    z2 = z[:9].copy()
+    z2[:2, 1, 0] = 5.0
+    got2 = tuning.prior_taus(z2, y[:9], log_prior, 2)
+    assert got2["accuracy-eval-view"] == 0.3 and got2["accuracy"] == 0.0
 
 
 def test_tail_tuning_saves_the_out_of_fold_logits(tuning, tmp_path):
