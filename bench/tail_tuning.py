@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from hiernet.engine import logit_adjustment  # noqa: E402
 from hiernet.training import PRIOR_TAUS, choose_prior_tau  # noqa: E402
-from hiernet.tailtune import mirror_probs, pooled, tune_tail as tune, tuned_logits, tuned_probs  # noqa: E402  (src/tune_backbone.py's tuning)
+from hiernet.tailtune import level_groups, mirror_probs, pooled, tune_tail as tune, tuned_logits, tuned_probs  # noqa: E402  (src/tune_backbone.py's tuning)
 
 log = logging.getLogger("tail_tuning")
 BACKBONE = "efficientnet-lite0"
@@ -61,6 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=2, help="augmented views per image besides the eval view and its mirror")
     p.add_argument("--epochs", type=int, default=12, help="epochs of tuning")
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the tuned blocks (the classifier: 10 x)")
+    p.add_argument("--level-loss", type=float, default=0.0, metavar="W",
+                   help="add W x the loss of the true path's nodes at the levels above the leaves to the tuning's "
+                        "(a hierarchy-aware loss; default 0: leaves only)")
     p.add_argument("--hidden", type=int, default=1024, help="hidden units of the frozen row's suite head (0 = linear)")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds over train+val")
     p.add_argument("--max-folds", type=int, help="hold out only the first N folds (scored on their images)")
@@ -169,13 +172,14 @@ def extract_maps(paths: list, image_size: int, tune_from: int, n_aug: int, seed:
 
 def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tune_from: list, epochs: int,
                    hidden: int, folds: int, seed: int, max_folds: int | None, peers: bool, pretrained: bool = True,
-                   lr: float = 3e-4, hier=None, backbone: str = BACKBONE):
+                   lr: float = 3e-4, hier=None, backbone: str = BACKBONE, tune_kw: dict | None = None):
     """Out-of-fold leaf predictions ``{row: (N,)}`` (None beyond ``max_folds``) and seconds per row.
 
     ``maps``: one ``(N, V, C, h, w)`` array per ``tune_from`` value, the same images and views. With
     ``hier``, the frozen backbone and each tuned one also get the suite's heads with the LCPN and combined
     decisions (``bench/tail.py``'s ``suite_lcpn``, trained on the pooled features of every view), and each
-    tuned backbone the suite's flat head too: train.py's heads on a backbone tuned first.
+    tuned backbone the suite's flat head too: train.py's heads on a backbone tuned first. ``tune_kw``: more
+    keywords of the tuning (:func:`hiernet.tailtune.tune_tail`), e.g. its level loss.
     """
     from sklearn.model_selection import StratifiedKFold
     import tail as tail_bench
@@ -210,7 +214,7 @@ def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tu
                 views_tr, ev_te = frozen[tr], frozen[te, :2]
             else:
                 _, t = backbone_parts(image_size, tune_from[bb], pretrained, backbone)
-                t, cls = tune(t, maps[bb][tr], y[tr], len(leaf_ids), epochs, seed + fold, lr)
+                t, cls = tune(t, maps[bb][tr], y[tr], len(leaf_ids), epochs, seed + fold, lr, **(tune_kw or {}))
                 tuned = names[tuned_probs(t, cls, maps[bb][te]).argmax(1)]
                 if hier is not None:
                     views_tr, ev_te = pooled(t, maps[bb][tr], list(range(maps[bb].shape[1]))), pooled(t, maps[bb][te], [0, 1])
@@ -240,7 +244,7 @@ def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tu
 
 def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: list, image_size: int, members: list,
                              epochs: int, folds: int, seed: int, max_folds: int | None, hier, hidden: int = 1024,
-                             pretrained: bool = True, lr: float = 3e-4):
+                             pretrained: bool = True, lr: float = 3e-4, tune_kw: dict | None = None):
     """A ``+`` composite (the suite's default recipe), frozen vs every member's last block tuned.
 
     ``member_maps``: one ``(N, V, C_m, h, w)`` array per member of ``members`` (the maps before its last
@@ -258,6 +262,7 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     validation split), with each ``tau`` of :data:`FIXED_TAUS` (what each would do) and with the ``tau`` the held-out part's other criteria choose (:func:`prior_taus`). Returns
     out-of-fold predictions ``{row: (N,)}``, seconds per row, the ``tau`` each criterion chose in each fold
     (``[{criterion: tau}]``) and the tuned classifier's out-of-fold logits (what :func:`save_logits` writes).
+    ``tune_kw``: as :func:`cross_validate`'s.
     """
     from sklearn.model_selection import StratifiedKFold
     import tail as tail_bench
@@ -292,7 +297,7 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                 logits, hold_logits, feats_tr, feats_te = [], [], [], []
                 for m, cut, maps in zip(members, cuts, member_maps):
                     _, t = backbone_parts(image_size, cut, pretrained, m)
-                    t, cls = tune(t, maps[fit], y[fit], len(leaf_ids), epochs, seed + fold, lr)
+                    t, cls = tune(t, maps[fit], y[fit], len(leaf_ids), epochs, seed + fold, lr, **(tune_kw or {}))
                     logits.append(tuned_logits(t, cls, maps[te]))  # (n, 2, C): eval view and mirror
                     hold_logits.append(tuned_logits(t, cls, maps[hold]))
                     feats_tr.append(pooled(t, maps[tr], list(range(maps.shape[1]))))
@@ -489,16 +494,24 @@ def main(args) -> int:
     support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
     preds, seconds = cross_validate(maps, leaves, leaf_ids, args.image_size, args.tune_from, args.epochs, args.hidden,
                                     args.folds, args.seed, args.max_folds, not args.no_peers, lr=args.lr,
-                                    hier=hier if args.suite_heads else None, backbone=args.backbone)
+                                    hier=hier if args.suite_heads else None, backbone=args.backbone,
+                                    tune_kw=tune_keywords(args, hier, leaf_ids))
     rows = tail_bench.score_rows(preds, seconds, leaves, tail)
     if args.out:
         header = (f"# Tuning the last blocks: {args.folds}-fold CV on train+val of {args.data_dir} ({len(leaves)} images, "
                   f"{len(support)} leaves; test split unused"
                   f"{f'; only the first {args.max_folds} fold(s) held out' if args.max_folds else ''}); {args.backbone} @ "
                   f"{args.image_size} px, eval view + mirror + {args.views} augmented views; flat decisions over the leaves; "
-                  f"{args.epochs} epochs of tuning")
+                  f"{args.epochs} epochs of tuning{_level_note(args)}")
         tail_bench.write_report(args.out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")
     return 0
+
+
+def tune_keywords(args, hier, leaf_ids: list) -> dict:
+    """The tuning's keywords the flags set: ``--level-loss`` (:func:`hiernet.tailtune.level_groups` of ``hier``)."""
+    if not args.level_loss:
+        return {}
+    return {"levels": level_groups(hier, leaf_ids), "level_weight": args.level_loss}
 
 
 def main_composite(args, members: list, paths: list, leaves: np.ndarray, hier) -> int:
@@ -521,14 +534,15 @@ def main_composite(args, members: list, paths: list, leaves: np.ndarray, hier) -
     leaf_ids = sorted(set(leaves))
     support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
     preds, seconds, taus, oof = cross_validate_composite(maps, leaves, leaf_ids, args.image_size, members, args.epochs,
-                                                         args.folds, args.seed, args.max_folds, hier, args.hidden, lr=args.lr)
+                                                         args.folds, args.seed, args.max_folds, hier, args.hidden, lr=args.lr,
+                                                         tune_kw=tune_keywords(args, hier, leaf_ids))
     rows = tail_bench.score_rows(preds, seconds, leaves, tail)
     if args.out:
         save_logits(args.out.with_suffix(".logits.npz"), oof)
         header = (f"# Tuning the last block of each member of {args.backbone} @ {args.image_size} px: {args.folds}-fold CV "
                   f"on train+val of {args.data_dir} ({len(leaves)} images, {len(support)} leaves; test split unused"
                   f"{f'; only the first {args.max_folds} fold(s) held out' if args.max_folds else ''}); eval view + mirror "
-                  f"+ {args.views} augmented views; {args.epochs} epochs of tuning per member, on the training fold "
+                  f"+ {args.views} augmented views; {args.epochs} epochs of tuning per member{_level_note(args)}, on the training fold "
                   f"less a held-out ninth, where the prior adjustment's tau was chosen, fold by fold (leaf accuracy is "
                   f"train.py's rule) {_criteria_header(taus)}")
         tail_bench.write_report(args.out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")
@@ -556,6 +570,10 @@ def main_rescore(args) -> int:
                   f"{_criteria_header(taus)}")
         tail_bench.write_report(args.out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")
     return 0
+
+
+def _level_note(args) -> str:
+    return f", leaf loss + {args.level_loss:g} x the levels' loss" if args.level_loss else ""
 
 
 def _criteria_header(taus: list) -> str:

@@ -434,6 +434,30 @@ def test_tail_tuning_tunes_the_tail_and_cross_validates_every_row(tuning, monkey
         assert not np.allclose(tuned_views, frozen_views, atol=1e-2)
 
 
+def test_tail_tuning_level_loss_reaches_the_tuning(tuning, monkeypatch, tmp_path):
+    from conftest import pattern_maps
+    from hiernet.hierarchy import Hierarchy
+
+    leaf_ids = ["a/x", "a/y", "b"]
+    hier = Hierarchy.from_leaf_paths(leaf_ids)
+    parse = tuning.get_args_parser().parse_args
+    assert tuning.tune_keywords(parse(["--work", str(tmp_path)]), hier, leaf_ids) == {}
+    kw = tuning.tune_keywords(parse(["--work", str(tmp_path), "--level-loss", "0.5"]), hier, leaf_ids)
+    assert kw["level_weight"] == 0.5 and [g.tolist() for g in kw["levels"]] == [[0, 0, 1]]
+    seen, real = [], tuning.tune
+
+    def spy(*a, **k):
+        seen.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tuning, "tune", spy)
+    maps, y = pattern_maps(n=30, dtype=np.float16)
+    leaves = np.array(leaf_ids, dtype=object)[y]
+    tuning.cross_validate([maps], leaves, leaf_ids, 64, [15], epochs=1, hidden=0, folds=2, seed=0, max_folds=1,
+                          peers=False, pretrained=False, tune_kw=kw)
+    assert len(seen) == 1 and seen[0]["level_weight"] == 0.5 and seen[0]["levels"] is kw["levels"]
+
+
 @pytest.mark.slow
 def test_precision_bench_tunes_the_backbone_first_and_trains_on_it(tmp_path):
     """bench/precision.py --tune-backbone: a tune stage (timed into training), then train_lcpn.sh on the

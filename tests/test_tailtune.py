@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 
@@ -95,6 +96,42 @@ def test_tune_tail_learns_what_the_frozen_tail_does_not_see():
     assert probs.shape == (15, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert np.mean(probs.argmax(1) == y[te]) >= 0.8
     assert tailtune.pooled(t, maps[te], [0, 1, 2]).shape == (15, 3, 1280)
+
+
+def test_level_groups_are_each_leafs_ancestor_at_every_level_above_the_leaves():
+    from hiernet.hierarchy import Hierarchy
+
+    leaf_ids = ["a/x/1", "a/x/2", "a/y", "b"]
+    hier = Hierarchy.from_leaf_paths(leaf_ids)
+    groups = tailtune.level_groups(hier, leaf_ids)
+    assert [g.tolist() for g in groups] == [[0, 0, 0, 1], [0, 0, 1, 2]]  # top level: a a a b; then a/x a/x a/y b
+    # a two-level tree with one top-level node has no level above the leaves worth a loss
+    assert tailtune.level_groups(Hierarchy.from_leaf_paths(["a/x", "a/y"]), ["a/x", "a/y"]) == []
+
+
+def test_the_level_loss_is_the_true_ancestors_negative_log_probability():
+    groups = [np.array([0, 0, 1]), np.array([0, 1, 2])]  # the second level: every leaf its own node
+    logp = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0]]), 1)
+    y = torch.tensor([1, 2])
+    p = logp.exp()
+    want = -(torch.log(p[0, 0] + p[0, 1]) + torch.log(p[1, 2])) / 2 - (logp[0, 1] + logp[1, 2]) / 2
+    assert torch.allclose(tailtune.level_nll(logp, groups, y), want, atol=1e-6)
+
+
+def test_tuning_with_the_level_loss_puts_more_probability_on_the_true_parent():
+    # leaves 0 and 1 share a parent: the level loss must raise the parent's probability of their images
+    maps, y = pattern_maps()
+    groups = [np.array([0, 0, 1])]
+    _, tail = tailtune.split_backbone(create_backbone("efficientnet-lite0", pretrained=False, image_size=64), 1)
+
+    def parent_nll(**kw):
+        t, cls = tailtune.tune_tail(copy.deepcopy(tail), maps, y, 3, epochs=2, seed=0, lr=1e-3, **kw)
+        logp = torch.log(torch.from_numpy(tailtune.tuned_probs(t, cls, maps)))
+        return float(tailtune.level_nll(logp, groups, torch.as_tensor(y)))
+
+    plain, leveled = parent_nll(), parent_nll(levels=groups, level_weight=5.0)
+    assert leveled < plain
+    assert parent_nll(levels=groups, level_weight=0.0) == plain  # weight 0: the leaf loss alone
 
 
 def test_the_averaged_classifier_averages_the_members_logits():

@@ -222,13 +222,54 @@ def pooled(tail, maps, views: list, batch: int = 256) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, len(views), tail.conv_head.out_channels), np.float32)
 
 
+def level_groups(hier, leaf_ids: list) -> list:
+    """Each leaf's ancestor at every level of ``hier`` that has more than one node: the groups of
+    :func:`tune_tail`'s level loss.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One ``(len(leaf_ids),)`` int array per level (top level first): the index, among that level's
+        nodes, of each leaf's ancestor there (a leaf above that level is its own group).
+    """
+    paths = [hier.path(leaf) for leaf in leaf_ids]
+    out = []
+    for depth in range(max(map(len, paths)) - 1):  # the leaves' own level is the leaf loss itself
+        ids = [path[min(depth, len(path) - 1)] for path in paths]
+        nodes = sorted(set(ids))
+        if len(nodes) > 1:
+            out.append(np.array([nodes.index(i) for i in ids]))
+    return out
+
+
+def level_nll(log_probs, groups: list, y):
+    """Mean negative log-likelihood of the true leaves' ancestors, summed over ``groups``' levels.
+
+    ``log_probs`` ``(B, C)``: log-softmax over the leaves; ``groups``: :func:`level_groups`; ``y`` ``(B,)``
+    leaf indices. A node's probability is the sum of its leaves' probabilities.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    total = log_probs.new_zeros(())
+    for g in groups:
+        g = torch.as_tensor(g, dtype=torch.long)
+        onehot = F.one_hot(g, int(g.max()) + 1).to(log_probs.dtype)  # (C, K)
+        node_logp = torch.logsumexp(log_probs.unsqueeze(2) + torch.log(onehot).unsqueeze(0), 1)  # (B, K)
+        total = total + F.nll_loss(node_logp, g[y])
+    return total
+
+
 def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int, lr: float = 3e-4, batch: int = 64,
-              label_smoothing: float = 0.1, progress: bool = False):
+              label_smoothing: float = 0.1, progress: bool = False, levels: list | None = None,
+              level_weight: float = 0.0):
     """Train ``tail`` and a linear classifier on ``maps`` ``(N, V, C, h, w)`` with labels ``y`` ``(N,)``.
 
     Each epoch sees one random view of every image, mirrored at random; AdamW with a one-cycle schedule
-    (the classifier at 10 × ``lr``), label smoothing. Returns ``(tail, classifier)`` in eval mode; the
-    classifier maps pooled features ``(N, D)`` to logits ``(N, n_classes)``.
+    (the classifier at 10 × ``lr``), label smoothing. With ``levels`` (:func:`level_groups`) and a
+    ``level_weight`` > 0 the loss adds ``level_weight`` × the negative log-likelihood of the true path's
+    nodes at those levels (:func:`level_nll`; a hierarchy-aware loss). Returns ``(tail, classifier)`` in
+    eval mode; the classifier maps pooled features ``(N, D)`` to logits ``(N, n_classes)``.
     """
     import torch
     import torch.nn.functional as F
@@ -256,7 +297,10 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
             x = torch.from_numpy(np.asarray(maps[b, view[b]], dtype=np.float32))
             flip = torch.rand(len(b), generator=gen) < 0.5
             x[flip] = x[flip].flip(-1)
-            loss = F.cross_entropy(cls(tail(x)), yt[b], label_smoothing=label_smoothing)
+            z = cls(tail(x))
+            loss = F.cross_entropy(z, yt[b], label_smoothing=label_smoothing)
+            if levels and level_weight:
+                loss = loss + level_weight * level_nll(F.log_softmax(z, 1), levels, yt[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
