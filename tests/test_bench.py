@@ -456,6 +456,11 @@ def test_tail_tuning_level_loss_reaches_the_tuning(tuning, monkeypatch, tmp_path
     tuning.cross_validate([maps], leaves, leaf_ids, 64, [15], epochs=1, hidden=0, folds=2, seed=0, max_folds=1,
                           peers=False, pretrained=False, tune_kw=kw)
     assert len(seen) == 1 and seen[0]["level_weight"] == 0.5 and seen[0]["levels"] is kw["levels"]
+    other = pattern_maps(n=30, channels=192)[0][:, :, ::-1].copy()
+    tuning.cross_validate_composite([maps, other], leaves, leaf_ids, 64, ["efficientnet-lite1", "efficientnet-lite0"],
+                                    epochs=1, folds=2, seed=0, max_folds=1, hier=hier, hidden=0, pretrained=False,
+                                    tune_kw=kw)
+    assert len(seen) == 3 and all(k["level_weight"] == 0.5 and k["levels"] is kw["levels"] for k in seen[1:])
 
 
 @pytest.mark.slow
