@@ -64,6 +64,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--level-loss", type=float, default=0.0, metavar="W",
                    help="add W x the loss of the true path's nodes at the levels above the leaves to the tuning's "
                         "(a hierarchy-aware loss; default 0: leaves only)")
+    p.add_argument("--repeat-threshold", type=float, default=0.0, metavar="T",
+                   help="repeat-factor sampling in the tuning: an image of a class with a fraction f < T of the "
+                        "training images comes sqrt(T / f) times per epoch, each time another view (default 0: off)")
     p.add_argument("--hidden", type=int, default=1024, help="hidden units of the frozen row's suite head (0 = linear)")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds over train+val")
     p.add_argument("--max-folds", type=int, help="hold out only the first N folds (scored on their images)")
@@ -508,10 +511,12 @@ def main(args) -> int:
 
 
 def tune_keywords(args, hier, leaf_ids: list) -> dict:
-    """The tuning's keywords the flags set: ``--level-loss`` (:func:`hiernet.tailtune.level_groups` of ``hier``)."""
-    if not args.level_loss:
-        return {}
-    return {"levels": level_groups(hier, leaf_ids), "level_weight": args.level_loss}
+    """The tuning's keywords the flags set: ``--level-loss`` (:func:`hiernet.tailtune.level_groups` of ``hier``),
+    ``--repeat-threshold``."""
+    kw = {"repeat_threshold": args.repeat_threshold} if args.repeat_threshold else {}
+    if args.level_loss:
+        kw.update(levels=level_groups(hier, leaf_ids), level_weight=args.level_loss)
+    return kw
 
 
 def main_composite(args, members: list, paths: list, leaves: np.ndarray, hier) -> int:
@@ -573,7 +578,8 @@ def main_rescore(args) -> int:
 
 
 def _level_note(args) -> str:
-    return f", leaf loss + {args.level_loss:g} x the levels' loss" if args.level_loss else ""
+    note = f", leaf loss + {args.level_loss:g} x the levels' loss" if args.level_loss else ""
+    return note + (f", repeat-factor sampling (threshold {args.repeat_threshold:g})" if args.repeat_threshold else "")
 
 
 def _criteria_header(taus: list) -> str:

@@ -434,7 +434,7 @@ def test_tail_tuning_tunes_the_tail_and_cross_validates_every_row(tuning, monkey
         assert not np.allclose(tuned_views, frozen_views, atol=1e-2)
 
 
-def test_tail_tuning_level_loss_reaches_the_tuning(tuning, monkeypatch, tmp_path):
+def test_tail_tuning_level_loss_and_repeat_sampling_reach_the_tuning(tuning, monkeypatch, tmp_path):
     from conftest import pattern_maps
     from hiernet.hierarchy import Hierarchy
 
@@ -444,6 +444,8 @@ def test_tail_tuning_level_loss_reaches_the_tuning(tuning, monkeypatch, tmp_path
     assert tuning.tune_keywords(parse(["--work", str(tmp_path)]), hier, leaf_ids) == {}
     kw = tuning.tune_keywords(parse(["--work", str(tmp_path), "--level-loss", "0.5"]), hier, leaf_ids)
     assert kw["level_weight"] == 0.5 and [g.tolist() for g in kw["levels"]] == [[0, 0, 1]]
+    assert tuning.tune_keywords(parse(["--work", str(tmp_path), "--repeat-threshold", "0.1"]), hier, leaf_ids) == \
+        {"repeat_threshold": 0.1}
     seen, real = [], tuning.tune
 
     def spy(*a, **k):

@@ -134,6 +134,48 @@ def test_tuning_with_the_level_loss_puts_more_probability_on_the_true_parent():
     assert parent_nll(levels=groups, level_weight=0.0) == plain  # weight 0: the leaf loss alone
 
 
+def test_repeat_factors_repeat_only_the_classes_rarer_than_the_threshold():
+    y = np.array([0] * 90 + [1] * 9 + [2])
+    r = tailtune.repeat_factors(y, 4, 0.1)  # class 3 has no image: no factor, no error
+    assert r.shape == (100,) and np.allclose(r[:90], 1.0)
+    assert np.allclose(r[90:99], np.sqrt(0.1 / 0.09)) and np.isclose(r[99], np.sqrt(10))
+
+
+class _Recorder:
+    """Maps that record which images and views tuning reads."""
+
+    def __init__(self, maps):
+        self.maps, self.shape, self.reads = maps, maps.shape, []
+
+    def __getitem__(self, key):
+        self.reads.append((np.array(key[0]), np.array(key[1])))
+        return self.maps[key]
+
+
+def test_repeat_factor_sampling_shows_rare_images_more_often_in_other_views():
+    maps, y = pattern_maps()
+    keep = np.flatnonzero((y != 2) | (np.arange(len(y)) < 12))  # 20 + 20 images of classes 0 and 1, 4 of class 2
+    maps, y = maps[keep], y[keep]
+    _, tail = tailtune.split_backbone(create_backbone("efficientnet-lite0", pretrained=False, image_size=64), 1)
+    epochs = 4
+
+    def reads(**kw):
+        rec = _Recorder(maps)
+        tailtune.tune_tail(copy.deepcopy(tail), rec, y, 3, epochs=epochs, seed=0, lr=1e-3, batch=16, **kw)
+        ids = np.concatenate([i for i, _ in rec.reads])
+        views = np.concatenate([v for _, v in rec.reads])
+        return np.bincount(ids, minlength=len(y)), ids, views
+
+    plain, _, _ = reads()
+    assert (plain == epochs).all()  # without it: every image once per epoch
+    factor = tailtune.repeat_factors(y, 3, 0.4)[y == 2][0]  # sqrt(0.4 / (4/44)) = 2.1; classes 0, 1 (20/44): 1
+    counts, ids, views = reads(repeat_threshold=0.4)
+    assert (counts[y != 2] == epochs).all()
+    rare = counts[y == 2]
+    assert (rare >= np.floor(factor) * epochs).all() and (rare <= np.ceil(factor) * epochs).all() and rare.sum() > 8 * epochs
+    assert all(len(set(views[ids == i])) > 1 for i in np.flatnonzero(y == 2))  # a repeat is another view
+
+
 def test_the_averaged_classifier_averages_the_members_logits():
     gen = torch.Generator().manual_seed(0)
     members = [(torch.randn(3, 5, generator=gen), torch.randn(3, generator=gen)),

@@ -262,14 +262,16 @@ def level_nll(log_probs, groups: list, y):
 
 def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int, lr: float = 3e-4, batch: int = 64,
               label_smoothing: float = 0.1, progress: bool = False, levels: list | None = None,
-              level_weight: float = 0.0):
+              level_weight: float = 0.0, repeat_threshold: float = 0.0):
     """Train ``tail`` and a linear classifier on ``maps`` ``(N, V, C, h, w)`` with labels ``y`` ``(N,)``.
 
     Each epoch sees one random view of every image, mirrored at random; AdamW with a one-cycle schedule
     (the classifier at 10 × ``lr``), label smoothing. With ``levels`` (:func:`level_groups`) and a
     ``level_weight`` > 0 the loss adds ``level_weight`` × the negative log-likelihood of the true path's
-    nodes at those levels (:func:`level_nll`; a hierarchy-aware loss). Returns ``(tail, classifier)`` in
-    eval mode; the classifier maps pooled features ``(N, D)`` to logits ``(N, n_classes)``.
+    nodes at those levels (:func:`level_nll`; a hierarchy-aware loss). With ``repeat_threshold`` > 0 an
+    epoch sees the images of rare classes more than once, each time another random view
+    (:func:`repeat_factors`). Returns ``(tail, classifier)`` in eval mode; the classifier maps pooled
+    features ``(N, D)`` to logits ``(N, n_classes)``.
     """
     import torch
     import torch.nn.functional as F
@@ -283,18 +285,29 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
     opt = torch.optim.AdamW([{"params": tail.parameters(), "lr": lr}, {"params": cls.parameters(), "lr": 10 * lr}],
                             weight_decay=1e-4)
     n, n_views = len(y), maps.shape[1]
-    steps = epochs * ((n + batch - 1) // batch)
+    if repeat_threshold > 0:  # how often each image comes in each epoch, drawn up front: the schedule's length
+        factors, rng = repeat_factors(y, n_classes, repeat_threshold), np.random.default_rng(seed)
+        counts = [np.floor(factors).astype(int) + (rng.random(n) < factors % 1) for _ in range(epochs)]
+    else:
+        counts = [None] * epochs
+    steps = sum(((n if c is None else int(c.sum())) + batch - 1) // batch for c in counts)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, [lr, 10 * lr], total_steps=steps, pct_start=0.15)
     yt = torch.as_tensor(y, dtype=torch.long)
     tail.train()
     cls.train()
     for epoch in tqdm(range(epochs), desc="tuning", unit="epoch", disable=not progress, leave=False):
-        order = torch.randperm(n, generator=gen).numpy()
-        view = torch.randint(0, n_views, (n,), generator=gen).numpy()
+        if counts[epoch] is None:  # every image once
+            ids = torch.randperm(n, generator=gen).numpy()
+            views = torch.randint(0, n_views, (n,), generator=gen).numpy()[ids]
+        else:
+            entries = np.repeat(np.arange(n), counts[epoch])
+            ids = entries[torch.randperm(len(entries), generator=gen).numpy()]
+            views = torch.randint(0, n_views, (len(entries),), generator=gen).numpy()
         total = 0.0
-        for s in range(0, n, batch):
-            b = np.sort(order[s:s + batch])
-            x = torch.from_numpy(np.asarray(maps[b, view[b]], dtype=np.float32))
+        for s in range(0, len(ids), batch):
+            o = np.argsort(ids[s:s + batch], kind="stable")  # in file order: the maps are memory-mapped
+            b, v = ids[s:s + batch][o], views[s:s + batch][o]
+            x = torch.from_numpy(np.asarray(maps[b, v], dtype=np.float32))
             flip = torch.rand(len(b), generator=gen) < 0.5
             x[flip] = x[flip].flip(-1)
             z = cls(tail(x))
@@ -306,8 +319,16 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
             opt.step()
             sched.step()
             total += loss.item() * len(b)
-        log.info("tuning epoch %d: loss %.3f", epoch, total / n)
+        log.info("tuning epoch %d: loss %.3f", epoch, total / len(ids))
     return tail.eval(), cls.eval()
+
+
+def repeat_factors(y: np.ndarray, n_classes: int, threshold: float) -> np.ndarray:
+    """Repeat-factor sampling (Gupta et al. 2019, LVIS): an image of class ``c`` comes
+    ``max(1, sqrt(threshold / f_c))`` times per epoch on average, ``f_c`` the fraction of images of class
+    ``c``: classes rarer than ``threshold`` come more often, the others once. Returns ``(N,)`` factors."""
+    frac = np.bincount(y, minlength=n_classes) / max(len(y), 1)
+    return np.maximum(1.0, np.sqrt(threshold / np.maximum(frac, 1e-12)))[y]
 
 
 def tuned_probs(tail, cls, maps) -> np.ndarray:
