@@ -506,7 +506,7 @@ def main(args) -> int:
                   f"{f'; only the first {args.max_folds} fold(s) held out' if args.max_folds else ''}); {args.backbone} @ "
                   f"{args.image_size} px, eval view + mirror + {args.views} augmented views; flat decisions over the leaves; "
                   f"{args.epochs} epochs of tuning{_level_note(args)}")
-        tail_bench.write_report(args.out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")
+        _write_report(args.out, rows, tail, support, header)
     return 0
 
 
@@ -550,7 +550,7 @@ def main_composite(args, members: list, paths: list, leaves: np.ndarray, hier) -
                   f"+ {args.views} augmented views; {args.epochs} epochs of tuning per member{_level_note(args)}, on the training fold "
                   f"less a held-out ninth, where the prior adjustment's tau was chosen, fold by fold (leaf accuracy is "
                   f"train.py's rule) {_criteria_header(taus)}")
-        tail_bench.write_report(args.out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")
+        _write_report(args.out, rows, tail, support, header)
     return 0
 
 
@@ -573,8 +573,15 @@ def main_rescore(args) -> int:
                   f"{args.rescore} ({len(leaves)} images, {len(support)} leaves; nothing tuned: seconds 0); tau of "
                   f"{PRIOR_TAUS} chosen on each fold's held-out part, fold by fold (leaf accuracy is train.py's rule) "
                   f"{_criteria_header(taus)}")
-        tail_bench.write_report(args.out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")
+        _write_report(args.out, rows, tail, support, header)
     return 0
+
+
+def _write_report(out: Path, rows: dict, tail: list, support: dict, header: str) -> None:
+    """``bench/tail.py``'s report (and its .json twin) with this run's command line."""
+    import tail as tail_bench
+
+    tail_bench.write_report(out, rows, tail, support, header, f"python3 bench/tail_tuning.py {shlex.join(sys.argv[1:])}")
 
 
 def _level_note(args) -> str:

@@ -37,7 +37,7 @@ from .hierarchy import FLAT_DATASET, Hierarchy, display_names, require_hierarchy
 from .images import ImageDecodeError, load_rgb, resize_for_model, to_array
 from .metrics import classification_summary, expected_calibration_error, text_report
 from .models import FeatureExtractor, Head, NodeNet
-from .routing import softmax
+from .routing import average_views, softmax
 from .safeio import UserError, exclusive_lock, pickle_atomic, write_json_atomic, write_text_atomic
 from .incremental import node_fingerprint
 from .splits import split_identity
@@ -415,7 +415,7 @@ def adjust_for_prior(head: Head, train_labels: np.ndarray, val_x: np.ndarray | N
         last.bias.copy_(base - tau * log_prior)
         probs = torch.softmax(head.eval()(x), 1)
         if x_mirror is not None:  # as evaluate_node and prediction: the mean of the two views' probabilities
-            probs = (probs + torch.softmax(head(x_mirror), 1)) / 2
+            probs = average_views(probs, torch.softmax(head(x_mirror), 1))
         return float((probs.argmax(1) == y).float().mean())
 
     with torch.no_grad():
@@ -478,7 +478,7 @@ def evaluate_node(model: torch.nn.Module, head: Head, inputs: NodeInputs, n_clas
     if inputs.test_mirror is not None:
         with torch.no_grad():
             flip_logits = head.eval()(torch.from_numpy(inputs.test_mirror).to(device)).float().cpu().numpy()
-        probs = (probs + softmax(flip_logits)) / 2
+        probs = average_views(probs, softmax(flip_logits))
     return probs, y_test
 
 
