@@ -285,24 +285,14 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
     opt = torch.optim.AdamW([{"params": tail.parameters(), "lr": lr}, {"params": cls.parameters(), "lr": 10 * lr}],
                             weight_decay=1e-4)
     n, n_views = len(y), maps.shape[1]
-    if repeat_threshold > 0:  # how often each image comes in each epoch, drawn up front: the schedule's length
-        factors, rng = repeat_factors(y, n_classes, repeat_threshold), np.random.default_rng(seed)
-        counts = [np.floor(factors).astype(int) + (rng.random(n) < factors % 1) for _ in range(epochs)]
-    else:
-        counts = [None] * epochs
+    counts = epoch_counts(y, n_classes, epochs, repeat_threshold, seed)  # drawn up front: the schedule's length
     steps = sum(((n if c is None else int(c.sum())) + batch - 1) // batch for c in counts)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, [lr, 10 * lr], total_steps=steps, pct_start=0.15)
     yt = torch.as_tensor(y, dtype=torch.long)
     tail.train()
     cls.train()
     for epoch in tqdm(range(epochs), desc="tuning", unit="epoch", disable=not progress, leave=False):
-        if counts[epoch] is None:  # every image once
-            ids = torch.randperm(n, generator=gen).numpy()
-            views = torch.randint(0, n_views, (n,), generator=gen).numpy()[ids]
-        else:
-            entries = np.repeat(np.arange(n), counts[epoch])
-            ids = entries[torch.randperm(len(entries), generator=gen).numpy()]
-            views = torch.randint(0, n_views, (len(entries),), generator=gen).numpy()
+        ids, views = _epoch_draws(n, n_views, counts[epoch], gen)
         total = 0.0
         for s in range(0, len(ids), batch):
             o = np.argsort(ids[s:s + batch], kind="stable")  # in file order: the maps are memory-mapped
@@ -321,6 +311,28 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
             total += loss.item() * len(b)
         log.info("tuning epoch %d: loss %.3f", epoch, total / len(ids))
     return tail.eval(), cls.eval()
+
+
+def epoch_counts(y: np.ndarray, n_classes: int, epochs: int, repeat_threshold: float, seed: int) -> list:
+    """How often each image comes in each epoch: ``None`` (every image once) per epoch without repeat-factor
+    sampling, else one ``(N,)`` int array per epoch, :func:`repeat_factors` rounded at random."""
+    if repeat_threshold <= 0:
+        return [None] * epochs
+    factors, rng = repeat_factors(y, n_classes, repeat_threshold), np.random.default_rng(seed)
+    return [np.floor(factors).astype(int) + (rng.random(len(y)) < factors % 1) for _ in range(epochs)]
+
+
+def _epoch_draws(n: int, n_views: int, count: np.ndarray | None, gen) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch's shuffled image indices and a random view of each, both ``(E,)``: every image once
+    (``count`` None) or image ``i`` ``count[i]`` times."""
+    import torch
+
+    if count is None:
+        ids = torch.randperm(n, generator=gen).numpy()
+        return ids, torch.randint(0, n_views, (n,), generator=gen).numpy()[ids]
+    entries = np.repeat(np.arange(n), count)
+    ids = entries[torch.randperm(len(entries), generator=gen).numpy()]
+    return ids, torch.randint(0, n_views, (len(entries),), generator=gen).numpy()
 
 
 def repeat_factors(y: np.ndarray, n_classes: int, threshold: float) -> np.ndarray:
