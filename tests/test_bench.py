@@ -696,3 +696,29 @@ def test_tail_tuning_composite_needs_the_suite_heads(tuning, tmp_path):
                                                 "efficientnet-lite1+efficientnet-lite0", "--data-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--suite-heads"):
         tuning.main_composite(args, ["efficientnet-lite1", "efficientnet-lite0"], [], np.array([]), None)
+
+
+def test_backbone_speed_times_each_input_side_and_refuses_unknown_precisions(tmp_path, capsys):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(photos / f"p{i}.jpg")
+    bs = _load("backbone_speed")
+    out = tmp_path / "speed.md"
+    args = bs.get_args_parser().parse_args(["--backbone", "efficientnet-lite0", "--sizes", "64", "96", "--precisions",
+                                            "fp32", "-p", str(photos), "--n", "4", "--batch-size", "2",
+                                            "--repeats", "1", "--out", str(out)])
+    assert bs.main(args) == 0
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["size"], r["precision"], r["onnx_input_side"]) for r in rep["rows"]] == [(64, "fp32", 64), (96, "fp32", 96)]
+    assert all(r["feature_dim"] == 1280 and r["images_per_s"] > 0 for r in rep["rows"])
+    assert rep["n"] == 4
+    md = out.read_text()
+    assert "| 96 px | fp32 |" in md and "2.25×" in md  # (96 / 64)² pixels
+
+    args.precisions = "fp16"
+    assert bs.main(args) == 2
+    assert "--precisions: unknown fp16" in capsys.readouterr().err
