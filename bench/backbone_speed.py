@@ -6,9 +6,11 @@ For each ``--sizes`` side the backbone (a registry name or a ``+`` composite suc
 ``tune_backbone.py`` output), exported to ONNX as training and prediction export it (fp32), and, with
 ``--precisions int8``, quantised as ``train.py --precision int8`` does (calibrated on a seeded choice of the
 photos). The ``--n`` photos are decoded and resized once (not timed); then only the backbone calls are timed,
-in batches of ``--batch-size``, best of ``--repeats``. This is the network's share of ``predict.py``'s time:
-decoding, heads and routing come on top (``bench/predict_speed.py`` measures the whole process of a trained
-models folder). The weights change nothing about the speed, so the ImageNet ones stand in for tuned ones.
+in batches of ``--batch-size``, best of ``--repeats``; every model is built first and their timed passes are
+interleaved (a model timed right after another was quantised ran up to a third slower here). This is the
+network's share of ``predict.py``'s time: decoding, heads and routing come on top (``bench/predict_speed.py``
+measures the whole process of a trained models folder). The weights change nothing about the speed, so the
+ImageNet ones stand in for tuned ones.
 
 Example::
 
@@ -63,21 +65,25 @@ def sample_photos(folder: Path, n: int) -> list[Path]:
     return photos[::step][:n]
 
 
-def images_per_second(runner, batches: list[np.ndarray], repeats: int) -> float:
-    """Best-of-``repeats`` throughput of ``runner`` over ``batches`` (one warm-up call, not timed)."""
-    runner(batches[0])
-    n = sum(len(b) for b in batches)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for b in batches:
-            runner(b)
-        best = min(best, time.perf_counter() - t0)
-    return n / best
+def interleaved_rates(runners: list, batches: list[list[np.ndarray]], repeats: int) -> list[float]:
+    """Best-of-``repeats`` images/s of each runner over its batches, passes interleaved (the order reversed
+    every other pass) so that a drift of the machine's speed evens out; one warm-up call each, not timed."""
+    for run, b in zip(runners, batches):
+        run(b[0])
+    best = [float("inf")] * len(runners)
+    for r in range(repeats):
+        order = range(len(runners)) if r % 2 == 0 else reversed(range(len(runners)))
+        for k in order:
+            t0 = time.perf_counter()
+            for b in batches[k]:
+                runners[k](b)
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return [sum(len(b) for b in batches[k]) / best[k] for k in range(len(runners))]
 
 
-def time_size(args: argparse.Namespace, size: int, photos: list[Path], cache_dir: Path) -> list[dict]:
-    """One row per precision for the backbone at ``size`` px: images/s and the ONNX input side."""
+def build_size(args: argparse.Namespace, size: int, photos: list[Path], cache_dir: Path) -> list[tuple[dict, object, list]]:
+    """For the backbone at ``size`` px, one ``(row, runner, batches)`` per precision: the ONNX model (fp32
+    export, or int8 quantised as train.py does) in onnxruntime and the photos as its input batches."""
     from hiernet.backbones import create_backbone
     from hiernet.features import fp32_onnx_backbone, int8_feature_backbone
     from hiernet.images import load_for_model
@@ -86,18 +92,27 @@ def time_size(args: argparse.Namespace, size: int, photos: list[Path], cache_dir
     backbone = create_backbone(args.backbone, weights=args.weights, image_size=size)
     x = np.stack([load_for_model(p, size, args.resize) for p in photos])
     batches = [x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size)]
-    rows = []
+    out = []
     for precision in args.precisions.split(","):
         if precision == "int8":
             model = int8_feature_backbone(backbone, args.resize, cache_dir, photos, seed=0)
         else:
             model = fp32_onnx_backbone(backbone, cache_dir)
         runner = OrtRunner(model)
-        side = runner.session.get_inputs()[0].shape[-1]
-        rate = images_per_second(runner, batches, args.repeats)
-        logging.info("%s @ %d px, %s: %.1f images/s", args.backbone, size, precision, rate)
-        rows.append({"size": size, "precision": precision, "onnx_input_side": side, "images_per_s": rate,
-                     "feature_dim": int(runner(batches[0][:1]).shape[-1])})
+        row = {"size": size, "precision": precision, "onnx_input_side": runner.session.get_inputs()[0].shape[-1],
+               "feature_dim": int(runner(batches[0][:1]).shape[-1])}
+        out.append((row, runner, batches))
+    return out
+
+
+def time_all(args: argparse.Namespace, photos: list[Path], cache_dir: Path) -> list[dict]:
+    """Every size and precision built first, then timed together (:func:`interleaved_rates`)."""
+    built = [b for size in args.sizes for b in build_size(args, size, photos, cache_dir)]
+    rates = interleaved_rates([r for _, r, _ in built], [b for _, _, b in built], args.repeats)
+    rows = []
+    for (row, _, _), rate in zip(built, rates):
+        logging.info("%s @ %d px, %s: %.1f images/s", args.backbone, row["size"], row["precision"], rate)
+        rows.append({**row, "images_per_s": rate})
     return rows
 
 
@@ -110,7 +125,7 @@ def report(args: argparse.Namespace, rows: list[dict], n: int, info: dict) -> st
     note = busy_note(info)
     return "\n".join([f"# {args.backbone}: raw onnxruntime throughput by input side", "", f"`{command_line()}`", "",
                       f"{n} photos decoded and resized once (not timed), then the backbone alone in batches of "
-                      f"{args.batch_size}; best of {args.repeats} passes. Decoding, heads and routing come on top.", "",
+                      f"{args.batch_size}; best of {args.repeats} passes, every model's passes interleaved. Decoding, heads and routing come on top.", "",
                       md_table(["input", "precision", "images/s", "ms per image", f"speed vs {args.sizes[0]} px",
                                 f"pixels vs {args.sizes[0]} px"], table), "",
                       machine_markdown(info)] + (["", f"> {note}"] if note else []))
@@ -128,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
         info = machine_info()
         with tempfile.TemporaryDirectory(prefix="hiernet-backbone-speed-") as tmp:
             cache = args.cache_dir or Path(tmp)
-            rows = [r for size in args.sizes for r in time_size(args, size, photos, cache)]
+            rows = time_all(args, photos, cache)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """The benchmark helpers (bench/): machine description, tables, reports, stage timing, argument checks.
 
-Fast: no model is trained or loaded; the scripts are only started for their early refusals.
+Fast: no model is trained (Lite0 is built at 64 px where a script's own model code is checked); the scripts are
+otherwise only started for their early refusals.
 """
 
 from __future__ import annotations
@@ -722,3 +723,22 @@ def test_backbone_speed_times_each_input_side_and_refuses_unknown_precisions(tmp
     args.precisions = "fp16"
     assert bs.main(args) == 2
     assert "--precisions: unknown fp16" in capsys.readouterr().err
+
+
+def test_backbone_speed_interleaves_the_passes_and_keeps_each_models_best():
+    import time
+
+    bs = _load("backbone_speed")
+    calls = []
+
+    def runner(k, delay):
+        def run(x):
+            calls.append(k)
+            time.sleep(delay * len(x))
+        return run
+
+    batches = [[np.zeros((2, 1))] * 3, [np.zeros((4, 1))]]  # 6 and 4 images
+    rates = bs.interleaved_rates([runner(0, 0.002), runner(1, 0.01)], batches, repeats=2)
+    assert calls == [0, 1] + [0, 0, 0, 1] + [1, 0, 0, 0]  # warm-ups, then the order reversed every other pass
+    assert 6 / (6 * 0.002) * 0.5 < rates[0] <= 6 / (6 * 0.002)
+    assert 4 / (4 * 0.01) * 0.5 < rates[1] <= 4 / (4 * 0.01)
