@@ -17,7 +17,9 @@ The test split is never read; scores (leaf accuracy, macro F1, tail recall) as `
 
 With a ``+`` composite (``--backbone efficientnet-lite1+efficientnet-lite0 --image-size 280 --suite-heads``,
 the default recipe's backbone) the last block of every member is tuned on its own maps and the suite's heads
-are trained on the members' pooled features concatenated (:func:`cross_validate_composite`).
+are trained on the members' pooled features concatenated (:func:`cross_validate_composite`). One backbone
+with ``--held-out-prior --suite-heads`` is scored the same way, as a composite of one member: what
+``train_lcpn.sh --tune-backbone`` trains, the prior adjustment's tau included.
 
 Example::
 
@@ -74,6 +76,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite-heads", action="store_true",
                    help="also train the suite's heads (flat, LCPN, combined) on each tuned backbone's pooled features "
                         "(all views), as train.py would on a backbone tuned first")
+    p.add_argument("--held-out-prior", action="store_true",
+                   help="score one backbone as a '+' composite is scored (needs --suite-heads): tuned on each training "
+                        "fold less a held-out ninth, where the prior adjustment's tau is chosen, with the tuned "
+                        "classifier's rows as they are and adjusted (what --tune-backbone trains)")
     p.add_argument("--tail-max", type=int, default=100, help="a leaf with at most this many images is a tail leaf")
     p.add_argument("--seed", type=int, default=0, help="fold, view and training seed")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -482,8 +488,8 @@ def main(args) -> int:
     except UserError as exc:
         raise SystemExit(str(exc)) from None
     args.image_size = args.image_size or spec.image_size
-    if spec.parts:
-        return main_composite(args, [part.name for part in spec.parts], paths, leaves, hier)
+    if spec.parts or args.held_out_prior:
+        return main_composite(args, [part.name for part in spec.parts] or [args.backbone], paths, leaves, hier)
     args.tune_from = args.tune_from or [_last_block(args.backbone, args.image_size)]
     maps, ok = [], None
     for k in args.tune_from:
@@ -520,13 +526,15 @@ def tune_keywords(args, hier, leaf_ids: list) -> dict:
 
 
 def main_composite(args, members: list, paths: list, leaves: np.ndarray, hier) -> int:
-    """``--backbone A+B``: every member's maps before its last block, then :func:`cross_validate_composite`."""
+    """``--backbone A+B`` (or one backbone with ``--held-out-prior``): every member's maps before its last block,
+    then :func:`cross_validate_composite`."""
     import tail as tail_bench
 
+    what = "a '+' composite" if len(members) > 1 else "--held-out-prior"
     if args.tune_from:
-        raise SystemExit("a '+' composite tunes the last block of each member; drop --tune-from")
+        raise SystemExit(f"{what} tunes the last block of each member; drop --tune-from")
     if not args.suite_heads:
-        raise SystemExit("a '+' composite is scored with the suite's heads; add --suite-heads")
+        raise SystemExit(f"{what} is scored with the suite's heads; add --suite-heads")
     maps, ok = [], np.ones(len(paths), bool)
     for m in members:
         m_maps, m_ok = extract_maps(paths, args.image_size, _last_block(m, args.image_size), args.views, args.seed,

@@ -699,6 +699,27 @@ def test_tail_tuning_composite_needs_the_suite_heads(tuning, tmp_path):
         tuning.main_composite(args, ["efficientnet-lite1", "efficientnet-lite0"], [], np.array([]), None)
 
 
+def test_tail_tuning_held_out_prior_scores_one_backbone_as_a_composite_of_one(tuning, tmp_path, monkeypatch):
+    """--held-out-prior routes a single backbone through main_composite with itself as the only member (and its
+    own refusal names the flag); without the flag a single backbone takes the plain cross-validation."""
+    import tail as tail_bench
+
+    monkeypatch.setattr(tail_bench, "trainval_images", lambda d: ([], np.array([]), None))
+    seen = []
+    monkeypatch.setattr(tuning, "main_composite", lambda args, members, *rest: seen.append(members) or 0)
+    base = ["--work", str(tmp_path / "w"), "--data-dir", str(tmp_path), "--backbone", "efficientnet-lite0"]
+    assert tuning.main(tuning.get_args_parser().parse_args(base + ["--held-out-prior", "--suite-heads"])) == 0
+    assert seen == [["efficientnet-lite0"]]
+    monkeypatch.setattr(tuning, "extract_maps", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("plain path")))
+    with pytest.raises(RuntimeError, match="plain path"):
+        tuning.main(tuning.get_args_parser().parse_args(base + ["--suite-heads"]))
+    assert seen == [["efficientnet-lite0"]]
+    monkeypatch.undo()
+    args = tuning.get_args_parser().parse_args(base + ["--held-out-prior"])
+    with pytest.raises(SystemExit, match="--held-out-prior is scored with the suite's heads; add --suite-heads"):
+        tuning.main_composite(args, ["efficientnet-lite0"], [], np.array([]), None)
+
+
 def test_backbone_speed_times_each_input_side_and_refuses_unknown_precisions(tmp_path, capsys):
     from PIL import Image
 
