@@ -24,7 +24,6 @@ import argparse
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import DEFAULT_DATASET, RESULTS_DIR, busy_note, command_line, fmt, machine_info, machine_markdown, md_table, write_report  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_DATASET, RESULTS_DIR, BenchError, busy_note, command_line, fmt, interleaved_passes, machine_info,
+    machine_markdown, md_table, sample_images, write_report,
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -53,32 +55,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def sample_photos(folder: Path, n: int) -> list[Path]:
-    """Every k-th photo of the sorted list under ``folder`` so that ``n`` are taken (all when fewer)."""
-    from hiernet.safeio import UserError
-    from hiernet.images import list_images
-
-    photos = sorted(list_images(folder))
-    if not photos:
-        raise UserError(f"no photos under {folder}; pass a folder of images with -p")
-    step = max(1, len(photos) // n)
-    return photos[::step][:n]
-
-
 def interleaved_rates(runners: list, batches: list[list[np.ndarray]], repeats: int) -> list[float]:
-    """Best-of-``repeats`` images/s of each runner over its batches, passes interleaved (the order reversed
-    every other pass) so that a drift of the machine's speed evens out; one warm-up call each, not timed."""
+    """Best-of-``repeats`` images/s of each runner over its batches, the passes interleaved
+    (:func:`common.interleaved_passes`); one warm-up call each, not timed."""
     for run, b in zip(runners, batches):
         run(b[0])
-    best = [float("inf")] * len(runners)
-    for r in range(repeats):
-        order = range(len(runners)) if r % 2 == 0 else reversed(range(len(runners)))
-        for k in order:
-            t0 = time.perf_counter()
-            for b in batches[k]:
-                runners[k](b)
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return [sum(len(b) for b in batches[k]) / best[k] for k in range(len(runners))]
+    passes = [lambda run=run, b=b: [run(x) for x in b] for run, b in zip(runners, batches)]
+    return [sum(map(len, b)) / min(t) for b, t in zip(batches, interleaved_passes(passes, repeats))]
 
 
 def build_size(args: argparse.Namespace, size: int, photos: list[Path], cache_dir: Path) -> list[tuple[dict, object, list]]:
@@ -139,12 +122,12 @@ def main(args: argparse.Namespace) -> int:
         bad = sorted(set(args.precisions.split(",")) - {"fp32", "int8"})
         if bad:
             raise UserError(f"--precisions: unknown {', '.join(bad)}; use fp32, int8 or both")
-        photos = sample_photos(args.images, args.n)
+        photos, _ = sample_images(args.images, args.n, strict=False, flag="-p")
         info = machine_info()
         with tempfile.TemporaryDirectory(prefix="hiernet-backbone-speed-") as tmp:
             cache = args.cache_dir or Path(tmp)
             rows = time_all(args, photos, cache)
-    except UserError as exc:
+    except (UserError, BenchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     md = report(args, rows, len(photos), info)

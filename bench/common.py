@@ -214,6 +214,46 @@ def write_report(markdown: str, data: dict, out: Path) -> tuple[Path, Path]:
     return out, js
 
 
+# ---------------------------------------------------------------------- samples and timed passes
+def every_kth(items: Sequence, n: int) -> list:
+    """The first ``n`` of every k-th item (k = ``len(items) // n``, at least 1): ``n`` spread over the list,
+    all of them when there are no more than ``n``."""
+    return list(items)[::max(1, len(items) // max(1, n))][:n]
+
+
+def sample_images(folder: Path, n: int, strict: bool = True, flag: str = "--images") -> tuple[list[Path], int]:
+    """:func:`every_kth` of the images under ``folder`` (sorted), and how many there are.
+
+    ``strict``: fewer than ``n`` images is refused (a benchmark that promises ``n``); otherwise all are taken.
+    ``flag``: the option that names the folder, for the error line."""
+    from hiernet.images import list_images
+
+    if n < 1:
+        raise BenchError("--n must be at least 1")
+    if not folder.is_dir():
+        raise BenchError(f"image folder {folder} not found; pass {flag} DIR")
+    found = sorted(list_images(folder))
+    if not found:
+        raise BenchError(f"no images under {folder}; pass {flag} DIR with images in it")
+    if strict and len(found) < n:
+        raise BenchError(f"only {len(found)} images under {folder}, fewer than --n {n}; lower --n")
+    return every_kth(found, n), len(found)
+
+
+def interleaved_passes(fns: Sequence[Callable[[], object]], repeats: int) -> list[list[float]]:
+    """Seconds of each of ``fns`` (called without arguments) in each of ``repeats`` passes, ``[fn][pass]``.
+
+    The passes are interleaved, the order reversed every other pass, so that a drift of the machine's speed
+    (another job, a model built or quantised just before) weighs on every function alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        for k in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 # ---------------------------------------------------------------------- subprocesses
 #: A tqdm progress-bar line ("epoch 3/60:  40%|████      | 2/5 [...]"): left out of error tails.
 _PROGRESS_RE = re.compile(r"\d+%\|.*\|")

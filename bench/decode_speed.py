@@ -19,13 +19,15 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import DEFAULT_DATASET, RESULTS_DIR, busy_note, command_line, fmt, machine_info, machine_markdown, md_table, write_report  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_DATASET, RESULTS_DIR, busy_note, command_line, fmt, interleaved_passes, machine_info, machine_markdown,
+    md_table, write_report,
+)
 from hiernet.images import list_images, load_for_model, load_rgb, resize_for_model, to_array  # noqa: E402
 
 
@@ -56,16 +58,9 @@ def make_large(paths: list[Path], folder: Path, side: int) -> list[Path]:
 
 
 def per_image_ms(paths: list[Path], fns: list, repeats: int) -> list[float]:
-    """Median ms per image of each of ``fns``, passes interleaved (alternating order) so load drifts even out."""
-    times = [[] for _ in fns]
-    for r in range(repeats):
-        order = list(range(len(fns))) if r % 2 == 0 else list(reversed(range(len(fns))))
-        for k in order:
-            t0 = time.perf_counter()
-            for p in paths:
-                fns[k](p)
-            times[k].append((time.perf_counter() - t0) / len(paths) * 1000)
-    return [statistics.median(t) for t in times]
+    """Median ms per image of each of ``fns``, the passes interleaved (:func:`common.interleaved_passes`)."""
+    passes = [lambda fn=fn: [fn(p) for p in paths] for fn in fns]
+    return [statistics.median(t) / len(paths) * 1000 for t in interleaved_passes(passes, repeats)]
 
 
 def main(args: argparse.Namespace) -> int:

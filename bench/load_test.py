@@ -37,9 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     DEFAULT_DATASET, REPO, RESULTS_DIR, BenchError, busy_note, command_line, fmt, log, machine_info, machine_markdown,
-    md_table, write_report,
+    md_table, sample_images, write_report,
 )
-from predict_speed import sample_images  # noqa: E402
 
 sys.path.insert(0, str(REPO / "src"))
 
@@ -222,7 +221,8 @@ def main(args: argparse.Namespace) -> int:
         raise BenchError(f"no trained models in {args.models_dir}; pass --models-dir")
     rep = {"command": command_line(), "machine": machine_info(), "models_dir": str(args.models_dir),
            "images": str(args.images), "batch_size": args.batch_size, "max_wait_ms": args.max_wait_ms}
-    paths, _ = sample_images(args.images, args.n)
+    found, _ = sample_images(args.images, args.n)
+    paths = [str(p) for p in found]
     rep["n_images"] = len(paths)
     log(f"baseline: predict_paths on {len(paths)} photos")
     rep["baseline"] = baseline(paths, args.models_dir, args.batch_size)

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     DEFAULT_DATASET, REPO, RESULTS_DIR, BenchError, busy_note, command_line, fmt, log, machine_info, machine_markdown,
-    md_table, run_timed, usable_cores, write_report,
+    every_kth, md_table, run_timed, sample_images, usable_cores, write_report,
 )
 
 sys.path.insert(0, str(REPO / "src"))
@@ -73,28 +73,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="markdown report; a .json twin is written beside it (default: <repo>/bench/results/predict-speed.md)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
     return p
-
-
-def sample_images(folder: Path, n: int) -> tuple[list[str], int]:
-    """Every k-th image of the sorted list under ``folder`` (k = total // n), the first ``n`` of them."""
-    from hiernet.images import list_images
-
-    if not folder.is_dir():
-        raise BenchError(f"image folder {folder} not found; pass --images DIR")
-    allp = sorted(str(p) for p in list_images(folder))
-    if n < 1:
-        raise BenchError("--n must be at least 1")
-    if len(allp) < n:
-        raise BenchError(f"only {len(allp)} images under {folder}, fewer than --n {n}; lower --n")
-    k = len(allp) // n
-    return allp[::k][:n], len(allp)
-
-
-def _subset(paths: list, m: int) -> list:
-    if m >= len(paths):
-        return list(paths)
-    k = len(paths) // m
-    return paths[::k][:m]
 
 
 # ---------------------------------------------------------------------- a, b: whole predict.py processes
@@ -310,7 +288,8 @@ def main(args: argparse.Namespace) -> int:
     if not (models_dir / "hierarchy.json").exists():
         raise BenchError(f"no trained models in {models_dir} (hierarchy.json missing); pass --models-dir")
     images_dir = args.images.expanduser().resolve()
-    paths, n_avail = sample_images(images_dir, args.n)
+    found, n_avail = sample_images(images_dir, args.n)
+    paths = [str(p) for p in found]
     n = len(paths)
     machine = machine_info()
     tmp = Path(tempfile.mkdtemp(prefix="hiernet-predict-speed-"))
@@ -333,7 +312,7 @@ def main(args: argparse.Namespace) -> int:
     log(f"e. {steady['images_per_s']:.1f} images/s")
     seed = None
     if args.seed_style_n:
-        sub = _subset(paths, args.seed_style_n)
+        sub = every_kth(paths, args.seed_style_n)
         log(f"d. seed-style predictor on {len(sub)} images")
         seed = time_seed_style(sub, models_dir, args.torch_threads)
         seed["agreement"] = sum(1 for p, lab in seed["labels"].items() if labels.get(p) == lab) if labels else None

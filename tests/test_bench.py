@@ -149,17 +149,29 @@ def test_prepare_work_cleans_only_its_own_folder(run_benchmark, tmp_path):
     assert not (ours / "models").exists() and (ours / "other.txt").exists()
 
 
-def test_predict_speed_sample_is_every_kth_sorted(tmp_path):
+def test_sample_images_is_every_kth_sorted_strict_or_all_when_fewer(common, tmp_path):
     from PIL import Image
 
     for i in range(10):
         Image.new("RGB", (8, 8)).save(tmp_path / f"img_{i:02d}.png")
-    ps = _load("predict_speed")
-    paths, total = ps.sample_images(tmp_path, 3)
+    paths, total = common.sample_images(tmp_path, 3)
     assert total == 10
     assert [Path(p).name for p in paths] == ["img_00.png", "img_03.png", "img_06.png"]
-    with pytest.raises(ps.BenchError, match="fewer than"):
-        ps.sample_images(tmp_path, 11)
+    with pytest.raises(common.BenchError, match="fewer than --n 11; lower --n"):
+        common.sample_images(tmp_path, 11)
+    paths, total = common.sample_images(tmp_path, 11, strict=False)  # backbone_speed: all of them
+    assert total == 10 and [Path(p).name for p in paths] == [f"img_{i:02d}.png" for i in range(10)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(common.BenchError, match="no images under .*; pass -p DIR"):
+        common.sample_images(tmp_path / "empty", 3, flag="-p")
+    assert common.every_kth(list(range(7)), 3) == [0, 2, 4] and common.every_kth([1, 2], 5) == [1, 2]
+
+
+def test_interleaved_passes_reverse_the_order_every_other_pass(common):
+    calls = []
+    times = common.interleaved_passes([lambda: calls.append("a"), lambda: calls.append("b")], repeats=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert [len(t) for t in times] == [3, 3] and all(s >= 0 for t in times for s in t)
 
 
 @pytest.fixture(scope="module")
