@@ -66,6 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--level-loss", type=float, default=0.0, metavar="W",
                    help="add W x the loss of the true path's nodes at the levels above the leaves to the tuning's "
                         "(a hierarchy-aware loss; default 0: leaves only)")
+    p.add_argument("--share-levels", action="store_true",
+                   help="the tuned classifier borrows strength from the tree: each leaf's weights are its own plus "
+                        "its ancestors' (trained on all their leaves' gradients), folded into one linear layer after")
     p.add_argument("--repeat-threshold", type=float, default=0.0, metavar="T",
                    help="repeat-factor sampling in the tuning: an image of a class with a fraction f < T of the "
                         "training images comes sqrt(T / f) times per epoch, each time another view (default 0: off)")
@@ -518,10 +521,10 @@ def main(args) -> int:
 
 def tune_keywords(args, hier, leaf_ids: list) -> dict:
     """The tuning's keywords the flags set: ``--level-loss`` (:func:`hiernet.tailtune.level_groups` of ``hier``),
-    ``--repeat-threshold``."""
+    ``--share-levels``, ``--repeat-threshold``."""
     kw = {"repeat_threshold": args.repeat_threshold} if args.repeat_threshold else {}
-    if args.level_loss:
-        kw.update(levels=level_groups(hier, leaf_ids), level_weight=args.level_loss)
+    if args.level_loss or args.share_levels:
+        kw.update(levels=level_groups(hier, leaf_ids), level_weight=args.level_loss, share_levels=args.share_levels)
     return kw
 
 
@@ -594,6 +597,7 @@ def _write_report(out: Path, rows: dict, tail: list, support: dict, header: str)
 
 def _level_note(args) -> str:
     note = f", leaf loss + {args.level_loss:g} x the levels' loss" if args.level_loss else ""
+    note += ", the classifier sharing its ancestors' weights (--share-levels)" if args.share_levels else ""
     return note + (f", repeat-factor sampling (threshold {args.repeat_threshold:g})" if args.repeat_threshold else "")
 
 

@@ -134,6 +134,42 @@ def test_tuning_with_the_level_loss_puts_more_probability_on_the_true_parent():
     assert parent_nll(levels=groups, level_weight=0.0) == plain  # weight 0: the leaf loss alone
 
 
+def test_the_shared_classifier_adds_each_ancestors_part_and_folds_into_one_linear_layer():
+    groups = [np.array([0, 0, 1]), np.array([0, 0, 1])]  # leaves 0 and 1 siblings at two levels
+    clf = tailtune.shared_classifier(4, 3, groups)
+    assert all(float(m.weight.abs().sum()) == 0 for m in clf.shared)  # the ancestors' parts start at zero
+    x = torch.randn(5, 4)
+    loss = torch.nn.functional.cross_entropy(clf(x), torch.tensor([0, 0, 0, 0, 0]))
+    loss.backward()
+    # an ancestor's part gets the sum of its leaves' gradients: leaves 0 and 1 share group 0
+    want = clf.leaf.weight.grad[0] + clf.leaf.weight.grad[1]
+    assert torch.allclose(clf.shared[0].weight.grad[0], want, atol=1e-6)
+    assert torch.allclose(clf.shared[1].weight.grad[1], clf.leaf.weight.grad[2], atol=1e-6)
+    with torch.no_grad():
+        for i, m in enumerate(clf.shared):
+            m.weight.normal_()
+            m.bias.fill_(i + 1.0)
+        folded = clf.collapsed()
+        assert isinstance(folded, torch.nn.Linear)
+        assert torch.allclose(folded(x), clf(x), atol=1e-5)
+        parts = clf.shared[0](x) + clf.shared[1](x)  # (5, 2): group 0 and group 1
+        assert torch.allclose(clf(x)[:, 0] - clf.leaf(x)[:, 0], parts[:, 0], atol=1e-5)
+
+
+def test_tuning_with_shared_levels_returns_one_linear_layer_and_differs_from_the_plain_one():
+    maps, y = pattern_maps()
+    groups = [np.array([0, 0, 1])]
+    _, tail = tailtune.split_backbone(create_backbone("efficientnet-lite0", pretrained=False, image_size=64), 1)
+    runs = {}
+    for share in (False, True):
+        t, cls = tailtune.tune_tail(copy.deepcopy(tail), maps, y, 3, epochs=2, seed=0, lr=1e-3, levels=groups,
+                                    share_levels=share)
+        assert isinstance(cls[1], torch.nn.Linear) and cls[1].weight.shape == (3, 1280)
+        runs[share] = tailtune.tuned_probs(t, cls, maps)
+    assert not np.allclose(runs[False], runs[True])
+    assert np.allclose(runs[True].sum(1), 1, atol=1e-5)
+
+
 def test_repeat_factors_repeat_only_the_classes_rarer_than_the_threshold():
     y = np.array([0] * 90 + [1] * 9 + [2])
     r = tailtune.repeat_factors(y, 4, 0.1)  # class 3 has no image: no factor, no error

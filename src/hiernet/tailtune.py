@@ -260,9 +260,50 @@ def level_nll(log_probs, groups: list, y):
     return total
 
 
+def shared_classifier(dim: int, n_classes: int, levels: list):
+    """A linear classifier over the leaves that borrows strength from the tree: each leaf's weight and bias
+    are its own plus those of its ancestor at every level of ``levels`` (:func:`level_groups`).
+
+    The ancestors' parts start at zero and are trained on the gradients of all their leaves, so a rare
+    leaf starts from, and moves with, what its siblings share. :meth:`collapsed` folds it into one
+    ``nn.Linear(dim, n_classes)`` with the same logits. ``forward``: ``(B, dim)`` -> ``(B, n_classes)``.
+    """
+    import torch
+    from torch import nn
+
+    class SharedLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.leaf = nn.Linear(dim, n_classes)
+            self.shared = nn.ModuleList(nn.Linear(dim, int(np.max(g)) + 1) for g in levels)
+            for m in self.shared:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+            for i, g in enumerate(levels):
+                self.register_buffer(f"group{i}", torch.as_tensor(np.asarray(g), dtype=torch.long), persistent=False)
+
+        def _groups(self):
+            return [getattr(self, f"group{i}") for i in range(len(self.shared))]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = self.leaf(x)
+            for g, m in zip(self._groups(), self.shared):
+                z = z + m(x)[:, g]
+            return z
+
+        def collapsed(self) -> nn.Linear:
+            out = nn.Linear(dim, n_classes)
+            with torch.no_grad():
+                out.weight.copy_(self.leaf.weight + sum(m.weight[g] for g, m in zip(self._groups(), self.shared)))
+                out.bias.copy_(self.leaf.bias + sum(m.bias[g] for g, m in zip(self._groups(), self.shared)))
+            return out
+
+    return SharedLinear()
+
+
 def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int, lr: float = 3e-4, batch: int = 64,
               label_smoothing: float = 0.1, progress: bool = False, levels: list | None = None,
-              level_weight: float = 0.0, repeat_threshold: float = 0.0):
+              level_weight: float = 0.0, repeat_threshold: float = 0.0, share_levels: bool = False):
     """Train ``tail`` and a linear classifier on ``maps`` ``(N, V, C, h, w)`` with labels ``y`` ``(N,)``.
 
     Each epoch sees one random view of every image, mirrored at random; AdamW with a one-cycle schedule
@@ -270,7 +311,9 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
     ``level_weight`` > 0 the loss adds ``level_weight`` × the negative log-likelihood of the true path's
     nodes at those levels (:func:`level_nll`; a hierarchy-aware loss). With ``repeat_threshold`` > 0 an
     epoch sees the images of rare classes more than once, each time another random view
-    (:func:`repeat_factors`). Returns ``(tail, classifier)`` in eval mode; the classifier maps pooled
+    (:func:`repeat_factors`). With ``levels`` and ``share_levels`` the classifier borrows strength from
+    the tree while it trains (:func:`shared_classifier`), then is folded into one linear layer. Returns
+    ``(tail, classifier)`` in eval mode; the classifier maps pooled
     features ``(N, D)`` to logits ``(N, n_classes)``.
     """
     import torch
@@ -281,7 +324,8 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     dim = tail.conv_head.out_channels
-    cls = nn.Sequential(nn.Dropout(0.2), nn.Linear(dim, n_classes))
+    shared = bool(levels) and share_levels
+    cls = nn.Sequential(nn.Dropout(0.2), shared_classifier(dim, n_classes, levels) if shared else nn.Linear(dim, n_classes))
     opt = torch.optim.AdamW([{"params": tail.parameters(), "lr": lr}, {"params": cls.parameters(), "lr": 10 * lr}],
                             weight_decay=1e-4)
     n, n_views = len(y), maps.shape[1]
@@ -310,6 +354,8 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
             sched.step()
             total += loss.item() * len(b)
         log.info("tuning epoch %d: loss %.3f", epoch, total / len(ids))
+    if shared:
+        cls[1] = cls[1].collapsed()
     return tail.eval(), cls.eval()
 
 
