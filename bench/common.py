@@ -29,7 +29,20 @@ RESULTS_DIR = REPO / "bench" / "results"
 
 
 class BenchError(Exception):
-    """A problem the user can fix: printed as one line, exit code 2."""
+    """A problem the user can fix: printed as one line, exit code 2 (:func:`run_cli`)."""
+
+
+def run_cli(main: Callable, get_args_parser: Callable) -> None:
+    """A benchmark script's ``__main__``: ``main(get_args_parser().parse_args())``, its return value the exit
+    code; a :class:`BenchError` or the suite's ``UserError`` is one ``error:`` line on stderr and exit code 2."""
+    sys.path.insert(0, str(REPO / "src"))
+    from hiernet.safeio import UserError
+
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except (BenchError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ---------------------------------------------------------------------- machine description

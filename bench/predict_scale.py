@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     REPO, RESULTS_DIR, BenchError, busy_note, command_line, fmt, log, machine_info, machine_markdown, md_table,
-    run_timed, write_report,
+    run_cli, run_timed, write_report,
 )
 
 SHAPES = {"round/circle": "ellipse", "round/plus": "cross", "angular/box": "rectangle", "angular/tri": "triangle"}
@@ -236,8 +236,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, get_args_parser)

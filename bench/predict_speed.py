@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     DEFAULT_DATASET, REPO, RESULTS_DIR, BenchError, busy_note, command_line, fmt, log, machine_info, machine_markdown,
-    every_kth, md_table, run_timed, sample_images, usable_cores, write_report,
+    every_kth, md_table, run_cli, run_timed, sample_images, usable_cores, write_report,
 )
 
 sys.path.insert(0, str(REPO / "src"))
@@ -352,13 +352,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from hiernet.safeio import UserError
-
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except (BenchError, UserError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main, get_args_parser)

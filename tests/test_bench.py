@@ -167,6 +167,25 @@ def test_sample_images_is_every_kth_sorted_strict_or_all_when_fewer(common, tmp_
     assert common.every_kth(list(range(7)), 3) == [0, 2, 4] and common.every_kth([1, 2], 5) == [1, 2]
 
 
+def test_run_cli_turns_a_bench_or_user_error_into_one_line_and_exit_2(common, capsys, monkeypatch):
+    import argparse
+
+    from hiernet.safeio import UserError
+
+    monkeypatch.setattr(sys, "argv", ["bench.py"])
+    parser = lambda: argparse.ArgumentParser()  # noqa: E731
+    for exc in (common.BenchError("no models in X; pass --models-dir"), UserError("bad photo Y; remove it")):
+        def main(args, exc=exc):
+            raise exc
+
+        with pytest.raises(SystemExit) as stop:
+            common.run_cli(main, parser)
+        assert stop.value.code == 2 and capsys.readouterr().err == f"error: {exc}\n"
+    with pytest.raises(SystemExit) as stop:
+        common.run_cli(lambda args: 0, parser)
+    assert stop.value.code == 0
+
+
 def test_interleaved_passes_reverse_the_order_every_other_pass(common):
     calls = []
     times = common.interleaved_passes([lambda: calls.append("a"), lambda: calls.append("b")], repeats=3)
