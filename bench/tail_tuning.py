@@ -69,6 +69,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--share-levels", action="store_true",
                    help="the tuned classifier borrows strength from the tree: each leaf's weights are its own plus "
                         "its ancestors' (trained on all their leaves' gradients), folded into one linear layer after")
+    p.add_argument("--share-decay", type=float, metavar="WD",
+                   help="with --share-levels: the weight decay of each leaf's own part alone (default: the rest's "
+                        "1e-4); a large one pulls every leaf toward what its ancestors share")
     p.add_argument("--repeat-threshold", type=float, default=0.0, metavar="T",
                    help="repeat-factor sampling in the tuning: an image of a class with a fraction f < T of the "
                         "training images comes sqrt(T / f) times per epoch, each time another view (default 0: off)")
@@ -524,7 +527,8 @@ def tune_keywords(args, hier, leaf_ids: list) -> dict:
     ``--share-levels``, ``--repeat-threshold``."""
     kw = {"repeat_threshold": args.repeat_threshold} if args.repeat_threshold else {}
     if args.level_loss or args.share_levels:
-        kw.update(levels=level_groups(hier, leaf_ids), level_weight=args.level_loss, share_levels=args.share_levels)
+        kw.update(levels=level_groups(hier, leaf_ids), level_weight=args.level_loss, share_levels=args.share_levels,
+                  share_decay=args.share_decay)
     return kw
 
 
@@ -598,6 +602,7 @@ def _write_report(out: Path, rows: dict, tail: list, support: dict, header: str)
 def _level_note(args) -> str:
     note = f", leaf loss + {args.level_loss:g} x the levels' loss" if args.level_loss else ""
     note += ", the classifier sharing its ancestors' weights (--share-levels)" if args.share_levels else ""
+    note += f", weight decay {args.share_decay:g} on each leaf's own part" if args.share_levels and args.share_decay is not None else ""
     return note + (f", repeat-factor sampling (threshold {args.repeat_threshold:g})" if args.repeat_threshold else "")
 
 

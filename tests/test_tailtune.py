@@ -170,6 +170,21 @@ def test_tuning_with_shared_levels_returns_one_linear_layer_and_differs_from_the
     assert np.allclose(runs[True].sum(1), 1, atol=1e-5)
 
 
+def test_a_large_share_decay_pulls_sibling_leaves_toward_their_shared_weights():
+    # leaves 0 and 1 share an ancestor; decaying only each leaf's own part must bring their rows together
+    maps, y = pattern_maps()
+    groups = [np.array([0, 0, 1])]
+    _, tail = tailtune.split_backbone(create_backbone("efficientnet-lite0", pretrained=False, image_size=64), 1)
+
+    def sibling_gap(**kw):
+        _, cls = tailtune.tune_tail(copy.deepcopy(tail), maps, y, 3, epochs=10, seed=0, lr=1e-3, levels=groups,
+                                    share_levels=True, **kw)
+        w = cls[1].weight.detach()
+        return float((w[0] - w[1]).norm() / (w[0] - w[2]).norm())
+
+    assert sibling_gap(share_decay=50.0) < 0.75 * sibling_gap()
+
+
 def test_repeat_factors_repeat_only_the_classes_rarer_than_the_threshold():
     y = np.array([0] * 90 + [1] * 9 + [2])
     r = tailtune.repeat_factors(y, 4, 0.1)  # class 3 has no image: no factor, no error

@@ -303,7 +303,8 @@ def shared_classifier(dim: int, n_classes: int, levels: list):
 
 def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int, lr: float = 3e-4, batch: int = 64,
               label_smoothing: float = 0.1, progress: bool = False, levels: list | None = None,
-              level_weight: float = 0.0, repeat_threshold: float = 0.0, share_levels: bool = False):
+              level_weight: float = 0.0, repeat_threshold: float = 0.0, share_levels: bool = False,
+              share_decay: float | None = None):
     """Train ``tail`` and a linear classifier on ``maps`` ``(N, V, C, h, w)`` with labels ``y`` ``(N,)``.
 
     Each epoch sees one random view of every image, mirrored at random; AdamW with a one-cycle schedule
@@ -312,7 +313,9 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
     nodes at those levels (:func:`level_nll`; a hierarchy-aware loss). With ``repeat_threshold`` > 0 an
     epoch sees the images of rare classes more than once, each time another random view
     (:func:`repeat_factors`). With ``levels`` and ``share_levels`` the classifier borrows strength from
-    the tree while it trains (:func:`shared_classifier`), then is folded into one linear layer. Returns
+    the tree while it trains (:func:`shared_classifier`), then is folded into one linear layer;
+    ``share_decay`` (default: the rest's 1e-4) is then the weight decay of each leaf's own part alone, so
+    that a large one pulls every leaf toward what its ancestors share. Returns
     ``(tail, classifier)`` in eval mode; the classifier maps pooled
     features ``(N, D)`` to logits ``(N, n_classes)``.
     """
@@ -326,12 +329,15 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
     dim = tail.conv_head.out_channels
     shared = bool(levels) and share_levels
     cls = nn.Sequential(nn.Dropout(0.2), shared_classifier(dim, n_classes, levels) if shared else nn.Linear(dim, n_classes))
-    opt = torch.optim.AdamW([{"params": tail.parameters(), "lr": lr}, {"params": cls.parameters(), "lr": 10 * lr}],
-                            weight_decay=1e-4)
+    groups = [{"params": tail.parameters(), "lr": lr}, {"params": cls.parameters(), "lr": 10 * lr}]
+    if shared and share_decay is not None:
+        groups[1:] = [{"params": cls[1].leaf.parameters(), "lr": 10 * lr, "weight_decay": share_decay},
+                      {"params": cls[1].shared.parameters(), "lr": 10 * lr}]
+    opt = torch.optim.AdamW(groups, weight_decay=1e-4)
     n, n_views = len(y), maps.shape[1]
     counts = epoch_counts(y, n_classes, epochs, repeat_threshold, seed)  # drawn up front: the schedule's length
     steps = sum(((n if c is None else int(c.sum())) + batch - 1) // batch for c in counts)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, [lr, 10 * lr], total_steps=steps, pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, [g["lr"] for g in groups], total_steps=steps, pct_start=0.15)
     yt = torch.as_tensor(y, dtype=torch.long)
     tail.train()
     cls.train()
