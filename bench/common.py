@@ -34,7 +34,8 @@ class BenchError(Exception):
 
 def run_cli(main: Callable, get_args_parser: Callable) -> None:
     """A benchmark script's ``__main__``: ``main(get_args_parser().parse_args())``, its return value the exit
-    code; a :class:`BenchError` or the suite's ``UserError`` is one ``error:`` line on stderr and exit code 2."""
+    code; a :class:`BenchError` or the suite's ``UserError`` is one ``error:`` line on stderr and exit code 2,
+    Ctrl-C one ``interrupted`` line and exit code 130."""
     sys.path.insert(0, str(REPO / "src"))
     from hiernet.safeio import UserError
 
@@ -43,6 +44,9 @@ def run_cli(main: Callable, get_args_parser: Callable) -> None:
     except (BenchError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # ---------------------------------------------------------------------- machine description

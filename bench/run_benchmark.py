@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     DEFAULT_DATASET, REPO, RESULTS_DIR, BenchError, busy_note, children_max_rss_mib, command_line, fmt, log,
-    machine_info, machine_markdown, md_table, run_timed, write_report,
+    machine_info, machine_markdown, md_table, run_cli, run_timed, write_report,
 )
 
 #: Written into a work folder this script created; only such a folder is ever cleaned for a rerun.
@@ -338,8 +338,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main, get_args_parser)

@@ -181,6 +181,12 @@ def test_run_cli_turns_a_bench_or_user_error_into_one_line_and_exit_2(common, ca
         with pytest.raises(SystemExit) as stop:
             common.run_cli(main, parser)
         assert stop.value.code == 2 and capsys.readouterr().err == f"error: {exc}\n"
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        common.run_cli(interrupted, parser)
+    assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n"
     with pytest.raises(SystemExit) as stop:
         common.run_cli(lambda args: 0, parser)
     assert stop.value.code == 0
