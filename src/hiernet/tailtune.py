@@ -315,29 +315,22 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
     (:func:`repeat_factors`). With ``levels`` and ``share_levels`` the classifier borrows strength from
     the tree while it trains (:func:`shared_classifier`), then is folded into one linear layer;
     ``share_decay`` (default: the rest's 1e-4) is then the weight decay of each leaf's own part alone, so
-    that a large one pulls every leaf toward what its ancestors share. Returns
-    ``(tail, classifier)`` in eval mode; the classifier maps pooled
-    features ``(N, D)`` to logits ``(N, n_classes)``.
+    that a large one pulls every leaf toward what its ancestors share. Returns ``(tail, classifier)`` in
+    eval mode; the classifier maps pooled features ``(N, D)`` to logits ``(N, n_classes)``.
     """
     import torch
     import torch.nn.functional as F
-    from torch import nn
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    dim = tail.conv_head.out_channels
     shared = bool(levels) and share_levels
-    cls = nn.Sequential(nn.Dropout(0.2), shared_classifier(dim, n_classes, levels) if shared else nn.Linear(dim, n_classes))
-    groups = [{"params": tail.parameters(), "lr": lr}, {"params": cls.parameters(), "lr": 10 * lr}]
-    if shared and share_decay is not None:
-        groups[1:] = [{"params": cls[1].leaf.parameters(), "lr": 10 * lr, "weight_decay": share_decay},
-                      {"params": cls[1].shared.parameters(), "lr": 10 * lr}]
-    opt = torch.optim.AdamW(groups, weight_decay=1e-4)
+    cls, opt = _classifier_and_optimizer(tail, n_classes, lr, levels if shared else None, share_decay)
     n, n_views = len(y), maps.shape[1]
     counts = epoch_counts(y, n_classes, epochs, repeat_threshold, seed)  # drawn up front: the schedule's length
     steps = sum(((n if c is None else int(c.sum())) + batch - 1) // batch for c in counts)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, [g["lr"] for g in groups], total_steps=steps, pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, [g["lr"] for g in opt.param_groups], total_steps=steps,
+                                                pct_start=0.15)
     yt = torch.as_tensor(y, dtype=torch.long)
     tail.train()
     cls.train()
@@ -363,6 +356,23 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
     if shared:
         cls[1] = cls[1].collapsed()
     return tail.eval(), cls.eval()
+
+
+def _classifier_and_optimizer(tail, n_classes: int, lr: float, shared_levels: list | None, share_decay: float | None):
+    """:func:`tune_tail`'s classifier (dropout, then a linear layer over the leaves, or
+    :func:`shared_classifier` of ``shared_levels``) and its AdamW (weight decay 1e-4; the classifier at
+    10 × ``lr``; with a shared classifier and ``share_decay``, that decay on each leaf's own part)."""
+    import torch
+    from torch import nn
+
+    dim = tail.conv_head.out_channels
+    head = shared_classifier(dim, n_classes, shared_levels) if shared_levels else nn.Linear(dim, n_classes)
+    cls = nn.Sequential(nn.Dropout(0.2), head)
+    groups = [{"params": tail.parameters(), "lr": lr}, {"params": cls.parameters(), "lr": 10 * lr}]
+    if shared_levels and share_decay is not None:
+        groups[1:] = [{"params": head.leaf.parameters(), "lr": 10 * lr, "weight_decay": share_decay},
+                      {"params": head.shared.parameters(), "lr": 10 * lr}]
+    return cls, torch.optim.AdamW(groups, weight_decay=1e-4)
 
 
 def epoch_counts(y: np.ndarray, n_classes: int, epochs: int, repeat_threshold: float, seed: int) -> list:
