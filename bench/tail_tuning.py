@@ -75,6 +75,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-threshold", type=float, default=0.0, metavar="T",
                    help="repeat-factor sampling in the tuning: an image of a class with a fraction f < T of the "
                         "training images comes sqrt(T / f) times per epoch, each time another view (default 0: off)")
+    p.add_argument("--rare-views", type=int, default=0, metavar="K",
+                   help="K more augmented views (another seed) of every image of a leaf with at most --tail-max images, "
+                        "cached like the others; the tuning draws such an image's view among all its views (default 0)")
     p.add_argument("--hidden", type=int, default=1024, help="hidden units of the frozen row's suite head (0 = linear)")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds over train+val")
     p.add_argument("--max-folds", type=int, help="hold out only the first N folds (scored on their images)")
@@ -187,14 +190,16 @@ def extract_maps(paths: list, image_size: int, tune_from: int, n_aug: int, seed:
 
 def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tune_from: list, epochs: int,
                    hidden: int, folds: int, seed: int, max_folds: int | None, peers: bool, pretrained: bool = True,
-                   lr: float = 3e-4, hier=None, backbone: str = BACKBONE, tune_kw: dict | None = None):
+                   lr: float = 3e-4, hier=None, backbone: str = BACKBONE, tune_kw: dict | None = None,
+                   rare: tuple | None = None):
     """Out-of-fold leaf predictions ``{row: (N,)}`` (None beyond ``max_folds``) and seconds per row.
 
     ``maps``: one ``(N, V, C, h, w)`` array per ``tune_from`` value, the same images and views. With
     ``hier``, the frozen backbone and each tuned one also get the suite's heads with the LCPN and combined
     decisions (``bench/tail.py``'s ``suite_lcpn``, trained on the pooled features of every view), and each
     tuned backbone the suite's flat head too: train.py's heads on a backbone tuned first. ``tune_kw``: more
-    keywords of the tuning (:func:`hiernet.tailtune.tune_tail`), e.g. its level loss.
+    keywords of the tuning (:func:`hiernet.tailtune.tune_tail`), e.g. its level loss. ``rare``: more views of
+    some images (:func:`rare_maps`: one extra array per ``maps`` entry, and each image's row), drawn by the tuning.
     """
     from sklearn.model_selection import StratifiedKFold
     import tail as tail_bench
@@ -229,7 +234,8 @@ def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tu
                 views_tr, ev_te = frozen[tr], frozen[te, :2]
             else:
                 _, t = backbone_parts(image_size, tune_from[bb], pretrained, backbone)
-                t, cls = tune(t, maps[bb][tr], y[tr], len(leaf_ids), epochs, seed + fold, lr, **(tune_kw or {}))
+                t, cls = tune(t, maps[bb][tr], y[tr], len(leaf_ids), epochs, seed + fold, lr, **(tune_kw or {}),
+                              **_extra(rare, bb, tr))
                 tuned = names[tuned_probs(t, cls, maps[bb][te]).argmax(1)]
                 if hier is not None:
                     views_tr, ev_te = pooled(t, maps[bb][tr], list(range(maps[bb].shape[1]))), pooled(t, maps[bb][te], [0, 1])
@@ -259,7 +265,8 @@ def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tu
 
 def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: list, image_size: int, members: list,
                              epochs: int, folds: int, seed: int, max_folds: int | None, hier, hidden: int = 1024,
-                             pretrained: bool = True, lr: float = 3e-4, tune_kw: dict | None = None):
+                             pretrained: bool = True, lr: float = 3e-4, tune_kw: dict | None = None,
+                             rare: tuple | None = None):
     """A ``+`` composite (the suite's default recipe), frozen vs every member's last block tuned.
 
     ``member_maps``: one ``(N, V, C_m, h, w)`` array per member of ``members`` (the maps before its last
@@ -277,7 +284,7 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     validation split), with each ``tau`` of :data:`FIXED_TAUS` (what each would do) and with the ``tau`` the held-out part's other criteria choose (:func:`prior_taus`). Returns
     out-of-fold predictions ``{row: (N,)}``, seconds per row, the ``tau`` each criterion chose in each fold
     (``[{criterion: tau}]``) and the tuned classifier's out-of-fold logits (what :func:`save_logits` writes).
-    ``tune_kw``: as :func:`cross_validate`'s.
+    ``tune_kw``, ``rare`` (one extra array per member): as :func:`cross_validate`'s.
     """
     from sklearn.model_selection import StratifiedKFold
     import tail as tail_bench
@@ -310,9 +317,10 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
             else:
                 fit, hold = held_out(tr, seed + fold)
                 logits, hold_logits, feats_tr, feats_te = [], [], [], []
-                for m, cut, maps in zip(members, cuts, member_maps):
+                for j, (m, cut, maps) in enumerate(zip(members, cuts, member_maps)):
                     _, t = backbone_parts(image_size, cut, pretrained, m)
-                    t, cls = tune(t, maps[fit], y[fit], len(leaf_ids), epochs, seed + fold, lr, **(tune_kw or {}))
+                    t, cls = tune(t, maps[fit], y[fit], len(leaf_ids), epochs, seed + fold, lr, **(tune_kw or {}),
+                                  **_extra(rare, j, fit))
                     logits.append(tuned_logits(t, cls, maps[te]))  # (n, 2, C): eval view and mirror
                     hold_logits.append(tuned_logits(t, cls, maps[hold]))
                     feats_tr.append(pooled(t, maps[tr], list(range(maps.shape[1]))))
@@ -347,6 +355,38 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                 log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, tuning + time.time() - t1,
                          np.mean(pred == leaves[te]))
     return preds, seconds, taus, oof
+
+
+def rare_maps(paths: list, leaves: np.ndarray, support: dict, tail_max: int, n_aug: int, image_size: int,
+              cuts: list, backbones: list, seed: int, work: Path) -> tuple[list, np.ndarray] | None:
+    """``--rare-views``: ``n_aug`` more augmented views of every image of a leaf with at most ``tail_max``
+    images (``support``: images per leaf), cached in ``work`` by :func:`extract_maps` with another seed than
+    the main maps' (``seed + 1``), for each cut ``cuts[i]`` of ``backbones[i]``.
+
+    Returns
+    -------
+    (list, numpy.ndarray) or None
+        One float16 array ``(M, n_aug, C, h, w)`` per cut (the augmented views only) and ``rows`` ``(N,)``:
+        each image's row in them, -1 for the others; None when ``n_aug`` is 0 or no leaf is that rare.
+    """
+    rare = np.flatnonzero(np.isin(leaves, [leaf for leaf, n in support.items() if n <= tail_max]))
+    if not n_aug or not len(rare):
+        return None
+    extra, ok = [], np.ones(len(rare), bool)
+    for cut, backbone in zip(cuts, backbones):
+        m, m_ok = extract_maps([paths[i] for i in rare], image_size, cut, n_aug, seed + 1, work, backbone)
+        extra.append(m[:, 2:])
+        ok &= m_ok
+    rows = np.full(len(leaves), -1)
+    rows[rare[ok]] = np.flatnonzero(ok)
+    log.info("--rare-views: %d more views of %d images of %d leaves", n_aug, int(ok.sum()),
+             len(set(leaves[rare])))
+    return extra, rows
+
+
+def _extra(rare: tuple | None, i: int, idx: np.ndarray) -> dict:
+    """The tuning's ``extra`` keyword (:func:`hiernet.tailtune.tune_tail`) for maps entry ``i`` and the images ``idx``."""
+    return {} if rare is None else {"extra": (rare[0][i], rare[1][idx])}
 
 
 #: The adjustments the composite CV scores fixed, beside the ``tau`` the held-out part chooses of
@@ -507,10 +547,12 @@ def main(args) -> int:
     leaves = leaves[keep]
     leaf_ids = sorted(set(leaves))
     support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
+    rare = rare_maps([paths[i] for i in keep], leaves, support, args.tail_max, args.rare_views, args.image_size,
+                     args.tune_from, [args.backbone] * len(args.tune_from), args.seed, args.work)
     preds, seconds = cross_validate(maps, leaves, leaf_ids, args.image_size, args.tune_from, args.epochs, args.hidden,
                                     args.folds, args.seed, args.max_folds, not args.no_peers, lr=args.lr,
                                     hier=hier if args.suite_heads else None, backbone=args.backbone,
-                                    tune_kw=tune_keywords(args, hier, leaf_ids))
+                                    tune_kw=tune_keywords(args, hier, leaf_ids), rare=rare)
     rows = tail_bench.score_rows(preds, seconds, leaves, tail)
     if args.out:
         header = (f"# Tuning the last blocks: {args.folds}-fold CV on train+val of {args.data_dir} ({len(leaves)} images, "
@@ -553,9 +595,11 @@ def main_composite(args, members: list, paths: list, leaves: np.ndarray, hier) -
     leaves = leaves[keep]
     leaf_ids = sorted(set(leaves))
     support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
+    rare = rare_maps([paths[i] for i in keep], leaves, support, args.tail_max, args.rare_views, args.image_size,
+                     [_last_block(m, args.image_size) for m in members], members, args.seed, args.work)
     preds, seconds, taus, oof = cross_validate_composite(maps, leaves, leaf_ids, args.image_size, members, args.epochs,
                                                          args.folds, args.seed, args.max_folds, hier, args.hidden, lr=args.lr,
-                                                         tune_kw=tune_keywords(args, hier, leaf_ids))
+                                                         tune_kw=tune_keywords(args, hier, leaf_ids), rare=rare)
     rows = tail_bench.score_rows(preds, seconds, leaves, tail)
     if args.out:
         save_logits(args.out.with_suffix(".logits.npz"), oof)
@@ -603,6 +647,8 @@ def _level_note(args) -> str:
     note = f", leaf loss + {args.level_loss:g} x the levels' loss" if args.level_loss else ""
     note += ", the classifier sharing its ancestors' weights (--share-levels)" if args.share_levels else ""
     note += f", weight decay {args.share_decay:g} on each leaf's own part" if args.share_levels and args.share_decay is not None else ""
+    note += (f", {args.rare_views} more augmented views of each image of a leaf with at most {args.tail_max} images"
+             if args.rare_views else "")
     return note + (f", repeat-factor sampling (threshold {args.repeat_threshold:g})" if args.repeat_threshold else "")
 
 

@@ -503,6 +503,44 @@ def test_tail_tuning_level_loss_and_repeat_sampling_reach_the_tuning(tuning, mon
     assert len(seen) == 3 and all(k["level_weight"] == 0.5 and k["levels"] is kw["levels"] for k in seen[1:])
 
 
+def test_tail_tuning_rare_views_are_more_views_of_the_rare_leaves_images_only(tuning, tmp_path, monkeypatch):
+    from conftest import noise_images, pattern_maps
+
+    paths = noise_images(tmp_path)  # the second one does not decode
+    leaves = np.array(["a", "b", "b", "b"], dtype=object)
+    support = {"a": 200, "b": 40}
+    assert tuning.rare_maps(paths, leaves, support, 100, 0, 64, [15], ["efficientnet-lite0"], 0, tmp_path / "w") is None
+    assert tuning.rare_maps(paths, leaves, support, 30, 3, 64, [15], ["efficientnet-lite0"], 0, tmp_path / "w") is None
+    extra, rows = tuning.rare_maps(paths, leaves, support, 100, 3, 64, [15], ["efficientnet-lite0"], 0, tmp_path / "w")
+    assert len(extra) == 1 and extra[0].shape == (3, 3, 192, 2, 2)  # leaf b's 3 images, 3 augmented views each
+    assert rows.tolist() == [-1, -1, 1, 2]  # leaf a is not rare; image 1 did not decode
+    main, _ = tuning.extract_maps(paths, 64, 15, 3, 0, tmp_path / "w")
+    assert not np.allclose(extra[0][rows[2]], main[2, 2:], atol=0.05)  # other augmented views than the main maps'
+    # the folds hand each tuning its images' rows
+    seen, real = [], tuning.tune
+    monkeypatch.setattr(tuning, "tune", lambda *a, **k: seen.append(k) or real(*a, **k))
+    leaf_ids = ["a/x", "a/y", "b"]
+    maps, y = pattern_maps(n=30, dtype=np.float16)
+    leaves = np.array(leaf_ids, dtype=object)[y]
+    rows = np.where(y == 2, np.arange(30) // 3, -1)
+    rare = ([maps[y == 2][:, 1:]], rows)
+    tuning.cross_validate([maps], leaves, leaf_ids, 64, [15], epochs=1, hidden=0, folds=2, seed=0, max_folds=1,
+                          peers=False, pretrained=False, rare=rare)
+    (k,) = seen
+    from sklearn.model_selection import StratifiedKFold
+
+    tr, _ = next(StratifiedKFold(2, shuffle=True, random_state=0).split(y, y))
+    assert k["extra"][0] is rare[0][0] and np.array_equal(k["extra"][1], rows[tr])
+    from hiernet.hierarchy import Hierarchy
+
+    tuning.cross_validate_composite([maps, maps], leaves, leaf_ids, 64, ["efficientnet-lite1", "efficientnet-lite0"],
+                                    epochs=1, folds=2, seed=0, max_folds=1, hier=Hierarchy.from_leaf_paths(leaf_ids),
+                                    hidden=0, pretrained=False, rare=([rare[0][0], rare[0][0][:, :1]], rows))
+    fit, _ = tuning.held_out(tr, 0)
+    assert [k["extra"][0].shape[1] for k in seen[1:]] == [2, 1]  # each member its own extra maps
+    assert all(np.array_equal(k["extra"][1], rows[fit]) for k in seen[1:])
+
+
 @pytest.mark.slow
 def test_precision_bench_tunes_the_backbone_first_and_trains_on_it(tmp_path):
     """bench/precision.py --tune-backbone: a tune stage (timed into training), then train_lcpn.sh on the

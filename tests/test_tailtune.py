@@ -227,6 +227,39 @@ def test_repeat_factor_sampling_shows_rare_images_more_often_in_other_views():
     assert all(len(set(views[ids == i])) > 1 for i in np.flatnonzero(y == 2))  # a repeat is another view
 
 
+def test_read_views_takes_views_past_the_cached_ones_from_the_extra_maps():
+    maps = np.arange(4 * 2 * 3, dtype=np.float16).reshape(4, 2, 3, 1, 1)  # 4 images, 2 views
+    extra_maps = -np.arange(1, 2 * 3 * 3 + 1, dtype=np.float16).reshape(2, 3, 3, 1, 1)  # 2 rows, 3 views
+    rows = np.array([-1, 1, -1, 0])
+    b, v = np.array([0, 1, 1, 3, 3]), np.array([1, 0, 4, 2, 3])
+    x = tailtune._read_views(maps, b, v, (extra_maps, rows))
+    want = np.stack([maps[0, 1], maps[1, 0], extra_maps[1, 2], extra_maps[0, 0], extra_maps[0, 1]])
+    assert x.dtype == np.float32 and np.array_equal(x, want)
+    assert np.array_equal(tailtune._read_views(maps, b[:2], v[:2], None), maps[b[:2], v[:2]])
+
+
+def test_extra_views_are_drawn_for_the_images_that_have_them_and_no_others():
+    maps, y = pattern_maps()
+    _, tail = tailtune.split_backbone(create_backbone("efficientnet-lite0", pretrained=False, image_size=64), 1)
+    rare = np.flatnonzero(y == 2)[:4]
+    rows = np.full(len(y), -1)
+    rows[rare] = np.arange(len(rare))
+    own, extra = _Recorder(maps), _Recorder(np.repeat(maps[rare], 2, axis=1))  # 3 own views, 6 extra each
+    epochs = 12
+    tailtune.tune_tail(copy.deepcopy(tail), own, y, 3, epochs=epochs, seed=0, lr=1e-3, batch=16,
+                       extra=(extra, rows))
+    own_ids = np.concatenate([i for i, _ in own.reads])
+    extra_rows, extra_views = (np.concatenate([r[k] for r in extra.reads]) for k in (0, 1))
+    # every image once per epoch, from its own views or (the four with rows) from the extra ones
+    seen = np.bincount(own_ids, minlength=len(y)) + np.bincount(rare[extra_rows], minlength=len(y))
+    assert (seen == epochs).all()
+    assert set(extra_rows) == set(range(len(rare)))  # only the images with a row, each of them
+    assert extra_views.min() >= 0 and extra_views.max() < 6 and len(set(extra_views)) > 3
+    assert len(extra_rows) > epochs * len(rare) / 3  # 6 of a rare image's 9 views are extra ones
+    with pytest.raises(ValueError, match="extra rows"):
+        tailtune.tune_tail(copy.deepcopy(tail), maps, y, 3, epochs=1, seed=0, extra=(maps[:2], rows))
+
+
 def test_the_averaged_classifier_averages_the_members_logits():
     gen = torch.Generator().manual_seed(0)
     members = [(torch.randn(3, 5, generator=gen), torch.randn(3, generator=gen)),

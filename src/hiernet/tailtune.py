@@ -304,7 +304,7 @@ def shared_classifier(dim: int, n_classes: int, levels: list):
 def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int, lr: float = 3e-4, batch: int = 64,
               label_smoothing: float = 0.1, progress: bool = False, levels: list | None = None,
               level_weight: float = 0.0, repeat_threshold: float = 0.0, share_levels: bool = False,
-              share_decay: float | None = None):
+              share_decay: float | None = None, extra: tuple | None = None):
     """Train ``tail`` and a linear classifier on ``maps`` ``(N, V, C, h, w)`` with labels ``y`` ``(N,)``.
 
     Each epoch sees one random view of every image, mirrored at random; AdamW with a one-cycle schedule
@@ -315,8 +315,11 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
     (:func:`repeat_factors`). With ``levels`` and ``share_levels`` the classifier borrows strength from
     the tree while it trains (:func:`shared_classifier`), then is folded into one linear layer;
     ``share_decay`` (default: the rest's 1e-4) is then the weight decay of each leaf's own part alone, so
-    that a large one pulls every leaf toward what its ancestors share. Returns ``(tail, classifier)`` in
-    eval mode; the classifier maps pooled features ``(N, D)`` to logits ``(N, n_classes)``.
+    that a large one pulls every leaf toward what its ancestors share. ``extra``: more views for some
+    images, ``(extra_maps (M, K, C, h, w), rows (N,))`` with ``rows[i]`` image ``i``'s row of ``extra_maps``
+    or -1: an image with a row draws its view among its ``V + K`` views (e.g. more augmented views of the
+    rare classes' images). Returns ``(tail, classifier)`` in eval mode; the classifier maps pooled features
+    ``(N, D)`` to logits ``(N, n_classes)``.
     """
     import torch
     import torch.nn.functional as F
@@ -327,6 +330,7 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
     shared = bool(levels) and share_levels
     cls, opt = _classifier_and_optimizer(tail, n_classes, lr, levels if shared else None, share_decay)
     n, n_views = len(y), maps.shape[1]
+    n_extra = _extra_counts(extra, n)
     counts = epoch_counts(y, n_classes, epochs, repeat_threshold, seed)  # drawn up front: the schedule's length
     steps = sum(((n if c is None else int(c.sum())) + batch - 1) // batch for c in counts)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, [g["lr"] for g in opt.param_groups], total_steps=steps,
@@ -335,12 +339,12 @@ def tune_tail(tail, maps, y: np.ndarray, n_classes: int, epochs: int, seed: int,
     tail.train()
     cls.train()
     for epoch in tqdm(range(epochs), desc="tuning", unit="epoch", disable=not progress, leave=False):
-        ids, views = _epoch_draws(n, n_views, counts[epoch], gen)
+        ids, views = _epoch_draws(n, n_views, counts[epoch], gen, n_extra)
         total = 0.0
         for s in range(0, len(ids), batch):
             o = np.argsort(ids[s:s + batch], kind="stable")  # in file order: the maps are memory-mapped
             b, v = ids[s:s + batch][o], views[s:s + batch][o]
-            x = torch.from_numpy(np.asarray(maps[b, v], dtype=np.float32))
+            x = torch.from_numpy(_read_views(maps, b, v, extra))
             flip = torch.rand(len(b), generator=gen) < 0.5
             x[flip] = x[flip].flip(-1)
             z = cls(tail(x))
@@ -384,17 +388,50 @@ def epoch_counts(y: np.ndarray, n_classes: int, epochs: int, repeat_threshold: f
     return [np.floor(factors).astype(int) + (rng.random(len(y)) < factors % 1) for _ in range(epochs)]
 
 
-def _epoch_draws(n: int, n_views: int, count: np.ndarray | None, gen) -> tuple[np.ndarray, np.ndarray]:
+def _epoch_draws(n: int, n_views: int, count: np.ndarray | None, gen,
+                 n_extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One epoch's shuffled image indices and a random view of each, both ``(E,)``: every image once
-    (``count`` None) or image ``i`` ``count[i]`` times."""
+    (``count`` None) or image ``i`` ``count[i]`` times; with ``n_extra`` ``(N,)`` image ``i``'s view is one
+    of its ``n_views + n_extra[i]`` (views from ``n_views`` on are its extra ones)."""
     import torch
 
     if count is None:
         ids = torch.randperm(n, generator=gen).numpy()
-        return ids, torch.randint(0, n_views, (n,), generator=gen).numpy()[ids]
-    entries = np.repeat(np.arange(n), count)
-    ids = entries[torch.randperm(len(entries), generator=gen).numpy()]
-    return ids, torch.randint(0, n_views, (len(entries),), generator=gen).numpy()
+        if n_extra is None:
+            return ids, torch.randint(0, n_views, (n,), generator=gen).numpy()[ids]
+    else:
+        entries = np.repeat(np.arange(n), count)
+        ids = entries[torch.randperm(len(entries), generator=gen).numpy()]
+        if n_extra is None:
+            return ids, torch.randint(0, n_views, (len(entries),), generator=gen).numpy()
+    u = torch.rand(len(ids), generator=gen, dtype=torch.float64).numpy()
+    return ids, np.minimum((u * (n_views + n_extra[ids])).astype(np.int64), n_views + n_extra[ids] - 1)
+
+
+def _extra_counts(extra: tuple | None, n: int) -> np.ndarray | None:
+    """How many extra views each of ``n`` images has in :func:`tune_tail`'s ``extra`` (``(N,)``; None without)."""
+    if extra is None:
+        return None
+    extra_maps, rows = extra
+    rows = np.asarray(rows)
+    if rows.shape != (n,) or rows.max(initial=-1) >= extra_maps.shape[0]:
+        raise ValueError(f"extra rows must be ({n},) indices below {extra_maps.shape[0]} or -1, got shape {rows.shape}")
+    return np.where(rows >= 0, extra_maps.shape[1], 0)
+
+
+def _read_views(maps, b: np.ndarray, v: np.ndarray, extra: tuple | None) -> np.ndarray:
+    """Images ``b``'s views ``v`` (both ``(B,)``) as float32 maps ``(B, C, h, w)``: from ``maps`` below its
+    ``V`` views, from ``extra``'s maps (:func:`tune_tail`) above."""
+    if extra is None:
+        return np.asarray(maps[b, v], dtype=np.float32)
+    extra_maps, rows = extra
+    own = v < maps.shape[1]
+    x = np.empty((len(b),) + tuple(maps.shape[2:]), np.float32)
+    if own.any():
+        x[own] = maps[b[own], v[own]]
+    if not own.all():
+        x[~own] = extra_maps[np.asarray(rows)[b[~own]], v[~own] - maps.shape[1]]
+    return x
 
 
 def repeat_factors(y: np.ndarray, n_classes: int, threshold: float) -> np.ndarray:
