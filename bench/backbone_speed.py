@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import (  # noqa: E402
-    DEFAULT_DATASET, RESULTS_DIR, BenchError, busy_note, command_line, fmt, interleaved_passes, machine_info,
-    machine_markdown, md_table, sample_images, write_report,
+    DEFAULT_DATASET, RESULTS_DIR, busy_note, command_line, fmt, interleaved_passes, machine_info,
+    machine_markdown, md_table, run_cli, sample_images, write_report,
 )
 
 
@@ -118,18 +118,14 @@ def main(args: argparse.Namespace) -> int:
     from hiernet.safeio import UserError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        bad = sorted(set(args.precisions.split(",")) - {"fp32", "int8"})
-        if bad:
-            raise UserError(f"--precisions: unknown {', '.join(bad)}; use fp32, int8 or both")
-        photos, _ = sample_images(args.images, args.n, strict=False, flag="-p")
-        info = machine_info()
-        with tempfile.TemporaryDirectory(prefix="hiernet-backbone-speed-") as tmp:
-            cache = args.cache_dir or Path(tmp)
-            rows = time_all(args, photos, cache)
-    except (UserError, BenchError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    bad = sorted(set(args.precisions.split(",")) - {"fp32", "int8"})
+    if bad:
+        raise UserError(f"--precisions: unknown {', '.join(bad)}; use fp32, int8 or both")
+    photos, _ = sample_images(args.images, args.n, strict=False, flag="-p")
+    info = machine_info()
+    with tempfile.TemporaryDirectory(prefix="hiernet-backbone-speed-") as tmp:
+        cache = args.cache_dir or Path(tmp)
+        rows = time_all(args, photos, cache)
     md = report(args, rows, len(photos), info)
     sys.stdout.write(md + "\n")
     write_report(md, {"command": command_line(), "machine": info, "backbone": args.backbone, "n": len(photos),
@@ -138,4 +134,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    run_cli(main, get_args_parser)

@@ -795,7 +795,7 @@ def test_tail_tuning_held_out_prior_scores_one_backbone_as_a_composite_of_one(tu
         tuning.main_composite(args, ["efficientnet-lite0"], [], np.array([]), None)
 
 
-def test_backbone_speed_times_each_input_side_and_refuses_unknown_precisions(tmp_path, capsys):
+def test_backbone_speed_times_each_input_side_and_refuses_unknown_precisions(tmp_path):
     from PIL import Image
 
     photos = tmp_path / "photos"
@@ -817,8 +817,16 @@ def test_backbone_speed_times_each_input_side_and_refuses_unknown_precisions(tmp
     assert "| 96 px | fp32 |" in md and "2.25×" in md  # (96 / 64)² pixels
 
     args.precisions = "fp16"
-    assert bs.main(args) == 2
-    assert "--precisions: unknown fp16" in capsys.readouterr().err
+    from hiernet.safeio import UserError
+
+    with pytest.raises(UserError, match="--precisions: unknown fp16"):
+        bs.main(args)
+    # from the command line: one line (bench/common.py's run_cli), exit code 2, nothing written
+    out.unlink()
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "backbone_speed.py"), "--precisions", "fp16", "-p",
+                        str(photos), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --precisions: unknown fp16; use fp32, int8 or both"
+    assert not out.exists()
 
 
 def test_backbone_speed_interleaves_the_passes_and_keeps_each_models_best():
