@@ -296,8 +296,10 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     frozen_tails = [backbone_parts(image_size, cut, pretrained, m)[1] for m, cut in zip(members, cuts)]
     decisions = ("flat", "lcpn", "combined")
     rows = {f"frozen {short}, suite heads ({d})": ("frozen", d) for d in decisions}
-    rows[f"{short}, each tuned from its last block, linear classifiers averaged"] = ("tuned", "linear")
-    rows.update({f"{short}, each tuned from its last block, then suite heads ({d})": ("tuned", d) for d in decisions})
+    tuned = _tuned_prefix(short)
+    if len(members) > 1:  # one member: the same decision as the tuned classifier's row
+        rows[f"{tuned}, linear classifiers averaged"] = ("tuned", "linear")
+    rows.update({f"{tuned}, then suite heads ({d})": ("tuned", d) for d in decisions})
     rows.update({name: ("tuned", what) for name, what in classifier_row_names(short, combined=True).items()})
     by_leaf = [leaf_ids.index(leaf) for leaf in hier.leaves()]  # the classifier's columns in hier.leaves() order
     preds = {n: np.empty(len(leaves), dtype=object) for n in rows}
@@ -397,9 +399,9 @@ FIXED_TAUS = (0.25, 0.5, 0.75, 1.0)
 def classifier_row_names(short: str, combined: bool) -> dict:
     """``{row name: decision}`` of the tuned classifier's rows (``short``: the members, e.g. "Lite1+Lite0"), the
     decisions :func:`classifier_decisions` returns; with ``combined`` also those times the LCPN heads."""
-    tuned = f"{short}, each tuned from its last block, tuned classifier"
+    tuned = f"{_tuned_prefix(short)}, tuned classifier"
     adjusted = f"{tuned} adjusted for the prior"
-    rows = {f"{tuned} (logits averaged: the flat head)": "clf"}
+    rows = {f"{tuned} ({'logits averaged: ' if '+' in short else ''}the flat head)": "clf"}
     if combined:
         rows[f"{tuned} x suite LCPN heads (combined)"] = "clf-combined"
     rows[f"{adjusted} (the flat head of --flat-classifier)"] = "clf-prior"
@@ -655,6 +657,12 @@ def _level_note(args) -> str:
 def _criteria_header(taus: list) -> str:
     """The tau each criterion of :data:`TAU_CRITERIA` chose, fold by fold: "by leaf accuracy: 0, 0.1, 0.3; ..."."""
     return "; ".join(f"by {label}: {', '.join(f'{t[c]:g}' for t in taus)}" for c, label in TAU_CRITERIA.items())
+
+
+def _tuned_prefix(short: str) -> str:
+    """How the tuned rows of a composite ``short`` begin: "Lite1+Lite0, each tuned from its last block"; one
+    member's, "Lite0, tuned from its last block"."""
+    return f"{short}, {'each ' if '+' in short else ''}tuned from its last block"
 
 
 def _short(members: list) -> str:

@@ -790,6 +790,20 @@ def test_tail_tuning_held_out_prior_scores_one_backbone_as_a_composite_of_one(tu
         tuning.main(tuning.get_args_parser().parse_args(base + ["--suite-heads"]))
     assert seen == [["efficientnet-lite0"]]
     monkeypatch.undo()
+    # a composite of one names its rows as one network's, without the averaged classifiers' row (the same decision)
+    from conftest import pattern_maps
+    from hiernet.hierarchy import Hierarchy
+
+    maps, y = pattern_maps(n=30, dtype=np.float16)
+    leaf_ids = ["a/x", "a/y", "b"]
+    preds, *_ = tuning.cross_validate_composite([maps], np.array(leaf_ids, dtype=object)[y], leaf_ids, 64,
+                                                ["efficientnet-lite0"], epochs=1, folds=2, seed=0, max_folds=1,
+                                                hier=Hierarchy.from_leaf_paths(leaf_ids), hidden=0, pretrained=False)
+    tuned = [name for name in preds if not name.startswith("frozen")]
+    assert tuned[:4] == [f"Lite0, tuned from its last block, then suite heads ({d})" for d in ("flat", "lcpn", "combined")] + \
+        ["Lite0, tuned from its last block, tuned classifier (the flat head)"]
+    assert list(tuning.classifier_row_names("Lite0", combined=False)) == [n for n in tuned[3:] if "(combined)" not in n]
+    assert not any("classifiers averaged" in name or "logits averaged" in name or "each tuned" in name for name in preds)
     args = tuning.get_args_parser().parse_args(base + ["--held-out-prior"])
     with pytest.raises(SystemExit, match="--held-out-prior is scored with the suite's heads; add --suite-heads"):
         tuning.main_composite(args, ["efficientnet-lite0"], [], np.array([]), None)
