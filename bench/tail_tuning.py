@@ -539,18 +539,9 @@ def main(args) -> int:
     if spec.parts or args.held_out_prior:
         return main_composite(args, [part.name for part in spec.parts] or [args.backbone], paths, leaves, hier)
     args.tune_from = args.tune_from or [_last_block(args.backbone, args.image_size)]
-    maps, ok = [], None
-    for k in args.tune_from:
-        m, ok_k = extract_maps(paths, args.image_size, k, args.views, args.seed, args.work, args.backbone)
-        maps.append(m)
-        ok = ok_k if ok is None else ok & ok_k
-    keep = np.flatnonzero(ok)
-    maps = [m if len(keep) == len(paths) else m[keep] for m in maps]
-    leaves = leaves[keep]
+    maps, leaves, support, tail, rare = _maps_and_leaves(args, paths, leaves, args.tune_from,
+                                                         [args.backbone] * len(args.tune_from))
     leaf_ids = sorted(set(leaves))
-    support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
-    rare = rare_maps([paths[i] for i in keep], leaves, support, args.tail_max, args.rare_views, args.image_size,
-                     args.tune_from, [args.backbone] * len(args.tune_from), args.seed, args.work)
     preds, seconds = cross_validate(maps, leaves, leaf_ids, args.image_size, args.tune_from, args.epochs, args.hidden,
                                     args.folds, args.seed, args.max_folds, not args.no_peers, lr=args.lr,
                                     hier=hier if args.suite_heads else None, backbone=args.backbone,
@@ -564,6 +555,26 @@ def main(args) -> int:
                   f"{args.epochs} epochs of tuning{_level_note(args)}")
         _write_report(args.out, rows, tail, support, header)
     return 0
+
+
+def _maps_and_leaves(args, paths: list, leaves: np.ndarray, cuts: list, backbones: list) -> tuple:
+    """The cached maps after block ``cuts[i]`` of ``backbones[i]`` (:func:`extract_maps`) of the images that
+    decoded for every one, their leaves, images per leaf and tail leaves (``bench/tail.py``'s
+    ``support_and_tail``) and ``--rare-views``' extra maps (:func:`rare_maps`, None without)."""
+    import tail as tail_bench
+
+    maps, ok = [], np.ones(len(paths), bool)
+    for cut, backbone in zip(cuts, backbones):
+        m, m_ok = extract_maps(paths, args.image_size, cut, args.views, args.seed, args.work, backbone)
+        maps.append(m)
+        ok &= m_ok
+    keep = np.flatnonzero(ok)
+    maps = [m if len(keep) == len(paths) else m[keep] for m in maps]
+    leaves = leaves[keep]
+    support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
+    rare = rare_maps([paths[i] for i in keep], leaves, support, args.tail_max, args.rare_views, args.image_size,
+                     cuts, backbones, args.seed, args.work)
+    return maps, leaves, support, tail, rare
 
 
 def tune_keywords(args, hier, leaf_ids: list) -> dict:
@@ -586,19 +597,9 @@ def main_composite(args, members: list, paths: list, leaves: np.ndarray, hier) -
         raise SystemExit(f"{what} tunes the last block of each member; drop --tune-from")
     if not args.suite_heads:
         raise SystemExit(f"{what} is scored with the suite's heads; add --suite-heads")
-    maps, ok = [], np.ones(len(paths), bool)
-    for m in members:
-        m_maps, m_ok = extract_maps(paths, args.image_size, _last_block(m, args.image_size), args.views, args.seed,
-                                    args.work, m)
-        maps.append(m_maps)
-        ok &= m_ok
-    keep = np.flatnonzero(ok)
-    maps = [m if len(keep) == len(paths) else m[keep] for m in maps]
-    leaves = leaves[keep]
+    maps, leaves, support, tail, rare = _maps_and_leaves(args, paths, leaves,
+                                                         [_last_block(m, args.image_size) for m in members], members)
     leaf_ids = sorted(set(leaves))
-    support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
-    rare = rare_maps([paths[i] for i in keep], leaves, support, args.tail_max, args.rare_views, args.image_size,
-                     [_last_block(m, args.image_size) for m in members], members, args.seed, args.work)
     preds, seconds, taus, oof = cross_validate_composite(maps, leaves, leaf_ids, args.image_size, members, args.epochs,
                                                          args.folds, args.seed, args.max_folds, hier, args.hidden, lr=args.lr,
                                                          tune_kw=tune_keywords(args, hier, leaf_ids), rare=rare)
