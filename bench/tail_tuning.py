@@ -21,6 +21,10 @@ are trained on the members' pooled features concatenated (:func:`cross_validate_
 with ``--held-out-prior --suite-heads`` is scored the same way, as a composite of one member: what
 ``train_lcpn.sh --tune-backbone`` trains, the prior adjustment's tau included.
 
+``--node NODE --base LOGITS`` measures a second network for the hardest node only: one backbone tuned on that
+node's images, re-deciding among its leaves for the base whose out-of-fold logits a run above saved
+(:func:`cross_validate_node`).
+
 Example::
 
     python3 bench/tail_tuning.py --data-dir /tmp/fp/split --work /tmp/tt --out bench/results/tail-tuning-catalogue.md
@@ -96,6 +100,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rescore", type=Path, metavar="LOGITS",
                    help="score the tuned classifier's rows again from the out-of-fold logits a composite run saved "
                         "(REPORT.logits.npz; name the rows with the same --backbone), tuning nothing")
+    p.add_argument("--node", metavar="NODE",
+                   help="tune --backbone at --image-size on the images of this parent node's leaves only (e.g. "
+                        "Apparel/Topwear) and let it re-decide among them for the model of --base: a second network "
+                        "for the hardest node only (same folds and held-out parts as --base)")
+    p.add_argument("--base", type=Path, metavar="LOGITS",
+                   help="with --node: the out-of-fold logits a --held-out-prior or composite run saved "
+                        "(REPORT.logits.npz) on the same --data-dir and --seed; its prior-adjusted decision is the base")
+    p.add_argument("--node-from", type=Path, metavar="LOGITS",
+                   help="with --node and --base: re-decide the node's leaves by another such run's tuned classifier "
+                        "(e.g. one at a higher resolution), restricted to them, instead of tuning a network: seconds")
     return p
 
 
@@ -522,6 +536,13 @@ def main(args) -> int:
 
     if args.rescore:
         return main_rescore(args)
+    if (args.node is None) != (args.base is None):
+        raise SystemExit("--node and --base go together: the node whose leaves a second network re-decides, and the "
+                         "out-of-fold logits (REPORT.logits.npz of a --held-out-prior run) it re-decides for")
+    if args.node_from:
+        if not args.node:
+            raise SystemExit("--node-from goes with --node and --base")
+        return main_node(args, None, *tail_bench.trainval_images(args.data_dir)[:2])
     if args.work is None:
         raise SystemExit("--work is needed: a folder for the cached feature maps, outside the repository")
     if args.work.resolve().is_relative_to(REPO):
@@ -536,6 +557,8 @@ def main(args) -> int:
     except UserError as exc:
         raise SystemExit(str(exc)) from None
     args.image_size = args.image_size or spec.image_size
+    if args.node:
+        return main_node(args, spec, paths, leaves)
     if spec.parts or args.held_out_prior:
         return main_composite(args, [part.name for part in spec.parts] or [args.backbone], paths, leaves, hier)
     args.tune_from = args.tune_from or [_last_block(args.backbone, args.image_size)]
@@ -635,6 +658,168 @@ def main_rescore(args) -> int:
                   f"{args.rescore} ({len(leaves)} images, {len(support)} leaves; nothing tuned: seconds 0); tau of "
                   f"{PRIOR_TAUS} chosen on each fold's held-out part, fold by fold (leaf accuracy is train.py's rule) "
                   f"{_criteria_header(taus)}")
+        _write_report(args.out, rows, tail, support, header)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- one node's own network
+def node_columns(leaf_ids: list, node: str) -> np.ndarray:
+    """Indices ``(k,)`` into ``leaf_ids`` of the leaves under ``node`` (a parent's path, e.g. "Apparel/Topwear");
+    a node above fewer than two leaves is refused, naming the parents that qualify."""
+    cols = np.array([i for i, leaf in enumerate(leaf_ids) if leaf.startswith(node.rstrip("/") + "/")], dtype=int)
+    if len(cols) < 2:
+        prefixes = [leaf.split("/")[:d] for leaf in leaf_ids for d in range(1, leaf.count("/") + 1)]
+        counts: dict = {}
+        for parts in prefixes:
+            counts["/".join(parts)] = counts.get("/".join(parts), 0) + 1
+        raise SystemExit(f"--node {node!r} is not a parent of two or more leaves; pick one of: "
+                         f"{', '.join(sorted(n for n, c in counts.items() if c >= 2))}")
+    return cols
+
+
+def with_node_model(p_base: np.ndarray, p_node: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``p_base`` ``(n, C)`` with the probability it gives the leaves ``cols`` ``(k,)`` shared among them as
+    ``p_node`` ``(n, k)`` (a distribution over those leaves) says: the node's own network re-decides among its
+    leaves, the base decides whether the image belongs to the node. Rows still sum to one."""
+    out = np.array(p_base, dtype=np.float64)
+    out[:, cols] = out[:, cols].sum(1, keepdims=True) * p_node
+    return out
+
+
+def load_base(path: Path, leaf_ids: list, leaves: np.ndarray) -> dict:
+    """The out-of-fold logits :func:`save_logits` wrote (``--base``), checked to be of the same images in the
+    same order (their leaves) and the same leaves; anything else is refused in one line."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            base = {k: f[k] for k in f.files}
+        same = list(base["leaf_ids"]) == list(leaf_ids) and np.array_equal(np.asarray(leaf_ids, dtype=object)[base["y"]], leaves)
+    except (OSError, KeyError, ValueError, IndexError) as exc:
+        raise SystemExit(f"cannot read --base {path}: {exc} (give the .logits.npz a --held-out-prior or composite "
+                         "run of bench/tail_tuning.py wrote beside its report)") from None
+    if not same:
+        raise SystemExit(f"--base {path} holds other images or leaves than {len(leaves)} images of --data-dir; "
+                         "give the logits of a run on the same --data-dir")
+    return base
+
+
+def cross_validate_node(maps, base: dict, cols: np.ndarray, image_size: int, backbone: str, epochs: int, seed: int,
+                        lr: float = 3e-4, pretrained: bool = True, tune_kw: dict | None = None):
+    """A second network for one node: in each fold of ``base`` (:func:`load_base`), ``backbone``'s last block
+    and a linear classifier over the node's leaves ``cols`` tuned on the node's images of the part of the
+    training fold the base was tuned on, its prior adjustment's ``tau`` chosen on the node's images of the
+    base's held-out part (train.py's rule); then, on every test image, the base's prior-adjusted decision
+    with the node's leaves re-decided by it (:func:`with_node_model`).
+
+    ``maps``: ``(N, V, C, h, w)`` of ``backbone`` before its last block, the base's images. Returns
+    ``{row: (N,) predicted leaves}`` (``None`` for images no fold held out), seconds per row, each fold's
+    ``tau`` and the node network's out-of-fold logits ``(N, 2, k)`` (eval view and mirror; NaN where unscored).
+    """
+    names = np.asarray(base["leaf_ids"]).astype(object)
+    y, fold, n_classes = base["y"], base["fold"], len(names)
+    local = np.full(n_classes, -1)
+    local[cols] = np.arange(len(cols))
+    in_node = local[y] >= 0
+    cut = _last_block(backbone, image_size)
+    short = f"{_short([backbone])} @ {image_size} px"
+    rows = {"base: tuned classifier adjusted for the prior": "base",
+            f"base, the node's leaves re-decided by {short} tuned on its images, adjusted for the prior": "prior",
+            f"base, the node's leaves re-decided by {short} tuned on its images, not adjusted": "plain"}
+    preds = {name: np.full(len(y), None, dtype=object) for name in rows}
+    seconds = dict.fromkeys(rows, 0.0)
+    z_node, taus = np.full((len(y), 2, len(cols)), np.nan, np.float32), []
+    for k in range(int(fold.max()) + 1):
+        t0 = time.time()
+        te, hold = np.flatnonzero(fold == k), base[f"hold_{k}"]
+        fit = np.setdiff1d(np.flatnonzero(fold != k), hold)  # images of folds not held out (-1) train too
+        fit_n, hold_n = fit[in_node[fit]], hold[in_node[hold]]
+        _, t = backbone_parts(image_size, cut, pretrained, backbone)
+        t, cls = tune(t, maps[fit_n], local[y[fit_n]], len(cols), epochs, seed + k, lr, **(tune_kw or {}))
+        z_te, z_hold = tuned_logits(t, cls, maps[te]), tuned_logits(t, cls, maps[hold_n])
+        log_prior = logit_adjustment(local[y[fit_n]], len(cols), 1.0).numpy()
+        tau = prior_taus(z_hold, local[y[hold_n]], log_prior, len(cols))["accuracy"]
+        base_p = adjusted_probs(base, k)
+        node_p = {"prior": mirror_probs(z_te - tau * log_prior), "plain": mirror_probs(z_te)}
+        for name, what in rows.items():
+            p = base_p if what == "base" else with_node_model(base_p, node_p[what], cols)
+            preds[name][te] = names[p.argmax(1)]
+            seconds[name] += 0.0 if what == "base" else time.time() - t0
+        z_node[te] = z_te
+        taus.append(tau)
+        mine = in_node[te]
+        log.info("fold %d: tau %g; on the node's %d test images base %.4f, re-decided %.4f (leaf accuracy)", k, tau,
+                 mine.sum(), np.mean(preds[next(iter(rows))][te][mine] == names[y[te][mine]]),
+                 np.mean(preds[list(rows)[1]][te][mine] == names[y[te][mine]]))
+    return preds, seconds, taus, z_node
+
+
+def adjusted_probs(oof: dict, k: int) -> np.ndarray:
+    """The prior-adjusted probabilities ``(n, C)`` of the saved tuned classifier ``oof`` (:func:`load_base`) on
+    fold ``k``'s images, ``tau`` chosen on that fold's held-out part (train.py's rule; ``"clf-prior"`` of
+    :func:`classifier_decisions`)."""
+    te = oof["fold"] == k
+    return classifier_decisions(oof["z"][te], oof[f"z_hold_{k}"], oof["y"][oof[f"hold_{k}"]], oof[f"log_prior_{k}"],
+                                len(oof["leaf_ids"]))[0]["clf-prior"]
+
+
+def redecide_from(base: dict, other: dict, cols: np.ndarray, name: str) -> dict:
+    """``--node-from``: the base's prior-adjusted decision as it is, and with the node's leaves ``cols`` re-decided
+    by ``other``'s (another saved run on the same images and folds) prior-adjusted classifier, its probabilities
+    restricted to those leaves. Returns ``{row: (N,) predicted leaves}`` (``None`` where no fold held out)."""
+    names = np.asarray(base["leaf_ids"]).astype(object)
+    if not np.array_equal(base["fold"], other["fold"]):
+        raise SystemExit("--node-from holds other folds than --base; give two runs with the same --seed and --folds")
+    rows = {"base: tuned classifier adjusted for the prior": None,
+            f"base, the node's leaves re-decided by {name}'s tuned classifier adjusted for the prior": cols}
+    preds = {row: np.full(len(names[base["y"]]), None, dtype=object) for row in rows}
+    for k in range(int(base["fold"].max()) + 1):
+        te = base["fold"] == k
+        p_base, p_other = adjusted_probs(base, k), adjusted_probs(other, k)
+        cond = p_other[:, cols] / p_other[:, cols].sum(1, keepdims=True)
+        preds[next(iter(rows))][te] = names[p_base.argmax(1)]
+        preds[list(rows)[1]][te] = names[with_node_model(p_base, cond, cols).argmax(1)]
+    return preds
+
+
+def main_node(args, spec, paths: list, leaves: np.ndarray) -> int:
+    """``--node NODE --base LOGITS``: the maps of one backbone, then :func:`cross_validate_node`; with
+    ``--node-from`` no maps and nothing tuned (:func:`redecide_from`)."""
+    import tail as tail_bench
+
+    if args.node_from:
+        leaf_ids = sorted(set(leaves))
+        cols = node_columns(leaf_ids, args.node)
+        preds = redecide_from(load_base(args.base, leaf_ids, leaves), load_base(args.node_from, leaf_ids, leaves), cols,
+                              args.node_from.name)
+        support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
+        rows = tail_bench.score_rows(preds, dict.fromkeys(preds, 0.0), leaves, tail)
+        if args.out:
+            _write_report(args.out, rows, tail, support,
+                          f"# {args.node}'s leaves ({len(cols)}) re-decided for the base {args.base} by the tuned classifier "
+                          f"of {args.node_from}, nothing tuned ({len(leaves)} images, {len(support)} leaves; the runs' "
+                          f"folds; test split unused)")
+        return 0
+    if spec.parts:
+        raise SystemExit("--node tunes one backbone for the node; give one --backbone, not a '+' composite")
+    if args.level_loss or args.share_levels or args.rare_views:
+        raise SystemExit("--node tunes a classifier over one node's leaves: drop --level-loss, --share-levels and --rare-views")
+    cut = _last_block(args.backbone, args.image_size)
+    maps, leaves, support, tail, _ = _maps_and_leaves(args, paths, leaves, [cut], [args.backbone])
+    leaf_ids = sorted(set(leaves))
+    cols = node_columns(leaf_ids, args.node)
+    base = load_base(args.base, leaf_ids, leaves)
+    preds, seconds, taus, z_node = cross_validate_node(maps[0], base, cols, args.image_size, args.backbone, args.epochs,
+                                                       args.seed, args.lr, tune_kw=tune_keywords(args, None, leaf_ids))
+    rows = tail_bench.score_rows(preds, seconds, leaves, tail)
+    if args.out:
+        tmp = args.out.with_name(args.out.stem + ".node-logits.tmp.npz")
+        np.savez_compressed(tmp, z=z_node, cols=cols, leaf_ids=np.array(leaf_ids, dtype=str))
+        tmp.replace(args.out.with_name(args.out.stem + ".node-logits.npz"))
+        header = (f"# A second network for {args.node} only ({len(cols)} leaves): {args.backbone} @ {args.image_size} px, "
+                  f"its last block tuned on the node's images (eval view + mirror + {args.views} augmented views, "
+                  f"{args.epochs} epochs), re-deciding among the node's leaves for the base {args.base} "
+                  f"({len(leaves)} images, {len(support)} leaves; the base's folds and held-out parts; test split "
+                  f"unused); the node network's tau, chosen on its images of each held-out part: "
+                  f"{', '.join(f'{t:g}' for t in taus)}")
         _write_report(args.out, rows, tail, support, header)
     return 0
 

@@ -809,6 +809,130 @@ def test_tail_tuning_held_out_prior_scores_one_backbone_as_a_composite_of_one(tu
         tuning.main_composite(args, ["efficientnet-lite0"], [], np.array([]), None)
 
 
+
+def _node_base(y: np.ndarray, leaf_ids: list, fold: np.ndarray, tmp_path: Path) -> Path:
+    """Out-of-fold logits of a base that knows the parents but not a/x from a/y: it puts a/x a little ahead of
+    a/y on every image of node a (and of b on b's), two folds, a held-out pair of node images per fold."""
+    z = np.full((len(y), 2, 3), -4.0, np.float32)
+    in_a = y < 2
+    z[in_a, :, 0], z[in_a, :, 1] = 2.2, 2.0
+    z[~in_a, :, 2] = 3.0
+    holds = [np.array([i for i in np.flatnonzero(fold != k) if y[i] < 2][:4]) for k in (0, 1)]
+    oof = {"z": z, "y": y, "fold": fold, "leaf_ids": leaf_ids,
+           "folds": [{"hold": h, "z_hold": z[h], "log_prior": np.log(np.full(3, 1 / 3))} for h in holds]}
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tt_save", REPO / "bench" / "tail_tuning.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.save_logits(tmp_path / "base.logits.npz", oof)
+    return tmp_path / "base.logits.npz"
+
+
+def test_tail_tuning_node_network_redecides_the_nodes_leaves_for_the_base(tuning, tmp_path, monkeypatch):
+    """--node a --base B: the node's network is tuned on the node's images of the part of each training fold
+    the base was tuned on (never the held-out part, never other nodes' images) with labels local to the node,
+    and re-decides among a/x and a/y, which the base cannot tell apart; b's images stay the base's."""
+    from conftest import pattern_maps
+
+    leaf_ids = ["a/x", "a/y", "b"]
+    maps, y = pattern_maps(dtype=np.float16)
+    leaves = np.array(leaf_ids, dtype=object)[y]
+    fold = np.arange(len(y)) % 2
+    base = tuning.load_base(_node_base(y, leaf_ids, fold, tmp_path), leaf_ids, leaves)
+    cols = tuning.node_columns(leaf_ids, "a")
+    assert cols.tolist() == [0, 1]
+    seen, real = [], tuning.tune
+    monkeypatch.setattr(tuning, "tune", lambda t, m, labels, k, *a, **kw: seen.append((m.shape[0], labels, k)) or
+                        real(t, m, labels, k, *a, **kw))
+    chosen, real_taus = [], tuning.prior_taus
+    monkeypatch.setattr(tuning, "prior_taus", lambda z, labels, lp, k, **kw: chosen.append((z.shape, labels.tolist(), k))
+                        or real_taus(z, labels, lp, k, **kw))
+    preds, seconds, taus, z_node = tuning.cross_validate_node(maps, base, cols, 64, "efficientnet-lite0", epochs=15,
+                                                              seed=0, lr=3e-3, pretrained=False)
+    base_row, prior_row, plain_row = preds
+    assert base_row == "base: tuned classifier adjusted for the prior" and set(seconds) == set(preds)
+    assert "Lite0 @ 64 px" in prior_row and "not adjusted" in plain_row
+    # training fold of 30 images, 20 of node a, 4 of them held out: 16, labelled 0/1 within the node
+    assert [(n, k) for n, _, k in seen] == [(16, 2), (16, 2)] and all(set(labels) == {0, 1} for _, labels, _ in seen)
+    assert np.all(preds[base_row][y < 2] == "a/x") and np.all(preds[base_row][y == 2] == "b")
+    # each fold's tau is chosen on the base's held-out node images (4), labelled within the node; the base's own
+    # tau on its whole held-out part (3 leaves)
+    hold_labels = [y[base[f"hold_{k}"]].tolist() for k in (0, 1)]
+    assert [c for c in chosen if c[2] == 2] == [((4, 2, 2), h, 2) for h in hold_labels]
+    assert [c[:2] for c in chosen if c[2] == 3] == [((4, 2, 3), h) for h in hold_labels]
+    for row in (prior_row, plain_row):
+        assert np.all(preds[row][y == 2] == "b"), row  # the base decides that an image is not of the node
+        assert np.mean(preds[row] == leaves) >= 0.9, row  # a/y found
+    assert len(taus) == 2 and z_node.shape == (60, 2, 2) and np.isfinite(z_node).all()
+    # one fold held out: the other fold's images unscored
+    base["fold"] = np.where(fold == 1, -1, 0)
+    one, *_ = tuning.cross_validate_node(maps, base, cols, 64, "efficientnet-lite0", epochs=1, seed=0, pretrained=False)
+    assert all((p is None) == (f == 1) for p, f in zip(one[prior_row], fold))
+
+
+def test_tail_tuning_with_node_model_shares_the_nodes_probability_as_the_node_network_says(tuning):
+    p_base = np.array([[0.5, 0.1, 0.4], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
+    p_node = np.array([[0.2, 0.8], [0.9, 0.1], [0.5, 0.5]])
+    got = tuning.with_node_model(p_base, p_node, np.array([0, 1]))
+    np.testing.assert_allclose(got, [[0.12, 0.48, 0.4], [0.18, 0.02, 0.8], [0.3, 0.3, 0.4]])
+    assert got.argmax(1).tolist() == [1, 2, 2]  # the node's mass 0.6 beats b's 0.4, yet split it loses to it
+    np.testing.assert_allclose(p_base[0], [0.5, 0.1, 0.4])  # the base's probabilities are not changed
+
+
+
+def test_tail_tuning_node_from_redecides_the_nodes_leaves_by_another_runs_classifier(tuning, tmp_path):
+    """--node-from: no tuning; the other run's classifier, restricted to the node's leaves, re-decides them. It
+    tells a/x from a/y but calls every b image a/x: the base keeps those b (it decides what is of the node)."""
+    leaf_ids = ["a/x", "a/y", "b"]
+    y = np.arange(30) % 3
+    fold = np.arange(30) % 2
+    leaves = np.array(leaf_ids, dtype=object)[y]
+    base = tuning.load_base(_node_base(y, leaf_ids, fold, tmp_path), leaf_ids, leaves)
+    other = {k: v.copy() for k, v in base.items()}
+    z = np.full((30, 2, 3), -4.0, np.float32)
+    z[np.arange(30), :, np.where(y == 2, 0, y)] = 3.0  # right on node a's images, a/x on b's
+    other["z"] = z
+    for k in (0, 1):
+        other[f"z_hold_{k}"] = z[base[f"hold_{k}"]]
+    preds = tuning.redecide_from(base, other, np.array([0, 1]), "o.logits.npz")
+    base_row, row = preds
+    assert row == "base, the node's leaves re-decided by o.logits.npz's tuned classifier adjusted for the prior"
+    assert np.all(preds[base_row][y < 2] == "a/x") and np.all(preds[base_row][y == 2] == "b")
+    assert np.array_equal(preds[row], leaves)
+    other["fold"] = 1 - fold
+    with pytest.raises(SystemExit, match="other folds than --base"):
+        tuning.redecide_from(base, other, np.array([0, 1]), "o")
+    with pytest.raises(SystemExit, match="--node-from goes with --node and --base"):
+        tuning.main(tuning.get_args_parser().parse_args(["--node-from", "o.npz"]))
+
+def test_tail_tuning_node_refusals_name_what_to_give(tuning, tmp_path):
+    leaf_ids = ["a/x", "a/y", "b", "c/d/e", "c/d/f", "c/g"]
+    with pytest.raises(SystemExit, match=r"--node 'b' is not a parent of two or more leaves; pick one of: a, c, c/d$"):
+        tuning.node_columns(leaf_ids, "b")
+    assert tuning.node_columns(leaf_ids, "c").tolist() == [3, 4, 5] and tuning.node_columns(leaf_ids, "c/d/").tolist() == [3, 4]
+    y = np.arange(6) % 3
+    path = _node_base(y, ["a/x", "a/y", "b"], np.arange(6) % 2, tmp_path)
+    leaves = np.array(["a/x", "a/y", "b"], dtype=object)[y]
+    with pytest.raises(SystemExit, match="holds other images or leaves than 5 images"):
+        tuning.load_base(path, ["a/x", "a/y", "b"], leaves[:5])
+    with pytest.raises(SystemExit, match="holds other images or leaves"):
+        tuning.load_base(path, ["a/x", "a/y", "b"], leaves[::-1])
+    (tmp_path / "bad.npz").write_bytes(b"no")
+    with pytest.raises(SystemExit, match=r"cannot read --base .*bad.npz.*give the .logits.npz"):
+        tuning.load_base(tmp_path / "bad.npz", ["a/x", "a/y", "b"], leaves)
+    base = ["--work", str(tmp_path / "w"), "--data-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--node and --base go together"):
+        tuning.main(tuning.get_args_parser().parse_args(base + ["--node", "a"]))
+    from hiernet.backbones import get_spec
+
+    args = tuning.get_args_parser().parse_args(base + ["--node", "a", "--base", str(path)])
+    with pytest.raises(SystemExit, match="give one --backbone, not a '\\+' composite"):
+        tuning.main_node(args, get_spec("efficientnet-lite1+efficientnet-lite0"), [], np.array([]))
+    args.rare_views = 3
+    with pytest.raises(SystemExit, match="drop --level-loss, --share-levels and --rare-views"):
+        tuning.main_node(args, get_spec("efficientnet-lite0"), [], np.array([]))
+
 def test_backbone_speed_times_each_input_side_and_refuses_unknown_precisions(tmp_path):
     from PIL import Image
 
