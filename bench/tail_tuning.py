@@ -721,9 +721,8 @@ def cross_validate_node(maps, base: dict, cols: np.ndarray, image_size: int, bac
     in_node = local[y] >= 0
     cut = _last_block(backbone, image_size)
     short = f"{_short([backbone])} @ {image_size} px"
-    rows = {"base: tuned classifier adjusted for the prior": "base",
-            f"base, the node's leaves re-decided by {short} tuned on its images, adjusted for the prior": "prior",
-            f"base, the node's leaves re-decided by {short} tuned on its images, not adjusted": "plain"}
+    base_row, node_row = "base: tuned classifier adjusted for the prior", f"base, the node's leaves re-decided by {short} tuned on its images"
+    rows = {base_row: "base", f"{node_row}, adjusted for the prior": "prior", f"{node_row}, not adjusted": "plain"}
     preds = {name: np.full(len(y), None, dtype=object) for name in rows}
     seconds = dict.fromkeys(rows, 0.0)
     z_node, taus = np.full((len(y), 2, len(cols)), np.nan, np.float32), []
@@ -747,8 +746,8 @@ def cross_validate_node(maps, base: dict, cols: np.ndarray, image_size: int, bac
         taus.append(tau)
         mine = in_node[te]
         log.info("fold %d: tau %g; on the node's %d test images base %.4f, re-decided %.4f (leaf accuracy)", k, tau,
-                 mine.sum(), np.mean(preds[next(iter(rows))][te][mine] == names[y[te][mine]]),
-                 np.mean(preds[list(rows)[1]][te][mine] == names[y[te][mine]]))
+                 mine.sum(), np.mean(preds[base_row][te][mine] == names[y[te][mine]]),
+                 np.mean(preds[f"{node_row}, adjusted for the prior"][te][mine] == names[y[te][mine]]))
     return preds, seconds, taus, z_node
 
 
@@ -768,28 +767,28 @@ def redecide_from(base: dict, other: dict, cols: np.ndarray, name: str) -> dict:
     names = np.asarray(base["leaf_ids"]).astype(object)
     if not np.array_equal(base["fold"], other["fold"]):
         raise SystemExit("--node-from holds other folds than --base; give two runs with the same --seed and --folds")
-    rows = {"base: tuned classifier adjusted for the prior": None,
-            f"base, the node's leaves re-decided by {name}'s tuned classifier adjusted for the prior": cols}
-    preds = {row: np.full(len(names[base["y"]]), None, dtype=object) for row in rows}
+    base_row = "base: tuned classifier adjusted for the prior"
+    row = f"base, the node's leaves re-decided by {name}'s tuned classifier adjusted for the prior"
+    preds = {r: np.full(len(base["y"]), None, dtype=object) for r in (base_row, row)}
     for k in range(int(base["fold"].max()) + 1):
         te = base["fold"] == k
         p_base, p_other = adjusted_probs(base, k), adjusted_probs(other, k)
         cond = p_other[:, cols] / p_other[:, cols].sum(1, keepdims=True)
-        preds[next(iter(rows))][te] = names[p_base.argmax(1)]
-        preds[list(rows)[1]][te] = names[with_node_model(p_base, cond, cols).argmax(1)]
+        preds[base_row][te] = names[p_base.argmax(1)]
+        preds[row][te] = names[with_node_model(p_base, cond, cols).argmax(1)]
     return preds
 
 
 def main_node(args, spec, paths: list, leaves: np.ndarray) -> int:
-    """``--node NODE --base LOGITS``: the maps of one backbone, then :func:`cross_validate_node`; with
-    ``--node-from`` no maps and nothing tuned (:func:`redecide_from`)."""
+    """``--node NODE --base LOGITS``: the node and the base checked first, then the maps of one backbone and
+    :func:`cross_validate_node`; with ``--node-from`` no maps and nothing tuned (:func:`redecide_from`)."""
     import tail as tail_bench
 
+    leaf_ids = sorted(set(leaves))
+    cols = node_columns(leaf_ids, args.node)
+    base = load_base(args.base, leaf_ids, leaves)
     if args.node_from:
-        leaf_ids = sorted(set(leaves))
-        cols = node_columns(leaf_ids, args.node)
-        preds = redecide_from(load_base(args.base, leaf_ids, leaves), load_base(args.node_from, leaf_ids, leaves), cols,
-                              args.node_from.name)
+        preds = redecide_from(base, load_base(args.node_from, leaf_ids, leaves), cols, args.node_from.name)
         support, tail = tail_bench.support_and_tail(leaves, args.tail_max, args.folds)
         rows = tail_bench.score_rows(preds, dict.fromkeys(preds, 0.0), leaves, tail)
         if args.out:
@@ -802,11 +801,11 @@ def main_node(args, spec, paths: list, leaves: np.ndarray) -> int:
         raise SystemExit("--node tunes one backbone for the node; give one --backbone, not a '+' composite")
     if args.level_loss or args.share_levels or args.rare_views:
         raise SystemExit("--node tunes a classifier over one node's leaves: drop --level-loss, --share-levels and --rare-views")
-    cut = _last_block(args.backbone, args.image_size)
-    maps, leaves, support, tail, _ = _maps_and_leaves(args, paths, leaves, [cut], [args.backbone])
-    leaf_ids = sorted(set(leaves))
-    cols = node_columns(leaf_ids, args.node)
-    base = load_base(args.base, leaf_ids, leaves)
+    maps, kept, support, tail, _ = _maps_and_leaves(args, paths, leaves, [_last_block(args.backbone, args.image_size)],
+                                                    [args.backbone])
+    if len(kept) != len(leaves):
+        raise SystemExit(f"{len(leaves) - len(kept)} image(s) of --data-dir did not decode for {args.backbone}; the base "
+                         "was scored on every image: fix or remove them, then run both again")
     preds, seconds, taus, z_node = cross_validate_node(maps[0], base, cols, args.image_size, args.backbone, args.epochs,
                                                        args.seed, args.lr, tune_kw=tune_keywords(args, None, leaf_ids))
     rows = tail_bench.score_rows(preds, seconds, leaves, tail)

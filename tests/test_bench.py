@@ -906,7 +906,7 @@ def test_tail_tuning_node_from_redecides_the_nodes_leaves_by_another_runs_classi
     with pytest.raises(SystemExit, match="--node-from goes with --node and --base"):
         tuning.main(tuning.get_args_parser().parse_args(["--node-from", "o.npz"]))
 
-def test_tail_tuning_node_refusals_name_what_to_give(tuning, tmp_path):
+def test_tail_tuning_node_refusals_name_what_to_give(tuning, tmp_path, monkeypatch):
     leaf_ids = ["a/x", "a/y", "b", "c/d/e", "c/d/f", "c/g"]
     with pytest.raises(SystemExit, match=r"--node 'b' is not a parent of two or more leaves; pick one of: a, c, c/d$"):
         tuning.node_columns(leaf_ids, "b")
@@ -928,10 +928,23 @@ def test_tail_tuning_node_refusals_name_what_to_give(tuning, tmp_path):
 
     args = tuning.get_args_parser().parse_args(base + ["--node", "a", "--base", str(path)])
     with pytest.raises(SystemExit, match="give one --backbone, not a '\\+' composite"):
-        tuning.main_node(args, get_spec("efficientnet-lite1+efficientnet-lite0"), [], np.array([]))
+        tuning.main_node(args, get_spec("efficientnet-lite1+efficientnet-lite0"), [], leaves)
     args.rare_views = 3
     with pytest.raises(SystemExit, match="drop --level-loss, --share-levels and --rare-views"):
-        tuning.main_node(args, get_spec("efficientnet-lite0"), [], np.array([]))
+        tuning.main_node(args, get_spec("efficientnet-lite0"), [], leaves)
+    # the node and the base are checked before any map is computed; an image that no longer decodes is refused
+    args.rare_views = 0
+    monkeypatch.setattr(tuning, "_maps_and_leaves", lambda *a: pytest.fail("maps computed"))
+    args.node = "b"
+    with pytest.raises(SystemExit, match="--node 'b' is not a parent"):
+        tuning.main_node(args, get_spec("efficientnet-lite0"), [], leaves)
+    args.node, args.base = "a", tmp_path / "bad.npz"
+    with pytest.raises(SystemExit, match="cannot read --base"):
+        tuning.main_node(args, get_spec("efficientnet-lite0"), [], leaves)
+    args.base = path
+    monkeypatch.setattr(tuning, "_maps_and_leaves", lambda *a: ([None], leaves[1:], {}, [], None))
+    with pytest.raises(SystemExit, match="1 image\\(s\\) of --data-dir did not decode"):
+        tuning.main_node(args, get_spec("efficientnet-lite0"), [], leaves)
 
 def test_backbone_speed_times_each_input_side_and_refuses_unknown_precisions(tmp_path):
     from PIL import Image
