@@ -446,8 +446,7 @@ def rescore(path: Path, short: str) -> tuple[dict, list, np.ndarray]:
     :data:`hiernet.training.PRIOR_TAUS` and criteria, without tuning again (the tuning is seeded: a rerun
     gives the same logits). Returns ``{row: (N,) predicted leaves}`` (``None`` for images no fold held
     out), the ``{criterion: tau}`` of each fold and the leaves ``(N,)``."""
-    with np.load(path, allow_pickle=False) as f:
-        data = {k: f[k] for k in f.files}
+    data = read_logits(path)
     names = data["leaf_ids"].astype(object)
     y, z, fold = data["y"], data["z"], data["fold"]
     rows = classifier_row_names(short, combined=False)
@@ -510,6 +509,12 @@ def save_logits(path: Path, oof: dict) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez_compressed(tmp, **arrays)
     tmp.replace(path)
+
+
+def read_logits(path: Path) -> dict:
+    """What :func:`save_logits` wrote, as ``{name: array}`` (plain arrays only: ``allow_pickle=False``)."""
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
 
 
 def held_out(tr: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -664,17 +669,17 @@ def main_rescore(args) -> int:
 
 # ----------------------------------------------------------------------------------- one node's own network
 def node_columns(leaf_ids: list, node: str) -> np.ndarray:
-    """Indices ``(k,)`` into ``leaf_ids`` of the leaves under ``node`` (a parent's path, e.g. "Apparel/Topwear");
-    a node above fewer than two leaves is refused, naming the parents that qualify."""
-    cols = np.array([i for i, leaf in enumerate(leaf_ids) if leaf.startswith(node.rstrip("/") + "/")], dtype=int)
-    if len(cols) < 2:
-        prefixes = [leaf.split("/")[:d] for leaf in leaf_ids for d in range(1, leaf.count("/") + 1)]
-        counts: dict = {}
-        for parts in prefixes:
-            counts["/".join(parts)] = counts.get("/".join(parts), 0) + 1
-        raise SystemExit(f"--node {node!r} is not a parent of two or more leaves; pick one of: "
-                         f"{', '.join(sorted(n for n, c in counts.items() if c >= 2))}")
-    return cols
+    """Indices ``(k,)`` into ``leaf_ids`` of the leaves under ``node`` (a parent's path, e.g. "Apparel/Topwear") in
+    the tree the leaf paths make (:meth:`hiernet.hierarchy.Hierarchy.from_leaf_paths`); a node above fewer than
+    two leaves is refused, naming the parents that qualify."""
+    from hiernet.hierarchy import ROOT_ID, Hierarchy
+
+    hier, node = Hierarchy.from_leaf_paths(leaf_ids), node.rstrip("/")
+    under = hier.subtree_leaves(node) if node in hier.nodes and node != ROOT_ID else []
+    if len(under) < 2:
+        parents = sorted(n for n in hier.internal_nodes() if n != ROOT_ID and len(hier.subtree_leaves(n)) >= 2)
+        raise SystemExit(f"--node {node!r} is not a parent of two or more leaves; pick one of: {', '.join(parents)}")
+    return np.array([leaf_ids.index(leaf) for leaf in under], dtype=int)
 
 
 def with_node_model(p_base: np.ndarray, p_node: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -690,8 +695,7 @@ def load_base(path: Path, leaf_ids: list, leaves: np.ndarray) -> dict:
     """The out-of-fold logits :func:`save_logits` wrote (``--base``), checked to be of the same images in the
     same order (their leaves) and the same leaves; anything else is refused in one line."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            base = {k: f[k] for k in f.files}
+        base = read_logits(path)
         same = list(base["leaf_ids"]) == list(leaf_ids) and np.array_equal(np.asarray(leaf_ids, dtype=object)[base["y"]], leaves)
     except (OSError, KeyError, ValueError, IndexError) as exc:
         raise SystemExit(f"cannot read --base {path}: {exc} (give the .logits.npz a --held-out-prior or composite "
