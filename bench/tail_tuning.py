@@ -300,7 +300,6 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     (``[{criterion: tau}]``) and the tuned classifier's out-of-fold logits (what :func:`save_logits` writes).
     ``tune_kw``, ``rare`` (one extra array per member): as :func:`cross_validate`'s.
     """
-    from sklearn.model_selection import StratifiedKFold
     import tail as tail_bench
 
     names = np.array(leaf_ids, dtype=object)
@@ -323,15 +322,12 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
     t0 = time.time()
     frozen = np.concatenate([pooled(t, maps, list(range(maps.shape[1]))) for t, maps in zip(frozen_tails, member_maps)], -1)
     seconds = {n: (time.time() - t0 if bb == "frozen" else 0.0) for n, (bb, _) in rows.items()}
-    for fold, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y)):
-        if max_folds is not None and fold >= max_folds:
-            break
+    for fold, tr, te, fit, hold in fold_parts(y, folds, seed, max_folds):
         for bb in ("frozen", "tuned"):
             t0 = time.time()
             if bb == "frozen":
                 views_tr, ev_te = frozen[tr], frozen[te, :2]
             else:
-                fit, hold = held_out(tr, seed + fold)
                 logits, hold_logits, feats_tr, feats_te = [], [], [], []
                 for j, (m, cut, maps) in enumerate(zip(members, cuts, member_maps)):
                     _, t = backbone_parts(image_size, cut, pretrained, m)
@@ -410,15 +406,18 @@ def _extra(rare: tuple | None, i: int, idx: np.ndarray) -> dict:
 FIXED_TAUS = (0.25, 0.5, 0.75, 1.0)
 
 
-def classifier_row_names(short: str, combined: bool) -> dict:
+def classifier_row_names(short: str, combined: bool, name: str | None = None) -> dict:
     """``{row name: decision}`` of the tuned classifier's rows (``short``: the members, e.g. "Lite1+Lite0"), the
-    decisions :func:`classifier_decisions` returns; with ``combined`` also those times the LCPN heads."""
-    tuned = f"{_tuned_prefix(short)}, tuned classifier"
+    decisions :func:`classifier_decisions` returns; with ``combined`` also those times the LCPN heads. ``name``:
+    what the rows call the classifier instead of the last-block tuning's (then without "the flat head" notes)."""
+    tuned = name or f"{_tuned_prefix(short)}, tuned classifier"
     adjusted = f"{tuned} adjusted for the prior"
-    rows = {f"{tuned} ({'logits averaged: ' if '+' in short else ''}the flat head)": "clf"}
+    flat, flat_clf = ("", "") if name else (f" ({'logits averaged: ' if '+' in short else ''}the flat head)",
+                                            " (the flat head of --flat-classifier)")
+    rows = {f"{tuned}{flat}": "clf"}
     if combined:
         rows[f"{tuned} x suite LCPN heads (combined)"] = "clf-combined"
-    rows[f"{adjusted} (the flat head of --flat-classifier)"] = "clf-prior"
+    rows[f"{adjusted}{flat_clf}"] = "clf-prior"
     if combined:
         rows[f"{adjusted} x suite LCPN heads (combined)"] = "clf-prior-combined"
     rows.update({f"{adjusted}, tau fixed at {tau:g}": ("clf-tau", tau) for tau in FIXED_TAUS})
@@ -441,23 +440,24 @@ def classifier_decisions(z_te: np.ndarray, z_hold: np.ndarray, y_hold: np.ndarra
     return out, by
 
 
-def rescore(path: Path, short: str) -> tuple[dict, list, np.ndarray]:
-    """The tuned classifier's rows from the out-of-fold logits :func:`save_logits` wrote, under the current
+def rescore(path: Path, short: str, name: str | None = None) -> tuple[dict, list, np.ndarray]:
+    """The tuned classifier's rows (named as :func:`classifier_row_names` with ``name`` names them) from the
+    out-of-fold logits :func:`save_logits` wrote, under the current
     :data:`hiernet.training.PRIOR_TAUS` and criteria, without tuning again (the tuning is seeded: a rerun
     gives the same logits). Returns ``{row: (N,) predicted leaves}`` (``None`` for images no fold held
     out), the ``{criterion: tau}`` of each fold and the leaves ``(N,)``."""
     data = read_logits(path)
     names = data["leaf_ids"].astype(object)
     y, z, fold = data["y"], data["z"], data["fold"]
-    rows = classifier_row_names(short, combined=False)
-    preds = {name: np.full(len(y), None, dtype=object) for name in rows}
+    rows = classifier_row_names(short, False, name)
+    preds = {row: np.full(len(y), None, dtype=object) for row in rows}
     taus = []
     for k in range(int(fold.max()) + 1):
         te = fold == k
         clf, by = classifier_decisions(z[te], data[f"z_hold_{k}"], y[data[f"hold_{k}"]], data[f"log_prior_{k}"], len(names))
         taus.append(by)
-        for name, what in rows.items():
-            preds[name][te] = names[clf[what].argmax(1)]
+        for row, what in rows.items():
+            preds[row][te] = names[clf[what].argmax(1)]
     return preds, taus, names[y]
 
 
@@ -515,6 +515,19 @@ def read_logits(path: Path) -> dict:
     """What :func:`save_logits` wrote, as ``{name: array}`` (plain arrays only: ``allow_pickle=False``)."""
     with np.load(path, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
+
+
+def fold_parts(y: np.ndarray, folds: int, seed: int, max_folds: int | None = None):
+    """The folds of the composite and ``--held-out-prior`` runs (and ``bench/finetune_cv.py``'s): per fold of a
+    seeded stratified k-fold over the class indices ``y`` ``(N,)``, ``(fold, tr, te, fit, hold)``, the training
+    fold ``tr`` split by :func:`held_out` into the part tuned on and the held-out part; only the first
+    ``max_folds`` folds when given."""
+    from sklearn.model_selection import StratifiedKFold
+
+    for fold, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y)):
+        if max_folds is not None and fold >= max_folds:
+            return
+        yield (fold, tr, te, *held_out(tr, seed + fold))
 
 
 def held_out(tr: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

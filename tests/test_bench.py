@@ -997,3 +997,116 @@ def test_backbone_speed_interleaves_the_passes_and_keeps_each_models_best():
     assert calls == [0, 1] + [0, 0, 0, 1] + [1, 0, 0, 0]  # warm-ups, then the order reversed every other pass
     assert 6 / (6 * 0.002) * 0.5 < rates[0] <= 6 / (6 * 0.002)
     assert 4 / (4 * 0.01) * 0.5 < rates[1] <= 4 / (4 * 0.01)
+
+
+# ----------------------------------------------------------------------------------- bench/finetune_cv.py
+@pytest.fixture(scope="module")
+def finetune():
+    return _load("finetune_cv")
+
+
+def _finetune_args(finetune, tmp_path: Path, *extra):
+    return finetune.get_args_parser().parse_args(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "r.md"),
+                                                  "--image-size", "64", "--epochs", "1", "--batch-size", "8",
+                                                  "--folds", "2", *extra])
+
+
+def test_finetune_cv_view_logits_are_the_eval_view_and_its_mirror(finetune, tmp_path):
+    """Column 0: the network on each image's centre crop; column 1: on the same crop flipped left-right."""
+    import torch
+
+    from conftest import draw_image
+    from hiernet.images import load_rgb, resize_for_model, to_array
+
+    paths = [draw_image(tmp_path / f"{i}.jpg", shape, i, 80) for i, shape in enumerate(["triangle", "ellipse", "cross"])]
+
+    class LeftMinusRight(torch.nn.Module):  # (B, 3, S, S) -> (B, 2): not mirror-symmetric
+        def forward(self, x):
+            half = x.shape[-1] // 2
+            return torch.stack([x[..., :half].mean((1, 2, 3)), x[..., half:].mean((1, 2, 3))], 1)
+
+    z = finetune.view_logits(LeftMinusRight(), [(p, 0) for p in paths], 64, 2, 0, "cpu", False)
+    assert z.shape == (3, 2, 2) and z.dtype == np.float32
+    for p, zi in zip(paths, z):
+        x = torch.from_numpy(to_array(resize_for_model(load_rgb(p), 64, "crop")))[None]
+        np.testing.assert_allclose(zi[0], LeftMinusRight()(x)[0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(zi[1], LeftMinusRight()(x.flip(-1))[0].numpy(), atol=1e-6)
+        assert not np.allclose(zi[0], zi[1])
+
+
+def test_finetune_cv_scores_each_image_by_the_fold_that_held_it_out_and_resumes(finetune, tmp_path, monkeypatch):
+    """tail_tuning.py's folds and held-out parts; the network trained on the fit part only, stopped on the
+    held-out part; every image scored once; a rerun reads the finished folds, another setting trains again."""
+    from conftest import make_tree
+
+    tuning = _load("tail_tuning")
+    root = make_tree(tmp_path / "data", {"a": {"x": "ellipse", "y": "cross"}, "b": "rectangle"}, per_leaf=8, size=64)
+    paths = sorted(root.rglob("*.jpg"))
+    leaves = np.array([p.parent.relative_to(root).as_posix() for p in paths], dtype=object)
+    args = _finetune_args(finetune, tmp_path)
+    args.image_size, args.workers = 64, 0
+    import hiernet.engine
+
+    seen, real = [], hiernet.engine.fit
+    monkeypatch.setattr(hiernet.engine, "fit", lambda model, train_set, val_set, *a, **k:
+                        seen.append((train_set, val_set)) or real(model, train_set, val_set, *a, **k))
+    oof, seconds = finetune.cross_validate(args, paths, leaves, "cpu", pretrained=False)
+    y = np.array([sorted(set(leaves)).index(leaf) for leaf in leaves])
+    assert oof["leaf_ids"] == ["a/x", "a/y", "b"] and np.array_equal(oof["y"], y) and seconds > 0
+    parts = list(tuning.fold_parts(y, 2, 0))
+    assert len(seen) == len(oof["folds"]) == 2
+    for (k, tr, te, fit, hold), (train_set, val_set), f in zip(parts, seen, oof["folds"]):
+        assert [p for p, _ in train_set.items] == [paths[i] for i in fit] and train_set.train  # augmented
+        assert [p for p, _ in val_set.items] == [paths[i] for i in hold] and not val_set.train
+        assert [c for _, c in train_set.items] == y[fit].tolist() and np.array_equal(f["hold"], hold)
+        assert not set(fit) & set(te) and not set(fit) & set(hold)
+        assert (oof["fold"][te] == k).all() and f["z_hold"].shape == (len(hold), 2, 3)
+        counts = np.bincount(y[fit], minlength=3)
+        np.testing.assert_allclose(f["log_prior"], np.log(counts / counts.sum()), atol=1e-5)
+        run_dir = tmp_path / "work" / f"fold{k}-{finetune.run_key(args, paths, y)}"
+        assert (run_dir / "log.csv").is_file() and not (run_dir / "last.pth").exists()
+    assert np.isfinite(oof["z"]).all() and oof["z"].shape == (24, 2, 3)
+    monkeypatch.setattr(finetune, "finetune_fold", lambda *a, **k: pytest.fail("trained again"))
+    again, _ = finetune.cross_validate(args, paths, leaves, "cpu", pretrained=False)
+    assert np.array_equal(again["z"], oof["z"])
+    args.lr = 1e-2  # another recipe: nothing of the first run is reused
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        finetune.cross_validate(args, paths, leaves, "cpu", pretrained=False)
+
+
+def test_finetune_cv_writes_a_report_and_logits_tail_tuning_reads(finetune, tmp_path):
+    """The whole script on a prepared split: the report's rows, its .json twin, and the out-of-fold logits that
+    tail_tuning.py --rescore scores the same."""
+    from conftest import make_tree, run
+
+    root = make_tree(tmp_path / "data", {"a": {"x": "ellipse", "y": "cross"}, "b": "rectangle"}, per_leaf=9, size=64)
+    run([sys.executable, str(REPO / "prepare_dataset.py"), "-p", str(root), "-o", str(tmp_path / "split"), "-q"])
+    args = _finetune_args(finetune, tmp_path, "--data-dir", str(tmp_path / "split"), "--device", "cpu")
+    assert finetune.main(args) == 0
+    report = (tmp_path / "r.md").read_text()
+    assert "| Lite0 @ 64 px fine-tuned whole |" in report and "| Lite0 @ 64 px fine-tuned whole adjusted for the prior |" in report
+    assert "2-fold CV" in report and "3 leaves" in report and "flat head" not in report
+    doc = json.loads((tmp_path / "r.json").read_text())
+    n_trainval = sum(1 for split in ("train", "val") for _ in (tmp_path / "split" / "flat" / split).glob("*/*"))
+    ft_row = doc["rows"]["Lite0 @ 64 px fine-tuned whole adjusted for the prior"]
+    assert ft_row["n_scored"] == n_trainval and doc["command"].startswith("python3 bench/finetune_cv.py")
+    tuning = _load("tail_tuning")
+    preds, _, leaves = tuning.rescore(tmp_path / "r.logits.npz", "Lite0")  # not the test split's images
+    assert len(leaves) == n_trainval and all(p is not None for p in next(iter(preds.values())))
+    same = preds["Lite0, tuned from its last block, tuned classifier adjusted for the prior (the flat head of --flat-classifier)"]
+    again = _load("tail").scores(leaves, same, doc["tail"])
+    assert again["leaf_accuracy"] == pytest.approx(ft_row["leaf_accuracy"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backbone", "efficientnet-lite1+efficientnet-lite0"], "one backbone is fine-tuned here, not a '\\+' composite"),
+    (["--backbone", "nope"], "nope"),
+    (["--data-dir", "/nonexistent"], "no prepared datasets in /nonexistent"),
+])
+def test_finetune_cv_refuses_in_one_line(finetune, tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        finetune.main(_finetune_args(finetune, tmp_path, *argv))
+    args = finetune.get_args_parser().parse_args(["--work", str(REPO / "w"), "--out", str(tmp_path / "r.md")])
+    with pytest.raises(SystemExit, match="--work must be outside the repository"):
+        finetune.main(args)
+    assert not (REPO / "w").exists()
