@@ -253,28 +253,39 @@ def cross_validate(maps, leaves: np.ndarray, leaf_ids: list, image_size: int, tu
                 tuned = names[tuned_probs(t, cls, maps[bb][te]).argmax(1)]
                 if hier is not None:
                     views_tr, ev_te = pooled(t, maps[bb][tr], list(range(maps[bb].shape[1]))), pooled(t, maps[bb][te], [0, 1])
-            tuning = time.time() - t0
             tail_bench._TRAINED.clear()  # heads trained on another backbone's features must not be reused
-            for name, (row_bb, what) in rows.items():
-                if row_bb != bb:
-                    continue
-                t1 = time.time()
+
+            def decide(what: str) -> np.ndarray:
                 if what == "tuned":
-                    pred = tuned
-                elif what == "lr":
-                    pred = tail_bench.flat_lr(views_tr[:, 0], leaves[tr], ev_te[:, 0])
-                elif what == "flat" and bb == "frozen":
+                    return tuned
+                if what == "lr":
+                    return tail_bench.flat_lr(views_tr[:, 0], leaves[tr], ev_te[:, 0])
+                if what == "flat" and bb == "frozen":
                     import ablation
 
                     head = ablation.train_head(views_tr, y[tr], len(leaf_ids), hidden, seed + fold, 0.0)
-                    pred = names[ablation.probs(head, ev_te, True).argmax(1)]
-                else:
-                    pred = tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te, {"decision": what}, seed + fold, hidden)
-                preds[name][te] = pred
-                seconds[name] += tuning + time.time() - t1
-                log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, tuning + time.time() - t1,
-                         np.mean(pred == leaves[te]))
+                    return names[ablation.probs(head, ev_te, True).argmax(1)]
+                return tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te, {"decision": what}, seed + fold, hidden)
+
+            _score_rows(rows, bb, decide, fold, te, leaves, preds, seconds, time.time() - t0)
     return preds, seconds
+
+
+def _score_rows(rows: dict, bb, decide, fold: int, te: np.ndarray, leaves: np.ndarray, preds: dict, seconds: dict,
+                tuning: float) -> None:
+    """Every row of ``rows`` (``{name: (backbone, what)}``) whose backbone is ``bb``: its predictions for the
+    held-out images ``te`` (``decide(what)``, ``(len(te),)`` leaf ids) into ``preds[name]``, its seconds
+    (``tuning``, this backbone's share, plus its own) into ``seconds[name]``, and a log line with its
+    accuracy."""
+    for name, (row_bb, what) in rows.items():
+        if row_bb != bb:
+            continue
+        t1 = time.time()
+        pred = decide(what)
+        preds[name][te] = pred
+        seconds[name] += tuning + time.time() - t1
+        log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, tuning + time.time() - t1,
+                 np.mean(pred == leaves[te]))
 
 
 def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: list, image_size: int, members: list,
@@ -346,26 +357,20 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                 oof["z"][te], oof["fold"][te] = z_te, fold
                 oof["folds"].append({"fit": fit, "hold": hold, "z_hold": z_hold, "log_prior": log_prior})
                 views_tr, ev_te = np.concatenate(feats_tr, -1), np.concatenate(feats_te, -1)
-            tuning = time.time() - t0
             tail_bench._TRAINED.clear()  # heads trained on the other features must not be reused
-            for name, (row_bb, what) in rows.items():
-                if row_bb != bb:
-                    continue
-                t1 = time.time()
+
+            def decide(what: str) -> np.ndarray:
                 if what == "linear":
-                    pred = linear
-                elif bb == "tuned" and what in clf:  # the tuned classifier, as it is or adjusted for the prior
-                    pred = names[clf[what].argmax(1)]
-                elif what in ("clf-combined", "clf-prior-combined"):
+                    return linear
+                if bb == "tuned" and what in clf:  # the tuned classifier, as it is or adjusted for the prior
+                    return names[clf[what].argmax(1)]
+                if what in ("clf-combined", "clf-prior-combined"):
                     flat_p = clf[what.removesuffix("-combined")][:, by_leaf]
-                    pred = tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te,
+                    return tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te,
                                                  {"decision": "combined", "flat_probs": flat_p}, seed + fold, hidden)
-                else:
-                    pred = tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te, {"decision": what}, seed + fold, hidden)
-                preds[name][te] = pred
-                seconds[name] += tuning + time.time() - t1
-                log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, tuning + time.time() - t1,
-                         np.mean(pred == leaves[te]))
+                return tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te, {"decision": what}, seed + fold, hidden)
+
+            _score_rows(rows, bb, decide, fold, te, leaves, preds, seconds, time.time() - t0)
     return preds, seconds, taus, oof
 
 
