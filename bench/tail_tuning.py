@@ -282,10 +282,10 @@ def _score_rows(rows: dict, bb, decide, fold: int, te: np.ndarray, leaves: np.nd
             continue
         t1 = time.time()
         pred = decide(what)
+        spent = tuning + time.time() - t1
         preds[name][te] = pred
-        seconds[name] += tuning + time.time() - t1
-        log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, tuning + time.time() - t1,
-                 np.mean(pred == leaves[te]))
+        seconds[name] += spent
+        log.info("fold %d: %s %.0f s, accuracy %.4f", fold, name, spent, np.mean(pred == leaves[te]))
 
 
 def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: list, image_size: int, members: list,
@@ -367,7 +367,7 @@ def cross_validate_composite(member_maps: list, leaves: np.ndarray, leaf_ids: li
                 if what in ("clf-combined", "clf-prior-combined"):
                     flat_p = clf[what.removesuffix("-combined")][:, by_leaf]
                     return tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te,
-                                                 {"decision": "combined", "flat_probs": flat_p}, seed + fold, hidden)
+                                                {"decision": "combined", "flat_probs": flat_p}, seed + fold, hidden)
                 return tail_bench.suite_lcpn(hier, views_tr, leaves[tr], ev_te, {"decision": what}, seed + fold, hidden)
 
             _score_rows(rows, bb, decide, fold, te, leaves, preds, seconds, time.time() - t0)
